@@ -1,0 +1,152 @@
+"""Every error weightship raises, in one place.
+
+Each error subclasses :class:`WeightshipError` and a built-in that says what kind of failure it
+is, carries the context a person needs (a path, a URI, a digest), an optional ``hint`` they can
+act on, an ``exit_code`` (DESIGN.md: 1 error, 2 usage, 3 integrity), and ``retryable``: whether
+trying the same thing again can help.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class WeightshipError(Exception):
+    """Base of every error weightship raises on purpose."""
+
+    exit_code = 1
+    retryable = False
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# ---- usage (exit 2) ---------------------------------------------------------------------------
+
+
+class UsageError(WeightshipError, ValueError):
+    """The command line or its arguments do not make sense."""
+
+    exit_code = 2
+
+
+class UnknownModelError(UsageError, LookupError):
+    """A model name is not in the catalog and is not a URI either."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(
+            f"unknown model {name!r}",
+            hint="known models: " + ", ".join(known) + " (or give a URI: hf://, s3://, https://, magnet:)",
+        )
+        self.name = name
+
+
+class UnknownSourceError(UsageError):
+    """No fetch source is registered for a URI scheme, or a card has no such source."""
+
+
+# ---- configuration and catalog (exit 1) ------------------------------------------------------
+
+
+class CatalogError(WeightshipError, ValueError):
+    """A model card (or a config derived from one) is malformed."""
+
+
+class ManifestError(WeightshipError, ValueError):
+    """A manifest is missing, unreadable, or does not follow the schema."""
+
+    def __init__(self, message: str, *, path: Path | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+
+
+class UnsafePathError(WeightshipError, ValueError):
+    """A path from outside (torrent, repo listing, S3 key, manifest) would escape its destination."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"unsafe path {path!r}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+# ---- integrity (exit 3) ----------------------------------------------------------------------
+
+
+class IntegrityError(WeightshipError):
+    """Bytes do not match what a trust anchor says they must be."""
+
+    exit_code = 3
+
+
+class DigestMismatchError(IntegrityError):
+    """A file's size or digest differs from the expected one."""
+
+    def __init__(self, path: str, *, expected: str, actual: str, what: str = "sha256") -> None:
+        super().__init__(f"{path}: {what} mismatch (expected {expected}, got {actual})")
+        self.path = path
+        self.expected = expected
+        self.actual = actual
+
+
+class VerificationFailed(IntegrityError):
+    """One or more files of a model directory failed verification."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        names = ", ".join(p for p, _ in problems[:10]) + (" …" if len(problems) > 10 else "")
+        super().__init__(f"{len(problems)} file(s) failed verification: {names}")
+        self.problems = problems
+
+
+class MalformedWeightsError(IntegrityError, ValueError):
+    """A weights file (safetensors header, pickle) is malformed or hostile."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class UntrustedFileError(IntegrityError):
+    """A pickle would have to be loaded without a trust anchor having vouched for its bytes."""
+
+
+# ---- fetching (exit 1) -----------------------------------------------------------------------
+
+
+class FetchError(WeightshipError, OSError):
+    """A download failed."""
+
+
+class TransientFetchError(FetchError):
+    """A download failed in a way that trying again may fix (timeouts, 5xx, resets)."""
+
+    retryable = True
+
+
+class LockedError(FetchError):
+    """Another process holds the lock on a destination directory."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(
+            f"{path} is being written by another weightship process ({holder})",
+            hint="wait for it to finish, or remove the lock file if that process is gone",
+        )
+        self.path = path
+
+
+class DiskSpaceError(FetchError):
+    """Not enough free space at the destination."""
+
+    def __init__(self, path: Path, needed: int, free: int) -> None:
+        super().__init__(
+            f"not enough space in {path}: need {needed:,} bytes, {free:,} free",
+            hint="free some space or choose another --to",
+        )
+        self.path = path
+        self.needed = needed
+        self.free = free
