@@ -1,0 +1,208 @@
+"""The model catalog: YAML model cards shipped as package data, and their loader.
+
+A card records what is published about a model: its architecture, license, layouts (the files
+of each, with sizes and sha256 digests where someone published them), and the sources it can be
+fetched from, in the order ``--source auto`` tries them. A digest nobody published is left out;
+the fetch then takes it from the source's trust anchor (the Hub's LFS sha256 at a commit, the
+torrent's piece hashes).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import importlib.resources
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from weightship.catalog.architecture import Architecture
+from weightship.errors import CatalogError, UnknownModelError
+from weightship.paths import safe_relpath
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+LAYOUTS = ("hf", "original")
+
+
+@dataclass(frozen=True)
+class CardFile:
+    """A file a card names, with what is published about it."""
+
+    path: str
+    size: int | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way the model's files are laid out ("hf" or "original")."""
+
+    name: str
+    files: tuple[CardFile, ...] | None  # None: listed by the source at fetch time
+    optional: tuple[str, ...] = ()  # globs of files fetched only when asked for
+    torrent: dict[str, Any] | None = None
+    tarball: dict[str, Any] | None = None
+
+    def is_optional(self, path: str) -> bool:
+        """Whether ``path`` is fetched only on request (e.g. pickled duplicates)."""
+        return any(fnmatch.fnmatch(path, g) for g in self.optional)
+
+    def default_files(self) -> tuple[CardFile, ...]:
+        """The files fetched when nothing else is asked for."""
+        return tuple(f for f in self.files or () if not self.is_optional(f.path))
+
+    def total_bytes(self) -> int | None:
+        """Size of the default files, when every size is published."""
+        return _sum_sizes(self.default_files())
+
+    def weights_bytes(self) -> int | None:
+        """Size of the default weight files (safetensors, or the original's .pth)."""
+        return _sum_sizes(f for f in self.default_files() if f.path.endswith(WEIGHT_SUFFIXES))
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin")
+
+
+def _sum_sizes(files: Iterable[CardFile]) -> int | None:
+    sizes = [f.size for f in files]
+    if not sizes or any(s is None for s in sizes):
+        return None
+    return sum(s for s in sizes if s is not None)
+
+
+@dataclass(frozen=True)
+class Card:
+    """A model card; see the module docstring."""
+
+    name: str
+    description: str
+    license: str
+    family: str
+    dtype: str
+    architecture: Architecture
+    chat_format: str | None
+    tokenizer: CardFile | None
+    default_layout: str
+    layouts: dict[str, Layout]
+    sources: tuple[dict[str, Any], ...]
+    raw: dict[str, Any]
+
+    def layout(self, name: str | None = None) -> Layout:
+        """The layout called ``name`` (default: the card's default layout)."""
+        key = name or self.default_layout
+        if key not in self.layouts:
+            raise CatalogError(
+                f"{self.name} has no {key!r} layout", hint="layouts: " + ", ".join(self.layouts))
+        return self.layouts[key]
+
+    def summary(self) -> dict[str, Any]:
+        """What ``weightship models --json`` lists for this card."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "license": self.license,
+            "parameters": self.architecture.n_params,
+            "dtype": self.dtype,
+            "default_layout": self.default_layout,
+            "layouts": {k: {"files": len(v.files) if v.files is not None else None,
+                            "bytes": v.total_bytes(), "weights_bytes": v.weights_bytes()}
+                        for k, v in self.layouts.items()},
+            "sources": [s["kind"] for s in self.sources],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole card, as ``weightship models show --json`` prints it."""
+        return {**self.raw, "parameters": self.architecture.n_params,
+                "bytes": {k: v.total_bytes() for k, v in self.layouts.items()}}
+
+
+def _card_file(data: Any, where: str) -> CardFile:
+    if not isinstance(data, dict) or not isinstance(data.get("path"), str):
+        raise CatalogError(f"{where}: a file needs a path")
+    safe_relpath(data["path"])
+    size, sha = data.get("size"), data.get("sha256")
+    if size is not None and (not isinstance(size, int) or size < 0):
+        raise CatalogError(f"{where}: {data['path']}: size must be a non-negative integer")
+    if sha is not None and not (isinstance(sha, str) and _SHA256.match(sha)):
+        raise CatalogError(f"{where}: {data['path']}: sha256 must be 64 lower-case hex digits")
+    return CardFile(path=data["path"], size=size, sha256=sha)
+
+
+def parse_card(data: Any, origin: str) -> Card:
+    """Validate one card's YAML document and build the :class:`Card`."""
+    if not isinstance(data, dict):
+        raise CatalogError(f"{origin}: a card must be a mapping")
+    try:
+        layouts: dict[str, Layout] = {}
+        for key, spec in data["layouts"].items():
+            if key not in LAYOUTS:
+                raise CatalogError(f"{origin}: unknown layout {key!r}")
+            files = spec.get("files")
+            layouts[key] = Layout(
+                name=key,
+                files=None if files is None else tuple(
+                    _card_file(f, f"{origin}: layouts.{key}") for f in files),
+                optional=tuple(spec.get("optional", ())),
+                torrent=spec.get("torrent"),
+                tarball=spec.get("tarball"),
+            )
+        default_layout = data.get("default_layout", next(iter(layouts)))
+        if default_layout not in layouts:
+            raise CatalogError(f"{origin}: default_layout {default_layout!r} is not a layout")
+        sources = tuple(data.get("sources", ()))
+        for s in sources:
+            if not isinstance(s, dict) or not isinstance(s.get("kind"), str):
+                raise CatalogError(f"{origin}: every source needs a kind")
+        tok = data.get("tokenizer")
+        return Card(
+            name=data["name"],
+            description=data.get("description", ""),
+            license=data["license"],
+            family=data.get("family", "mistral"),
+            dtype=data.get("dtype", "bfloat16"),
+            architecture=Architecture.from_mapping(data["architecture"]),
+            chat_format=data.get("chat_format"),
+            tokenizer=_card_file(tok, f"{origin}: tokenizer") if tok else None,
+            default_layout=default_layout,
+            layouts=layouts,
+            sources=sources,
+            raw=data,
+        )
+    except KeyError as e:
+        raise CatalogError(f"{origin}: missing key {e}") from None
+    except (AttributeError, TypeError) as e:
+        raise CatalogError(f"{origin}: malformed card ({e})") from None
+
+
+@functools.cache
+def _cards() -> dict[str, Card]:
+    cards: dict[str, Card] = {}
+    for entry in sorted((importlib.resources.files(__name__) / "cards").iterdir(), key=str):
+        if not entry.name.endswith(".yaml"):
+            continue
+        card = parse_card(yaml.safe_load(entry.read_text()), entry.name)
+        if card.name in cards:
+            raise CatalogError(f"two cards are named {card.name!r}")
+        cards[card.name] = card
+    return cards
+
+
+def list_cards() -> list[Card]:
+    """Every card in the catalog, by name."""
+    return sorted(_cards().values(), key=lambda c: c.name)
+
+
+def load_card(name: str) -> Card:
+    """The card called ``name``; :class:`UnknownModelError` if there is none."""
+    try:
+        return _cards()[name]
+    except KeyError:
+        raise UnknownModelError(name, sorted(_cards())) from None
+
+
+def is_catalog_name(name: str) -> bool:
+    """Whether ``name`` is a card in the catalog."""
+    return name in _cards()

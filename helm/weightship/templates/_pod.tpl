@@ -1,0 +1,264 @@
+{{/* Pod pieces shared by the Deployment, the StatefulSet and the seeder DaemonSet. */}}
+
+{{/* Arguments of `weightship fetch` (DESIGN.md contract). */}}
+{{- define "weightship.fetchArgs" -}}
+- fetch
+- {{ .Values.model.name | quote }}
+- --to
+- {{ include "weightship.modelPath" . | quote }}
+- --source
+- {{ .Values.model.source | quote }}
+{{- with .Values.model.revision }}
+- --revision
+- {{ . | quote }}
+{{- end }}
+{{- range .Values.model.include }}
+- --include
+- {{ . | quote }}
+{{- end }}
+{{- if .Values.p2p.enabled }}
+- --peers-from-dns
+- {{ include "weightship.peersHost" . | quote }}
+{{- end }}
+{{- range .Values.fetch.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Credentials reach the fetch only from existing Secrets (secretKeyRef), never as values. */}}
+{{- define "weightship.fetchEnv" -}}
+- name: HOME
+  value: /cache
+- name: XDG_CACHE_HOME
+  value: /cache
+{{- with .Values.fetch.hfEndpoint }}
+- name: HF_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.fetch.hfToken.existingSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . | quote }}
+      key: {{ $.Values.fetch.hfToken.key | quote }}
+{{- end }}
+{{- with .Values.fetch.aws.existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ . | quote }}
+      key: {{ $.Values.fetch.aws.accessKeyIdKey | quote }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . | quote }}
+      key: {{ $.Values.fetch.aws.secretAccessKeyKey | quote }}
+- name: AWS_SESSION_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . | quote }}
+      key: {{ $.Values.fetch.aws.sessionTokenKey | quote }}
+      optional: true
+{{- end }}
+{{- with .Values.fetch.aws.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.fetch.aws.endpointUrl }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Writable scratch: the root filesystem is read-only, so /tmp and caches are emptyDirs. */}}
+{{- define "weightship.scratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: cache
+  mountPath: /cache
+{{- end }}
+
+{{- define "weightship.scratchVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.serve.scratchSize }}
+- name: cache
+  emptyDir:
+    sizeLimit: {{ .Values.serve.scratchSize }}
+{{- end }}
+
+{{/* The "models" volume of the serving pods (perPodPVC takes it from volumeClaimTemplates). */}}
+{{- define "weightship.modelVolume" -}}
+{{- if eq .Values.storage.mode "emptyDir" }}
+- name: models
+  emptyDir:
+    sizeLimit: {{ .Values.storage.size }}
+{{- else if eq .Values.storage.mode "sharedPVC" }}
+- name: models
+  persistentVolumeClaim:
+    claimName: {{ include "weightship.sharedClaimName" . }}
+{{- else if eq .Values.storage.mode "nodeCache" }}
+- name: models
+  hostPath:
+    path: {{ .Values.storage.nodeCache.path }}
+    type: DirectoryOrCreate
+{{- end }}
+{{- end }}
+
+{{/* Root init container that hands the kubelet-created node directory to the chart's uid;
+only with storage.mode=nodeCache, whose hostPath already needs a privileged namespace. */}}
+{{- define "weightship.prepareNodeCache" -}}
+{{- if and (eq .Values.storage.mode "nodeCache") .Values.storage.nodeCache.prepare }}
+- name: prepare-node-cache
+  image: {{ include "weightship.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["chown", "{{ .Values.uid }}:{{ .Values.uid }}", "/models"]
+  securityContext:
+    runAsUser: 0
+    runAsNonRoot: false
+    allowPrivilegeEscalation: false
+    readOnlyRootFilesystem: true
+    capabilities:
+      drop: ["ALL"]
+      add: ["CHOWN"]
+    seccompProfile:
+      type: RuntimeDefault
+  resources:
+    requests: {cpu: 10m, memory: 16Mi}
+    limits: {memory: 64Mi}
+  volumeMounts:
+    - name: models
+      mountPath: /models
+{{- end }}
+{{- end }}
+
+{{- define "weightship.fetchContainer" -}}
+{{- if .Values.fetch.enabled }}
+- name: fetch
+  image: {{ include "weightship.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["weightship"]
+  args:
+    {{- include "weightship.fetchArgs" . | nindent 4 }}
+  env:
+    {{- include "weightship.fetchEnv" . | nindent 4 }}
+  securityContext:
+    {{- include "weightship.containerSecurityContext" . | nindent 4 }}
+  resources:
+    {{- toYaml .Values.fetch.resources | nindent 4 }}
+  volumeMounts:
+    - name: models
+      mountPath: /models
+    {{- include "weightship.scratchMounts" . | nindent 4 }}
+{{- end }}
+{{- end }}
+
+{{/* Scheduling shared by server and seeder pods. */}}
+{{- define "weightship.gpuScheduling" -}}
+{{- with .Values.gpu.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The serving pod template (metadata + spec). */}}
+{{- define "weightship.serverPodTemplate" -}}
+metadata:
+  labels:
+    {{- include "weightship.labels" . | nindent 4 }}
+    app.kubernetes.io/component: server
+  annotations:
+    {{- /* Roll pods when the generated API key changes. */}}
+    checksum/api-key-secret: {{ include "weightship.apiKeySecretName" . | sha256sum | trunc 16 | quote }}
+    {{- with .Values.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  serviceAccountName: {{ include "weightship.serviceAccountName" . }}
+  automountServiceAccountToken: {{ .Values.serviceAccount.automountToken }}
+  enableServiceLinks: false
+  terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
+  {{- with .Values.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with .Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- range . }}
+    - name: {{ . }}
+    {{- end }}
+  {{- end }}
+  securityContext:
+    {{- include "weightship.podSecurityContext" . | nindent 4 }}
+  {{- include "weightship.gpuScheduling" . | nindent 2 }}
+  {{- $tolerations := include "weightship.gpuTolerations" . }}
+  {{- if or $tolerations .Values.tolerations }}
+  tolerations:
+    {{- $tolerations | nindent 4 }}
+    {{- with .Values.tolerations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- end }}
+  {{- if or .Values.affinity (gt (int .Values.gpu.minMemoryMiB) 0) }}
+  affinity:
+    {{- include "weightship.affinity" . | nindent 4 }}
+  {{- end }}
+  {{- if .Values.topologySpread.enabled }}
+  topologySpreadConstraints:
+    - maxSkew: {{ .Values.topologySpread.maxSkew }}
+      topologyKey: kubernetes.io/hostname
+      whenUnsatisfiable: {{ .Values.topologySpread.whenUnsatisfiable }}
+      labelSelector:
+        matchLabels:
+          {{- include "weightship.serverSelectorLabels" . | nindent 10 }}
+  {{- end }}
+  initContainers:
+    {{- include "weightship.prepareNodeCache" . | nindent 4 }}
+    {{- include "weightship.fetchContainer" . | nindent 4 }}
+  containers:
+    {{- include "weightship.serverContainer" . | nindent 4 }}
+  volumes:
+    {{- include "weightship.modelVolume" . | nindent 4 }}
+    {{- include "weightship.scratchVolumes" . | nindent 4 }}
+    - name: shm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ .Values.serve.shmSize }}
+    {{- if .Values.apiKey.enabled }}
+    - name: api-key
+      secret:
+        secretName: {{ include "weightship.apiKeySecretName" . }}
+        defaultMode: 0440
+        items:
+          - key: {{ .Values.apiKey.secretKey }}
+            path: api-key
+    {{- end }}
+{{- end }}
+
+{{/* User affinity, plus a node requirement on GPU memory (GPU feature discovery label). */}}
+{{- define "weightship.affinity" -}}
+{{- $affinity := deepCopy .Values.affinity }}
+{{- if gt (int .Values.gpu.minMemoryMiB) 0 }}
+{{- $term := dict "matchExpressions" (list (dict "key" "nvidia.com/gpu.memory" "operator" "Gt" "values" (list (toString (sub (int .Values.gpu.minMemoryMiB) 1))))) }}
+{{- $nodeAffinity := default dict $affinity.nodeAffinity }}
+{{- $required := default dict (get $nodeAffinity "requiredDuringSchedulingIgnoredDuringExecution") }}
+{{- $terms := default list (get $required "nodeSelectorTerms") }}
+{{- if $terms }}
+{{- $merged := list }}
+{{- range $terms }}
+{{- $t := deepCopy . }}
+{{- $_ := set $t "matchExpressions" (concat (default list (get $t "matchExpressions")) $term.matchExpressions) }}
+{{- $merged = append $merged $t }}
+{{- end }}
+{{- $terms = $merged }}
+{{- else }}
+{{- $terms = list $term }}
+{{- end }}
+{{- $_ := set $required "nodeSelectorTerms" $terms }}
+{{- $_ := set $nodeAffinity "requiredDuringSchedulingIgnoredDuringExecution" $required }}
+{{- $_ := set $affinity "nodeAffinity" $nodeAffinity }}
+{{- end }}
+{{- toYaml $affinity }}
+{{- end }}

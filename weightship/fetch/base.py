@@ -1,0 +1,110 @@
+"""What every fetch source implements, and the plan a source makes for the engine."""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, ClassVar
+
+from weightship.catalog import Card
+from weightship.manifest import SourceInfo
+from weightship.progress import Progress
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One file to fetch, with the digests a trust anchor gave for it."""
+
+    path: str  # relative POSIX path in the model directory; checked by the path sanitizer
+    size: int | None
+    sha256: str | None  # from a trust anchor; None when the anchor only has a git sha1
+    git_sha1: str | None = None  # the Hub's git blob sha1 for small plain-git files
+    anchor: str = "catalog"  # which trust anchor vouched for the digest
+    locator: str | None = None  # where the source finds the bytes (URL, key, file index)
+
+
+@dataclass
+class FetchPlan:
+    """What a source will deliver: the files and their provenance."""
+
+    name: str
+    layout: str | None
+    files: list[PlannedFile]
+    source: SourceInfo
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    """What the user asked for."""
+
+    ref: str  # catalog name or URI
+    card: Card | None = None
+    layout: str | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)  # source-specific (peers, …)
+
+
+class Sink:
+    """Where a source writes one file's bytes: a staging file, hashed as the bytes arrive."""
+
+    def __init__(self, fileobj: BinaryIO, *, expected_size: int | None, git_sha1: bool,
+                 progress: Progress, path: str) -> None:
+        self._file = fileobj
+        self._sha256 = hashlib.sha256()
+        self._git = hashlib.sha1(usedforsecurity=False) if git_sha1 else None
+        if self._git is not None:
+            assert expected_size is not None, "a git blob digest needs the size up front"
+            self._git.update(b"blob %d\0" % expected_size)
+        self._progress = progress
+        self._path = path
+        self.bytes_written = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append ``data`` to the file and to the running digests."""
+        self._file.write(data)
+        self._sha256.update(data)
+        if self._git is not None:
+            self._git.update(data)
+        self.bytes_written += len(data)
+        self._progress.advance(self._path, len(data))
+
+    def sha256(self) -> str:
+        """Hex sha256 of everything written so far."""
+        return self._sha256.hexdigest()
+
+    def git_sha1(self) -> str | None:
+        """Hex git blob sha1 of everything written, if it was asked for."""
+        return self._git.hexdigest() if self._git is not None else None
+
+
+class Source(ABC):
+    """A place model files come from. One module per source, registered by kind and scheme.
+
+    A source is made for one request (and, for catalog models, one entry of the card's
+    ``sources:`` list); the engine asks it for a plan, then for each file's bytes.
+    """
+
+    kind: ClassVar[str]
+    schemes: ClassVar[tuple[str, ...]] = ()  # URI schemes this source handles
+
+    def __init__(self, request: FetchRequest, spec: Mapping[str, Any] | None = None) -> None:
+        self.request = request
+        self.spec: Mapping[str, Any] = spec or {}
+
+    @abstractmethod
+    def plan(self) -> FetchPlan:
+        """Resolve the request into files with sizes and trusted digests."""
+
+    @abstractmethod
+    def fetch_file(self, file: PlannedFile, sink: Sink) -> None:
+        """Write the bytes of ``file`` into ``sink``, from its first byte."""
+
+    def uri_for(self, file: PlannedFile) -> str:
+        """Where ``file``'s bytes came from, as recorded in the manifest."""
+        return file.locator or f"{self.kind}:{file.path}"
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections, sessions or threads."""

@@ -1,0 +1,222 @@
+"""The path every fetch takes: resolve → plan → fetch into staging → check → promote → manifest.
+
+For each file the engine:
+1. skips it if the directory's manifest already lists it with the planned digest and the file on
+   disk has the planned size;
+2. otherwise streams the source's bytes into ``DIR/.weightship/incoming/PATH.incomplete``,
+   hashing them as they arrive (no second read);
+3. checks size and sha256 (or the Hub's git blob sha1) against the plan, which came from a
+   trust anchor — a mismatch deletes the staging file and moves on to the next source;
+4. once every file is checked, renames each into place (atomic) and writes the manifest last,
+   atomically. A directory whose manifest lists every file is complete and verified.
+
+The whole job holds the directory's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from weightship.catalog import is_catalog_name, load_card
+from weightship.errors import (
+    DigestMismatchError,
+    DiskSpaceError,
+    FetchError,
+    IntegrityError,
+    ManifestError,
+    UnknownSourceError,
+)
+from weightship.fetch.base import FetchPlan, FetchRequest, PlannedFile, Sink, Source
+from weightship.fetch.lock import dir_lock
+from weightship.fetch.registry import kind_for_uri, source_class
+from weightship.manifest import FileEntry, Manifest, fsync_dir, utcnow
+from weightship.paths import STATE_DIR, resolve_under
+from weightship.progress import NullProgress, Progress
+
+log = logging.getLogger(__name__)
+
+INCOMING = "incoming"
+_RESERVE = 64 << 20  # keep this much free beyond the download, for manifests and logs
+
+
+@dataclass
+class FetchResult:
+    """What a fetch did."""
+
+    directory: Path
+    manifest: Manifest
+    fetched: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def make_sources(request: FetchRequest, source: str = "auto") -> list[Source]:
+    """The sources to try for ``request``, in order.
+
+    A catalog model uses its card's ``sources:`` list, filtered and ordered by ``source``
+    ("auto" = all, in the card's order; "hf,s3" = those kinds, in that order). A URI uses the
+    source registered for its scheme.
+    """
+    wanted = [s.strip() for s in source.split(",") if s.strip()] or ["auto"]
+    if request.card is None:
+        kind = kind_for_uri(request.ref)
+        if wanted != ["auto"] and kind not in wanted:
+            raise UnknownSourceError(f"{request.ref} is a {kind} URI, but --source is {source}")
+        return [source_class(kind)(request)]
+    specs = list(request.card.sources)
+    if request.layout:
+        specs = [s for s in specs if s.get("layout", request.layout) == request.layout]
+    if wanted != ["auto"]:
+        specs = sorted((s for s in specs if s["kind"] in wanted), key=lambda s: wanted.index(s["kind"]))
+    if not specs:
+        have = ", ".join(s["kind"] for s in request.card.sources)
+        raise UnknownSourceError(
+            f"{request.card.name} has no source matching --source {source}"
+            + (f" and --layout {request.layout}" if request.layout else ""),
+            hint=f"its sources: {have}")
+    return [source_class(s["kind"])(request, s) for s in specs]
+
+
+def build_request(ref: str, *, layout: str | None = None, include: Sequence[str] = (),
+                  exclude: Sequence[str] = (), options: dict[str, object] | None = None) -> FetchRequest:
+    """A :class:`FetchRequest` for a catalog name or a URI."""
+    card = load_card(ref) if is_catalog_name(ref) else None
+    if card is not None and layout is not None:
+        card.layout(layout)  # fails early on a layout the card does not have
+    return FetchRequest(ref=ref, card=card, layout=layout, include=tuple(include),
+                        exclude=tuple(exclude), options=options or {})
+
+
+def _existing_manifest(dest: Path) -> Manifest | None:
+    try:
+        return Manifest.load(dest)
+    except ManifestError:
+        return None
+
+
+def _is_current(dest: Path, manifest: Manifest | None, f: PlannedFile) -> bool:
+    if manifest is None or f.sha256 is None:
+        return False
+    entry = manifest.entry(f.path)
+    if entry is None or entry.sha256 != f.sha256:
+        return False
+    try:
+        return resolve_under(dest, f.path).stat().st_size == entry.size
+    except FileNotFoundError:
+        return False
+
+
+def _check_space(dest: Path, files: list[PlannedFile]) -> None:
+    needed = sum(f.size or 0 for f in files)
+    free = shutil.disk_usage(dest).free
+    if needed + _RESERVE > free:
+        raise DiskSpaceError(dest, needed, free)
+
+
+def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress) -> FileEntry:
+    """Fetch ``f`` from ``source`` into ``staging`` and check it; the entry for the manifest."""
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(staging, "wb") as out:
+            sink = Sink(out, expected_size=f.size, git_sha1=f.git_sha1 is not None,
+                        progress=progress, path=f.path)
+            source.fetch_file(f, sink)
+            out.flush()
+            os.fsync(out.fileno())
+        if f.size is not None and sink.bytes_written != f.size:
+            raise DigestMismatchError(f.path, expected=f"{f.size} bytes",
+                                      actual=f"{sink.bytes_written} bytes", what="size")
+        if f.sha256 is not None and sink.sha256() != f.sha256:
+            raise DigestMismatchError(f.path, expected=f.sha256, actual=sink.sha256())
+        if f.git_sha1 is not None and sink.git_sha1() != f.git_sha1:
+            raise DigestMismatchError(f.path, expected=f.git_sha1, actual=str(sink.git_sha1()),
+                                      what="git blob sha1")
+    except BaseException:
+        staging.unlink(missing_ok=True)  # wrong or partial bytes are never kept as-is
+        raise
+    return FileEntry(path=f.path, size=sink.bytes_written, sha256=sink.sha256(),
+                     source=source.uri_for(f), anchor=f.anchor)
+
+
+def fetch(request: FetchRequest, dest: Path, *, source: str = "auto",
+          progress: Progress | None = None, lock_wait: float = 0.0) -> FetchResult:
+    """Fetch ``request`` into ``dest``; see the module docstring for the steps."""
+    progress = progress or NullProgress()
+    sources = make_sources(request, source)
+    dest.mkdir(parents=True, exist_ok=True)
+    state = dest / STATE_DIR
+    try:
+        with dir_lock(state, wait=lock_wait):
+            return _fetch_locked(request, dest, sources, progress)
+    finally:
+        for s in sources:
+            s.close()
+
+
+def _plan(sources: list[Source]) -> FetchPlan:
+    errors: list[str] = []
+    for s in sources:
+        try:
+            return s.plan()
+        except FetchError as e:
+            log.warning("source %s could not plan: %s", s.kind, e)
+            errors.append(f"{s.kind}: {e}")
+    raise FetchError("no source could list the model: " + "; ".join(errors))
+
+
+def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
+                  progress: Progress) -> FetchResult:
+    plan = _plan(sources)
+    targets = {f.path: resolve_under(dest, f.path) for f in plan.files}  # reject bad names first
+    old = _existing_manifest(dest)
+    result = FetchResult(directory=dest, manifest=Manifest(
+        name=plan.name, files=[], layout=plan.layout, source=plan.source,
+        created_at=old.created_at if old else utcnow()))
+    todo = [f for f in plan.files if not _is_current(dest, old, f)]
+    _check_space(dest, todo)
+    incoming = dest / STATE_DIR / INCOMING
+    progress.begin("fetch", total_bytes=sum(f.size or 0 for f in todo), files=len(todo))
+    staged: dict[str, Path] = {}
+    for f in plan.files:
+        if f not in todo:
+            assert old is not None
+            entry = old.entry(f.path)
+            assert entry is not None
+            result.manifest.upsert(entry)
+            result.skipped.append(f.path)
+            progress.file_end(f.path, "skipped")
+            continue
+        staging = incoming / (f.path + ".incomplete")
+        progress.file_begin(f.path, f.size)
+        last_error: Exception | None = None
+        for s in sources:
+            try:
+                result.manifest.upsert(_fetch_one(s, f, staging, progress))
+                break
+            except (FetchError, IntegrityError) as e:
+                log.warning("%s from %s failed: %s", f.path, s.kind, e)
+                progress.note(f"{f.path}: {s.kind} failed: {e}")
+                last_error = e
+        else:
+            progress.file_end(f.path, "failed")
+            assert last_error is not None
+            raise last_error
+        staged[f.path] = staging
+        progress.file_end(f.path, "ok")
+    for path, staging in staged.items():
+        target = targets[path]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, target)
+        fsync_dir(target.parent)
+        result.fetched.append(path)
+    with contextlib.suppress(OSError):
+        incoming.rmdir()  # only when empty: partials of other files stay for a resume
+    result.manifest.verified_at = utcnow()
+    result.manifest.write(dest)
+    progress.end()
+    return result

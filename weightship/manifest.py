@@ -1,0 +1,180 @@
+"""The per-model manifest, ``DIR/.weightship/manifest.json``.
+
+It lists every file of a model directory with its size and sha256, where the bytes came from and
+which trust anchor vouched for them, the resolved revision, and when the directory was last
+verified. Its JSON schema is ``weightship/schemas/manifest.schema.json``. A manifest is written
+atomically (temporary file, fsync, rename, fsync of the directory), and only after every file it
+lists has been checked, so a directory with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import importlib.resources
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from weightship import __version__
+from weightship.errors import ManifestError
+from weightship.paths import STATE_DIR, safe_relpath
+
+MANIFEST_NAME = "manifest.json"
+
+
+def manifest_path(directory: Path) -> Path:
+    """Where the manifest of ``directory`` lives."""
+    return directory / STATE_DIR / MANIFEST_NAME
+
+
+def utcnow() -> str:
+    """The current time as RFC 3339 UTC, to the second."""
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@functools.cache
+def schema() -> dict[str, Any]:
+    """The manifest's JSON schema."""
+    text = (importlib.resources.files("weightship") / "schemas" / "manifest.schema.json").read_text()
+    result: dict[str, Any] = json.loads(text)
+    return result
+
+
+@dataclass
+class FileEntry:
+    """One file of a model directory."""
+
+    path: str
+    size: int
+    sha256: str
+    source: str | None = None
+    anchor: str | None = None
+
+
+@dataclass
+class SourceInfo:
+    """Where a directory as a whole came from."""
+
+    kind: str
+    uri: str | None = None
+    revision: str | None = None
+    infohash: str | None = None
+
+
+@dataclass
+class Manifest:
+    """A model directory's manifest; see the module docstring."""
+
+    name: str
+    files: list[FileEntry]
+    layout: str | None = None
+    source: SourceInfo | None = None
+    created_at: str = field(default_factory=utcnow)
+    verified_at: str | None = None
+    weightship_version: str = __version__
+
+    def __post_init__(self) -> None:
+        self.files.sort(key=lambda f: f.path)
+        seen: set[str] = set()
+        for f in self.files:
+            safe_relpath(f.path)
+            if f.path in seen:
+                raise ManifestError(f"manifest lists {f.path!r} twice")
+            seen.add(f.path)
+
+    @property
+    def total_bytes(self) -> int:
+        """Sum of every file's size."""
+        return sum(f.size for f in self.files)
+
+    def entry(self, path: str) -> FileEntry | None:
+        """The entry for ``path``, if listed."""
+        return next((f for f in self.files if f.path == path), None)
+
+    def upsert(self, entry: FileEntry) -> None:
+        """Add ``entry``, replacing any entry of the same path."""
+        self.files = [f for f in self.files if f.path != entry.path] + [entry]
+        self.files.sort(key=lambda f: f.path)
+
+    # ---- (de)serialisation ------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document (``manifest_version`` first)."""
+        body = asdict(self)
+        return {"manifest_version": 1, **body}
+
+    @classmethod
+    def from_dict(cls, data: Any, *, origin: str = "manifest") -> Manifest:
+        """Parse and validate a manifest document; ``origin`` names it in errors."""
+        try:
+            jsonschema.validate(data, schema())
+        except jsonschema.ValidationError as e:
+            where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+            raise ManifestError(f"{origin}: invalid manifest at {where}: {e.message}") from None
+        src = data.get("source")
+        return cls(
+            name=data["name"],
+            files=[FileEntry(**f) for f in data["files"]],
+            layout=data.get("layout"),
+            source=SourceInfo(**src) if src else None,
+            created_at=data.get("created_at") or utcnow(),
+            verified_at=data.get("verified_at"),
+            weightship_version=data.get("weightship_version", "unknown"),
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        """Read a manifest file, or the manifest of a model directory."""
+        file = manifest_path(path) if path.is_dir() else path
+        try:
+            raw = file.read_bytes()
+        except FileNotFoundError:
+            raise ManifestError(
+                f"no manifest at {file}", path=file,
+                hint="fetch the model with `weightship fetch`, or write one with "
+                     "`weightship manifest create DIR`") from None
+        if len(raw) > 64 << 20:
+            raise ManifestError(f"{file}: manifest over 64 MiB, refusing to parse", path=file)
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"{file}: not valid JSON ({e})", path=file) from None
+        return cls.from_dict(data, origin=str(file))
+
+    def write(self, directory: Path) -> Path:
+        """Write atomically to ``directory/.weightship/manifest.json``; returns the path."""
+        target = manifest_path(directory)
+        atomic_write(target, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        return target
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or creation in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(target: Path, data: bytes) -> None:
+    """Replace ``target`` with ``data`` so that readers see the old or the new file, never half."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)

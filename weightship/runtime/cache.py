@@ -1,0 +1,46 @@
+"""The preallocated KV cache: one rolling buffer per sequence slot.
+
+Sliding-window attention only ever reads the last ``window`` keys, so each slot holds
+``cache_len = min(window, max_model_len)`` entries and position ``p`` lives at entry
+``p % cache_len`` (mistral-inference's rolling buffer). Beside the keys and values the cache
+keeps, per slot, the absolute position stored in each entry (-1 = empty); attention masks are
+computed from those positions, so the same code serves full, partial and wrapped buffers.
+
+Slots are indexed by batch row: decode runs rows ``0..B-1`` over slots ``0..B-1``, which lets
+it read ``k[layer, :B]`` as a view instead of gathering a copy of every active sequence's cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from weightship.runtime.args import ModelArgs
+
+
+class KVCache:
+    """Keys, values and stored positions for ``max_batch`` sequences."""
+
+    def __init__(self, args: ModelArgs, device: torch.device | str, dtype: torch.dtype) -> None:
+        a = args.arch
+        self.args = args
+        self.cache_len = args.cache_len
+        shape = (a.n_layers, args.max_batch, a.n_kv_heads, self.cache_len, a.head_dim)
+        # k, v: [L, S, Hkv, C, D] — per slot a contiguous [Hkv, C, D] block, so a prefix of the
+        # C entries of rows 0..B-1 is a strided view that SDPA reads without a copy.
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # pos: [S, C] — the absolute position held by each entry, -1 where empty.
+        self.pos = torch.full((args.max_batch, self.cache_len), -1, device=device, dtype=torch.long)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by keys and values."""
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def reset_slot(self, slot: int) -> None:
+        """Forget a slot's sequence (its stale keys stay, masked out by position -1)."""
+        self.pos[slot].fill_(-1)
+
+    def write_index(self, positions: torch.Tensor) -> torch.Tensor:
+        """Entries that absolute ``positions`` occupy in the rolling buffer."""
+        return positions % self.cache_len

@@ -1,0 +1,157 @@
+"""The layers of a Mistral transformer block: RMSNorm, attention with a KV cache, SwiGLU.
+
+Module and parameter names follow the original layout (``attention.wq``, ``feed_forward.w1``,
+``attention_norm``), so an original-layout state dict loads with ``strict=True`` as it is.
+References: mistral-inference ``transformer_layers.py``; gpt-fast ``model.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weightship.runtime.args import ModelArgs
+from weightship.runtime.rope import apply_rotary
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Which keys each query may attend to: causal, within ``window`` and not empty.
+
+    ``q_pos`` [..., T] and ``k_pos`` [..., K] are absolute positions (-1 = empty entry); the
+    result is a bool tensor [..., T, K]. A key at ``kp`` is visible from ``qp`` iff
+    ``qp - window < kp <= qp``: the query and the ``window - 1`` positions before it, exactly
+    transformers' ``sliding_window_overlay`` (``kv_idx > q_idx - sliding_window``).
+    """
+    q = q_pos.unsqueeze(-1)  # [..., T, 1]
+    k = k_pos.unsqueeze(-2)  # [..., 1, K]
+    return (k >= 0) & (k <= q) & (k > q - window)
+
+
+@dataclass
+class AttentionInputs:
+    """What every attention layer of one forward pass shares: positions, masks, cache writes.
+
+    ``slot is None`` means a batched decode step (one token per row ``0..B-1``, ``mask``
+    [B, 1, 1, L] over the first ``kv_len`` cache entries); otherwise a prefill chunk of one
+    sequence in ``slot`` (``mask`` [1, 1, T, K] over the slot's cache when ``with_cache``, then
+    the chunk's own keys). ``cache is None`` scores without any cache (``mask`` [B, 1, T, T]).
+    """
+
+    cos: torch.Tensor  # [B, T, D/2]
+    sin: torch.Tensor  # [B, T, D/2]
+    mask: torch.Tensor  # bool, see above
+    write_idx: torch.Tensor | None = None  # cache entries to write: [B] (decode) or [T'] (prefill)
+    slot: int | None = None
+    with_cache: bool = False  # prefill: earlier chunks of this sequence are in the cache
+    kv_len: int = 0  # decode: cache entries read per row
+    rows: torch.Tensor | None = None  # decode: arange(B)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich, 2019), computed in float32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with rotary positions, reading and writing the KV cache."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        a = args.arch
+        self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        self.wq = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=False)
+        self.wk = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
+        self.wv = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
+        self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, inp: AttentionInputs,
+                k_cache: torch.Tensor | None, v_cache: torch.Tensor | None) -> torch.Tensor:
+        """``x`` [B, T, dim] → [B, T, dim]; ``k_cache``/``v_cache`` are this layer's [S, Hkv, C, D]."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = apply_rotary(self.wq(x).view(B, T, H, D), inp.cos, inp.sin)  # [B, T, H, D]
+        k = apply_rotary(self.wk(x).view(B, T, Hkv, D), inp.cos, inp.sin)  # [B, T, Hkv, D]
+        v = self.wv(x).view(B, T, Hkv, D)  # [B, T, Hkv, D]
+        if k_cache is None or v_cache is None:
+            out = F.scaled_dot_product_attention(  # [B, H, T, D]
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=inp.mask, enable_gqa=True)
+            return self.wo(out.transpose(1, 2).reshape(B, T, H * D))
+        if inp.slot is None:
+            return self.wo(self._decode(q, k, v, inp, k_cache, v_cache))
+        return self.wo(self._prefill(q, k, v, inp, k_cache, v_cache))
+
+    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inp: AttentionInputs,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        B, H, Hkv, D = q.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
+        assert q.shape[1] == 1 and inp.rows is not None and inp.write_idx is not None, q.shape
+        # Rows and entries are advanced indices split by a slice: the written value is [B, Hkv, D].
+        k_cache[inp.rows, :, inp.write_idx] = k[:, 0]
+        v_cache[inp.rows, :, inp.write_idx] = v[:, 0]
+        # The G = H/Hkv query heads sharing a key/value head are G queries of that head with
+        # the same mask: attention over the cache with no repeated (copied) keys.
+        qg = q.view(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
+        keys = k_cache[:B, :, : inp.kv_len]  # [B, Hkv, L, D], a view
+        values = v_cache[:B, :, : inp.kv_len]  # [B, Hkv, L, D]
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=inp.mask)  # [B, Hkv, G, D]
+        return out.reshape(B, 1, H * D)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inp: AttentionInputs,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        T, H, D = q.shape[1], self.n_heads, self.head_dim
+        assert q.shape[0] == 1 and inp.slot is not None and inp.write_idx is not None, q.shape
+        slot = inp.slot
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [1, Hkv, T, D]
+        if inp.with_cache:  # earlier chunks: the slot's entries, then this chunk's own keys
+            keys = torch.cat((k_cache[slot : slot + 1], kt), dim=2)  # [1, Hkv, C + T, D]
+            values = torch.cat((v_cache[slot : slot + 1], vt), dim=2)
+        else:
+            keys, values = kt, vt
+        out = F.scaled_dot_product_attention(  # [1, H, T, D]
+            q.transpose(1, 2), keys, values, attn_mask=inp.mask, enable_gqa=True)
+        n = inp.write_idx.shape[0]  # the last min(T, C) positions are the ones to keep
+        k_cache[slot, :, inp.write_idx] = kt[0, :, T - n :]  # [Hkv, n, D]
+        v_cache[slot, :, inp.write_idx] = vt[0, :, T - n :]
+        return out.transpose(1, 2).reshape(1, T, H * D)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer, 2020): ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        a = args.arch
+        self.w1 = nn.Linear(a.dim, a.hidden_dim, bias=False)
+        self.w2 = nn.Linear(a.hidden_dim, a.dim, bias=False)
+        self.w3 = nn.Linear(a.dim, a.hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm attention and feed-forward, each with a residual connection."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.arch.dim, args.arch.norm_eps)
+        self.ffn_norm = RMSNorm(args.arch.dim, args.arch.norm_eps)
+
+    def forward(self, x: torch.Tensor, inp: AttentionInputs,
+                k_cache: torch.Tensor | None, v_cache: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), inp, k_cache, v_cache)
+        return h + self.feed_forward(self.ffn_norm(h))

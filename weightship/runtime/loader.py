@@ -1,0 +1,181 @@
+"""Load a model directory of either layout into a :class:`Transformer`, safetensors only.
+
+Steps:
+1. read the architecture from ``config.json`` (HF layout) or ``params.json`` (original);
+2. list the weight files: ``model.safetensors.index.json``'s shards, ``model*.safetensors``,
+   or ``consolidated*.safetensors`` (made by ``weightship convert``) — a directory with only
+   pickles (``.pth``/``.bin``) is refused, never unpickled;
+3. open each file with ``safe_open`` (memory-mapped), rename HF tensors to the original names
+   and undo the HF rotary row permutation of ``wq``/``wk``;
+4. check every name and shape against the architecture, build the model on the ``meta`` device
+   and ``load_state_dict(assign=True, strict=True)``: the parameters are the loaded tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from weightship.catalog.architecture import (
+    Architecture,
+    hf_to_original_name,
+    permute_for_hf_rows,
+)
+from weightship.errors import CatalogError, MalformedWeightsError, UsageError
+from weightship.runtime.args import ModelArgs
+from weightship.runtime.model import Transformer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where a model directory keeps its parts."""
+
+    directory: Path
+    layout: str  # "hf" or "original"
+    arch: Architecture
+    weights: tuple[Path, ...]
+    tokenizer: Path
+
+
+def pick_device(device: str | None) -> torch.device:
+    """``device``, or CUDA when available, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """``dtype`` by name, or bfloat16 on CUDA and float32 on CPU."""
+    if dtype:
+        if dtype not in DTYPES:
+            raise UsageError(f"unknown dtype {dtype!r}", hint="use one of: " + ", ".join(DTYPES))
+        return DTYPES[dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def find_files(directory: Path) -> ModelFiles:
+    """Work out the layout, architecture, weight files and tokenizer of a model directory."""
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is not a directory")
+    tokenizer = directory / "tokenizer.model"
+    if not tokenizer.is_file():
+        raise CatalogError(f"{directory}: no tokenizer.model")
+    if (directory / "config.json").is_file():
+        layout = "hf"
+        arch = Architecture.from_hf_config(_read_json(directory / "config.json"))
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CatalogError(f"{index}: no weight_map")
+            weights = tuple(directory / f for f in sorted(set(weight_map.values())))
+        else:
+            weights = tuple(sorted(directory.glob("model*.safetensors")))
+    elif (directory / "params.json").is_file():
+        layout = "original"
+        arch = Architecture.from_mapping(_read_json(directory / "params.json"))
+        weights = tuple(sorted(directory.glob("consolidated*.safetensors")))
+    else:
+        raise CatalogError(f"{directory}: neither config.json nor params.json found")
+    if not weights:
+        hint = ("run `weightship convert DIR --to safetensors` first" if layout == "original"
+                else "the runtime loads safetensors only")
+        raise CatalogError(f"{directory}: no safetensors weights", hint=hint)
+    for path in weights:
+        if not path.is_file() or path.is_symlink() or path.parent != directory:
+            raise MalformedWeightsError(str(path), "missing, or not a plain file of the directory")
+    return ModelFiles(directory, layout, arch, weights, tokenizer)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CatalogError(f"{path}: {e}") from e
+    if not isinstance(data, dict):
+        raise CatalogError(f"{path}: not a JSON object")
+    return data
+
+
+def read_state_dict(files: ModelFiles, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor under its original-layout name, checked against the architecture."""
+    arch = files.arch
+    expected = arch.tensor_shapes("original")
+    state: dict[str, torch.Tensor] = {}
+    for path in files.weights:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    tensor = f.get_tensor(name)
+                    if files.layout == "hf":
+                        try:
+                            name = hf_to_original_name(name)
+                        except CatalogError:
+                            raise MalformedWeightsError(str(path), f"unexpected tensor {name!r}") from None
+                        tensor = _unpermute(name, tensor, arch)
+                    if name in state:
+                        raise MalformedWeightsError(str(path), f"tensor {name!r} appears twice")
+                    state[name] = tensor
+        except (OSError, RuntimeError) as e:  # safetensors raises SafetensorError(Exception)
+            raise MalformedWeightsError(str(path), str(e)) from e
+        except Exception as e:
+            if type(e).__name__ == "SafetensorError":
+                raise MalformedWeightsError(str(path), str(e)) from e
+            raise
+    missing, extra = set(expected) - set(state), set(state) - set(expected)
+    if missing or extra:
+        raise MalformedWeightsError(str(files.directory),
+                                    f"missing tensors {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise MalformedWeightsError(str(files.directory),
+                                        f"{name} has shape {tuple(state[name].shape)}, expected {shape}")
+        state[name] = state[name].to(device=device, dtype=dtype)
+    return state
+
+
+def _unpermute(name: str, tensor: torch.Tensor, arch: Architecture) -> torch.Tensor:
+    """Undo the HF layout's rotary row permutation of ``wq``/``wk`` (a no-op for others)."""
+    if not name.endswith(("attention.wq.weight", "attention.wk.weight")):
+        return tensor
+    heads = arch.n_heads if name.endswith("wq.weight") else arch.n_kv_heads
+    if tensor.ndim != 2 or tensor.shape[0] != heads * arch.head_dim:
+        return tensor  # the shape check reports it
+    perm = torch.tensor(permute_for_hf_rows(tensor.shape[0], heads))
+    out = torch.empty_like(tensor)
+    out[perm] = tensor  # w_hf = w_orig[perm]
+    return out
+
+
+def build_model(args: ModelArgs, state: dict[str, torch.Tensor]) -> Transformer:
+    """A :class:`Transformer` built on ``meta`` whose parameters are ``state``'s tensors."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.init_rotary()
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_model(directory: Path, *, device: str | None = None, dtype: str | None = None,
+               max_batch: int = 8, max_model_len: int | None = None) -> tuple[Transformer, ModelFiles]:
+    """Load ``directory`` onto ``device`` in ``dtype`` (defaults: CUDA/bf16, else CPU/fp32)."""
+    files = find_files(directory)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    length = min(max_model_len or files.arch.max_seq_len, files.arch.max_seq_len)
+    args = ModelArgs(files.arch, max_batch=max_batch, max_model_len=length)
+    model = build_model(args, read_state_dict(files, dt, dev))
+    log.info("loaded %s (%s layout, %d parameters) on %s as %s", directory, files.layout,
+             files.arch.n_params, dev, dt)
+    return model, files

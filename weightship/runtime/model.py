@@ -1,0 +1,124 @@
+"""The Mistral transformer (Jiang et al., 2023, "Mistral 7B"), in plain PyTorch.
+
+Three entry points share the layers:
+- :meth:`Transformer.forward` scores whole sequences without a cache (the reference path);
+- :meth:`Transformer.prefill` runs a chunk of one sequence's prompt into its cache slot;
+- :meth:`Transformer.decode` advances rows ``0..B-1`` by one token each. It does no host
+  synchronisation and takes only static shapes, so a CUDA graph can capture it
+  (:mod:`weightship.runtime.cuda_graphs`).
+
+References: mistral-inference ``transformer.py``; gpt-fast ``model.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from weightship.runtime.args import ModelArgs
+from weightship.runtime.cache import KVCache
+from weightship.runtime.layers import AttentionInputs, RMSNorm, TransformerBlock, window_mask
+from weightship.runtime.rope import rotary_table
+
+
+class Transformer(nn.Module):
+    """Embedding, ``n_layers`` blocks, final norm and output projection."""
+
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        a = args.arch
+        self.args = args
+        self.tok_embeddings = nn.Embedding(a.vocab_size, a.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(a.n_layers))
+        self.norm = RMSNorm(a.dim, a.norm_eps)
+        self.output = nn.Linear(a.dim, a.vocab_size, bias=False)
+        # Not part of the state dict: recomputed on the weights' device by init_rotary().
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def init_rotary(self) -> None:
+        """Compute the rotary table on the device the weights were loaded to."""
+        a = self.args.arch
+        device = self.tok_embeddings.weight.device
+        cos, sin = rotary_table(a.head_dim, self.args.max_model_len, a.rope_theta, device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def _run(self, tokens: torch.Tensor, inp: AttentionInputs, cache: KVCache | None) -> torch.Tensor:
+        """Blocks over the embedded ``tokens`` [B, T] → final hidden states [B, T, dim]."""
+        assert self.rope_cos.numel() > 0, "init_rotary() was not called after loading"
+        h = self.tok_embeddings(tokens)  # [B, T, dim]
+        for i, layer in enumerate(self.layers):
+            k_cache = cache.k[i] if cache is not None else None
+            v_cache = cache.v[i] if cache is not None else None
+            h = layer(h, inp, k_cache, v_cache)
+        return self.norm(h)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab] (float32) of whole sequences ``tokens`` [B, T], no cache."""
+        B, T = tokens.shape
+        pos = torch.arange(T, device=tokens.device)
+        mask = window_mask(pos, pos, self.args.window)  # [T, T]
+        inp = AttentionInputs(cos=self.rope_cos[pos].expand(B, T, -1),
+                              sin=self.rope_sin[pos].expand(B, T, -1),
+                              mask=mask.expand(B, 1, T, T))
+        return self.output(self._run(tokens, inp, None)).float()
+
+    def prefill(self, tokens: torch.Tensor, start: int, slot: int, cache: KVCache,
+                all_logits: bool = False) -> torch.Tensor:
+        """Run positions ``start .. start+T-1`` of the sequence in ``slot`` into the cache.
+
+        ``tokens`` is [T]. Returns the float32 logits of the last position [vocab], or of every
+        position [T, vocab] with ``all_logits``. Chunks must come in order; ``start == 0``
+        resets the slot.
+        """
+        (T,) = tokens.shape
+        assert start + T <= self.args.max_model_len, (start, T, self.args.max_model_len)
+        if start == 0:
+            cache.reset_slot(slot)
+        pos = torch.arange(start, start + T, device=tokens.device)  # [T]
+        if start > 0:
+            k_pos = torch.cat((cache.pos[slot], pos))  # [C + T]
+        else:
+            k_pos = pos
+        mask = window_mask(pos, k_pos, self.args.window)  # [T, K]
+        kept = pos[-cache.cache_len :]  # the positions that stay in the rolling buffer
+        write_idx = cache.write_index(kept)
+        inp = AttentionInputs(cos=self.rope_cos[pos].unsqueeze(0), sin=self.rope_sin[pos].unsqueeze(0),
+                              mask=mask[None, None], write_idx=write_idx, slot=slot,
+                              with_cache=start > 0)
+        h = self._run(tokens.unsqueeze(0), inp, cache)[0]  # [T, dim]
+        cache.pos[slot, write_idx] = kept
+        if not all_logits:
+            h = h[-1]
+        return self.output(h).float()
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+               kv_len: int) -> torch.Tensor:
+        """One token for each of rows ``0..B-1`` (slot = row): float32 logits [B, vocab].
+
+        ``tokens`` and ``positions`` are [B]; ``kv_len`` cache entries are read per row, which
+        must cover every filled entry of those slots (``cache_len`` once any has wrapped).
+        Rows whose slot is idle compute garbage that touches only their own slot.
+        """
+        (B,) = tokens.shape
+        rows = torch.arange(B, device=tokens.device)
+        write_idx = cache.write_index(positions)
+        cache.pos[rows, write_idx] = positions  # before the layers: the mask includes the new key
+        k_pos = cache.pos[:B, :kv_len]  # [B, L]
+        mask = window_mask(positions.unsqueeze(-1), k_pos, self.args.window)  # [B, 1, L]
+        inp = AttentionInputs(cos=self.rope_cos[positions].unsqueeze(1),
+                              sin=self.rope_sin[positions].unsqueeze(1),
+                              mask=mask.unsqueeze(1), write_idx=write_idx, kv_len=kv_len, rows=rows)
+        h = self._run(tokens.unsqueeze(1), inp, cache)  # [B, 1, dim]
+        return self.output(h[:, 0]).float()

@@ -1,0 +1,110 @@
+"""Safe conversion of the original layout's pickled ``.pth`` weights to safetensors.
+
+A pickle can run code when loaded, so a ``.pth`` is loaded only when:
+1. the directory's manifest lists it (its digest was checked against a trust anchor when it was
+   fetched, or the user vouched for it with a manifest), and
+2. its bytes still hash to that digest now;
+and then only with ``torch.load(weights_only=True, mmap=True)``, whose unpickler refuses every
+global except tensors and plain containers. The result must be a flat dict of tensors whose
+names and shapes match ``params.json``. It is written to staging, hashed, renamed into place,
+and added to the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from weightship.catalog.architecture import Architecture
+from weightship.errors import (
+    DigestMismatchError,
+    MalformedWeightsError,
+    UntrustedFileError,
+    UsageError,
+)
+from weightship.manifest import FileEntry, Manifest, fsync_dir, utcnow
+from weightship.paths import STATE_DIR, resolve_under
+from weightship.verify import deep
+from weightship.verify.digests import sha256_file
+
+CONVERTED_NAME = "consolidated.safetensors"
+
+
+def _load_trusted_pth(path: Path, label: str) -> dict[str, Any]:
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError,
+            TypeError, AttributeError, KeyError, ImportError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MalformedWeightsError(label, f"refused to load (weights_only): {first}") from None
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise MalformedWeightsError(label, "not a flat dict of tensors")
+    return obj
+
+
+def convert_directory(directory: Path, *, manifest: Manifest | None = None) -> FileEntry:
+    """Convert ``directory``'s ``consolidated*.pth`` to ``consolidated.safetensors``.
+
+    Returns the new file's manifest entry; the directory's manifest is updated.
+    """
+    from safetensors.torch import save_file
+
+    own = Manifest.load(directory)
+    trust = manifest or own
+    pth = sorted(f.path for f in own.files if f.path.startswith("consolidated") and f.path.endswith(".pth"))
+    if not pth:
+        raise UsageError(f"{directory} has no consolidated*.pth listed in its manifest",
+                         hint="convert works on the original layout (params.json + consolidated.00.pth)")
+    if len(pth) > 1:
+        raise UsageError(f"{directory}: sharded original checkpoints ({', '.join(pth)}) are not supported")
+    rel = pth[0]
+    entry = trust.entry(rel)
+    if entry is None:
+        raise UntrustedFileError(f"{rel} is not listed in the trusted manifest; refusing to unpickle it")
+    path = resolve_under(directory, rel)
+    size, sha = sha256_file(path)
+    if size != entry.size or sha != entry.sha256:
+        raise DigestMismatchError(rel, expected=entry.sha256, actual=sha)
+    found = deep.directory_architecture(directory)
+    if found is None or found[1] != "original":
+        raise UsageError(f"{directory} has no params.json; cannot check the converted tensors")
+    arch: Architecture = found[0]
+
+    tensors = _load_trusted_pth(path, rel)
+    expected = arch.tensor_shapes("original")
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise MalformedWeightsError(rel, f"tensors do not match params.json (missing {missing[:3]}, "
+                                         f"unexpected {extra[:3]})")
+    for name, t in tensors.items():
+        if tuple(t.shape) != expected[name]:
+            raise MalformedWeightsError(rel, f"{name} has shape {list(t.shape)}, params.json says "
+                                             f"{list(expected[name])}")
+
+    staging = directory / STATE_DIR / "incoming" / (CONVERTED_NAME + ".incomplete")
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(staging),
+                  metadata={"format": "pt", "converted_from": rel, "converted_from_sha256": sha})
+        with open(staging, "rb+") as f:
+            os.fsync(f.fileno())
+        out_size, out_sha = sha256_file(staging)
+        target = resolve_under(directory, CONVERTED_NAME)
+        os.replace(staging, target)
+        fsync_dir(directory)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    new = FileEntry(path=CONVERTED_NAME, size=out_size, sha256=out_sha,
+                    source=f"convert:{rel}", anchor="convert")
+    own.upsert(new)
+    own.verified_at = utcnow()
+    own.write(directory)
+    return new

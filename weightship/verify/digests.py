@@ -1,0 +1,66 @@
+"""SHA-256 of files, several at once.
+
+hashlib releases the GIL while it hashes a buffer, and so does reading a file, so a thread per
+core hashes that many files in parallel (about 1.5 GB/s per core with SHA-NI).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from weightship.progress import NullProgress, Progress
+from weightship.settings import get_settings
+
+
+def sha256_file(path: Path, *, label: str | None = None, progress: Progress | None = None,
+                chunk: int | None = None) -> tuple[int, str]:
+    """(size, hex sha256) of the file at ``path``, read once, sequentially."""
+    progress = progress or NullProgress()
+    buf = bytearray(chunk or get_settings().read_chunk)
+    view = memoryview(buf)
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+            size += n
+            progress.advance(label or str(path), n)
+    return size, digest.hexdigest()
+
+
+def hash_files(files: Iterable[tuple[str, Path]], *, workers: int | None = None,
+               progress: Progress | None = None) -> dict[str, tuple[int, str] | OSError]:
+    """Hash every (label, path) pair; a file that cannot be read maps to its ``OSError``.
+
+    Larger files are started first so that the last worker is not left with the biggest file.
+    """
+    progress = progress or NullProgress()
+    items = list(files)
+
+    def size_of(item: tuple[str, Path]) -> int:
+        try:
+            return item[1].stat().st_size
+        except OSError:
+            return 0
+
+    items.sort(key=size_of, reverse=True)
+
+    def one(item: tuple[str, Path]) -> tuple[str, tuple[int, str] | OSError]:
+        label, path = item
+        progress.file_begin(label, size_of(item))
+        try:
+            result: tuple[int, str] | OSError = sha256_file(path, label=label, progress=progress)
+        except OSError as e:
+            result = e
+        progress.file_end(label, "read" if not isinstance(result, OSError) else "unreadable")
+        return label, result
+
+    n = max(1, min(workers or get_settings().hash_workers, len(items) or 1))
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="sha256") as pool:
+        return dict(pool.map(one, items))
