@@ -170,12 +170,10 @@ metadata:
   labels:
     {{- include "weightship.labels" . | nindent 4 }}
     app.kubernetes.io/component: server
+  {{- with .Values.podAnnotations }}
   annotations:
-    {{- /* Roll pods when the generated API key changes. */}}
-    checksum/api-key-secret: {{ include "weightship.apiKeySecretName" . | sha256sum | trunc 16 | quote }}
-    {{- with .Values.podAnnotations }}
     {{- toYaml . | nindent 4 }}
-    {{- end }}
+  {{- end }}
 spec:
   serviceAccountName: {{ include "weightship.serviceAccountName" . }}
   automountServiceAccountToken: {{ .Values.serviceAccount.automountToken }}
@@ -192,11 +190,13 @@ spec:
   {{- end }}
   securityContext:
     {{- include "weightship.podSecurityContext" . | nindent 4 }}
-  {{- include "weightship.gpuScheduling" . | nindent 2 }}
+  {{- with include "weightship.gpuScheduling" . | trim }}
+  {{- . | nindent 2 }}
+  {{- end }}
   {{- $tolerations := include "weightship.gpuTolerations" . }}
   {{- if or $tolerations .Values.tolerations }}
   tolerations:
-    {{- $tolerations | nindent 4 }}
+    {{- $tolerations | trim | nindent 4 }}
     {{- with .Values.tolerations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -214,9 +214,11 @@ spec:
         matchLabels:
           {{- include "weightship.serverSelectorLabels" . | nindent 10 }}
   {{- end }}
+  {{- $init := printf "%s\n%s" (include "weightship.prepareNodeCache" .) (include "weightship.fetchContainer" .) | trim }}
+  {{- with $init }}
   initContainers:
-    {{- include "weightship.prepareNodeCache" . | nindent 4 }}
-    {{- include "weightship.fetchContainer" . | nindent 4 }}
+    {{- . | nindent 4 }}
+  {{- end }}
   containers:
     {{- include "weightship.serverContainer" . | nindent 4 }}
   volumes:
