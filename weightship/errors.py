@@ -150,3 +150,39 @@ class DiskSpaceError(FetchError):
         self.path = path
         self.needed = needed
         self.free = free
+
+
+# ---- runtime (serve) -------------------------------------------------------------------------
+
+
+class ServeError(WeightshipError):
+    """The model server or its engine cannot do what was asked."""
+
+
+class InvalidRequestError(ServeError, ValueError):
+    """An API request that must be refused (HTTP 400): bad parameters, a prompt too long, …"""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class EngineOverloadedError(ServeError):
+    """The engine's queue is full (HTTP 429); trying again after ``retry_after`` seconds can help."""
+
+    retryable = True
+
+    def __init__(self, queued: int, retry_after: int = 1) -> None:
+        super().__init__(f"the server is busy: {queued} requests are waiting",
+                         hint=f"retry after {retry_after} s")
+        self.queued = queued
+        self.retry_after = retry_after
+
+
+class EngineStoppedError(ServeError):
+    """The engine is draining or stopped and takes no new requests (HTTP 503)."""
+
+    retryable = True

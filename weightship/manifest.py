@@ -24,6 +24,7 @@ import jsonschema
 from weightship import __version__
 from weightship.errors import ManifestError
 from weightship.paths import STATE_DIR, safe_relpath
+from weightship.progress import Progress
 
 MANIFEST_NAME = "manifest.json"
 
@@ -178,3 +179,45 @@ def atomic_write(target: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def create_for_directory(directory: Path, *, name: str | None = None,
+                         progress: Progress | None = None) -> Manifest:
+    """Hash every file of a local directory into a new manifest (not written).
+
+    This is where a company publishing its own weights starts: the manifest becomes the trust
+    anchor for everyone who fetches the directory later. Symlinks and names the path sanitizer
+    rejects are refused rather than skipped, so the manifest never omits a file silently.
+    """
+    from weightship.verify.digests import hash_files
+
+    if not directory.is_dir():
+        raise ManifestError(f"{directory} is not a directory")
+    files: dict[str, Path] = {}
+    for root, dirs, names in os.walk(directory):
+        rel_root = Path(root).relative_to(directory)
+        if rel_root == Path("."):
+            dirs[:] = [d for d in dirs if d != STATE_DIR]
+        for entry in sorted(names) + sorted(dirs):
+            path = Path(root) / entry
+            rel = (rel_root / entry).as_posix()
+            if path.is_symlink():
+                raise ManifestError(f"{rel} is a symlink; copy the file in instead",
+                                    path=path)
+            if path.is_file():
+                safe_relpath(rel)
+                files[rel] = path
+    if not files:
+        raise ManifestError(f"{directory} holds no files")
+    digests = hash_files(files.items(), progress=progress)
+    entries = []
+    for rel, result in sorted(digests.items()):
+        if isinstance(result, OSError):
+            raise result
+        size, sha = result
+        entries.append(FileEntry(path=rel, size=size, sha256=sha, source=None, anchor="local"))
+    layout = "hf" if "config.json" in files else "original" if "params.json" in files else None
+    now = utcnow()
+    return Manifest(name=name or directory.resolve().name, files=entries, layout=layout,
+                    source=SourceInfo(kind="local", uri=str(directory.resolve())),
+                    created_at=now, verified_at=now)

@@ -142,7 +142,8 @@ def _state_dict_pickle(tensors: dict[str, np.ndarray]) -> bytes:
     """
     out = [pickle.PROTO + b"\x02", pickle.EMPTY_DICT, pickle.MARK]
     for key, (name, t) in enumerate(tensors.items()):
-        stride, acc = [], 1
+        stride: list[int] = []
+        acc = 1
         for d in reversed(t.shape):
             stride.insert(0, acc)
             acc *= d

@@ -38,6 +38,7 @@ from weightship.fetch.registry import kind_for_uri, source_class
 from weightship.manifest import FileEntry, Manifest, fsync_dir, utcnow
 from weightship.paths import STATE_DIR, resolve_under
 from weightship.progress import NullProgress, Progress
+from weightship.verify.digests import hash_files
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,15 @@ def make_sources(request: FetchRequest, source: str = "auto") -> list[Source]:
 def build_request(ref: str, *, layout: str | None = None, include: Sequence[str] = (),
                   exclude: Sequence[str] = (), options: dict[str, object] | None = None) -> FetchRequest:
     """A :class:`FetchRequest` for a catalog name or a URI."""
-    card = load_card(ref) if is_catalog_name(ref) else None
+    card = load_card(ref) if is_catalog_name(ref) or not _looks_like_uri(ref) else None
     if card is not None and layout is not None:
         card.layout(layout)  # fails early on a layout the card does not have
     return FetchRequest(ref=ref, card=card, layout=layout, include=tuple(include),
                         exclude=tuple(exclude), options=options or {})
+
+
+def _looks_like_uri(ref: str) -> bool:
+    return "://" in ref or ref.startswith("magnet:") or ref.endswith(".torrent")
 
 
 def _existing_manifest(dest: Path) -> Manifest | None:
@@ -99,16 +104,27 @@ def _existing_manifest(dest: Path) -> Manifest | None:
         return None
 
 
-def _is_current(dest: Path, manifest: Manifest | None, f: PlannedFile) -> bool:
-    if manifest is None or f.sha256 is None:
-        return False
-    entry = manifest.entry(f.path)
-    if entry is None or entry.sha256 != f.sha256:
-        return False
-    try:
-        return resolve_under(dest, f.path).stat().st_size == entry.size
-    except FileNotFoundError:
-        return False
+def _already_present(dest: Path, targets: dict[str, Path], files: list[PlannedFile],
+                     progress: Progress) -> dict[str, FileEntry]:
+    """Entries for planned files already on disk with the planned size and sha256.
+
+    They are hashed again rather than trusted from an old manifest: a re-run of ``fetch`` is how
+    a damaged directory is repaired, and hashing is cheap next to downloading.
+    """
+    candidates = {}
+    for f in files:
+        path = targets[f.path]
+        if f.sha256 is not None and path.is_file() and path.stat().st_size == f.size:
+            candidates[f.path] = path
+    if not candidates:
+        return {}
+    present = {}
+    by_path = {f.path: f for f in files}
+    for rel, result in hash_files(candidates.items(), progress=progress).items():
+        f = by_path[rel]
+        if not isinstance(result, OSError) and result == (f.size, f.sha256):
+            present[rel] = FileEntry(path=rel, size=result[0], sha256=result[1], anchor=f.anchor)
+    return present
 
 
 def _check_space(dest: Path, files: list[PlannedFile]) -> None:
@@ -177,19 +193,19 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
     result = FetchResult(directory=dest, manifest=Manifest(
         name=plan.name, files=[], layout=plan.layout, source=plan.source,
         created_at=old.created_at if old else utcnow()))
-    todo = [f for f in plan.files if not _is_current(dest, old, f)]
+    present = _already_present(dest, targets, plan.files, progress)
+    todo = [f for f in plan.files if f.path not in present]
     _check_space(dest, todo)
     incoming = dest / STATE_DIR / INCOMING
     progress.begin("fetch", total_bytes=sum(f.size or 0 for f in todo), files=len(todo))
     staged: dict[str, Path] = {}
     for f in plan.files:
-        if f not in todo:
-            assert old is not None
-            entry = old.entry(f.path)
-            assert entry is not None
-            result.manifest.upsert(entry)
+        if f.path in present:
+            earlier = old.entry(f.path) if old else None
+            result.manifest.upsert(earlier if earlier and earlier.sha256 == f.sha256
+                                   else present[f.path])
             result.skipped.append(f.path)
-            progress.file_end(f.path, "skipped")
+            progress.file_end(f.path, "present")
             continue
         staging = incoming / (f.path + ".incomplete")
         progress.file_begin(f.path, f.size)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from weightship.catalog.architecture import (
     Architecture,
@@ -126,12 +126,8 @@ def read_state_dict(files: ModelFiles, dtype: torch.dtype, device: torch.device)
                     if name in state:
                         raise MalformedWeightsError(str(path), f"tensor {name!r} appears twice")
                     state[name] = tensor
-        except (OSError, RuntimeError) as e:  # safetensors raises SafetensorError(Exception)
+        except (OSError, SafetensorError) as e:
             raise MalformedWeightsError(str(path), str(e)) from e
-        except Exception as e:
-            if type(e).__name__ == "SafetensorError":
-                raise MalformedWeightsError(str(path), str(e)) from e
-            raise
     missing, extra = set(expected) - set(state), set(state) - set(expected)
     if missing or extra:
         raise MalformedWeightsError(str(files.directory),

@@ -35,6 +35,7 @@ class FileCheck:
     detail: str = ""
     size: int | None = None
     sha256: str | None = None
+    expected_sha256: str | None = None
 
 
 @dataclass
@@ -139,10 +140,10 @@ def verify_dir(directory: Path, *, manifest: Manifest | None = None, deep_check:
         if size != entry.size:
             status, detail = "size", f"expected {entry.size} bytes, found {size}"
         elif sha != entry.sha256:
-            status, detail = "sha256", f"expected {entry.sha256}, got {sha}"
+            status, detail = "sha256", f"expected {entry.sha256[:16]}…, got {sha[:16]}…"
         else:
             status, detail = "ok", ""
-        report.files.append(FileCheck(entry.path, status, detail, size, sha))
+        report.files.append(FileCheck(entry.path, status, detail, size, sha, entry.sha256))
     report.files += _unexpected_files(directory, manifest)
     if deep_check:
         _deep(report, directory, targets, card)

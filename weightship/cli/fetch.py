@@ -1,0 +1,48 @@
+"""``weightship fetch``: download a model into a directory, verified."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from weightship.cli._common import JsonOption, emit, progress_for
+from weightship.fetch import build_request
+from weightship.fetch import fetch as run_fetch
+from weightship.settings import get_settings
+
+
+def fetch(
+    model: Annotated[str, typer.Argument(help="Catalog name (see `weightship models`) or URI.")],
+    to: Annotated[Path | None, typer.Option("--to", help="Destination directory "
+                                            "[default: $WEIGHTSHIP_HOME/models/NAME].")] = None,
+    layout: Annotated[str | None, typer.Option(help="hf or original [default: the card's].")] = None,
+    source: Annotated[str, typer.Option(help="auto, or source kinds in order, e.g. hf,s3.")] = "auto",
+    include: Annotated[list[str] | None, typer.Option(help="Only files matching this glob.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Skip files matching this glob.")] = None,
+    wait_lock: Annotated[float, typer.Option(help="Seconds to wait for another fetch into "
+                                             "the same directory.")] = 0.0,
+    json_flag: JsonOption = False,
+) -> None:
+    """Fetch a model, check every file against its trusted digest, and promote it atomically.
+
+    Examples:
+      weightship fetch weightship-tiny --to ./tiny
+      weightship fetch weightship-tiny --layout original --to ./tiny-orig
+    """
+    request = build_request(model, layout=layout, include=include or (), exclude=exclude or ())
+    dest = to or get_settings().model_dir(request.card.name if request.card else
+                                          model.rstrip("/").rsplit("/", 1)[-1])
+    with progress_for(json_flag) as progress:
+        result = run_fetch(request, dest, source=source, progress=progress, lock_wait=wait_lock)
+    m = result.manifest
+
+    def human(console: Console) -> None:
+        console.print(f"[green]✓[/] {m.name} → {result.directory}: {len(m.files)} files, "
+                      f"{m.total_bytes:,} bytes verified ({len(result.fetched)} fetched, "
+                      f"{len(result.skipped)} already present)", highlight=False)
+
+    emit({"directory": str(result.directory), "name": m.name, "fetched": result.fetched,
+          "skipped": result.skipped, "manifest": m.to_dict()}, human, json_flag=json_flag)
