@@ -88,7 +88,9 @@ class Transformer(nn.Module):
             cache.reset_slot(slot)
         pos = torch.arange(start, start + T, device=tokens.device)  # [T]
         if start > 0:
-            k_pos = torch.cat((cache.pos[slot], pos))  # [C + T]
+            # Entries at >= start are stale: an idle decode row may have scribbled on one.
+            cached = cache.pos[slot].masked_fill(cache.pos[slot] >= start, -1)  # [C]
+            k_pos = torch.cat((cached, pos))  # [C + T]
         else:
             k_pos = pos
         mask = window_mask(pos, k_pos, self.args.window)  # [T, K]

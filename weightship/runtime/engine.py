@@ -1,0 +1,338 @@
+"""The continuous-batching engine: requests join and leave the running batch between steps.
+
+One thread owns the model. Each :meth:`Engine.step`:
+1. applies cancellations (a cancelled request's slot is free for the next admission);
+2. admits waiting requests into free KV-cache slots;
+3. prefills up to ``prefill_chunk`` prompt tokens of newcomers (long prompts take several
+   steps, so running requests keep decoding meanwhile) and samples their first token;
+4. decodes one token for every running request in one batched forward pass.
+
+A request finishes on ``</s>``, a stop string, ``max_tokens`` or the context length, and frees
+its slot at once, so a short request that arrives during a long one finishes first. Results go
+to a per-request ``sink`` called on the engine thread; the server turns it into an asyncio queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from weightship.errors import EngineOverloadedError, EngineStoppedError, InvalidRequestError
+from weightship.runtime.cache import KVCache
+from weightship.runtime.decoding import DecodeRunner
+from weightship.runtime.model import Transformer
+from weightship.runtime.sampling import Sampler, SamplingParams, sample_rows
+from weightship.runtime.tokenizer import IncrementalDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Scheduling limits."""
+
+    # Requests waiting for a slot; one more is refused (HTTP 429) instead of queueing forever.
+    max_queue: int = 64
+    # Prompt tokens prefilled per step: large is faster for the newcomer, small keeps the
+    # running requests' time per token steady while a long prompt is read.
+    prefill_chunk: int = 512
+    use_graphs: bool | None = None  # CUDA graphs for decode; None = on CUDA
+
+
+@dataclass
+class Output:
+    """What one step produced for one request."""
+
+    request_id: str
+    text: str  # new text (may be "" while a character or a possible stop string is held back)
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+Sink = Callable[[Output], None]
+
+
+@dataclass
+class Request:
+    """A request's state while the engine holds it."""
+
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    sink: Sink
+    decoder: IncrementalDecoder | None
+    seq: int  # admission order
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens in the cache
+    output: list[int] = field(default_factory=list)
+    pending_text: str = ""  # held back: it may be the start of a stop string
+    sampler: Sampler | None = None
+    finished: bool = False
+
+    @property
+    def decoding(self) -> bool:
+        return not self.finished and bool(self.output)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The whole result of :meth:`Engine.generate`."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    waiting: int
+    running: int
+    cache_usage: float  # fraction of KV-cache entries holding a live sequence's keys
+
+
+class Engine:
+    """Schedules requests onto a :class:`Transformer` and its KV cache."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None,
+                 config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.args = model.args
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.cache = KVCache(self.args, model.device, model.dtype)
+        self.runner = DecodeRunner(model, self.cache, self.config.use_graphs)
+        self._cond = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._cancelled: set[str] = set()
+        self._slots: list[Request | None] = [None] * self.args.max_batch
+        self._seq = itertools.count()
+        self._accepting = True
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- the public side (any thread) --------------------------------------------------------
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Sink, *,
+               request_id: str | None = None, detokenize: bool = True,
+               context: Sequence[int] = ()) -> str:
+        """Queue a request; its outputs go to ``sink``. Returns its id.
+
+        ``context`` are tokens decoded in front of the output so its first token's leading space
+        is kept (a completion continues its prompt); a chat answer passes none.
+        """
+        vocab, limit = self.args.arch.vocab_size, self.args.max_model_len
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        for t in prompt:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise InvalidRequestError(f"token id {t!r} is out of range [0, {vocab})", param="prompt")
+        if len(prompt) + params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                f"the context length ({limit} tokens)", param="max_tokens",
+                code="context_length_exceeded")
+        decoder = (IncrementalDecoder(self.tokenizer, context)
+                   if detokenize and self.tokenizer is not None else None)
+        req = Request(request_id or uuid.uuid4().hex, list(prompt), params, sink, decoder,
+                      seq=next(self._seq))
+        with self._cond:
+            if not self._accepting:
+                raise EngineStoppedError("the server is shutting down")
+            if len(self._waiting) >= self.config.max_queue:
+                raise EngineOverloadedError(len(self._waiting))
+            self._waiting.append(req)
+            self._cond.notify()
+        return req.id
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request; its slot is freed before the next step runs."""
+        with self._cond:
+            self._cancelled.add(request_id)
+            self._cond.notify()
+
+    def stats(self) -> EngineStats:
+        running = [r for r in self._slots if r is not None]
+        used = sum(min(r.prefilled + len(r.output), self.cache.cache_len) for r in running)
+        return EngineStats(len(self._waiting), len(running),
+                           used / (self.cache.cache_len * self.args.max_batch))
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams, **kw: object) -> Completion:
+        """Run one request to the end (on the engine thread if started, else by stepping here)."""
+        results: queue.SimpleQueue[Output] = queue.SimpleQueue()
+        self.submit(prompt, params, results.put, **kw)  # type: ignore[arg-type]
+        tokens, text = [], []
+        while True:
+            if self._thread is None:
+                while results.empty():
+                    self.step()
+            out = results.get()
+            tokens += out.token_ids
+            text.append(out.text)
+            if out.finished:
+                assert out.finish_reason is not None
+                return Completion(tokens, "".join(text), out.finish_reason, len(prompt))
+
+    # ---- the engine thread ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run steps on a background thread until :meth:`stop`."""
+        assert self._thread is None, "engine already started"
+        self._thread = threading.Thread(target=self._loop, name="weightship-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Refuse new requests; finish (``drain``) or cancel the others; end the thread."""
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            if not drain:
+                self._cancelled |= {r.id for r in self._waiting}
+                self._cancelled |= {r.id for r in self._slots if r is not None}
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._cancelled or any(self._slots))
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._has_work() and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._has_work():
+                    return
+            try:
+                with torch.inference_mode():
+                    self.step()
+            except Exception:  # the process must outlive any request: fail the batch, go on
+                log.exception("engine step failed; failing the running requests")
+                for r in self._slots:
+                    if r is not None:
+                        self._finish(r, "error", "")
+
+    def step(self) -> bool:
+        """One scheduling round (see the module docstring). Returns whether it did anything."""
+        with self._cond:
+            cancelled, self._cancelled = self._cancelled, set()
+            dropped = [r for r in self._waiting if r.id in cancelled]
+            self._waiting = deque(r for r in self._waiting if r.id not in cancelled)
+            for slot, occupant in enumerate(self._slots):
+                if occupant is None and self._waiting:
+                    req = self._waiting.popleft()
+                    req.slot = slot
+                    self._slots[slot] = req
+        for r in dropped:
+            self._emit(r, Output(r.id, "", [], True, "cancelled", len(r.prompt), 0))
+        for r in self._slots:
+            if r is not None and r.id in cancelled:
+                self._finish(r, "cancelled", "")
+        did = self._prefill()
+        return self._decode() or did or bool(dropped or cancelled)
+
+    def _prefill(self) -> bool:
+        budget = self.config.prefill_chunk
+        newcomers = sorted((r for r in self._slots if r is not None and r.prefilled < len(r.prompt)),
+                           key=lambda r: r.seq)
+        for r in newcomers:
+            if budget <= 0:
+                break
+            n = min(len(r.prompt) - r.prefilled, budget)
+            chunk = torch.tensor(r.prompt[r.prefilled : r.prefilled + n], device=self.model.device)
+            logits = self.model.prefill(chunk, r.prefilled, r.slot, self.cache)  # [V]
+            r.prefilled += n
+            budget -= n
+            if r.prefilled == len(r.prompt):
+                r.sampler = Sampler(r.params, self.args.arch.vocab_size, self.model.device)
+                self._accept(r, sample_rows(logits.unsqueeze(0), [0], [r.sampler])[0])
+        return bool(newcomers)
+
+    def _decode(self) -> bool:
+        active = [r for r in self._slots if r is not None and r.decoding]
+        if not active:
+            return False
+        n = self.runner.padded_batch(max(r.slot for r in active) + 1)
+        tokens, positions = [0] * n, [0] * n
+        for slot in range(n):
+            occupant = self._slots[slot]
+            if occupant is None:
+                continue  # a free slot: position 0 is reset before the slot is reused
+            if occupant.decoding:
+                tokens[slot] = occupant.output[-1]
+                positions[slot] = len(occupant.prompt) + len(occupant.output) - 1
+            else:  # half prefilled: scribble only where its next chunk will write
+                positions[slot] = occupant.prefilled
+        logits = self.runner(tokens, positions)  # [n, V]
+        samplers = [r.sampler for r in active]
+        assert all(s is not None for s in samplers), [r.id for r in active]
+        new = sample_rows(logits, [r.slot for r in active], samplers)  # type: ignore[arg-type]
+        for r, token in zip(active, new, strict=True):
+            self._accept(r, token)
+        return True
+
+    # ---- outputs ----------------------------------------------------------------------------
+
+    def _accept(self, r: Request, token: int) -> None:
+        """Record a sampled token; emit its text; finish the request if it is done."""
+        r.output.append(token)
+        p = self.tokenizer
+        reason: str | None = None
+        text = ""
+        if p is not None and token == p.eos_id and not r.params.ignore_eos:
+            reason = "stop"
+        elif r.decoder is not None:
+            text = r.decoder.push(token)
+        if reason is None and (len(r.output) >= r.params.max_tokens
+                               or len(r.prompt) + len(r.output) >= self.args.max_model_len):
+            reason = "length"
+        if reason is not None and r.decoder is not None:
+            text += r.decoder.flush()
+        text, hit = self._cut_at_stop(r, text, final=reason is not None)
+        if hit:
+            reason = "stop"
+        if reason is not None:
+            self._finish(r, reason, text, [token])
+        else:
+            self._emit(r, Output(r.id, text, [token], False, None, len(r.prompt), len(r.output)))
+
+    def _cut_at_stop(self, r: Request, text: str, final: bool) -> tuple[str, bool]:
+        """Text that can be released now, and whether a stop string was found."""
+        stops = r.params.stop
+        if not stops:
+            return text, False
+        buf = r.pending_text + text
+        hits = [i for i in (buf.find(s) for s in stops) if i >= 0]
+        if hits:
+            r.pending_text = ""
+            return buf[: min(hits)], True
+        hold = 0 if final else max(
+            (k for s in stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
+        r.pending_text = buf[len(buf) - hold :]
+        return buf[: len(buf) - hold], False
+
+    def _finish(self, r: Request, reason: str, text: str, tokens: list[int] | None = None) -> None:
+        r.finished = True
+        if 0 <= r.slot < len(self._slots) and self._slots[r.slot] is r:
+            self._slots[r.slot] = None
+        self._emit(r, Output(r.id, text, tokens or [], True, reason, len(r.prompt), len(r.output)))
+
+    def _emit(self, r: Request, out: Output) -> None:
+        try:
+            r.sink(out)
+        except Exception:
+            log.exception("output sink of request %s failed; cancelling it", r.id)
+            if not r.finished:
+                self.cancel(r.id)
