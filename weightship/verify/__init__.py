@@ -71,8 +71,7 @@ class VerifyReport:
 
 def manifest_from_card(card: Card, directory: Path) -> Manifest:
     """A manifest built from a card's pinned digests, for the layout ``directory`` holds."""
-    found = deep.directory_architecture(directory)
-    layout = card.layout(found[1] if found else None)
+    layout = card.layout(deep.detect_layout(directory))
     entries = []
     for f in layout.default_files():
         if f.sha256 is None or f.size is None:

@@ -29,6 +29,15 @@ _NONFINITE = {
 _SCAN_CHUNK = 64 << 20  # bytes per slice of the map
 
 
+def detect_layout(directory: Path) -> str | None:
+    """"hf" or "original", from which config file the directory holds (without parsing it)."""
+    if (directory / "config.json").is_file():
+        return "hf"
+    if (directory / "params.json").is_file():
+        return "original"
+    return None
+
+
 def directory_architecture(directory: Path) -> tuple[Architecture, str] | None:
     """The architecture and layout a model directory declares, if it declares one."""
     try:

@@ -1,0 +1,81 @@
+"""Fixtures shared by every test: the tiny model on disk, and the CLI run as a real process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from weightship.fetch import build_request, fetch
+from weightship.settings import get_settings
+from weightship.verify.convert import convert_directory
+
+
+@dataclass
+class Result:
+    """A finished ``weightship`` process."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 120) -> Result:
+    """Run ``weightship ARGS`` as a separate process, as a user would."""
+    full_env = {k: v for k, v in os.environ.items() if k != "WEIGHTSHIP_DEBUG"}
+    full_env.update({"COLUMNS": "200", **(env or {})})
+    proc = subprocess.run([sys.executable, "-m", "weightship", *map(str, args)], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, stdin=subprocess.DEVNULL)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def assert_clean_failure(r: Result, code: int | None = None) -> None:
+    """A failure a user can read: non-zero exit, an ``error:`` line, no traceback."""
+    assert r.code != 0, r
+    if code is not None:
+        assert r.code == code, r
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+    assert "error" in r.stderr.lower(), r.stderr
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test gets its own WEIGHTSHIP_HOME, so nothing is written to the user's cache."""
+    monkeypatch.setenv("WEIGHTSHIP_HOME", str(tmp_path_factory.mktemp("home")))
+    monkeypatch.delenv("WEIGHTSHIP_DEBUG", raising=False)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``weightship-tiny`` in the HF layout, fetched and verified (do not modify it)."""
+    dest = tmp_path_factory.mktemp("tiny-hf")
+    fetch(build_request("weightship-tiny", layout="hf"), dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_original_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``weightship-tiny`` in the original layout, fetched, verified, and converted to
+    ``consolidated.safetensors`` (do not modify it)."""
+    dest = tmp_path_factory.mktemp("tiny-original")
+    fetch(build_request("weightship-tiny", layout="original"), dest)
+    convert_directory(dest)
+    return dest
+
+
+@pytest.fixture
+def tiny_copy(tiny_hf_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the HF-layout tiny model, manifest included, free to damage."""
+    import shutil
+
+    dest = tmp_path / "model"
+    shutil.copytree(tiny_hf_dir, dest)
+    return dest

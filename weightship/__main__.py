@@ -1,0 +1,5 @@
+"""``python -m weightship`` runs the CLI."""
+
+from weightship.cli.app import main
+
+main()
