@@ -104,27 +104,30 @@ def _existing_manifest(dest: Path) -> Manifest | None:
         return None
 
 
-def _already_present(dest: Path, targets: dict[str, Path], files: list[PlannedFile],
-                     progress: Progress) -> dict[str, FileEntry]:
-    """Entries for planned files already on disk with the planned size and sha256.
+def _already_have(files: list[PlannedFile], candidates: dict[str, Path],
+                  progress: Progress) -> dict[str, FileEntry]:
+    """Entries for the planned files whose candidate path holds exactly the planned bytes.
 
-    They are hashed again rather than trusted from an old manifest: a re-run of ``fetch`` is how
-    a damaged directory is repaired, and hashing is cheap next to downloading.
+    Files are hashed again rather than trusted from an old manifest: a re-run of ``fetch`` is
+    how a damaged directory is repaired, and hashing is cheap next to downloading.
     """
-    candidates = {}
-    for f in files:
-        path = targets[f.path]
-        if f.sha256 is not None and path.is_file() and path.stat().st_size == f.size:
-            candidates[f.path] = path
-    if not candidates:
-        return {}
-    present = {}
     by_path = {f.path: f for f in files}
-    for rel, result in hash_files(candidates.items(), progress=progress).items():
+    sized = {rel: p for rel, p in candidates.items()
+             if by_path[rel].sha256 is not None and p.is_file() and p.stat().st_size == by_path[rel].size}
+    have = {}
+    for rel, result in hash_files(sized.items(), progress=progress).items():
         f = by_path[rel]
         if not isinstance(result, OSError) and result == (f.size, f.sha256):
-            present[rel] = FileEntry(path=rel, size=result[0], sha256=result[1], anchor=f.anchor)
-    return present
+            have[rel] = FileEntry(path=rel, size=result[0], sha256=result[1], anchor=f.anchor)
+    return have
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()
 
 
 def _check_space(dest: Path, files: list[PlannedFile]) -> None:
@@ -185,6 +188,22 @@ def _plan(sources: list[Source]) -> FetchPlan:
     raise FetchError("no source could list the model: " + "; ".join(errors))
 
 
+def _fetch_with_failover(sources: list[Source], f: PlannedFile, staging: Path,
+                         progress: Progress) -> FileEntry:
+    """Fetch ``f`` from the first source that delivers the right bytes."""
+    last_error: Exception | None = None
+    for s in sources:
+        try:
+            return _fetch_one(s, f, staging, progress)
+        except (FetchError, IntegrityError) as e:
+            log.warning("%s from %s failed: %s", f.path, s.kind, e)
+            progress.note(f"{f.path}: {s.kind} failed: {e}")
+            last_error = e
+    progress.file_end(f.path, "failed")
+    assert last_error is not None
+    raise last_error
+
+
 def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
                   progress: Progress) -> FetchResult:
     plan = _plan(sources)
@@ -193,45 +212,37 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
     result = FetchResult(directory=dest, manifest=Manifest(
         name=plan.name, files=[], layout=plan.layout, source=plan.source,
         created_at=old.created_at if old else utcnow()))
-    present = _already_present(dest, targets, plan.files, progress)
-    todo = [f for f in plan.files if f.path not in present]
-    _check_space(dest, todo)
     incoming = dest / STATE_DIR / INCOMING
+    staging = {f.path: incoming / (f.path + ".incomplete") for f in plan.files}
+    present = _already_have(plan.files, targets, progress)
+    # Files checked by an earlier run that stopped before promoting: promote, don't re-fetch.
+    staged = _already_have([f for f in plan.files if f.path not in present],
+                           {rel: staging[rel] for rel in targets if rel not in present}, progress)
+    todo = [f for f in plan.files if f.path not in present and f.path not in staged]
+    _check_space(dest, todo)
     progress.begin("fetch", total_bytes=sum(f.size or 0 for f in todo), files=len(todo))
-    staged: dict[str, Path] = {}
     for f in plan.files:
         if f.path in present:
             earlier = old.entry(f.path) if old else None
-            result.manifest.upsert(earlier if earlier and earlier.sha256 == f.sha256
-                                   else present[f.path])
+            result.manifest.upsert(earlier if earlier and earlier.sha256 == f.sha256 else present[f.path])
             result.skipped.append(f.path)
             progress.file_end(f.path, "present")
-            continue
-        staging = incoming / (f.path + ".incomplete")
-        progress.file_begin(f.path, f.size)
-        last_error: Exception | None = None
-        for s in sources:
-            try:
-                result.manifest.upsert(_fetch_one(s, f, staging, progress))
-                break
-            except (FetchError, IntegrityError) as e:
-                log.warning("%s from %s failed: %s", f.path, s.kind, e)
-                progress.note(f"{f.path}: {s.kind} failed: {e}")
-                last_error = e
+        elif f.path in staged:
+            result.manifest.upsert(staged[f.path])
+            progress.file_end(f.path, "staged")
         else:
-            progress.file_end(f.path, "failed")
-            assert last_error is not None
-            raise last_error
-        staged[f.path] = staging
-        progress.file_end(f.path, "ok")
-    for path, staging in staged.items():
-        target = targets[path]
+            progress.file_begin(f.path, f.size)
+            result.manifest.upsert(_fetch_with_failover(sources, f, staging[f.path], progress))
+            progress.file_end(f.path, "ok")
+    for f in plan.files:
+        if f.path in present:
+            continue
+        target = targets[f.path]
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, target)
+        os.replace(staging[f.path], target)
         fsync_dir(target.parent)
-        result.fetched.append(path)
-    with contextlib.suppress(OSError):
-        incoming.rmdir()  # only when empty: partials of other files stay for a resume
+        result.fetched.append(f.path)
+    _remove_empty_dirs(incoming)
     result.manifest.verified_at = utcnow()
     result.manifest.write(dest)
     progress.end()

@@ -1,0 +1,179 @@
+"""The shared fetch path: staging, digest checks, atomic promote, failover, lock, disk space."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from tests.conftest import assert_clean_failure, run_cli
+from weightship.catalog import parse_card
+from weightship.errors import DigestMismatchError, DiskSpaceError, LockedError, UnsafePathError
+from weightship.fetch import FetchPlan, FetchRequest, PlannedFile, Sink, Source, engine, fetch, registry
+from weightship.fetch.lock import dir_lock
+from weightship.manifest import Manifest, SourceInfo
+
+GOOD = {"a.bin": b"alpha" * 1000, "sub/b.json": b'{"b": 2}'}
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+class FakeSource(Source):
+    """Serves ``GOOD``, optionally corrupting one file; a test double for a remote source."""
+
+    kind: ClassVar[str] = "fake"
+    schemes: ClassVar[tuple[str, ...]] = ("fake",)
+    served: ClassVar[list[str]] = []
+
+    def plan(self) -> FetchPlan:
+        names = self.request.options.get("names", list(GOOD))
+        files = [PlannedFile(path=n, size=len(GOOD.get(n, b"")), sha256=_sha(GOOD.get(n, b"")))
+                 for n in names]
+        return FetchPlan(name="fake-model", layout=None, files=files,
+                         source=SourceInfo(kind="fake", uri=self.request.ref))
+
+    def fetch_file(self, file: PlannedFile, sink: Sink) -> None:
+        data = GOOD[file.path]
+        corrupt = self.spec.get("corrupt", self.request.options.get("corrupt"))
+        if corrupt == file.path:
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        FakeSource.served.append(f"{self.spec.get('name', 'uri')}:{file.path}")
+        sink.write(data)
+
+
+@pytest.fixture(autouse=True)
+def _fake_source(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setitem(registry._SOURCES, "fake", f"{__name__}:FakeSource")
+    FakeSource.served = []
+    yield
+
+
+def _request(**options: object) -> FetchRequest:
+    return FetchRequest(ref="fake://model", options=options)
+
+
+def test_good_fetch_promotes_and_writes_manifest(tmp_path: Path) -> None:
+    result = fetch(_request(), tmp_path)
+    assert sorted(result.fetched) == sorted(GOOD)
+    for name, data in GOOD.items():
+        assert (tmp_path / name).read_bytes() == data
+    m = Manifest.load(tmp_path)
+    assert {f.path: f.sha256 for f in m.files} == {n: _sha(d) for n, d in GOOD.items()}
+    assert not (tmp_path / ".weightship" / "incoming").exists()
+
+
+def test_corrupt_file_is_never_promoted(tmp_path: Path) -> None:
+    with pytest.raises(DigestMismatchError):
+        fetch(_request(corrupt="sub/b.json"), tmp_path)
+    # all-or-nothing: the good file was not promoted either, and no manifest claims anything
+    assert not (tmp_path / "a.bin").exists() and not (tmp_path / "sub" / "b.json").exists()
+    assert not (tmp_path / ".weightship" / "manifest.json").exists()
+    # the corrupt bytes are gone; the verified a.bin waits in staging and is not fetched again
+    assert [p.name for p in (tmp_path / ".weightship").rglob("*.incomplete")] == ["a.bin.incomplete"]
+    FakeSource.served = []
+    result = fetch(_request(), tmp_path)
+    assert FakeSource.served == ["uri:sub/b.json"]
+    assert sorted(result.fetched) == sorted(GOOD)
+    assert (tmp_path / "a.bin").read_bytes() == GOOD["a.bin"]
+
+
+def test_failover_to_the_next_source_on_a_bad_digest(tmp_path: Path) -> None:
+    card = parse_card({
+        "name": "fake-model", "license": "x", "layouts": {"hf": {"files": None}},
+        "architecture": {"dim": 8, "n_layers": 1, "head_dim": 4, "hidden_dim": 8, "n_heads": 2,
+                         "n_kv_heads": 1, "norm_eps": 1e-5, "vocab_size": 10},
+        "sources": [{"kind": "fake", "name": "first", "corrupt": "a.bin"}, {"kind": "fake", "name": "second"}],
+    }, "test")
+    result = fetch(FetchRequest(ref="fake-model", card=card), tmp_path)
+    assert (tmp_path / "a.bin").read_bytes() == GOOD["a.bin"]
+    assert FakeSource.served == ["first:a.bin", "second:a.bin", "first:sub/b.json"]
+    assert sorted(result.fetched) == sorted(GOOD)
+
+
+@pytest.mark.parametrize("bad", ["../escape.bin", "/abs.bin", ".weightship/manifest.json", "a\\b"])
+def test_unsafe_planned_path_is_refused_before_writing(tmp_path: Path, bad: str) -> None:
+    GOOD[bad] = b"evil"
+    try:
+        with pytest.raises(UnsafePathError):
+            fetch(_request(names=[bad, "a.bin"]), tmp_path / "dest")
+    finally:
+        del GOOD[bad]
+    assert FakeSource.served == []
+    assert not (tmp_path / "escape.bin").exists()
+
+
+def test_disk_space_is_checked_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1024))
+    with pytest.raises(DiskSpaceError, match="not enough space"):
+        fetch(_request(), tmp_path)
+    assert FakeSource.served == []
+
+
+def test_refetch_repairs_a_damaged_file(tmp_path: Path) -> None:
+    d = tmp_path / "tiny"
+    assert run_cli("fetch", "weightship-tiny", "--to", d).code == 0
+    with open(d / "model.safetensors", "r+b") as f:
+        f.seek(5000)
+        f.write(b"\x00\x01\x02")
+    assert run_cli("verify", d).code == 3
+    r = run_cli("fetch", "weightship-tiny", "--to", d, "--json")
+    assert r.code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["fetched"] == ["model.safetensors"] and sorted(out["skipped"]) == ["config.json", "tokenizer.model"]
+    assert run_cli("verify", d).code == 0
+
+
+def test_git_blob_sha1_is_checked(tmp_path: Path) -> None:
+    class GitOnly(FakeSource):
+        def plan(self) -> FetchPlan:
+            data = GOOD["sub/b.json"]
+            blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+            if self.request.options.get("wrong"):
+                blob = "0" * 40
+            return FetchPlan(name="g", layout=None, source=SourceInfo(kind="fake"),
+                             files=[PlannedFile(path="sub/b.json", size=len(data), sha256=None, git_sha1=blob)])
+
+    req = _request()
+    fetch_one = engine._fetch_one
+    entry = fetch_one(GitOnly(req), GitOnly(req).plan().files[0], tmp_path / "s", engine.NullProgress())
+    assert entry.sha256 == _sha(GOOD["sub/b.json"])
+    bad = GitOnly(_request(wrong=True))
+    with pytest.raises(DigestMismatchError, match="git blob sha1"):
+        fetch_one(bad, bad.plan().files[0], tmp_path / "t", engine.NullProgress())
+    assert not (tmp_path / "t").exists()
+
+
+def test_lock_held_by_another_live_process(tmp_path: Path) -> None:
+    state = tmp_path / ".weightship"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path;"
+         "from weightship.fetch.lock import dir_lock\n"
+         f"with dir_lock(Path({str(state)!r})):\n print('held', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError, match=f"pid {holder.pid}"):
+            fetch(_request(), tmp_path)
+        r = run_cli("fetch", "weightship-tiny", "--to", tmp_path)
+        assert_clean_failure(r, 1)
+        assert "another weightship process" in r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    # its holder is gone: the stale lock is taken over
+    assert fetch(_request(), tmp_path).fetched
+
+
+def test_lock_is_exclusive_within_a_process(tmp_path: Path) -> None:
+    with dir_lock(tmp_path / ".weightship"), pytest.raises(LockedError):
+        fetch(_request(), tmp_path)
+    assert not (tmp_path / ".weightship" / "lock").exists()
