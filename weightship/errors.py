@@ -186,3 +186,72 @@ class EngineStoppedError(ServeError):
     """The engine is draining or stopped and takes no new requests (HTTP 503)."""
 
     retryable = True
+
+
+# ---- deploy (Kubernetes) ---------------------------------------------------------------------
+
+
+class DeployError(WeightshipError):
+    """A deployment could not be rendered, checked or carried out."""
+
+
+class DeployToolMissingError(DeployError, ImportError):
+    """A package the Kubernetes deployer needs (helm-python-sdk, kubernetes, …) is not installed."""
+
+    def __init__(self, package: str) -> None:
+        super().__init__(f"{package} is not installed",
+                         hint="install the deploy extra: pip install 'weightship[deploy]'")
+        self.package = package
+
+
+class InvalidValuesError(UsageError):
+    """Chart values contradict each other or the chart's values.schema.json."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid chart values: " + "; ".join(problems),
+                         hint="fix the -f/--set values named above (see docs/kubernetes.md)")
+        self.problems = problems
+
+
+class ManifestRejectedError(DeployError, ValueError):
+    """A rendered object fails the Kubernetes schemas or the chart's security policy."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(f"{len(problems)} rendered object problem(s): " + "; ".join(problems[:5])
+                         + (" …" if len(problems) > 5 else ""))
+        self.problems = problems
+
+
+class ClusterUnreachableError(DeployError, ConnectionError):
+    """The Kubernetes API server could not be reached or refused the credentials."""
+
+    retryable = True
+
+
+class PreflightError(DeployError):
+    """The cluster lacks something the release needs (namespace, GPUs, storage, Secrets)."""
+
+    def __init__(self, failures: list[str]) -> None:
+        super().__init__(f"{len(failures)} preflight check(s) failed: " + "; ".join(failures),
+                         hint="fix the cluster or the values, then run the command again")
+        self.failures = failures
+
+
+class ReleaseError(DeployError):
+    """Helm could not install, upgrade, roll back or remove a release."""
+
+
+class ReleaseNotFoundError(ReleaseError, LookupError):
+    """No release of that name exists in the namespace."""
+
+    def __init__(self, name: str, namespace: str) -> None:
+        super().__init__(f"no release {name!r} in namespace {namespace!r}",
+                         hint="list releases with: helm list -n " + namespace)
+        self.name = name
+        self.namespace = namespace
+
+
+class RolloutTimeoutError(ReleaseError, TimeoutError):
+    """The release's objects did not become ready in time; waiting longer may help."""
+
+    retryable = True

@@ -1,4 +1,8 @@
-"""Fixtures of the runtime tests: the tiny model's directories, loaded models, an engine."""
+"""Fixtures of the runtime tests: the tiny model loaded (float32, CPU), its tokenizer, engines.
+
+The model directories come from ``tests/conftest.py`` (``tiny_hf_dir``, ``tiny_original_dir``):
+fetched with ``weightship fetch`` and verified, as a user's would be.
+"""
 
 from __future__ import annotations
 
@@ -8,35 +12,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from weightship.catalog.architecture import Architecture
-from weightship.catalog.tiny import original_tensors, safetensors_bytes, tiny_files
+from weightship.runtime.engine import Engine, EngineConfig
+from weightship.runtime.loader import load_model
+from weightship.runtime.model import Transformer
+from weightship.runtime.tokenizer import Tokenizer
 
-TINY_ARCH = Architecture(dim=128, n_layers=2, head_dim=32, hidden_dim=384, n_heads=4,
-                         n_kv_heads=2, norm_eps=1e-5, vocab_size=32000, rope_theta=10000.0,
-                         sliding_window=32, max_seq_len=2048)
-TINY_SEED = 20231027
-
-
-def _write(directory: Path, files: dict[str, bytes]) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        (directory / name).write_bytes(data)
-    return directory
+MAX_MODEL_LEN = 512  # keeps the tests' caches small; the tiny model allows 2048
 
 
 @pytest.fixture(scope="session")
-def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model in the HF layout (no manifest: load with the loader, not ``serve``)."""
-    return _write(tmp_path_factory.mktemp("tiny-hf"), tiny_files(TINY_ARCH, TINY_SEED, "hf"))
+def tiny_model(tiny_hf_dir: Path) -> Transformer:
+    """The tiny model from the HF layout, float32 on CPU, 8 cache slots."""
+    model, _ = load_model(tiny_hf_dir, device="cpu", dtype="float32", max_batch=8,
+                          max_model_len=MAX_MODEL_LEN)
+    return model
 
 
 @pytest.fixture(scope="session")
-def tiny_original(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model in the original layout, with the safetensors ``convert`` would make."""
-    files = tiny_files(TINY_ARCH, TINY_SEED, "original")
-    del files["consolidated.00.pth"]
-    files["consolidated.safetensors"] = safetensors_bytes(original_tensors(TINY_ARCH, TINY_SEED))
-    return _write(tmp_path_factory.mktemp("tiny-original"), files)
+def tokenizer(tiny_hf_dir: Path) -> Tokenizer:
+    return Tokenizer(tiny_hf_dir / "tokenizer.model")
+
+
+@pytest.fixture
+def engine(tiny_model: Transformer, tokenizer: Tokenizer) -> Engine:
+    """A fresh engine (own cache) over the shared model, stepped by the test itself."""
+    return Engine(tiny_model, tokenizer, EngineConfig(prefill_chunk=24, max_queue=16))
 
 
 @pytest.fixture(autouse=True)

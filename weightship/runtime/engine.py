@@ -237,9 +237,9 @@ class Engine:
                     self._slots[slot] = req
         for r in dropped:
             self._emit(r, Output(r.id, "", [], True, "cancelled", len(r.prompt), 0))
-        for r in self._slots:
-            if r is not None and r.id in cancelled:
-                self._finish(r, "cancelled", "")
+        for running in self._slots:
+            if running is not None and running.id in cancelled:
+                self._finish(running, "cancelled", "")
         did = self._prefill()
         return self._decode() or did or bool(dropped or cancelled)
 

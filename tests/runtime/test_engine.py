@@ -1,0 +1,205 @@
+"""Continuous batching: joins and leaves between steps, with per-request results unchanged."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from weightship.errors import EngineOverloadedError, EngineStoppedError, InvalidRequestError
+from weightship.runtime.engine import Engine, EngineConfig, Output
+from weightship.runtime.model import Transformer
+from weightship.runtime.sampling import SamplingParams
+from weightship.runtime.tokenizer import Tokenizer
+
+
+def _prompt(length: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [1, *torch.randint(3, 32000, (length - 1,), generator=g).tolist()]
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+class Collector:
+    """A sink that records every output, and the order requests finished in."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, list[Output]] = {}
+        self.finished: list[str] = []
+        self.lock = threading.Lock()
+        self.done = threading.Condition(self.lock)
+
+    def sink(self, out: Output) -> None:
+        with self.lock:
+            self.outputs.setdefault(out.request_id, []).append(out)
+            if out.finished:
+                self.finished.append(out.request_id)
+                self.done.notify_all()
+
+    def tokens(self, rid: str) -> list[int]:
+        return [t for o in self.outputs[rid] for t in o.token_ids]
+
+    def wait(self, n: int, timeout: float = 60) -> None:
+        with self.lock:
+            assert self.done.wait_for(lambda: len(self.finished) >= n, timeout), self.finished
+
+
+def _run_until_idle(engine: Engine) -> None:
+    while engine.step():
+        pass
+
+
+def test_eight_concurrent_requests_get_their_solo_tokens(engine: Engine) -> None:
+    specs = [(_prompt(5 + 9 * i, seed=i), 6 + 5 * i) for i in range(8)]  # prompts 5..68 tokens
+    solo = [engine.generate(p, greedy(n)).token_ids for p, n in specs]
+    col = Collector()
+    ids = [engine.submit(p, greedy(n), col.sink) for p, n in specs]
+    _run_until_idle(engine)
+    assert [col.tokens(r) for r in ids] == solo
+    assert [len(t) for t in solo] == [n for _, n in specs]
+
+
+def test_concurrent_requests_on_the_engine_thread(engine: Engine) -> None:
+    specs = [(_prompt(40 - 4 * i, seed=10 + i), 20 + 3 * i) for i in range(8)]
+    solo = [engine.generate(p, greedy(n)).token_ids for p, n in specs]
+    col = Collector()
+    engine.start()
+    try:
+        ids = [engine.submit(p, greedy(n), col.sink) for p, n in specs]
+        col.wait(8)
+    finally:
+        engine.stop()
+    assert [col.tokens(r) for r in ids] == solo
+
+
+def test_a_short_request_arriving_during_a_long_one_finishes_first(engine: Engine) -> None:
+    col = Collector()
+    long_id = engine.submit(_prompt(30, 1), greedy(200), col.sink)
+    for _ in range(5):
+        engine.step()
+    assert engine.stats().running == 1 and long_id not in col.finished
+    short_id = engine.submit(_prompt(10, 2), greedy(5), col.sink)
+    _run_until_idle(engine)
+    assert col.finished == [short_id, long_id]
+    assert len(col.tokens(long_id)) == 200
+
+
+def test_cancelling_frees_the_slot_at_once(tiny_model: Transformer, tokenizer: Tokenizer) -> None:
+    from weightship.runtime.args import ModelArgs
+
+    one_slot = Transformer.__new__(Transformer)
+    one_slot.__dict__ = dict(tiny_model.__dict__)
+    one_slot.args = ModelArgs(tiny_model.args.arch, max_batch=1, max_model_len=512)
+    eng = Engine(one_slot, tokenizer, EngineConfig(max_queue=4))
+    col = Collector()
+    first = eng.submit(_prompt(10, 3), greedy(400), col.sink)
+    second = eng.submit(_prompt(10, 4), greedy(3), col.sink)
+    for _ in range(4):
+        eng.step()
+    assert eng.stats().running == 1 and eng.stats().waiting == 1
+    eng.cancel(first)
+    eng.step()  # the cancellation, the admission of the waiting request and its prefill
+    assert col.finished[0] == first and col.outputs[first][-1].finish_reason == "cancelled"
+    assert len(col.tokens(first)) < 400
+    _run_until_idle(eng)
+    assert col.finished == [first, second] and len(col.tokens(second)) == 3
+    assert eng.stats().running == 0
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(engine: Engine) -> None:
+    params = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
+    prompt = _prompt(12, 5)
+    alone = engine.generate(prompt, params).token_ids
+    col = Collector()
+    others = [engine.submit(_prompt(8 + i, 20 + i), SamplingParams(max_tokens=30, seed=i), col.sink)
+              for i in range(3)]
+    mine = engine.submit(prompt, params, col.sink)
+    _run_until_idle(engine)
+    assert col.tokens(mine) == alone
+    other_seed = engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95,
+                                                        seed=4321, ignore_eos=True)).token_ids
+    assert other_seed != alone
+    assert len(others) == 3
+
+
+def test_top_k_1_and_a_tiny_top_p_are_greedy(engine: Engine) -> None:
+    prompt = _prompt(15, 6)
+    want = engine.generate(prompt, greedy(16)).token_ids
+    for params in (SamplingParams(max_tokens=16, temperature=1.0, top_k=1, ignore_eos=True),
+                   SamplingParams(max_tokens=16, temperature=1.5, top_p=1e-6, ignore_eos=True)):
+        assert engine.generate(prompt, params).token_ids == want
+
+
+@contextlib.contextmanager
+def _biased(model: Transformer, token: int, bias: float) -> Iterator[None]:
+    """Add ``bias`` to one token's logit for the duration."""
+    add = torch.zeros(model.args.arch.vocab_size)
+    add[token] = bias
+    original = model.output.forward
+    model.output.forward = lambda x: original(x) + add  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del model.output.forward
+
+
+def test_penalties_change_greedy_choices(engine: Engine) -> None:
+    favourite = 1234
+    prompt = _prompt(15, 7)
+    with _biased(engine.model, favourite, 12.0):
+        plain = engine.generate(prompt, greedy(32)).token_ids
+        penalized = engine.generate(prompt, SamplingParams(
+            max_tokens=32, temperature=0, ignore_eos=True, frequency_penalty=2.0,
+            presence_penalty=2.0)).token_ids
+    assert plain == [favourite] * 32
+    assert 1 <= penalized.count(favourite) <= 6
+
+
+def test_stop_strings_cut_the_text(engine: Engine, tokenizer: Tokenizer) -> None:
+    prompt = tokenizer.encode("Once upon a time", bos=True)
+    full = engine.generate(prompt, greedy(40), context=prompt)
+    assert len(full.text) > 20
+    stop = full.text[10:14]
+    cut = engine.generate(prompt, SamplingParams(max_tokens=40, temperature=0, stop=(stop, "zzzzqq")),
+                          context=prompt)
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert stop not in cut.text
+
+
+def test_limits_are_typed_errors(engine: Engine) -> None:
+    sink = Collector().sink
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.submit([], greedy(1), sink)
+    with pytest.raises(InvalidRequestError, match="out of range"):
+        engine.submit([1, -1], greedy(1), sink)
+    with pytest.raises(InvalidRequestError, match="out of range"):
+        engine.submit([1, 32000], greedy(1), sink)
+    with pytest.raises(InvalidRequestError, match="context length") as e:
+        engine.submit(_prompt(500, 1), greedy(13), sink)
+    assert e.value.code == "context_length_exceeded"
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InvalidRequestError, match="max_tokens"):
+            SamplingParams(max_tokens=bad)  # type: ignore[arg-type]
+    for _ in range(16):
+        engine.submit(_prompt(5, 1), greedy(1), sink)
+    with pytest.raises(EngineOverloadedError) as full:
+        engine.submit(_prompt(5, 1), greedy(1), sink)
+    assert full.value.retryable and full.value.retry_after >= 1
+    engine.stop(drain=False)
+    with pytest.raises(EngineStoppedError):
+        engine.submit(_prompt(5, 1), greedy(1), sink)
+
+
+def test_max_tokens_and_eos_finish_reasons(engine: Engine, tokenizer: Tokenizer) -> None:
+    out = engine.generate(_prompt(9, 8), greedy(7))
+    assert out.finish_reason == "length" and len(out.token_ids) == 7
+    with _biased(engine.model, tokenizer.eos_id, 1e4):
+        stopped = engine.generate(_prompt(9, 8), SamplingParams(max_tokens=7, temperature=0))
+    assert stopped.finish_reason == "stop" and stopped.token_ids == [tokenizer.eos_id]
+    assert stopped.text == ""
