@@ -1,0 +1,1 @@
+"""Deployers: Kubernetes with Helm (:mod:`weightship.deploy.k8s`)."""
