@@ -6,6 +6,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
 from weightship.catalog import Card
@@ -101,6 +102,15 @@ class Source(ABC):
     @abstractmethod
     def fetch_file(self, file: PlannedFile, sink: Sink) -> None:
         """Write the bytes of ``file`` into ``sink``, from its first byte."""
+
+    def fetch_many(self, files: list[PlannedFile], staging: dict[str, Path], progress: Progress) -> bool:
+        """Optionally fetch several files at once into their ``staging`` paths.
+
+        Sources whose protocol delivers many files together (BitTorrent) override this and
+        return True; the engine then hashes what they wrote against the plan. The default
+        returns False, and the engine calls :meth:`fetch_file` for each file instead.
+        """
+        return False
 
     def uri_for(self, file: PlannedFile) -> str:
         """Where ``file``'s bytes came from, as recorded in the manifest."""
