@@ -186,7 +186,7 @@ def _handler_for(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def _body(self) -> Any:
-            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            raw = self._raw_body
             if not raw:
                 return {}
             ctype = self.headers.get("Content-Type", "")
@@ -200,6 +200,8 @@ def _handler_for(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
                 raise ApiError(400, "BadRequest", f"cannot decode body: {e}") from None
 
         def _dispatch(self, method: str) -> None:
+            # Read every body, DELETE's options included, so keep-alive connections stay in step.
+            self._raw_body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             url = urlsplit(self.path)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
             store.requests.append((method, self.path))

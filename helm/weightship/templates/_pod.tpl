@@ -222,7 +222,7 @@ spec:
   containers:
     {{- include "weightship.serverContainer" . | nindent 4 }}
   volumes:
-    {{- include "weightship.modelVolume" . | nindent 4 }}
+    {{- include "weightship.modelVolume" . | trim | nindent 4 }}
     {{- include "weightship.scratchVolumes" . | nindent 4 }}
     - name: shm
       emptyDir:

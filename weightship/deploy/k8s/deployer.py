@@ -125,3 +125,30 @@ def apply(p: Plan, *, context: str | None = None, wait: bool = True, timeout: fl
     return {"release": result.get("name", p.release), "namespace": p.namespace,
             "revision": result.get("revision"), "status": result.get("status"),
             "notes": result.get("notes", ""), "waited": wait}
+
+
+WORKLOAD_PATHS = {"Deployment": "deployments", "StatefulSet": "statefulsets",
+                  "DaemonSet": "daemonsets"}
+
+
+def workloads(manifest: str, namespace: str, *, context: str | None = None) -> list[dict[str, Any]]:
+    """Readiness of the Deployments, StatefulSets and DaemonSets of a release manifest."""
+    import yaml
+
+    cluster = connect(context)
+    out = []
+    for obj in yaml.safe_load_all(manifest or ""):
+        if not obj or obj.get("kind") not in WORKLOAD_PATHS:
+            continue
+        name = obj["metadata"]["name"]
+        live = cluster.get(f"/apis/apps/v1/namespaces/{namespace}/"
+                           f"{WORKLOAD_PATHS[obj['kind']]}/{name}") or {}
+        status = live.get("status") or {}
+        if obj["kind"] == "DaemonSet":
+            desired, ready = status.get("desiredNumberScheduled", 0), status.get("numberReady", 0)
+        else:
+            desired = (live.get("spec") or {}).get("replicas", 1)
+            ready = status.get("readyReplicas", 0)
+        out.append({"kind": obj["kind"], "name": name, "ready": ready, "desired": desired,
+                    "exists": bool(live)})
+    return out

@@ -9,10 +9,13 @@ watcher; our own deadline cancels it, so a timeout is a typed :class:`RolloutTim
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from weightship.deploy.k8s.helm import helm_module
 from weightship.errors import (
@@ -23,6 +26,25 @@ from weightship.errors import (
 )
 
 Release = dict[str, Any]
+
+
+def kubeconfig_arguments() -> dict[str, str]:
+    """How Helm should find the kubeconfig, read from ``KUBECONFIG`` now.
+
+    Helm's Go runtime copies the environment once, when the library loads, so a ``KUBECONFIG``
+    set later in this process would be missed: pass it explicitly. Several paths are merged the
+    way kubectl merges them. Without ``KUBECONFIG``, Helm falls back to ``~/.kube/config`` and
+    then to the in-cluster service account, like the helm CLI.
+    """
+    paths = [p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p]
+    if len(paths) == 1:
+        return {"kubeconfig_path": paths[0]}
+    if len(paths) > 1:
+        from kubernetes.config.kube_config import KubeConfigMerger
+
+        merged = KubeConfigMerger(os.pathsep.join(paths)).config.value
+        return {"kubeconfig_content": yaml.safe_dump(merged)}
+    return {}
 # Helm's own deadline sits past ours, so that ours fires first and is the one reported.
 HELM_DEADLINE_SLACK_S = 60
 
@@ -33,9 +55,8 @@ class Releases:
     def __init__(self, namespace: str, *, context: str | None = None) -> None:
         self.helm = helm_module()
         self.namespace = namespace
-        # No kubeconfig argument: Helm resolves KUBECONFIG, ~/.kube/config or in-cluster
-        # config itself, exactly as the helm CLI does.
-        self.config = self.helm.Config(namespace=namespace, kube_context=context)
+        self.config = self.helm.Config(namespace=namespace, kube_context=context,
+                                       **kubeconfig_arguments())
 
     def close(self) -> None:
         self.config.close()
