@@ -18,14 +18,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check weightship tests bench
+	$(BIN)/ruff check weightship tests bench scripts
 	$(BIN)/mypy
 
 test: lint
 	$(BIN)/pytest -q
 
 demo: setup
-	$(BIN)/python bench/demo.py --dir $(DEMO_DIR)
+	$(BIN)/python scripts/demo.py --dir $(DEMO_DIR)
 
 bench: setup
 	$(BIN)/python bench/verify.py
