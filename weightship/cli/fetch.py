@@ -29,6 +29,8 @@ def fetch(
     """Fetch a model, check every file against its trusted digest, and promote it atomically.
 
     Examples:
+
+    \b
       weightship fetch weightship-tiny --to ./tiny
       weightship fetch weightship-tiny --layout original --to ./tiny-orig
     """

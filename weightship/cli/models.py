@@ -24,6 +24,8 @@ def models(ctx: typer.Context, json_flag: JsonOption = False) -> None:
     """List the models in the catalog.
 
     Examples:
+
+    \b
       weightship models
       weightship models --json | jq '.[].name'
     """

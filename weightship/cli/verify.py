@@ -29,6 +29,8 @@ def verify(
     """Check every file's sha256 (files hashed in parallel); exit 3 naming each bad file.
 
     Examples:
+
+    \b
       weightship verify ./tiny
       weightship verify ./tiny --deep --json
       weightship verify ./tiny --model weightship-tiny
