@@ -90,12 +90,7 @@ def test_a_short_request_arriving_during_a_long_one_finishes_first(engine: Engin
 
 
 def test_cancelling_frees_the_slot_at_once(tiny_model: Transformer, tokenizer: Tokenizer) -> None:
-    from weightship.runtime.args import ModelArgs
-
-    one_slot = Transformer.__new__(Transformer)
-    one_slot.__dict__ = dict(tiny_model.__dict__)
-    one_slot.args = ModelArgs(tiny_model.args.arch, max_batch=1, max_model_len=512)
-    eng = Engine(one_slot, tokenizer, EngineConfig(max_queue=4))
+    eng = Engine(tiny_model, tokenizer, EngineConfig(max_queue=4, max_batch=1))
     col = Collector()
     first = eng.submit(_prompt(10, 3), greedy(400), col.sink)
     second = eng.submit(_prompt(10, 4), greedy(3), col.sink)

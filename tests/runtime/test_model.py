@@ -107,5 +107,5 @@ def test_loader_rejects_a_wrong_shape(tiny_hf_dir: Path, tmp_path: Path) -> None
     tensors = hf_tensors(arch, seed=20231027)
     tensors["model.norm.weight"] = tensors["model.norm.weight"][:64]
     (tmp_path / "model.safetensors").write_bytes(safetensors_bytes(tensors))
-    with pytest.raises(MalformedWeightsError, match="model.norm.weight|norm.weight"):
+    with pytest.raises(MalformedWeightsError, match=r"norm\.weight"):
         load_model(tmp_path, device="cpu")

@@ -58,7 +58,7 @@ class DecodeRunner:
         self.model, self.cache = model, cache
         self.device = model.device
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
-        max_batch = model.args.max_batch
+        max_batch = cache.args.max_batch
         self.batch_buckets = _buckets(max_batch, 1)
         self.kv_buckets = _buckets(cache.cache_len, min(_MIN_KV_BUCKET, cache.cache_len))
         # Static inputs shared by every graph: graph b reads the first b entries.

@@ -14,6 +14,7 @@ to a per-request ``sink`` called on the engine thread; the server turns it into 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -45,6 +46,8 @@ class EngineConfig:
     # running requests' time per token steady while a long prompt is read.
     prefill_chunk: int = 512
     use_graphs: bool | None = None  # CUDA graphs for decode; None = on CUDA
+    # Cache slots (the running batch's limit); None = the model's ModelArgs.max_batch.
+    max_batch: int | None = None
 
 
 @dataclass
@@ -108,9 +111,9 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None,
                  config: EngineConfig | None = None) -> None:
         self.model = model
-        self.args = model.args
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
+        self.args = dataclasses.replace(model.args, max_batch=self.config.max_batch or model.args.max_batch)
         self.cache = KVCache(self.args, model.device, model.dtype)
         self.runner = DecodeRunner(model, self.cache, self.config.use_graphs)
         self._cond = threading.Condition()

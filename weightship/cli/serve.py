@@ -1,0 +1,120 @@
+"""``weightship serve``: an OpenAI-compatible server for a verified model directory."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from weightship.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def read_api_keys(path: Path) -> frozenset[str]:
+    """API keys from a file: one per line; blank lines and ``#`` comments are skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise UsageError(f"cannot read --api-key-file {path}: {e.strerror or e}") from e
+    keys = frozenset(s for s in (line.strip() for line in lines) if s and not s.startswith("#"))
+    if not keys:
+        raise UsageError(f"--api-key-file {path} holds no keys")
+    return keys
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A directory as given, or a catalog name's default directory ($WEIGHTSHIP_HOME/models/NAME)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from weightship.catalog import is_catalog_name
+    from weightship.settings import get_settings
+
+    if is_catalog_name(model):
+        directory = get_settings().model_dir(model)
+        if directory.is_dir():
+            return directory
+        raise UsageError(f"{model} has not been fetched to {directory}",
+                         hint=f"run `weightship fetch {model}` first, or give a directory")
+    raise UsageError(f"{model} is neither a directory nor a catalog model")
+
+
+def serve(
+    model: Annotated[str, typer.Argument(help="Model directory, or a fetched catalog model's name.",
+                                         metavar="DIR|MODEL")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: cuda if "
+                                               "available).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="bfloat16, float16 or float32 (default: "
+                                              "bfloat16 on CUDA, float32 on CPU).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together (KV-cache slots).")] = 8,
+    max_model_len: Annotated[int | None, typer.Option(help="Longest prompt + completion, in "
+                                                      "tokens (default: the model's).")] = None,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; more get "
+                                           "429.")] = 64,
+    api_key_file: Annotated[Path | None, typer.Option(help="File of API keys, one per line; "
+                                                      "then every route but /health and /ready "
+                                                      "needs 'Authorization: Bearer KEY'.")] = None,
+    served_name: Annotated[str | None, typer.Option("--name", help="Model id in the API "
+                                                    "(default: the directory's name).")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Serve even if the manifest is "
+                                            "missing or does not verify.")] = False,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API until SIGTERM (which drains).
+
+    The directory must verify against its manifest first (exit 3 if not), unless --no-verify.
+    /health answers at once; /ready once the weights are loaded and the engine is warm.
+
+    Examples:
+      weightship serve ./tiny --port 8000
+      weightship serve mistral-7b-v0.1 --host 0.0.0.0 --max-batch 32 --api-key-file keys.txt
+      weightship serve ./tiny --device cpu --max-model-len 1024
+    """
+    from weightship.runtime.engine import Engine, EngineConfig
+    from weightship.runtime.loader import find_files, load_model
+    from weightship.runtime.server import ServerState, make_server
+    from weightship.runtime.tokenizer import Tokenizer
+
+    directory = resolve_model_dir(model)
+    if not no_verify:
+        from weightship.verify import verify_dir
+
+        verify_dir(directory).raise_for_problems()
+    find_files(directory)  # a directory the runtime cannot read fails here, before listening
+    if max_batch < 1 or max_queue < 0:
+        raise UsageError("--max-batch must be at least 1 and --max-queue at least 0")
+    keys = read_api_keys(api_key_file) if api_key_file else frozenset()
+    state = ServerState(served_name or directory.resolve().name, api_keys=keys)
+    server = make_server(state, host=host, port=port, log_level="info")
+    failure: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            loaded, files = load_model(directory, device=device, dtype=dtype, max_batch=max_batch,
+                                       max_model_len=max_model_len)
+            tokenizer = Tokenizer(files.tokenizer)
+            state.attach(Engine(loaded, tokenizer, EngineConfig(max_queue=max_queue)), tokenizer)
+        except BaseException as e:  # reported by the main thread once the server has stopped
+            failure.append(e)
+            server.should_exit = True
+
+    threading.Thread(target=load, name="weightship-load", daemon=True).start()
+    server.run()
+    if failure:
+        raise failure[0]
+
+
+if __name__ == "__main__":  # `python -m weightship.cli.serve`, for tests and debugging
+    import sys
+
+    from weightship.cli import _common
+
+    cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    cli.command()(serve)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(_common.run(cli))

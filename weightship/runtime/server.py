@@ -1,0 +1,389 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over the engine, run by uvicorn.
+
+Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (streamed
+as server-sent events ending in ``data: [DONE]``), ``GET /health``, ``GET /ready``,
+``GET /metrics``. The engine runs on its own thread; each request's outputs come back through
+an asyncio queue fed with ``call_soon_threadsafe``. A client that disconnects has its requests
+cancelled, which frees their cache slots.
+
+Shutdown (SIGTERM): uvicorn stops listening and waits for the open requests to finish, the
+:class:`~weightship.runtime.middleware.Guard` answers 503 to new requests on kept-alive
+connections, ``/ready`` turns 503, and the engine stops once its last request is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
+
+from weightship.errors import EngineOverloadedError, EngineStoppedError, InvalidRequestError
+from weightship.runtime.engine import Engine, Output
+from weightship.runtime.metrics import Metrics
+from weightship.runtime.middleware import Guard, Limits
+from weightship.runtime.protocol import (
+    ChatCompletionRequest,
+    CommonParams,
+    CompletionRequest,
+    error_body,
+)
+from weightship.runtime.sampling import SamplingParams
+from weightship.runtime.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the engine once loaded, readiness, draining, metrics."""
+
+    model_name: str
+    api_keys: frozenset[str] = frozenset()
+    limits: Limits = field(default_factory=Limits)
+    max_choices: int = 16  # n × prompts per request; more is refused as absurd
+    engine: Engine | None = None
+    tokenizer: Tokenizer | None = None
+    ready: bool = False
+    draining: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(lambda: self.engine.stats() if self.engine else None)
+
+    def attach(self, engine: Engine, tokenizer: Tokenizer) -> None:
+        """Start ``engine``, warm it with one short request, and turn ready."""
+        self.engine, self.tokenizer = engine, tokenizer
+        engine.start()
+        engine.generate([tokenizer.bos_id], SamplingParams(max_tokens=2, temperature=0))
+        self.ready = True
+        log.info("engine warm; serving %s", self.model_name)
+
+
+class _Run:
+    """The engine requests behind one API request (``n`` × prompts choices)."""
+
+    def __init__(self, state: ServerState, engine: Engine) -> None:
+        self.state, self.engine = state, engine
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        self.arrival = time.monotonic()
+        self.ids: list[str] = []
+        self.first: dict[int, float] = {}
+        self.unfinished = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def submit(self, index: int, prompt: list[int], params: SamplingParams, context: list[int]) -> None:
+        def sink(out: Output) -> None:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+
+        try:
+            self.ids.append(self.engine.submit(prompt, params, sink, context=context))
+        except BaseException:
+            self.cancel()
+            raise
+        self.unfinished += 1
+
+    def cancel(self) -> None:
+        for rid in self.ids:
+            self.engine.cancel(rid)
+
+    async def events(self) -> AsyncIterator[tuple[int, Output]]:
+        """Outputs as they come, until every choice has finished; records the metrics."""
+        m = self.state.metrics
+        while self.unfinished:
+            index, out = await self.queue.get()
+            now = time.monotonic()
+            if out.token_ids and index not in self.first:
+                self.first[index] = now
+                m.time_to_first_token.observe(now - self.arrival)
+            m.generation_tokens.inc(len(out.token_ids))
+            if out.finished:
+                self.unfinished -= 1
+                self.completion_tokens += out.completion_tokens
+                if out.completion_tokens > 1 and index in self.first:
+                    m.time_per_output_token.observe((now - self.first[index]) / (out.completion_tokens - 1))
+            yield index, out
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def _api_error(status: int, message: str, *, type_: str = "invalid_request_error",
+               param: str | None = None, code: str | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_=type_, param=param, code=code), status_code=status,
+                        headers=headers)
+
+
+def _finish_reason(reason: str | None) -> str | None:
+    return "length" if reason == "length" else None if reason is None else "stop"
+
+
+def create_app(state: ServerState) -> Guard:
+    """The ASGI app: the API routes inside the :class:`Guard`."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        state.draining = True
+        if state.engine is not None:  # uvicorn has waited for every open request by now
+            await asyncio.to_thread(state.engine.stop)
+
+    api = FastAPI(title="weightship", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        return _api_error(400, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}",
+                          param=loc[0] if loc else None)
+
+    @api.exception_handler(InvalidRequestError)
+    async def _refused(_: Request, e: InvalidRequestError) -> JSONResponse:
+        return _api_error(400, str(e), param=e.param, code=e.code)
+
+    @api.exception_handler(EngineOverloadedError)
+    async def _busy(_: Request, e: EngineOverloadedError) -> JSONResponse:
+        return _api_error(429, str(e), type_="server_busy", code="queue_full",
+                          headers={"Retry-After": str(e.retry_after)})
+
+    @api.exception_handler(EngineStoppedError)
+    async def _stopped(_: Request, e: EngineStoppedError) -> JSONResponse:
+        return _api_error(503, str(e), type_="server_error", headers={"Retry-After": "1"})
+
+    @api.exception_handler(HTTPException)
+    async def _http(_: Request, e: HTTPException) -> JSONResponse:
+        return _api_error(e.status_code, str(e.detail), type_="not_found_error"
+                          if e.status_code == 404 else "invalid_request_error")
+
+    @api.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return _api_error(500, "internal error", type_="server_error")
+
+    @api.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/ready")
+    async def ready() -> JSONResponse:
+        if state.ready and not state.draining:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "draining" if state.draining else "loading"}, status_code=503)
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        length = state.engine.args.max_model_len if state.engine else None
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model",
+                                            "created": state.created, "owned_by": "weightship",
+                                            "max_model_len": length}]}
+
+    @api.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        engine, tok = _serving(body)
+        if body.echo or body.suffix:
+            raise InvalidRequestError("echo and suffix are not supported", param="echo")
+        raw = body.prompt
+        if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+            raw = [raw]  # type: ignore[assignment]
+        prompts: list[list[int]] = []
+        for p in raw:
+            if isinstance(p, str):
+                if not p:
+                    raise InvalidRequestError("the prompt is empty", param="prompt")
+                prompts.append(tok.encode(p, bos=True))
+            else:
+                prompts.append(list(p))  # type: ignore[arg-type]
+        if not prompts:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        run = _start(engine, body, prompts, contexts=prompts, default_max=16)
+        return await _respond(run, body, request, chat=False)
+
+    @api.post("/v1/chat/completions", response_model=None)
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        engine, tok = _serving(body)
+        prompt = tok.encode_chat([m.to_chat() for m in body.messages])
+        if body.max_completion_tokens is not None:
+            body.max_tokens = body.max_completion_tokens
+        run = _start(engine, body, [prompt], contexts=[[]], default_max=None)
+        return await _respond(run, body, request, chat=True)
+
+    def _serving(body: CommonParams) -> tuple[Engine, Tokenizer]:
+        if not state.ready or state.engine is None or state.tokenizer is None:
+            raise EngineStoppedError("the model is still loading")
+        if body.model is not None and body.model != state.model_name:
+            raise HTTPException(404, f"model {body.model!r} does not exist; this server serves "
+                                     f"{state.model_name!r}")
+        return state.engine, state.tokenizer
+
+    def _start(engine: Engine, body: CommonParams, prompts: list[list[int]], contexts: list[list[int]],
+               default_max: int | None) -> _Run:
+        if not 1 <= body.n <= state.max_choices // len(prompts):
+            raise InvalidRequestError(f"n × prompts must be between 1 and {state.max_choices}, got "
+                                      f"{body.n} × {len(prompts)}", param="n")
+        run = _Run(state, engine)
+        limit = engine.args.max_model_len
+        for i, (prompt, context) in enumerate(zip(prompts, contexts, strict=True)):
+            if body.max_tokens is not None:
+                max_tokens = body.max_tokens
+            else:  # chat: the rest of the context; completions: OpenAI's 16, if it fits
+                max_tokens = max(1, limit - len(prompt)) if default_max is None else default_max
+            for j in range(body.n):
+                run.submit(i * body.n + j, prompt, body.sampling(max_tokens, j), context)
+            run.prompt_tokens += len(prompt)
+        state.metrics.prompt_tokens.inc(run.prompt_tokens * body.n)
+        return run
+
+    async def _respond(run: _Run, body: CommonParams, request: Request, chat: bool) -> Response:
+        ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        if body.stream:
+            return StreamingResponse(_stream(run, body, ident, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        texts: dict[int, list[str]] = {}
+        reasons: dict[int, str | None] = {}
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, run))
+        try:
+            async for index, out in run.events():
+                texts.setdefault(index, []).append(out.text)
+                if out.finished:
+                    reasons[index] = out.finish_reason
+        finally:
+            watcher.cancel()
+        if "error" in reasons.values():
+            return _api_error(500, "generation failed", type_="server_error")
+        choices = []
+        for index in sorted(reasons):
+            text = "".join(texts[index])
+            choice: dict[str, Any] = {"index": index, "logprobs": None,
+                                      "finish_reason": _finish_reason(reasons[index])}
+            choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            choices.append(choice)
+        return JSONResponse({"id": ident, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": state.model_name,
+                             "choices": choices, "usage": run.usage()})
+
+    async def _stream(run: _Run, body: CommonParams, ident: str, chat: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+            data = {"id": ident, "object": kind, "created": created, "model": state.model_name,
+                    "choices": choices, **extra}
+            return f"data: {json.dumps(data)}\n\n"
+
+        try:
+            if chat:
+                yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}
+                             for i in range(body.n)])
+            async for index, out in run.events():
+                if out.finish_reason == "error":
+                    yield f"data: {json.dumps(error_body('generation failed', type_='server_error'))}\n\n"
+                    continue
+                reason = _finish_reason(out.finish_reason)
+                if not out.text and reason is None:
+                    continue
+                if chat:
+                    delta = {"content": out.text} if out.text else {}
+                    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+                else:
+                    choice = {"index": index, "text": out.text, "logprobs": None, "finish_reason": reason}
+                yield event([choice])
+            if body.include_usage:
+                yield event([], usage=run.usage())
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (the generator is closed early) or we are done
+            run.cancel()
+
+    return Guard(api, limits=state.limits, api_keys=state.api_keys, metrics=state.metrics,
+                 draining=lambda: state.draining)
+
+
+async def _cancel_on_disconnect(request: Request, run: _Run) -> None:
+    """Cancel ``run`` if the client hangs up before its response is sent."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            run.cancel()
+            return
+
+
+# ---- running it ------------------------------------------------------------------------------
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, plus: mark the state draining the moment a signal asks us to stop."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+
+def make_server(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000,
+                log_level: str = "warning") -> uvicorn.Server:
+    """A uvicorn server for ``state`` (h11, bounded header size, access log off)."""
+
+    def on_exit() -> None:
+        state.draining = True
+
+    config = uvicorn.Config(create_app(state), host=host, port=port, http="h11",
+                            h11_max_incomplete_event_size=state.limits.max_header_bytes,
+                            log_level=log_level, access_log=False, timeout_keep_alive=5,
+                            lifespan="on", server_header=False)
+    return _DrainingServer(config, on_exit)
+
+
+class BackgroundServer:
+    """A server on a free loopback port, run on a thread (tests, the demo, the benchmark)."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = make_server(state, port=self.port)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="weightship-server", daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.state.draining = True
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
