@@ -152,6 +152,28 @@ class DiskSpaceError(FetchError):
         self.free = free
 
 
+# ---- torrent -----------------------------------------------------------------------------------
+
+
+class TorrentError(FetchError):
+    """A BitTorrent download, seed or torrent creation failed."""
+
+
+class TorrentMetadataError(TorrentError, ValueError):
+    """A ``.torrent`` file or magnet metadata is malformed, hostile, or over the load limits."""
+
+    def __init__(self, origin: str, reason: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{origin}: {reason}", hint=hint)
+        self.origin = origin
+        self.reason = reason
+
+
+class TorrentStalledError(TorrentError, TimeoutError):
+    """No metadata or no payload arrived from any peer for too long; more peers may help."""
+
+    retryable = True
+
+
 # ---- runtime (serve) -------------------------------------------------------------------------
 
 

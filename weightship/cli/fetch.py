@@ -24,6 +24,14 @@ def fetch(
     exclude: Annotated[list[str] | None, typer.Option(help="Skip files matching this glob.")] = None,
     wait_lock: Annotated[float, typer.Option(help="Seconds to wait for another fetch into "
                                              "the same directory.")] = 0.0,
+    peer: Annotated[list[str] | None, typer.Option(help="BitTorrent peer HOST:PORT to connect to "
+                                                   "(repeatable).")] = None,
+    peers_from_dns: Annotated[str | None, typer.Option(help="BitTorrent peers: every A/AAAA record "
+                                                       "of NAME[:PORT], re-resolved while fetching.")] = None,
+    tracker: Annotated[list[str] | None, typer.Option(help="Extra BitTorrent tracker URL "
+                                                      "(repeatable).")] = None,
+    seed_for: Annotated[str | None, typer.Option(help="After a torrent fetch, seed for this long "
+                                                 "(30s, 10m, 2h, forever).")] = None,
     json_flag: JsonOption = False,
 ) -> None:
     """Fetch a model, check every file against its trusted digest, and promote it atomically.
@@ -34,7 +42,10 @@ def fetch(
       weightship fetch weightship-tiny --to ./tiny
       weightship fetch weightship-tiny --layout original --to ./tiny-orig
     """
-    request = build_request(model, layout=layout, include=include or (), exclude=exclude or ())
+    torrent = {"peers": peer or None, "peers_from_dns": peers_from_dns, "trackers": tracker or None,
+               "seed_for": seed_for}
+    request = build_request(model, layout=layout, include=include or (), exclude=exclude or (),
+                            options={k: v for k, v in torrent.items() if v is not None})
     dest = to or get_settings().model_dir(request.card.name if request.card else
                                           model.rstrip("/").rsplit("/", 1)[-1])
     with progress_for(json_flag) as progress:

@@ -15,6 +15,7 @@ from weightship.fetch.base import Source
 # kind -> "module:Class"
 _SOURCES: dict[str, str] = {
     "builtin": "weightship.fetch.builtin:BuiltinSource",
+    "torrent": "weightship.fetch.torrent:TorrentSource",
 }
 
 
@@ -38,6 +39,8 @@ def source_class(kind: str) -> type[Source]:
 
 def kind_for_uri(uri: str) -> str:
     """The kind of source that handles ``uri``, from its scheme."""
+    if uri.endswith(".torrent") and "://" not in uri:
+        return "torrent"  # a local .torrent file has no scheme
     scheme = urlsplit(uri).scheme.lower()
     for kind in _SOURCES:
         if scheme and scheme in source_class(kind).schemes:
