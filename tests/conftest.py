@@ -79,3 +79,22 @@ def tiny_copy(tiny_hf_dir: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "model"
     shutil.copytree(tiny_hf_dir, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def big_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_hf_dir: Path) -> Path:
+    """The tiny model plus a generated 64 MiB safetensors shard, with a manifest (read only)."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from weightship.manifest import create_for_directory
+
+    dest = tmp_path_factory.mktemp("big") / "big-model"
+    shutil.copytree(tiny_hf_dir, dest, ignore=shutil.ignore_patterns(".weightship"))
+    rng = np.random.default_rng(7)
+    save_file({"extra.weight": rng.integers(0, 255, size=(64 << 20) + 12345, dtype=np.uint8)},
+              str(dest / "extra-00001.safetensors"))
+    create_for_directory(dest, name="big-model").write(dest)
+    return dest

@@ -152,6 +152,44 @@ class DiskSpaceError(FetchError):
         self.free = free
 
 
+class DiskFullError(FetchError):
+    """The disk filled up (or a file-size limit was hit) while writing; the partial is kept."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"no space left while writing {path}: {reason}",
+                         hint="free some space and run the same command again: it resumes "
+                              "where it stopped")
+        self.path = path
+
+
+class RemoteNotFoundError(FetchError, LookupError):
+    """A repository, revision, bucket, object or URL does not exist (or is hidden from us)."""
+
+
+class AccessDeniedError(FetchError, PermissionError):
+    """The remote refused our credentials, or the repository is gated."""
+
+
+class ProtocolViolationError(TransientFetchError):
+    """A server's reply contradicts the request or itself (wrong Content-Range, short body, …).
+
+    Retryable: a proxy or a flaky server may answer correctly next time; the retry budget keeps
+    a server that always lies from looping forever.
+    """
+
+
+class RangeNotSupportedError(FetchError):
+    """The server ignored a ranged request (200 instead of 206); the file is fetched whole."""
+
+
+class RemoteChangedError(FetchError):
+    """The remote file changed (ETag or size) while it was being downloaded or between tries."""
+
+
+class NoTrustAnchorError(FetchError):
+    """No digest from a trust anchor is known for the files: refusing to fetch unverifiable bytes."""
+
+
 # ---- torrent -----------------------------------------------------------------------------------
 
 

@@ -24,6 +24,18 @@ def fetch(
     exclude: Annotated[list[str] | None, typer.Option(help="Skip files matching this glob.")] = None,
     wait_lock: Annotated[float, typer.Option(help="Seconds to wait for another fetch into "
                                              "the same directory.")] = 0.0,
+    revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit [default: main, "
+                                                 "or the card's pin].")] = None,
+    manifest: Annotated[Path | None, typer.Option("--manifest", help="Manifest whose digests to "
+                                                  "enforce (s3://, https:// sources).")] = None,
+    connections: Annotated[int | None, typer.Option(min=1, help="Ranged reads in flight per "
+                                                    "file [default: 4].")] = None,
+    parallel_files: Annotated[int | None, typer.Option(min=1, help="Files downloaded at once "
+                                                       "[default: 2].")] = None,
+    chunk_mib: Annotated[int | None, typer.Option("--chunk-mib", min=1, help="MiB per ranged "
+                                                  "read; also what a resume may repeat [default: 16].")] = None,
+    stall_timeout: Annotated[float | None, typer.Option(help="Seconds without a byte before "
+                                                        "reconnecting [default: 30].")] = None,
     peer: Annotated[list[str] | None, typer.Option(help="BitTorrent peer HOST:PORT to connect to "
                                                    "(repeatable).")] = None,
     peers_from_dns: Annotated[str | None, typer.Option(help="BitTorrent peers: every A/AAAA record "
@@ -42,10 +54,13 @@ def fetch(
       weightship fetch weightship-tiny --to ./tiny
       weightship fetch weightship-tiny --layout original --to ./tiny-orig
     """
-    torrent = {"peers": peer or None, "peers_from_dns": peers_from_dns, "trackers": tracker or None,
-               "seed_for": seed_for}
+    transfer = {"revision": revision, "manifest": str(manifest) if manifest else None,
+                "connections": connections, "parallel_files": parallel_files,
+                "chunk_size": chunk_mib << 20 if chunk_mib else None, "stall_timeout": stall_timeout,
+                "peers": peer or None, "peers_from_dns": peers_from_dns, "trackers": tracker or None,
+                "seed_for": seed_for}
     request = build_request(model, layout=layout, include=include or (), exclude=exclude or (),
-                            options={k: v for k, v in torrent.items() if v is not None})
+                            options={k: v for k, v in transfer.items() if v is not None})
     dest = to or get_settings().model_dir(request.card.name if request.card else
                                           model.rstrip("/").rsplit("/", 1)[-1])
     with progress_for(json_flag) as progress:
@@ -58,4 +73,5 @@ def fetch(
                       f"{len(result.skipped)} already present)", highlight=False)
 
     emit({"directory": str(result.directory), "name": m.name, "fetched": result.fetched,
-          "skipped": result.skipped, "manifest": m.to_dict()}, human, json_flag=json_flag)
+          "skipped": result.skipped, "downloaded_bytes": result.downloaded_bytes,
+          "resumed_bytes": result.resumed_bytes, "manifest": m.to_dict()}, human, json_flag=json_flag)

@@ -4,7 +4,10 @@ For each file the engine:
 1. skips it if the directory's manifest already lists it with the planned digest and the file on
    disk has the planned size;
 2. otherwise streams the source's bytes into ``DIR/.weightship/incoming/PATH.incomplete``,
-   hashing them as they arrive (no second read);
+   hashing them as they arrive (no second read). Sources that read byte ranges
+   (:class:`~weightship.fetch.ranged.RangedSource`: hf, s3, https) go through the parallel,
+   resumable downloader in :mod:`weightship.fetch.download`, several files at once, with a
+   resume journal beside each partial file;
 3. checks size and sha256 (or the Hub's git blob sha1) against the plan, which came from a
    trust anchor — a mismatch deletes the staging file and moves on to the next source;
 4. once every file is checked, renames each into place (atomic) and writes the manifest last,
@@ -16,16 +19,19 @@ The whole job holds the directory's lock.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import os
 import shutil
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from weightship.catalog import is_catalog_name, load_card
 from weightship.errors import (
     DigestMismatchError,
+    DiskFullError,
     DiskSpaceError,
     FetchError,
     IntegrityError,
@@ -33,6 +39,7 @@ from weightship.errors import (
     UnknownSourceError,
 )
 from weightship.fetch.base import FetchPlan, FetchRequest, PlannedFile, Sink, Source
+from weightship.fetch.download import TransferOptions, download, journal_path
 from weightship.fetch.lock import dir_lock
 from weightship.fetch.registry import kind_for_uri, source_class
 from weightship.manifest import FileEntry, Manifest, fsync_dir, utcnow
@@ -54,6 +61,8 @@ class FetchResult:
     manifest: Manifest
     fetched: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    downloaded_bytes: int = 0  # bytes that came over the network in this run
+    resumed_bytes: int = 0  # bytes of partial downloads from earlier runs, reused
 
 
 def make_sources(request: FetchRequest, source: str = "auto") -> list[Source]:
@@ -130,21 +139,41 @@ def _remove_empty_dirs(root: Path) -> None:
         root.rmdir()
 
 
-def _check_space(dest: Path, files: list[PlannedFile]) -> None:
-    needed = sum(f.size or 0 for f in files)
+def _check_space(dest: Path, files: list[PlannedFile], staging: dict[str, Path]) -> None:
+    partial = sum(staging[f.path].stat().st_size for f in files if staging[f.path].is_file())
+    needed = max(0, sum(f.size or 0 for f in files) - partial)
     free = shutil.disk_usage(dest).free
     if needed + _RESERVE > free:
         raise DiskSpaceError(dest, needed, free)
 
 
-def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress) -> FileEntry:
+def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress,
+               result: FetchResult | None = None) -> FileEntry:
     """Fetch ``f`` from ``source`` into ``staging`` and check it; the entry for the manifest."""
+    from weightship.fetch.ranged import RangedSource
+
     staging.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(source, RangedSource):
+        done = download(source.remote(f), staging, expected_size=f.size, sha256=f.sha256,
+                        git_sha1=f.git_sha1, opts=source.transfer_options(), progress=progress,
+                        path=f.path)
+        assert done.sha256 is not None, f.path
+        if result is not None:
+            result.downloaded_bytes += done.fetched_bytes
+            result.resumed_bytes += done.resumed_bytes
+        return FileEntry(path=f.path, size=done.size, sha256=done.sha256,
+                         source=source.uri_for(f), anchor=f.anchor)
+    journal_path(staging).unlink(missing_ok=True)  # a partial from a ranged source is void now
     try:
         with open(staging, "wb") as out:
             sink = Sink(out, expected_size=f.size, git_sha1=f.git_sha1 is not None,
                         progress=progress, path=f.path)
-            source.fetch_file(f, sink)
+            try:
+                source.fetch_file(f, sink)
+            except OSError as e:
+                if isinstance(e, FetchError) or e.errno is None:
+                    raise
+                raise DiskFullError(staging, e.strerror or str(e)) from None
             out.flush()
             os.fsync(out.fileno())
         if f.size is not None and sink.bytes_written != f.size:
@@ -158,6 +187,8 @@ def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress
     except BaseException:
         staging.unlink(missing_ok=True)  # wrong or partial bytes are never kept as-is
         raise
+    if result is not None:
+        result.downloaded_bytes += sink.bytes_written
     return FileEntry(path=f.path, size=sink.bytes_written, sha256=sink.sha256(),
                      source=source.uri_for(f), anchor=f.anchor)
 
@@ -178,23 +209,30 @@ def fetch(request: FetchRequest, dest: Path, *, source: str = "auto",
 
 
 def _plan(sources: list[Source]) -> FetchPlan:
-    errors: list[str] = []
+    errors: list[FetchError] = []
     for s in sources:
         try:
             return s.plan()
         except FetchError as e:
-            log.warning("source %s could not plan: %s", s.kind, e)
-            errors.append(f"{s.kind}: {e}")
-    raise FetchError("no source could list the model: " + "; ".join(errors))
+            if len(sources) > 1:
+                log.warning("source %s could not plan: %s", s.kind, e)
+            errors.append(e)
+    if len(errors) == 1:
+        raise errors[0]  # the source's own error, with its type and hint
+    raise FetchError("no source could list the model: " + "; ".join(
+        f"{s.kind}: {e}" for s, e in zip(sources, errors, strict=True)),
+        hint=next((e.hint for e in errors if e.hint), None))
 
 
 def _fetch_with_failover(sources: list[Source], f: PlannedFile, staging: Path,
-                         progress: Progress) -> FileEntry:
+                         progress: Progress, result: FetchResult | None = None) -> FileEntry:
     """Fetch ``f`` from the first source that delivers the right bytes."""
     last_error: Exception | None = None
     for s in sources:
         try:
-            return _fetch_one(s, f, staging, progress)
+            return _fetch_one(s, f, staging, progress, result)
+        except DiskFullError:
+            raise  # another source cannot make room
         except (FetchError, IntegrityError) as e:
             log.warning("%s from %s failed: %s", f.path, s.kind, e)
             progress.note(f"{f.path}: {s.kind} failed: {e}")
@@ -204,9 +242,47 @@ def _fetch_with_failover(sources: list[Source], f: PlannedFile, staging: Path,
     raise last_error
 
 
+# Weights in formats other than safetensors are fetched only when asked for by --include
+# (pickles are unsafe to load; the others are for other frameworks).
+DEFAULT_OPTIONAL = ("*.bin", "*.bin.index.json", "*.pth", "*.pt", "*.pth.index.json", "*.h5",
+                    "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.gguf", "*.ckpt")
+
+
+def select_files(files: list[PlannedFile], request: FetchRequest,
+                 default_optional: Sequence[str] = ()) -> list[PlannedFile]:
+    """The planned files the user wants: ``--include``/``--exclude`` globs, and optional files
+    (the card's ``optional`` globs, else the source's, e.g. :data:`DEFAULT_OPTIONAL` for a Hub
+    repo) only when an ``--include`` glob names them."""
+    if request.card is not None:
+        optional: Sequence[str] = request.card.layout(request.layout).optional
+    else:
+        optional = default_optional
+
+    def match(path: str, globs: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatch(path, g) or fnmatch.fnmatch(path.rsplit("/", 1)[-1], g)
+                   for g in globs)
+
+    chosen = []
+    for f in files:
+        if request.include and not match(f.path, request.include):
+            continue
+        if match(f.path, request.exclude):
+            continue
+        if match(f.path, optional) and not match(f.path, request.include):
+            continue
+        chosen.append(f)
+    if files and not chosen:
+        raise UnknownSourceError(f"no file of {request.ref} matches the --include/--exclude globs",
+                                 hint="files: " + ", ".join(f.path for f in files[:20]))
+    return chosen
+
+
 def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
                   progress: Progress) -> FetchResult:
+    from weightship.fetch.ranged import RangedSource
+
     plan = _plan(sources)
+    plan.files = select_files(plan.files, request, getattr(sources[0], "default_optional", ()))
     targets = {f.path: resolve_under(dest, f.path) for f in plan.files}  # reject bad names first
     old = _existing_manifest(dest)
     result = FetchResult(directory=dest, manifest=Manifest(
@@ -216,10 +292,12 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
     staging = {f.path: incoming / (f.path + ".incomplete") for f in plan.files}
     present = _already_have(plan.files, targets, progress)
     # Files checked by an earlier run that stopped before promoting: promote, don't re-fetch.
+    # A staging file with a journal is a partial download: the downloader resumes it.
     staged = _already_have([f for f in plan.files if f.path not in present],
-                           {rel: staging[rel] for rel in targets if rel not in present}, progress)
+                           {rel: staging[rel] for rel in targets if rel not in present
+                            and not journal_path(staging[rel]).exists()}, progress)
     todo = [f for f in plan.files if f.path not in present and f.path not in staged]
-    _check_space(dest, todo)
+    _check_space(dest, todo, staging)
     progress.begin("fetch", total_bytes=sum(f.size or 0 for f in todo), files=len(todo))
     if todo and sources[0].fetch_many(todo, {f.path: staging[f.path] for f in todo}, progress):
         # A bulk source wrote the staging files itself: they count only if they hash right.
@@ -233,10 +311,12 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
         elif f.path in staged:
             result.manifest.upsert(staged[f.path])
             progress.file_end(f.path, "staged")
-        else:
-            progress.file_begin(f.path, f.size)
-            result.manifest.upsert(_fetch_with_failover(sources, f, staging[f.path], progress))
-            progress.file_end(f.path, "ok")
+    rest = [f for f in plan.files if f.path not in present and f.path not in staged]
+    width = 1
+    if isinstance(sources[0], RangedSource):
+        width = TransferOptions.from_options(request.options).parallel_files
+    for entry in _fetch_all(sources, rest, staging, progress, result, width):
+        result.manifest.upsert(entry)
     for f in plan.files:
         if f.path in present:
             continue
@@ -250,3 +330,31 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
     result.manifest.write(dest)
     progress.end()
     return result
+
+
+def _fetch_all(sources: list[Source], files: list[PlannedFile], staging: dict[str, Path],
+               progress: Progress, result: FetchResult, width: int) -> list[FileEntry]:
+    """Fetch ``files``, ``width`` at a time. A failed file does not stop the others (what they
+    fetched stays staged for the next run); the first failure is raised once all have ended."""
+
+    def one(f: PlannedFile) -> FileEntry:
+        progress.file_begin(f.path, f.size)
+        entry = _fetch_with_failover(sources, f, staging[f.path], progress, result)
+        progress.file_end(f.path, "ok")
+        return entry
+
+    if width <= 1 or len(files) <= 1:
+        return [one(f) for f in files]
+    entries: list[FileEntry] = []
+    errors: list[BaseException] = []
+    with ThreadPoolExecutor(min(width, len(files)), thread_name_prefix="ws-file") as pool:
+        for fut in [pool.submit(one, f) for f in files]:
+            try:
+                entries.append(fut.result())
+            except Exception as e:
+                errors.append(e)
+    if errors:
+        # an integrity failure says more than a transport error; a full disk most of all
+        errors.sort(key=lambda e: (not isinstance(e, DiskFullError), not isinstance(e, IntegrityError)))
+        raise errors[0]
+    return entries

@@ -15,6 +15,9 @@ from weightship.fetch.base import Source
 # kind -> "module:Class"
 _SOURCES: dict[str, str] = {
     "builtin": "weightship.fetch.builtin:BuiltinSource",
+    "hf": "weightship.fetch.hf:HfSource",
+    "s3": "weightship.fetch.s3:S3Source",
+    "https": "weightship.fetch.https:HttpsSource",
     "torrent": "weightship.fetch.torrent:TorrentSource",
 }
 

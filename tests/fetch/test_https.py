@@ -1,0 +1,193 @@
+"""The https source and the shared ranged downloader, against a static server that can lie."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import assert_clean_failure, run_cli
+from tests.fetch.webserver import FileServer, serve
+from weightship.errors import DigestMismatchError, FetchError, IntegrityError
+from weightship.fetch import build_request, fetch
+from weightship.manifest import Manifest, create_for_directory
+
+FAST = {"retries": 2, "backoff": 0.01, "backoff_max": 0.05, "stall_timeout": 1.0,
+        "chunk_size": 256 << 10, "connections": 3}
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory of two random files (1.3 MiB and 700 KiB) and its manifest."""
+    d = tmp_path_factory.mktemp("small") / "small-model"
+    d.mkdir()
+    rng = random.Random(3)
+    (d / "a.safetensors").write_bytes(rng.randbytes((1 << 20) + 300_000))
+    (d / "sub").mkdir()
+    (d / "sub" / "b.json").write_bytes(rng.randbytes(700_000))
+    create_for_directory(d).write(d)
+    return d
+
+
+@pytest.fixture
+def server(small_dir: Path) -> Iterator[FileServer]:
+    with serve(small_dir) as s:
+        yield s
+
+
+def _same_tree(a: Path, b: Path) -> None:
+    for f in Manifest.load(a).files:
+        assert (b / f.path).read_bytes() == (a / f.path).read_bytes(), f.path
+
+
+def test_fetch_tiny_over_https_then_verify(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    with serve(tiny_hf_dir) as s:
+        r = run_cli("fetch", s.url, "--to", tmp_path / "m", "--json")
+    assert r.code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["manifest"]["source"] == {"kind": "https", "uri": s.url, "revision": None, "infohash": None}
+    assert {f["anchor"] for f in out["manifest"]["files"]} == {"remote-manifest"}
+    assert run_cli("verify", tmp_path / "m").code == 0
+    _same_tree(tiny_hf_dir, tmp_path / "m")
+
+
+def test_big_model_in_parallel_ranges(big_model_dir: Path, tmp_path: Path) -> None:
+    with serve(big_model_dir) as s:
+        result = fetch(build_request(s.url, options={"chunk_size": 4 << 20}), tmp_path / "m")
+        served = s.bytes_served
+    total = Manifest.load(big_model_dir).total_bytes
+    assert result.downloaded_bytes == total
+    assert served <= total + 64 << 10  # the manifest itself, and nothing fetched twice
+    _same_tree(big_model_dir, tmp_path / "m")
+    assert not list((tmp_path / "m" / ".weightship").rglob("*.incomplete*"))
+
+
+@pytest.mark.parametrize("fault", ["ignore_range", "wrong_range", "short", "bad_length",
+                                   "status_503", "etag_change", "stall"])
+def test_a_server_that_lies_once_is_recovered_from(server: FileServer, small_dir: Path,
+                                                   tmp_path: Path, fault: str) -> None:
+    server.lie(fault, times=1, paths={"a.safetensors"})
+    fetch(build_request(server.url, options=FAST), tmp_path / "m")
+    _same_tree(small_dir, tmp_path / "m")
+    assert fault not in server.faults  # the lie was told
+
+
+@pytest.mark.parametrize("fault", ["ignore_range", "wrong_range", "short", "bad_length",
+                                   "status_416", "status_503", "etag_change", "flip"])
+def test_a_server_that_always_lies_never_gets_a_wrong_file_promoted(
+        server: FileServer, small_dir: Path, tmp_path: Path, fault: str) -> None:
+    server.lie(fault, paths={"a.safetensors"})
+    dest = tmp_path / "m"
+    try:
+        fetch(build_request(server.url, options=FAST), dest)
+    except (FetchError, IntegrityError) as e:
+        assert not (dest / "a.safetensors").exists(), e
+        assert not (dest / ".weightship" / "manifest.json").exists()
+        if fault == "flip":
+            assert isinstance(e, DigestMismatchError)
+    else:  # recovered (a server that ignores ranges is read whole): the bytes must be right
+        assert fault in {"ignore_range", "etag_change", "short"}, fault
+        _same_tree(small_dir, dest)
+
+
+def test_flipped_bit_exits_3_and_a_rerun_from_a_good_server_finishes(
+        server: FileServer, small_dir: Path, tmp_path: Path) -> None:
+    server.lie("flip", times=1, paths={"a.safetensors"})
+    dest = tmp_path / "m"
+    r = run_cli("fetch", server.url, "--to", dest, "--chunk-mib", "1")
+    assert_clean_failure(r, 3)
+    assert not (dest / "a.safetensors").exists()
+    assert run_cli("fetch", server.url, "--to", dest).code == 0
+    _same_tree(small_dir, dest)
+
+
+def test_no_manifest_no_fetch(tmp_path: Path) -> None:
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv" / "x.safetensors").write_bytes(b"x" * 100)
+    with serve(tmp_path / "srv") as s:
+        r = run_cli("fetch", s.url, "--to", tmp_path / "m")
+    assert_clean_failure(r, 1)
+    assert "no manifest" in r.stderr and "--manifest" in r.stderr
+
+
+def test_user_manifest_is_the_anchor(server: FileServer, small_dir: Path, tmp_path: Path) -> None:
+    m = Manifest.load(small_dir)
+    m.files[0].sha256 = hashlib.sha256(b"something else").hexdigest()
+    (tmp_path / "wrong.json").write_text(json.dumps(m.to_dict()))
+    r = run_cli("fetch", server.url, "--to", tmp_path / "m", "--manifest", tmp_path / "wrong.json")
+    assert_clean_failure(r, 3)
+
+
+def _fetch_proc(url: str, dest: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "weightship", "fetch", url, "--to", str(dest),
+                             "--chunk-mib", "2", "--connections", "3"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_at_random_points(url: str, dest: Path, total: int, kills: int, seed: int) -> int:
+    """Start a fetch and SIGKILL it once its partial files reach a random fraction of ``total``,
+    ``kills`` times; returns how many kills landed mid-download."""
+    rng = random.Random(seed)
+    landed = 0
+    for _ in range(kills):
+        target = rng.uniform(0.02, 0.95) * total
+        proc = _fetch_proc(url, dest)
+        while proc.poll() is None:
+            incoming = dest / ".weightship" / "incoming"
+            have = sum(p.stat().st_size for p in incoming.rglob("*.incomplete")) if incoming.exists() else 0
+            if have >= target:
+                os.kill(proc.pid, signal.SIGKILL)
+                landed += 1
+                break
+            time.sleep(0.002)
+        proc.wait()
+    return landed
+
+
+def test_kill_9_at_random_points_then_resume(big_model_dir: Path, tmp_path: Path) -> None:
+    total = Manifest.load(big_model_dir).total_bytes
+    dest = tmp_path / "m"
+    with serve(big_model_dir) as s:
+        s.delay = 0.0005  # ~100 MB/s, so that kills land all through the download
+        landed = kill_at_random_points(s.url, dest, total, kills=10, seed=11)
+        r = run_cli("fetch", s.url, "--to", dest, "--json")
+        served = s.bytes_served
+    assert r.code == 0, r.stderr
+    assert run_cli("verify", dest).code == 0
+    _same_tree(big_model_dir, dest)
+    # Bytes fetched twice are bounded by the chunks in flight at each kill:
+    # parallel files (2) x connections (3) x chunk (2 MiB) per kill, plus the manifests.
+    bound = 2 * 3 * (2 << 20)
+    assert landed >= 5
+    assert served - total <= landed * bound + 11 * (64 << 10), (served - total, landed)
+
+
+def test_disk_full_is_a_clean_error_and_the_partial_resumes(big_model_dir: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "m"
+    with serve(big_model_dir) as s:
+        limit = 40 << 20  # RLIMIT_FSIZE: writes past 40 MiB in one file fail with EFBIG
+        code = (f"import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
+                f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}));"
+                f"from weightship.cli.app import main; sys.argv=['weightship','fetch',{s.url!r},"
+                f"'--to',{str(dest)!r},'--chunk-mib','4']; main()")
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1, p.stderr
+        assert "Traceback" not in p.stderr and "no space left" in p.stderr, p.stderr
+        partial = list((dest / ".weightship" / "incoming").rglob("*.journal"))
+        assert partial, "the partial download and its journal are kept"
+        assert not (dest / ".weightship" / "manifest.json").exists()
+        r = run_cli("fetch", s.url, "--to", dest, "--json")
+    assert r.code == 0, r.stderr
+    assert json.loads(r.stdout)["resumed_bytes"] > 0
+    _same_tree(big_model_dir, dest)
+
+

@@ -1,0 +1,469 @@
+"""Parallel, resumable download of one file by byte ranges, hashed while the bytes arrive.
+
+The file is cut into chunks of ``chunk_size`` bytes. ``connections`` workers each fetch one chunk
+at a time with a ranged read and ``pwrite`` it at its offset in ``PATH.incomplete``. The sha256
+(and, for the Hub's small files, the git blob sha1) is computed over the *contiguous prefix*:
+a finished chunk stays in memory until every chunk before it is hashed, so no byte is read
+twice. At most ``connections + 2`` chunks wait in memory (a slow first chunk holds the others
+back rather than letting memory grow).
+
+The resume journal, ``PATH.incomplete.journal``, lists the finished chunks and what they were
+fetched against (size, chunk size, the remote's validator, the expected digest). It is replaced
+atomically after every finished chunk, so after ``kill -9`` a rerun re-reads the finished chunks
+from disk (to rebuild the hash) and downloads only the rest: the bytes fetched twice are bounded
+by the chunks that were in flight, ``connections × chunk_size`` per file. A journal that does not
+match the remote any more (another ETag, another size) throws the partial away.
+
+Transport failures are retried with exponential backoff and jitter when they are retryable
+(:class:`~weightship.errors.TransientFetchError`: resets, timeouts, 5xx, short bodies, a lying
+``Content-Range``), continuing the chunk from the last byte received; a stall (no bytes for
+``stall_timeout`` seconds) is a timeout, so it reconnects the same way. Anything else fails the
+file at once. A server that ignores ``Range`` is read as one stream from the first byte.
+
+References: RFC 9110 §14 (range requests), §8.8.3 (ETag); aria2's segmented download.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from weightship.errors import (
+    DigestMismatchError,
+    DiskFullError,
+    FetchError,
+    RangeNotSupportedError,
+    RemoteChangedError,
+    TransientFetchError,
+)
+from weightship.progress import NullProgress, Progress
+
+log = logging.getLogger(__name__)
+
+JOURNAL_SUFFIX = ".journal"
+_JOURNAL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    """How hard to pull. Defaults suit a 2-core laptop and still fill a fast link on a big node
+    (raise ``connections`` and ``parallel_files`` there: each connection costs one thread)."""
+
+    connections: int = 4  # ranged reads in flight per file; more hides per-connection latency
+    parallel_files: int = 2  # files downloaded at once; total connections = product of both
+    chunk_size: int = 16 << 20  # bytes per ranged read; also the resume granularity
+    stall_timeout: float = 30.0  # seconds without a byte before reconnecting
+    retries: int = 6  # tries per chunk without progress, for retryable errors only
+    backoff: float = 0.5  # first retry delay in seconds, doubled each time (with jitter)
+    backoff_max: float = 15.0
+    verify: bool = True  # hash while downloading; off only for benchmarks (never promoted)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> TransferOptions:
+        """Options from a request's ``options`` mapping (keys as the field names)."""
+        known = {k: options[k] for k in cls.__dataclass_fields__ if options.get(k) is not None}
+        opts = cls(**known)
+        assert opts.connections >= 1 and opts.parallel_files >= 1 and opts.chunk_size >= 4096, opts
+        return opts
+
+
+@dataclass(frozen=True)
+class RemoteStat:
+    """What a remote says about a file before we read it."""
+
+    size: int
+    validator: str | None  # a strong ETag (or equivalent) that changes when the bytes change
+
+
+class RangeReader(ABC):
+    """One remote file that can be read by byte ranges (HTTP, S3, …)."""
+
+    @abstractmethod
+    def stat(self) -> RemoteStat:
+        """The file's size and validator."""
+
+    @abstractmethod
+    def read_range(self, start: int, end: int, validator: str | None) -> Iterator[bytes]:
+        """Yield exactly bytes ``[start, end)``, or raise.
+
+        Raises :class:`RangeNotSupportedError` when the remote ignores ranges,
+        :class:`RemoteChangedError` when its validator is no longer ``validator``, and
+        :class:`TransientFetchError` for whatever a retry may fix (the caller continues from
+        the bytes it got).
+        """
+
+    def read_whole(self) -> Iterator[bytes]:
+        """Yield the whole file from its first byte (for remotes that ignore ranges)."""
+        raise RangeNotSupportedError("this remote ignores ranged reads and cannot stream whole")
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the reader holds."""
+
+
+@dataclass
+class Journal:
+    """What a partial download was fetched against, and which chunks are on disk."""
+
+    size: int
+    chunk_size: int
+    validator: str | None
+    digest: str | None  # the expected sha256 (or git sha1): a new plan means a new download
+    done: list[int] = field(default_factory=list)
+    version: int = _JOURNAL_VERSION
+
+    def matches(self, other: Journal) -> bool:
+        """Whether chunks recorded here are valid for a download described by ``other``."""
+        return (self.version, self.size, self.validator, self.digest) == (
+            other.version, other.size, other.validator, other.digest) and self.chunk_size >= 4096
+
+    @classmethod
+    def load(cls, path: Path) -> Journal | None:
+        """The journal at ``path``, or None when absent or unreadable."""
+        try:
+            data = json.loads(path.read_text())
+            journal = cls(**data)
+        except (OSError, ValueError, TypeError):
+            return None
+        if not all(isinstance(i, int) for i in journal.done):
+            return None
+        return journal
+
+    def save(self, path: Path) -> None:
+        """Replace the journal atomically.
+
+        Not fsynced: a SIGKILL leaves the page cache intact, and after a power loss the final
+        sha256 check catches a chunk that was journaled but never reached the disk.
+        """
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(asdict(self)))
+        os.replace(tmp, path)
+
+
+@dataclass
+class DownloadResult:
+    """What :func:`download` produced."""
+
+    size: int
+    sha256: str | None
+    git_sha1: str | None
+    fetched_bytes: int  # bytes that came over the network in this call
+    resumed_bytes: int  # bytes already on disk from an earlier try
+
+
+def journal_path(staging: Path) -> Path:
+    """Where the resume journal of ``staging`` lives."""
+    return staging.with_name(staging.name + JOURNAL_SUFFIX)
+
+
+def discard(staging: Path) -> None:
+    """Remove a partial download and its journal."""
+    staging.unlink(missing_ok=True)
+    journal_path(staging).unlink(missing_ok=True)
+
+
+class _PrefixHasher:
+    """Hashes chunks in order as they finish; finished chunks wait in memory for their turn."""
+
+    def __init__(self, fd: int, size: int, chunk: int, *, git_sha1: bool, enabled: bool) -> None:
+        self._fd, self._size, self._chunk = fd, size, chunk
+        self.sha256 = hashlib.sha256() if enabled else None
+        self.git = hashlib.sha1(usedforsecurity=False) if git_sha1 and enabled else None
+        if self.git is not None:
+            self.git.update(b"blob %d\0" % size)
+        self.next = 0  # first chunk not hashed yet
+        self._waiting: dict[int, list[bytes]] = {}
+
+    def _update(self, data: bytes | memoryview) -> None:
+        if self.sha256 is not None:
+            self.sha256.update(data)
+        if self.git is not None:
+            self.git.update(data)
+
+    def add(self, index: int, pieces: list[bytes] | None, done: set[int]) -> int:
+        """Record chunk ``index`` (its bytes, or None if only on disk); returns chunks hashed."""
+        if pieces is not None:
+            self._waiting[index] = pieces
+        hashed = 0
+        while self.next in done:
+            held = self._waiting.pop(self.next, None)
+            if held is not None:
+                for piece in held:
+                    self._update(piece)
+            else:  # finished by an earlier run: read it back once
+                start = self.next * self._chunk
+                end = min(start + self._chunk, self._size)
+                while start < end:
+                    data = os.pread(self._fd, min(4 << 20, end - start), start)
+                    if not data:
+                        raise FetchError(f"partial download shrank at byte {start}")
+                    self._update(data)
+                    start += len(data)
+            self.next += 1
+            hashed += 1
+        return hashed
+
+
+class _ChunkedDownload:
+    """State of one file's parallel download; see the module docstring."""
+
+    def __init__(self, reader: RangeReader, staging: Path, remote: RemoteStat, digest: str | None,
+                 opts: TransferOptions, progress: Progress, path: str, git_sha1: bool) -> None:
+        self.reader, self.staging, self.remote, self.opts = reader, staging, remote, opts
+        self.progress, self.path = progress, path
+        self.chunk = opts.chunk_size  # a resumed download keeps the chunk size it started with
+        self.chunks = max(1, math.ceil(remote.size / self.chunk))
+        self.journal = Journal(size=remote.size, chunk_size=opts.chunk_size,
+                               validator=remote.validator, digest=digest)
+        self.jpath = journal_path(staging)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.window = threading.Semaphore(opts.connections + 2)
+        self.fetched = 0
+        self.resumed = 0
+        self.git_sha1 = git_sha1
+
+    def _resume_state(self) -> set[int]:
+        old = Journal.load(self.jpath)
+        if old is None or not old.matches(self.journal) or not self.staging.exists():
+            if old is not None:
+                log.info("%s: partial download is stale (remote or plan changed), starting over",
+                         self.path)
+            discard(self.staging)
+            return set()
+        self.chunk = self.journal.chunk_size = old.chunk_size
+        self.chunks = max(1, math.ceil(self.remote.size / self.chunk))
+        on_disk = self.staging.stat().st_size
+        done = {i for i in old.done if 0 <= i < self.chunks
+                and min((i + 1) * self.chunk, self.remote.size) <= on_disk}
+        self.resumed = sum(self._chunk_len(i) for i in done)
+        return done
+
+    def _chunk_len(self, i: int) -> int:
+        return min((i + 1) * self.chunk, self.remote.size) - i * self.chunk
+
+    def run(self) -> DownloadResult:
+        self.staging.parent.mkdir(parents=True, exist_ok=True)
+        done = self._resume_state()
+        fd = os.open(self.staging, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            hasher = _PrefixHasher(fd, self.remote.size, self.chunk,
+                                   git_sha1=self.git_sha1, enabled=self.opts.verify)
+            if self.resumed:
+                self.progress.advance(self.path, self.resumed)
+                self.progress.note(f"{self.path}: resuming, {self.resumed:,} bytes already on disk")
+            hasher.add(-1, None, done)
+            self.journal.done = sorted(done)
+            todo = iter([i for i in range(self.chunks) if i not in done])
+            if self.remote.size > 0:
+                self._run_workers(fd, todo, done, hasher)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert hasher.next == self.chunks or self.remote.size == 0, (hasher.next, self.chunks)
+        return DownloadResult(
+            size=self.remote.size,
+            sha256=hasher.sha256.hexdigest() if hasher.sha256 is not None else None,
+            git_sha1=hasher.git.hexdigest() if hasher.git is not None else None,
+            fetched_bytes=self.fetched, resumed_bytes=self.resumed)
+
+    def _run_workers(self, fd: int, todo: Iterator[int], done: set[int], hasher: _PrefixHasher) -> None:
+        errors: list[BaseException] = []
+        todo_lock = threading.Lock()
+        mine: set[int] = set()  # chunks fetched by this run and still waiting to be hashed
+
+        def take_slot() -> bool:
+            while not self.window.acquire(timeout=0.2):
+                if self.stop.is_set():
+                    return False
+            return True
+
+        def worker() -> None:
+            while not self.stop.is_set() and take_slot():
+                with todo_lock:
+                    index = next(todo, None)
+                if index is None:
+                    self.window.release()
+                    return
+                try:
+                    pieces = self._fetch_chunk(fd, index)
+                except BaseException as e:
+                    self.window.release()
+                    with self.lock:
+                        errors.append(e)
+                    self.stop.set()
+                    return
+                with self.lock:
+                    done.add(index)
+                    mine.add(index)
+                    self.journal.done = sorted(done)
+                    self.journal.save(self.jpath)
+                    hasher.add(index, pieces, done)
+                    # A chunk gives its window slot back once hashed (its memory freed).
+                    for i in [i for i in mine if i < hasher.next]:
+                        mine.discard(i)
+                        self.window.release()
+
+        n = min(self.opts.connections, self.chunks)
+        with ThreadPoolExecutor(n, thread_name_prefix="ws-chunk") as pool:
+            for f in [pool.submit(worker) for _ in range(n)]:
+                f.result()
+        if errors:
+            raise _most_telling(errors)
+
+    def _fetch_chunk(self, fd: int, index: int) -> list[bytes]:
+        start = index * self.chunk
+        end = start + self._chunk_len(index)
+        pieces: list[bytes] = []
+        pos, failures = start, 0
+        while pos < end:
+            if self.stop.is_set():
+                raise _Stopped()
+            try:
+                for piece in self.reader.read_range(pos, end, self.remote.validator):
+                    if len(piece) > end - pos:
+                        raise TransientFetchError(f"{self.path}: server sent more than asked for")
+                    _pwrite_all(fd, piece, pos, self.staging)
+                    if self.opts.verify:
+                        pieces.append(piece)
+                    pos += len(piece)
+                    with self.lock:
+                        self.fetched += len(piece)
+                    self.progress.advance(self.path, len(piece))
+                    failures = 0
+                    if self.stop.is_set():
+                        raise _Stopped()
+                if pos < end:
+                    raise TransientFetchError(f"{self.path}: body ended at byte {pos}, expected {end}")
+            except TransientFetchError as e:
+                failures += 1
+                if failures > self.opts.retries:
+                    raise
+                delay = min(self.opts.backoff_max, self.opts.backoff * 2 ** (failures - 1))
+                delay *= 0.5 + random.random() / 2
+                log.info("%s: %s; retry %d in %.1fs from byte %d", self.path, e, failures, delay, pos)
+                if self.stop.wait(delay):
+                    raise _Stopped() from None
+        return pieces
+
+
+class _Stopped(Exception):
+    """Another worker failed; this one stops without adding an error of its own."""
+
+
+def _most_telling(errors: list[BaseException]) -> BaseException:
+    real = [e for e in errors if not isinstance(e, _Stopped)]
+    return (real or errors)[0]
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int, path: Path) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.pwrite(fd, view, offset)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise DiskFullError(path, e.strerror or str(e)) from None
+            raise
+        view, offset = view[n:], offset + n
+
+
+def _stream_whole(reader: RangeReader, staging: Path, remote: RemoteStat, opts: TransferOptions,
+                  progress: Progress, path: str, git_sha1: bool) -> DownloadResult:
+    """Fetch a file from its first byte in one stream (a server that ignores ranges)."""
+    discard(staging)
+    fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    hasher = _PrefixHasher(fd, remote.size, max(remote.size, 1), git_sha1=git_sha1, enabled=opts.verify)
+    pos = 0
+    try:
+        for piece in reader.read_whole():
+            if pos + len(piece) > remote.size:
+                raise TransientFetchError(f"{path}: server sent more than {remote.size} bytes")
+            _pwrite_all(fd, piece, pos, staging)
+            hasher._update(piece)
+            pos += len(piece)
+            progress.advance(path, len(piece))
+        if pos != remote.size:
+            raise TransientFetchError(f"{path}: body ended at byte {pos}, expected {remote.size}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return DownloadResult(size=pos, sha256=hasher.sha256.hexdigest() if hasher.sha256 else None,
+                          git_sha1=hasher.git.hexdigest() if hasher.git else None,
+                          fetched_bytes=pos, resumed_bytes=0)
+
+
+def download(reader: RangeReader, staging: Path, *, expected_size: int | None, sha256: str | None,
+             git_sha1: str | None = None, opts: TransferOptions | None = None,
+             progress: Progress | None = None, path: str = "") -> DownloadResult:
+    """Download ``reader``'s file into ``staging`` (resuming), hashing it on the way.
+
+    Checks the remote's size against ``expected_size`` first, and the digests against ``sha256``
+    / ``git_sha1`` last; on a digest mismatch the partial and its journal are deleted (which
+    chunk was wrong cannot be known) and :class:`DigestMismatchError` is raised. On any other
+    failure the partial and its journal stay, for the next try to resume.
+    """
+    opts = opts or TransferOptions()
+    progress = progress or NullProgress()
+    path = path or staging.name
+    remote = reader.stat()
+    if expected_size is not None and remote.size != expected_size:
+        raise DigestMismatchError(path, expected=f"{expected_size} bytes",
+                                  actual=f"{remote.size} bytes (as the server reports it)", what="size")
+    restarts = 0
+    while True:
+        job = _ChunkedDownload(reader, staging, remote, sha256 or git_sha1, opts, progress, path,
+                               git_sha1 is not None)
+        try:
+            result = job.run()
+            break
+        except RangeNotSupportedError:
+            log.info("%s: server ignores Range; fetching it whole", path)
+            result = _stream_whole(reader, staging, remote, opts, progress, path, git_sha1 is not None)
+            break
+        except RemoteChangedError:
+            restarts += 1
+            if restarts > 1:
+                raise
+            log.warning("%s: the remote file changed; starting over", path)
+            discard(staging)
+            remote = reader.stat()
+            if expected_size is not None and remote.size != expected_size:
+                raise DigestMismatchError(path, expected=f"{expected_size} bytes",
+                                          actual=f"{remote.size} bytes", what="size") from None
+    if opts.verify:
+        _check(result, staging, path, sha256, git_sha1)
+    journal_path(staging).unlink(missing_ok=True)
+    return result
+
+
+def _check(result: DownloadResult, staging: Path, path: str, sha256: str | None,
+           git_sha1: str | None) -> None:
+    problem: DigestMismatchError | None = None
+    if sha256 is not None and result.sha256 != sha256:
+        problem = DigestMismatchError(path, expected=sha256, actual=str(result.sha256))
+    elif git_sha1 is not None and result.git_sha1 != git_sha1:
+        problem = DigestMismatchError(path, expected=git_sha1, actual=str(result.git_sha1),
+                                      what="git blob sha1")
+    if problem is not None:
+        discard(staging)
+        raise problem
+
+
+def sleep_backoff(attempt: int, opts: TransferOptions) -> None:
+    """Sleep before retry ``attempt`` (1-based) of a whole request (not a chunk)."""
+    delay = min(opts.backoff_max, opts.backoff * 2 ** (attempt - 1))
+    time.sleep(delay * (0.5 + random.random() / 2))
+

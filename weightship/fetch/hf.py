@@ -1,0 +1,181 @@
+"""The ``hf`` source: a Hugging Face Hub repository (or a ``weightship mirror``) at one commit.
+
+``hf://org/repo[@revision]``, or a card source ``{kind: hf, repo: org/repo, revision: …}``.
+``huggingface_hub`` resolves the revision to a commit and lists the files at that commit with
+their sizes and digests, honouring ``HF_ENDPOINT`` and ``HF_TOKEN`` as it always does. The
+Hub's metadata is the trust anchor: the LFS sha256 for large files, the git blob sha1 for small
+plain-git files (``config.json`` and friends) — the engine checks whichever the Hub gave, and
+records a sha256 for every file. The bytes come from ``/{repo}/resolve/{commit}/{path}`` by
+ranged GETs through the shared downloader (the Hub redirects LFS files to its CDN).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import quote
+
+from weightship.errors import (
+    AccessDeniedError,
+    FetchError,
+    RemoteNotFoundError,
+    TransientFetchError,
+    UsageError,
+)
+from weightship.fetch.base import FetchPlan, PlannedFile
+from weightship.fetch.download import RangeReader
+from weightship.fetch.engine import DEFAULT_OPTIONAL
+from weightship.fetch.http import HttpRemote, make_client
+from weightship.fetch.ranged import RangedSource
+from weightship.manifest import SourceInfo
+
+if TYPE_CHECKING:
+    import httpx
+
+_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def parse_hf_uri(uri: str) -> tuple[str, str | None]:
+    """``hf://org/repo[@revision]`` → (repo id, revision or None)."""
+    rest = uri.removeprefix("hf://")
+    repo, _, revision = rest.partition("@")
+    repo = repo.strip("/")
+    if not _REPO.match(repo) or ".." in repo:
+        raise UsageError(f"not a Hub repository: {uri!r}", hint="use hf://org/name[@revision]")
+    return repo, revision or None
+
+
+def endpoint() -> str:
+    """The Hub to talk to: ``HF_ENDPOINT`` (read now, so tests and long-lived processes see
+    changes), else the public Hub."""
+    return (os.environ.get("HF_ENDPOINT") or _DEFAULT_ENDPOINT).rstrip("/")
+
+
+class HfSource(RangedSource):
+    """Fetches a Hub repository at a resolved commit."""
+
+    kind: ClassVar[str] = "hf"
+    schemes: ClassVar[tuple[str, ...]] = ("hf",)
+    default_optional: ClassVar[tuple[str, ...]] = DEFAULT_OPTIONAL
+    _client: httpx.Client | None = None
+    _commit: str | None = None
+
+    def _target(self) -> tuple[str, str]:
+        if self.request.card is not None:
+            repo = str(self.spec.get("repo") or "")
+            revision = self.request.options.get("revision") or self.spec.get("revision") or "main"
+            if not repo:
+                raise UsageError(f"{self.request.card.name}: hf source without a repo")
+            return repo, str(revision)
+        repo, rev = parse_hf_uri(self.request.ref)
+        return repo, str(self.request.options.get("revision") or rev or "main")
+
+    def _api(self) -> Any:
+        from huggingface_hub import HfApi
+
+        return HfApi(endpoint=endpoint())
+
+    def plan(self) -> FetchPlan:
+        repo, revision = self._target()
+        info = _hub_call(lambda: self._api().model_info(repo, revision=revision, files_metadata=True),
+                         repo, revision)
+        if not info.sha or info.siblings is None:
+            raise FetchError(f"hf://{repo}@{revision}: the Hub returned no commit or file list")
+        self._commit = info.sha
+        files = []
+        for s in info.siblings:
+            if s.lfs is not None:
+                files.append(PlannedFile(path=s.rfilename, size=s.lfs.size, sha256=s.lfs.sha256,
+                                         anchor="hf-lfs", locator=self._url(repo, s.rfilename)))
+            elif s.blob_id and s.size is not None:
+                files.append(PlannedFile(path=s.rfilename, size=s.size, sha256=None,
+                                         git_sha1=s.blob_id, anchor="hf-git",
+                                         locator=self._url(repo, s.rfilename)))
+            else:
+                raise FetchError(f"hf://{repo}: the Hub gave no size and digest for {s.rfilename}",
+                                 hint="the endpoint must answer /api/models/…/revision/…?blobs=true")
+        name = self.request.card.name if self.request.card else repo.rsplit("/", 1)[-1]
+        layout = self.request.layout or (self.request.card.default_layout if self.request.card else "hf")
+        return FetchPlan(name=name, layout=layout, files=files,
+                         source=SourceInfo(kind="hf", uri=f"hf://{repo}", revision=info.sha))
+
+    def _url(self, repo: str, path: str) -> str:
+        assert self._commit is not None, "plan() resolves the commit first"
+        return f"{endpoint()}/{repo}/resolve/{self._commit}/{quote(path)}"
+
+    @property
+    def client(self) -> httpx.Client:
+        """The pooled client all of this source's downloads share."""
+        if self._client is None:
+            from huggingface_hub.utils import build_hf_headers
+
+            headers = build_hf_headers(library_name="weightship")
+            self._client = make_client(self.transfer_options(), headers=headers)
+        return self._client
+
+    def remote(self, file: PlannedFile) -> RangeReader:
+        if self._commit is None:
+            self.plan()  # this source is a failover for another one's plan
+        repo, _ = self._target()
+        return HttpRemote(self.client, self._url(repo, file.path))
+
+    def uri_for(self, file: PlannedFile) -> str:
+        repo, _ = self._target()
+        return f"hf://{repo}@{self._commit}/{file.path}"
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _hub_call(call: Any, repo: str, revision: str) -> Any:
+    """Run a huggingface_hub call, turning its errors into weightship's (with a hint)."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"hf://{repo}@{revision}"
+    try:
+        return call()
+    except GatedRepoError as e:
+        raise AccessDeniedError(f"{where}: the repository is gated ({_first_line(e)})",
+                                hint="set HF_TOKEN to a token of an account that was granted "
+                                     "access (request it on the repository's page)") from None
+    except RevisionNotFoundError:
+        raise RemoteNotFoundError(f"{where}: no such revision",
+                                  hint="give a branch, tag or commit that exists") from None
+    except RepositoryNotFoundError:
+        raise RemoteNotFoundError(f"{where}: no such repository (or it is private)",
+                                  hint="check the name; for a private repository set HF_TOKEN") from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status is not None and (status >= 500 or status == 429):
+            raise TransientFetchError(f"{where}: the Hub answered {status}") from None
+        raise FetchError(f"{where}: {_first_line(e)}") from None
+    except _transport_errors() as e:
+        raise TransientFetchError(f"{where}: cannot reach {endpoint()}: {type(e).__name__}: {e}",
+                                  hint="check HF_ENDPOINT and the network") from None
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The connection-level errors of whichever HTTP library huggingface_hub uses."""
+    import httpx
+
+    kinds: list[type[BaseException]] = [httpx.HTTPError, OSError]
+    try:
+        import httpx2  # huggingface_hub >= 1.x ships its own fork of httpx
+
+        kinds.append(httpx2.HTTPError)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

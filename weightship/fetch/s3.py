@@ -1,0 +1,188 @@
+"""The ``s3`` source: a model directory stored under an S3 prefix (AWS or any S3 server).
+
+``s3://bucket/prefix``, or a card source ``{kind: s3, uri: s3://bucket/prefix}``. boto3 finds
+the credentials and the endpoint as it always does (``AWS_PROFILE``, ``AWS_ENDPOINT_URL``,
+``AWS_REGION``, the credential chain). An object's ETag is never used as a digest: every file's
+sha256 comes from a manifest (``--manifest FILE``, the card, or ``PREFIX/.weightship/manifest.json``
+as written by ``weightship push``), and weightship's own sha256 is enforced whatever checksum
+mode the server offers. Objects are read by ranged ``GetObject`` calls, pinned to the ETag seen
+at the start (``If-Match``), through the shared downloader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from weightship.errors import (
+    AccessDeniedError,
+    FetchError,
+    ProtocolViolationError,
+    RemoteChangedError,
+    RemoteNotFoundError,
+    TransientFetchError,
+    UsageError,
+)
+from weightship.fetch.base import FetchPlan, PlannedFile
+from weightship.fetch.download import RangeReader, RemoteStat, TransferOptions
+from weightship.fetch.ranged import REMOTE_MANIFEST, RangedSource, plan_from_manifest
+
+_READ = 1 << 20
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/prefix`` → (bucket, prefix without slashes at either end)."""
+    if not uri.startswith("s3://"):
+        raise UsageError(f"not an S3 URI: {uri!r}", hint="use s3://bucket/prefix")
+    bucket, _, prefix = uri[5:].partition("/")
+    if not bucket:
+        raise UsageError(f"no bucket in {uri!r}", hint="use s3://bucket/prefix")
+    return bucket, prefix.strip("/")
+
+
+def make_s3_client(opts: TransferOptions | None = None) -> Any:
+    """A boto3 S3 client from the usual AWS configuration, pooled for ``opts``.
+
+    Retries are weightship's (per chunk, resuming); checksums are only sent when an operation
+    requires them, because several S3 servers reject the aws-chunked uploads newer botocore
+    sends by default, and the sha256 that matters is weightship's own.
+    """
+    import boto3
+    from botocore.config import Config
+
+    opts = opts or TransferOptions()
+    config = Config(max_pool_connections=opts.connections * opts.parallel_files + 4,
+                    retries={"mode": "standard", "total_max_attempts": 2},
+                    read_timeout=opts.stall_timeout, connect_timeout=min(30.0, opts.stall_timeout),
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required")
+    return boto3.session.Session().client("s3", config=config)
+
+
+def s3_error(e: BaseException, where: str) -> BaseException:
+    """The weightship error for a boto3/botocore exception."""
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+
+    if isinstance(e, ClientError):
+        err = e.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound"):
+            return RemoteNotFoundError(f"{where}: not found ({code})")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return AccessDeniedError(f"{where}: access denied ({code})",
+                                     hint="check AWS_PROFILE / the AWS credentials for this bucket")
+        if code in ("PreconditionFailed", "412"):
+            return RemoteChangedError(f"{where}: the object changed while it was being read")
+        if code in ("InvalidRange", "416"):
+            return FetchError(f"{where}: the object is shorter than planned")
+        if status >= 500 or status == 429 or code in ("SlowDown", "RequestTimeout", "InternalError"):
+            return TransientFetchError(f"{where}: {code or status}")
+        return FetchError(f"{where}: {code}: {err.get('Message', '')}")
+    if isinstance(e, NoCredentialsError):
+        return AccessDeniedError(f"{where}: no AWS credentials found",
+                                 hint="set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+    if isinstance(e, ConnectionError | ReadTimeoutError | ResponseStreamingError):
+        return TransientFetchError(f"{where}: {type(e).__name__}: {e}")
+    if isinstance(e, BotoCoreError):
+        return FetchError(f"{where}: {e}")
+    return e
+
+
+class S3Remote(RangeReader):
+    """One S3 object, read by ranged GetObject calls."""
+
+    def __init__(self, client: Any, bucket: str, key: str) -> None:
+        self.client, self.bucket, self.key = client, bucket, key
+        self.where = f"s3://{bucket}/{key}"
+
+    def stat(self) -> RemoteStat:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self.key)
+        except Exception as e:
+            raise s3_error(e, self.where) from None
+        return RemoteStat(size=int(head["ContentLength"]), validator=head.get("ETag") or None)
+
+    def read_range(self, start: int, end: int, validator: str | None) -> Iterator[bytes]:
+        assert 0 <= start < end, (start, end)
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key, "Range": f"bytes={start}-{end - 1}"}
+        if validator:
+            args["IfMatch"] = validator
+        try:
+            reply = self.client.get_object(**args)
+            got = reply.get("ContentRange", "")
+            if not got.startswith(f"bytes {start}-{end - 1}/"):
+                if not got and start == 0 and int(reply["ContentLength"]) == end:
+                    pass  # the whole object, which is what was asked for
+                else:
+                    raise ProtocolViolationError(f"{self.where}: asked for bytes {start}-{end - 1}, "
+                                                 f"got Content-Range {got!r}")
+            if int(reply["ContentLength"]) != end - start:
+                raise ProtocolViolationError(f"{self.where}: {reply['ContentLength']} bytes for a "
+                                             f"range of {end - start}")
+            body = reply["Body"]
+            try:
+                yield from body.iter_chunks(_READ)
+            finally:
+                body.close()
+        except (FetchError, GeneratorExit):
+            raise
+        except Exception as e:
+            raise s3_error(e, self.where) from None
+
+
+class S3Source(RangedSource):
+    """Fetches a model directory from an S3 prefix."""
+
+    kind: ClassVar[str] = "s3"
+    schemes: ClassVar[tuple[str, ...]] = ("s3",)
+    _client: Any = None
+
+    @property
+    def uri(self) -> str:
+        """``s3://bucket/prefix`` of this source."""
+        return str(self.spec.get("uri") or (self.request.ref if self.request.card is None else ""))
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client all of this source's downloads share."""
+        if self._client is None:
+            self._client = make_s3_client(self.transfer_options())
+        return self._client
+
+    def _key(self, path: str) -> str:
+        _, prefix = parse_s3_uri(self.uri)
+        return f"{prefix}/{path}" if prefix else path
+
+    def _remote_manifest(self) -> bytes | None:
+        bucket, _ = parse_s3_uri(self.uri)
+        key = self._key(REMOTE_MANIFEST)
+        try:
+            body: bytes = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as e:
+            err = s3_error(e, f"s3://{bucket}/{key}")
+            if isinstance(err, RemoteNotFoundError):
+                return None
+            raise err from None
+        return body
+
+    def plan(self) -> FetchPlan:
+        bucket, _ = parse_s3_uri(self.uri)
+        return plan_from_manifest(self, uri=self.uri.rstrip("/"), revision=None,
+                                  read_remote_manifest=self._remote_manifest,
+                                  locate=lambda p: f"s3://{bucket}/{self._key(p)}")
+
+    def remote(self, file: PlannedFile) -> RangeReader:
+        bucket, _ = parse_s3_uri(self.uri)
+        return S3Remote(self.client, bucket, self._key(file.path))
+
+    def uri_for(self, file: PlannedFile) -> str:
+        bucket, _ = parse_s3_uri(self.uri)
+        return f"s3://{bucket}/{self._key(file.path)}"
