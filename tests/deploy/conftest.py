@@ -76,9 +76,8 @@ def cluster(bare_cluster: FakeKube) -> FakeKube:
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Run ``weightship ARGS…`` in-process; returns (exit code, stdout, stderr)."""
-    from weightship.cli import _common
+    from weightship.cli import _common, deploy
     from weightship.cli import app as app_module
-    from weightship.cli import deploy
 
     app: typer.Typer = app_module.app
     if not any(g.name == "deploy" for g in app.registered_groups):

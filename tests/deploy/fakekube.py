@@ -46,6 +46,7 @@ class FakeKube:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
         self._stop = threading.Event()
+        self._started = False
         self._threads = [threading.Thread(target=self._server.serve_forever, daemon=True),
                          threading.Thread(target=self._controllers, daemon=True)]
 
@@ -55,6 +56,7 @@ class FakeKube:
         return f"http://{host}:{port}"
 
     def start(self) -> FakeKube:
+        self._started = True
         for t in self._threads:
             t.start()
         return self
@@ -63,10 +65,11 @@ class FakeKube:
         self._stop.set()
         with self.store.cond:
             self.store.cond.notify_all()
-        self._server.shutdown()
+        if self._started:
+            self._server.shutdown()
+            for t in self._threads:
+                t.join(timeout=5)
         self._server.server_close()
-        for t in self._threads:
-            t.join(timeout=5)
 
     def _controllers(self) -> None:
         while not self._stop.wait(0.05):

@@ -112,7 +112,7 @@ def _node_cache_p2p(r: engine.Rendered) -> None:
     fetch = container(workload(r), "fetch")
     assert fetch["args"][fetch["args"].index("--peers-from-dns") + 1] == \
         "demo-weightship-peers.ml.svc"
-    peers = [s for s in kinds(r)["Service"] if s["metadata"]["name"].endswith("-peers")][0]
+    peers = next(s for s in kinds(r)["Service"] if s["metadata"]["name"].endswith("-peers"))
     assert peers["spec"]["clusterIP"] == "None"
     assert container(workload(r), "prepare-node-cache")["command"][0] == "chown"
 
@@ -411,7 +411,7 @@ def test_every_value_is_documented() -> None:
             return True
         parent = path.rpartition(".")[0]
         if children(path):  # a section: documented through its keys
-            return all(keys[k] or children(k) and documented(k) for k in children(path))
+            return all(keys[k] or (children(k) and documented(k)) for k in children(path))
         return bool(parent) and keys[parent] and not any(keys[k] for k in children(parent))
 
     described = [k for k in keys if in_schema(k)]

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,19 +24,36 @@ class Cluster:
     def get(self, path: str) -> dict[str, Any] | None:
         """GET ``path`` as JSON; ``None`` when the API answers 404."""
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
 
         try:
-            data, _, _ = self.api.call_api(path, "GET", response_type="object",
-                                           auth_settings=["BearerToken"],
-                                           _preload_content=True, _return_http_data_only=False)
+            data = self._get_json(path)
         except ApiException as e:
             if e.status == 404:
                 return None
             raise _api_error(e, path) from None
-        except Exception as e:  # urllib3 connection errors carry no common base we can name
+        except HTTPError as e:
             raise ClusterUnreachableError(f"cannot reach the Kubernetes API: {e}",
                                           hint="check KUBECONFIG / --context") from None
         return data if isinstance(data, dict) else None
+
+    def _get_json(self, path: str) -> Any:
+        # kubernetes >= 33 generates its client with param_serialize/call_api(method, url);
+        # older releases take call_api(path, method, response_type=...). Both are supported.
+        if hasattr(self.api, "param_serialize"):
+            method, url, headers, body, post = self.api.param_serialize(
+                method="GET", resource_path=path, header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"])
+            response = self.api.call_api(method, url, header_params=headers, body=body,
+                                         post_params=post)
+            response.read()
+            if not 200 <= response.status <= 299:
+                from kubernetes.client.exceptions import ApiException
+
+                raise ApiException(http_resp=response)
+            return json.loads(response.data)
+        return self.api.call_api(path, "GET", response_type="object",
+                                 auth_settings=["BearerToken"], _return_http_data_only=True)
 
     def items(self, path: str) -> list[dict[str, Any]]:
         """The items of a list path (empty when the resource is not served)."""
@@ -64,8 +83,11 @@ def connect(context: str | None = None) -> Cluster:
     except ImportError:
         raise DeployToolMissingError("kubernetes") from None
     configuration = client.Configuration()
+    # The client reads KUBECONFIG once, at import; read it now, as kubectl would.
+    kubeconfig = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
     try:
-        config.load_kube_config(context=context, client_configuration=configuration)
+        config.load_kube_config(config_file=kubeconfig, context=context,
+                                client_configuration=configuration)
     except (config.ConfigException, OSError) as kube_error:
         if context:
             raise ClusterUnreachableError(f"kubeconfig context {context!r}: {kube_error}") from None

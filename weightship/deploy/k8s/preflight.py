@@ -131,10 +131,14 @@ def _storage(cluster: Cluster, namespace: str, values: Obj) -> list[str]:
 
 
 def _secrets(cluster: Cluster, namespace: str, objects: list[Obj]) -> list[str]:
-    failures = []
+    failures: list[str] = []
+    missing: set[str] = set()
     for ref in secret_refs(objects):
+        if ref.name in missing:
+            continue
         secret = cluster.get(f"/api/v1/namespaces/{namespace}/secrets/{ref.name}")
         if secret is None:
+            missing.add(ref.name)
             failures.append(f"Secret {ref.name!r} (needed by {ref.where}) does not exist in "
                             f"namespace {namespace}")
         elif ref.key and ref.key not in (secret.get("data") or {}):
