@@ -7,12 +7,14 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from weightship.runtime.engine import Engine, EngineConfig
+from weightship.runtime.loader import load_model
 from weightship.runtime.middleware import Limits
 from weightship.runtime.model import Transformer
 from weightship.runtime.sampling import SamplingParams
@@ -32,10 +34,11 @@ def server(tiny_model: Transformer, tokenizer: Tokenizer) -> Iterator[Background
 
 
 @pytest.fixture(scope="module")
-def keyed(tiny_model: Transformer, tokenizer: Tokenizer) -> Iterator[BackgroundServer]:
-    """One slot, one queue place, an API key: for the 401 sweep and the full queue."""
+def keyed(tiny_hf_dir: Path, tokenizer: Tokenizer) -> Iterator[BackgroundServer]:
+    """One slot, one queue place, an API key, a long context: for 401s and a full queue."""
+    model, _ = load_model(tiny_hf_dir, device="cpu", dtype="float32", max_batch=1, max_model_len=2048)
     state = ServerState(NAME, api_keys=frozenset({KEY, "another-key"}))
-    state.attach(Engine(tiny_model, tokenizer, EngineConfig(max_queue=1, max_batch=1)), tokenizer)
+    state.attach(Engine(model, tokenizer, EngineConfig(max_queue=1)), tokenizer)
     with BackgroundServer(state) as srv:
         yield srv
 
@@ -313,19 +316,22 @@ def test_a_full_queue_answers_429_with_retry_after(keyed: BackgroundServer) -> N
     """One slot and one queue place: a running stream, a waiting one, then a refusal."""
     auth = {"Authorization": f"Bearer {KEY}"}
     before = _wait_idle(keyed)["weightship_generation_tokens_total"]
-    long = {"prompt": "a", "max_tokens": 500, "stream": True, "ignore_eos": True}
+    long = {"prompt": "a", "max_tokens": 2000, "stream": True, "ignore_eos": True}
     with httpx.Client(base_url=keyed.url, headers=auth, timeout=60) as http:
         with http.stream("POST", "/v1/completions", json=long) as running:
-            next(running.iter_lines())  # admitted: it produces tokens
+            lines = running.iter_lines()  # kept: dropping the iterator would close the stream
+            next(lines)  # admitted: it produces tokens
             with http.stream("POST", "/v1/completions", json=long) as waiting:
                 assert waiting.status_code == 200  # queued behind the running one
+                m = _metrics(keyed)
+                assert (m["weightship_running_requests"], m["weightship_queue_depth"]) == (1, 1)
                 refused = http.post("/v1/completions", json={"prompt": "b", "max_tokens": 1})
                 assert refused.status_code == 429, refused.text
                 assert int(refused.headers["retry-after"]) >= 1
                 assert refused.json()["error"]["code"] == "queue_full"
         # both streams were closed early: their requests are cancelled, not run to the end
         generated = _wait_idle(keyed)["weightship_generation_tokens_total"] - before
-        assert generated < 1000
+        assert generated < 4000
         ok = http.post("/v1/completions", json={"prompt": "c", "max_tokens": 2})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
@@ -335,5 +341,5 @@ def test_a_client_that_hangs_up_is_cancelled(keyed: BackgroundServer) -> None:
     before = _wait_idle(keyed)["weightship_generation_tokens_total"]
     with pytest.raises(httpx.TimeoutException):
         httpx.post(keyed.url + "/v1/completions", headers=auth, timeout=0.3,
-                   json={"prompt": "x", "max_tokens": 500, "ignore_eos": True})
-    assert _wait_idle(keyed)["weightship_generation_tokens_total"] - before < 500
+                   json={"prompt": "x", "max_tokens": 2000, "ignore_eos": True})
+    assert _wait_idle(keyed)["weightship_generation_tokens_total"] - before < 2000

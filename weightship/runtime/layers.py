@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weightship.runtime.args import ModelArgs
-from weightship.runtime.rope import apply_rotary
+from weightship.runtime.pointwise import Pointwise
 
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
@@ -30,6 +30,11 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.
     return (k >= 0) & (k <= q) & (k > q - window)
 
 
+def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive form of a bool mask (0 or -inf), made once per step rather than per layer."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 @dataclass
 class AttentionInputs:
     """What every attention layer of one forward pass shares: positions, masks, cache writes.
@@ -42,7 +47,7 @@ class AttentionInputs:
 
     cos: torch.Tensor  # [B, T, D/2]
     sin: torch.Tensor  # [B, T, D/2]
-    mask: torch.Tensor  # bool, see above
+    mask: torch.Tensor  # additive (0 / -inf), see above
     write_idx: torch.Tensor | None = None  # cache entries to write: [B] (decode) or [T'] (prefill)
     slot: int | None = None
     with_cache: bool = False  # prefill: earlier chunks of this sequence are in the cache
@@ -53,37 +58,54 @@ class AttentionInputs:
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm (Zhang & Sennrich, 2019), computed in float32."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, pw: Pointwise) -> None:
         super().__init__()
         self.eps = eps
+        self.pw = pw
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.type_as(x)
+        return self.pw.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
     """Grouped-query attention with rotary positions, reading and writing the KV cache."""
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, pw: Pointwise) -> None:
         super().__init__()
         a = args.arch
+        self.pw = pw
         self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
         self.wq = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=False)
         self.wk = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
         self.wv = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
         self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+        self.wqkv: torch.Tensor | None = None  # set by fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Keep wq, wk, wv in one tensor: one matrix product instead of three.
+
+        The three parameters become views of the fused tensor, so the state dict keeps its
+        names and the memory is not doubled.
+        """
+        fused = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))  # [(H + 2 Hkv) D, dim]
+        sizes = [self.wq.weight.shape[0], self.wk.weight.shape[0], self.wv.weight.shape[0]]
+        for linear, part in zip((self.wq, self.wk, self.wv), fused.split(sizes), strict=True):
+            linear.weight = nn.Parameter(part, requires_grad=False)
+        self.wqkv = fused
 
     def forward(self, x: torch.Tensor, inp: AttentionInputs,
                 k_cache: torch.Tensor | None, v_cache: torch.Tensor | None) -> torch.Tensor:
         """``x`` [B, T, dim] → [B, T, dim]; ``k_cache``/``v_cache`` are this layer's [S, Hkv, C, D]."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = apply_rotary(self.wq(x).view(B, T, H, D), inp.cos, inp.sin)  # [B, T, H, D]
-        k = apply_rotary(self.wk(x).view(B, T, Hkv, D), inp.cos, inp.sin)  # [B, T, Hkv, D]
-        v = self.wv(x).view(B, T, Hkv, D)  # [B, T, Hkv, D]
+        if self.wqkv is not None:
+            xq, xk, xv = F.linear(x, self.wqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        else:
+            xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        q = self.pw.rotary(xq.view(B, T, H, D), inp.cos, inp.sin)  # [B, T, H, D]
+        k = self.pw.rotary(xk.view(B, T, Hkv, D), inp.cos, inp.sin)  # [B, T, Hkv, D]
+        v = xv.view(B, T, Hkv, D)  # [B, T, Hkv, D]
         if k_cache is None or v_cache is None:
             out = F.scaled_dot_product_attention(  # [B, H, T, D]
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -130,26 +152,40 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU (Shazeer, 2020): ``w2(silu(w1 x) * w3 x)``."""
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, pw: Pointwise) -> None:
         super().__init__()
         a = args.arch
+        self.pw = pw
         self.w1 = nn.Linear(a.dim, a.hidden_dim, bias=False)
         self.w2 = nn.Linear(a.hidden_dim, a.dim, bias=False)
         self.w3 = nn.Linear(a.dim, a.hidden_dim, bias=False)
+        self.w13: torch.Tensor | None = None  # set by fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Keep w1 and w3 in one tensor (as :meth:`Attention.fuse_projections`)."""
+        fused = torch.cat((self.w1.weight, self.w3.weight))  # [2 hidden, dim]
+        gate, up = fused.chunk(2)
+        self.w1.weight = nn.Parameter(gate, requires_grad=False)
+        self.w3.weight = nn.Parameter(up, requires_grad=False)
+        self.w13 = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is not None:
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)  # [B, T, hidden] each
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(self.pw.swiglu_gate(gate, up))
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm attention and feed-forward, each with a residual connection."""
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, pw: Pointwise) -> None:
         super().__init__()
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args)
-        self.attention_norm = RMSNorm(args.arch.dim, args.arch.norm_eps)
-        self.ffn_norm = RMSNorm(args.arch.dim, args.arch.norm_eps)
+        self.attention = Attention(args, pw)
+        self.feed_forward = FeedForward(args, pw)
+        self.attention_norm = RMSNorm(args.arch.dim, args.arch.norm_eps, pw)
+        self.ffn_norm = RMSNorm(args.arch.dim, args.arch.norm_eps, pw)
 
     def forward(self, x: torch.Tensor, inp: AttentionInputs,
                 k_cache: torch.Tensor | None, v_cache: torch.Tensor | None) -> torch.Tensor:

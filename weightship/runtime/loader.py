@@ -153,13 +153,19 @@ def _unpermute(name: str, tensor: torch.Tensor, arch: Architecture) -> torch.Ten
     return out
 
 
-def build_model(args: ModelArgs, state: dict[str, torch.Tensor]) -> Transformer:
-    """A :class:`Transformer` built on ``meta`` whose parameters are ``state``'s tensors."""
+def build_model(args: ModelArgs, state: dict[str, torch.Tensor], *,
+                compile_pointwise: bool | None = None) -> Transformer:
+    """A :class:`Transformer` built on ``meta`` whose parameters are ``state``'s tensors.
+
+    ``state`` is emptied, so that fusing the projections does not hold two copies of them.
+    """
     with torch.device("meta"):
         model = Transformer(args)
     model.load_state_dict(state, assign=True, strict=True)
-    model.init_rotary()
+    state.clear()
     model.requires_grad_(False)
+    model.init_rotary()
+    model.fuse(compile_pointwise)
     return model.eval()
 
 

@@ -17,7 +17,14 @@ from torch import nn
 
 from weightship.runtime.args import ModelArgs
 from weightship.runtime.cache import KVCache
-from weightship.runtime.layers import AttentionInputs, RMSNorm, TransformerBlock, window_mask
+from weightship.runtime.layers import (
+    AttentionInputs,
+    RMSNorm,
+    TransformerBlock,
+    mask_bias,
+    window_mask,
+)
+from weightship.runtime.pointwise import Pointwise
 from weightship.runtime.rope import rotary_table
 
 
@@ -31,9 +38,10 @@ class Transformer(nn.Module):
         super().__init__()
         a = args.arch
         self.args = args
+        self.pointwise = Pointwise()  # shared by every layer; see fuse()
         self.tok_embeddings = nn.Embedding(a.vocab_size, a.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(a.n_layers))
-        self.norm = RMSNorm(a.dim, a.norm_eps)
+        self.layers = nn.ModuleList(TransformerBlock(args, self.pointwise) for _ in range(a.n_layers))
+        self.norm = RMSNorm(a.dim, a.norm_eps, self.pointwise)
         self.output = nn.Linear(a.dim, a.vocab_size, bias=False)
         # Not part of the state dict: recomputed on the weights' device by init_rotary().
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -45,6 +53,15 @@ class Transformer(nn.Module):
         device = self.tok_embeddings.weight.device
         cos, sin = rotary_table(a.head_dim, self.args.max_model_len, a.rope_theta, device)
         self.rope_cos, self.rope_sin = cos, sin
+
+    def fuse(self, compile_pointwise: bool | None = None) -> None:
+        """Fuse projections (always) and elementwise ops (torch.compile; default: on CUDA)."""
+        for layer in self.layers:
+            assert isinstance(layer, TransformerBlock)
+            layer.attention.fuse_projections()
+            layer.feed_forward.fuse_projections()
+        if compile_pointwise if compile_pointwise is not None else self.device.type == "cuda":
+            self.pointwise.compile()
 
     @property
     def device(self) -> torch.device:
@@ -71,7 +88,7 @@ class Transformer(nn.Module):
         mask = window_mask(pos, pos, self.args.window)  # [T, T]
         inp = AttentionInputs(cos=self.rope_cos[pos].expand(B, T, -1),
                               sin=self.rope_sin[pos].expand(B, T, -1),
-                              mask=mask.expand(B, 1, T, T))
+                              mask=mask_bias(mask, self.dtype).expand(B, 1, T, T))
         return self.output(self._run(tokens, inp, None)).float()
 
     def prefill(self, tokens: torch.Tensor, start: int, slot: int, cache: KVCache,
@@ -97,7 +114,7 @@ class Transformer(nn.Module):
         kept = pos[-cache.cache_len :]  # the positions that stay in the rolling buffer
         write_idx = cache.write_index(kept)
         inp = AttentionInputs(cos=self.rope_cos[pos].unsqueeze(0), sin=self.rope_sin[pos].unsqueeze(0),
-                              mask=mask[None, None], write_idx=write_idx, slot=slot,
+                              mask=mask_bias(mask, self.dtype)[None, None], write_idx=write_idx, slot=slot,
                               with_cache=start > 0)
         h = self._run(tokens.unsqueeze(0), inp, cache)[0]  # [T, dim]
         cache.pos[slot, write_idx] = kept
@@ -121,6 +138,7 @@ class Transformer(nn.Module):
         mask = window_mask(positions.unsqueeze(-1), k_pos, self.args.window)  # [B, 1, L]
         inp = AttentionInputs(cos=self.rope_cos[positions].unsqueeze(1),
                               sin=self.rope_sin[positions].unsqueeze(1),
-                              mask=mask.unsqueeze(1), write_idx=write_idx, kv_len=kv_len, rows=rows)
+                              mask=mask_bias(mask, self.dtype).unsqueeze(1), write_idx=write_idx,
+                              kv_len=kv_len, rows=rows)
         h = self._run(tokens.unsqueeze(1), inp, cache)  # [B, 1, dim]
         return self.output(h[:, 0]).float()

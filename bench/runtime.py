@@ -1,0 +1,322 @@
+"""Benchmark of the runtime: tokens/s beside transformers on CPU, and the bandwidth bound on CUDA.
+
+CPU (default): the tiny model (float32), 8 prompts of 128 new tokens each (greedy, </s> ignored).
+weightship at 1 stream (one request at a time) and 8 streams (all at once, continuous batching),
+beside transformers' ``generate`` one call per prompt and one left-padded batched call, on the
+same weights in the same run. Time to first token (TTFT) is prefill plus the first token.
+
+CUDA (``--cuda``): a model of Mistral 7B's exact shape with random bf16 weights built on the GPU
+(no download). Decode is memory-bound: each token reads every weight once, so the bound is
+``HBM bandwidth / weight bytes`` tokens/s. Reports single-stream decode tokens/s as a share of
+that bound (with the bandwidth measured here by a device copy, and the data-sheet figure), and
+tokens/s at 32 streams. ``--cuda --dry-run`` runs the same code on CPU with a small shape.
+
+Every figure is the median of ``--runs`` runs after a warm-up. Usage::
+
+    python bench/runtime.py                 # CPU table
+    python bench/runtime.py --cuda          # CUDA table
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from weightship.catalog.architecture import Architecture
+from weightship.runtime.args import ModelArgs
+from weightship.runtime.engine import Engine, EngineConfig, Output
+from weightship.runtime.loader import build_model
+from weightship.runtime.model import Transformer
+from weightship.runtime.sampling import SamplingParams
+
+MISTRAL_7B = Architecture(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32,
+                          n_kv_heads=8, norm_eps=1e-5, vocab_size=32000, rope_theta=10000.0,
+                          sliding_window=4096, max_seq_len=32768)
+SMALL = Architecture(dim=256, n_layers=2, head_dim=64, hidden_dim=512, n_heads=4, n_kv_heads=2,
+                     norm_eps=1e-5, vocab_size=32000, sliding_window=64, max_seq_len=4096)
+# Data-sheet HBM bandwidths, bytes/s (the SXM parts; PCIe H100 is 2.0 TB/s).
+SPEC_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.039e12, "L40S": 0.864e12}
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[1, *torch.randint(3, vocab, (length - 1,), generator=g).tolist()] for _ in range(n)]
+
+
+@dataclass
+class Timing:
+    seconds: float
+    tokens: int
+    ttft: float  # mean time to first token, seconds
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.seconds
+
+
+def run_engine(engine: Engine, batch: list[list[int]], new: int, together: bool,
+               sync: Callable[[], None] = lambda: None) -> Timing:
+    """Generate ``new`` tokens for each prompt: all submitted at once, or one after another."""
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    first: dict[str, float] = {}
+    submitted: dict[str, float] = {}
+    count = [0]
+
+    def sink(out: Output) -> None:
+        if out.token_ids and out.request_id not in first:
+            first[out.request_id] = time.perf_counter()
+        count[0] += len(out.token_ids)
+
+    sync()
+    start = time.perf_counter()
+    groups = [batch] if together else [[p] for p in batch]
+    for group in groups:
+        for p in group:
+            t = time.perf_counter()
+            rid = engine.submit(p, params, sink, detokenize=False)
+            submitted[rid] = t
+        while engine.step():
+            pass
+    sync()
+    elapsed = time.perf_counter() - start
+    assert count[0] == new * len(batch), (count[0], new, len(batch))
+    ttft = sum(first[r] - submitted[r] for r in submitted) / len(submitted)
+    return Timing(elapsed, count[0], ttft)
+
+
+# ---- CPU ---------------------------------------------------------------------------------------
+
+
+def tiny_dir(where: Path) -> Path:
+    """The tiny model in the HF layout, fetched (from the built-in source) and verified."""
+    from weightship.fetch import build_request, fetch
+
+    fetch(build_request("weightship-tiny", layout="hf"), where)
+    return where
+
+
+def cpu_bench(runs: int, new: int, streams: int) -> None:
+    import transformers
+
+    from weightship.runtime.loader import load_model
+
+    torch.set_grad_enabled(False)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = tiny_dir(Path(tmp) / "tiny")
+        model, _ = load_model(directory, device="cpu", dtype="float32", max_batch=streams,
+                              max_model_len=512)
+        hf = transformers.MistralForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    batch = prompts(streams, 48, model.args.arch.vocab_size)
+    engine = Engine(model, None, EngineConfig(prefill_chunk=512))
+
+    def hf_one(p: list[int]) -> float:
+        t = time.perf_counter()
+        out = hf.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        assert out.shape[1] == len(p) + new
+        return time.perf_counter() - t
+
+    def hf_ttft(ps: list[list[int]]) -> float:
+        times = []
+        for p in ps:
+            t = time.perf_counter()
+            hf.generate(torch.tensor([p]), max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            times.append(time.perf_counter() - t)
+        return sum(times) / len(times)
+
+    def hf_batched() -> float:
+        ids = torch.tensor(batch)  # equal lengths: no padding needed
+        t = time.perf_counter()
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                          min_new_tokens=new, do_sample=False)
+        assert out.shape == (len(batch), len(batch[0]) + new)
+        return time.perf_counter() - t
+
+    # warm-up, and a check that both produce the same greedy tokens
+    solo = engine.generate(batch[0], SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
+    ref = hf.generate(torch.tensor([batch[0]]), max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    same = solo.token_ids == ref[0, len(batch[0]):].tolist()
+    rows: dict[str, list[tuple[float, float]]] = {k: [] for k in ("w1", "w8", "h1", "h8")}
+    for _ in range(runs):
+        t1 = run_engine(engine, batch, new, together=False)
+        t8 = run_engine(engine, batch, new, together=True)
+        rows["w1"].append((t1.tps, t1.ttft))
+        rows["w8"].append((t8.tps, t8.ttft))
+        h1 = sum(hf_one(p) for p in batch)
+        rows["h1"].append((len(batch) * new / h1, hf_ttft(batch[:2])))
+        hb = hf_batched()
+        rows["h8"].append((len(batch) * new / hb, float("nan")))
+    base = median([r[0] for r in rows["h1"]])
+    print(f"\nCPU, tiny model (float32, {torch.get_num_threads()} threads), {streams} prompts of "
+          f"{len(batch[0])} tokens, {new} new tokens each, median of {runs} runs; greedy tokens "
+          f"identical to transformers: {same}")
+    print(f"{'system':<38} {'streams':>7} {'tokens/s':>10} {'TTFT ms':>9} {'vs generate x1':>15}")
+    for key, label, n in (("w1", "weightship engine", 1), ("w8", "weightship engine", streams),
+                          ("h1", "transformers generate, one per prompt", 1),
+                          ("h8", "transformers generate, batched", streams)):
+        tps = median([r[0] for r in rows[key]])
+        ttft = median([r[1] for r in rows[key]]) * 1e3
+        ttft_s = "-" if ttft != ttft else f"{ttft:.1f}"
+        print(f"{label:<38} {n:>7} {tps:>10.1f} {ttft_s:>9} {tps / base:>14.2f}x")
+
+
+# ---- CUDA --------------------------------------------------------------------------------------
+
+
+def random_model(arch: Architecture, device: torch.device, dtype: torch.dtype, max_batch: int,
+                 max_model_len: int) -> Transformer:
+    """``arch`` with random weights made on ``device``, loaded the way real weights are."""
+    g = torch.Generator(device=device).manual_seed(0)
+    state = {}
+    for name, shape in arch.tensor_shapes("original").items():
+        if name.endswith("norm.weight"):
+            state[name] = torch.ones(shape, device=device, dtype=dtype)
+        else:
+            t = torch.empty(shape, device=device, dtype=dtype)
+            state[name] = t.normal_(0.0, 0.02, generator=g)
+    return build_model(ModelArgs(arch, max_batch=max_batch, max_model_len=max_model_len), state)
+
+
+def measure_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
+    """Device-to-device copy bandwidth, bytes/s (read + write counted)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    del src, dst
+    return 2 * nbytes / median(times)
+
+
+def cuda_bench(runs: int, new: int, streams: int, dry_run: bool) -> None:
+    torch.set_grad_enabled(False)
+    device = torch.device("cpu" if dry_run else "cuda")
+    arch = SMALL if dry_run else MISTRAL_7B
+    dtype = torch.float32 if dry_run else torch.bfloat16
+    prompt_len, max_len = 128, 1024
+    t0 = time.perf_counter()
+    model = random_model(arch, device, dtype, max_batch=streams, max_model_len=max_len)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    batch = prompts(streams, prompt_len, arch.vocab_size)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        spec = next((bw for key, bw in SPEC_BANDWIDTH.items() if key in name), None)
+        measured = measure_bandwidth(device)
+    else:
+        name, spec, measured = "CPU (dry run)", None, 20e9
+    print(f"torch {torch.__version__}, {name}; model built in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    if not dry_run:
+        model.pointwise.compile()
+    engine = Engine(model, None, EngineConfig(prefill_chunk=4096, use_graphs=not dry_run))
+    t0 = time.perf_counter()
+    # warm-up: compiles the elementwise kernels and captures every CUDA graph the runs use
+    run_engine(engine, batch[:1], new, together=True, sync=sync)
+    run_engine(engine, batch, new, together=True, sync=sync)
+    print(f"warm-up (torch.compile, CUDA graph capture) {time.perf_counter() - t0:.1f} s", flush=True)
+
+    one, many, graph_only = [], [], []
+    for _ in range(runs):
+        one.append(run_engine(engine, batch[:1], new, together=True, sync=sync))
+        many.append(run_engine(engine, batch, new, together=True, sync=sync))
+        graph_only.append(replay_rate(engine, steps=128, sync=sync))
+    # decode-only rate of the single stream: exclude the prefill and first token
+    single = median([(o.tokens - 1) / (o.seconds - o.ttft) for o in one])
+    ttft_ms = median([o.ttft for o in one]) * 1e3
+    multi = median([m.tps for m in many])
+    raw = median(graph_only)
+    extra: list[tuple[str, float]] = []
+    for label, compiled, graphs in (("1 stream, graph replay, eager elementwise ops", False, True),
+                                    ("1 stream, no CUDA graphs, eager (for reference)", False, False)):
+        if dry_run and graphs:
+            continue
+        try:
+            model.pointwise.eager()
+            if compiled:
+                model.pointwise.compile()
+            other = Engine(model, None, EngineConfig(use_graphs=graphs))
+            replay_rate(other, steps=8, sync=sync)
+            extra.append((label, median([replay_rate(other, steps=64, sync=sync) for _ in range(runs)])))
+            del other
+        except Exception as e:  # a comparison row must not cost the main result
+            print(f"{label}: failed: {e!r}")
+    print(f"\nCUDA decode, Mistral-7B shape (random {str(dtype).removeprefix('torch.')} weights, "
+          f"{weight_bytes / 1e9:.2f} GB), device: {name}")
+    print(f"prompt {prompt_len} tokens, {new} new tokens per stream, CUDA graphs: "
+          f"{engine.runner.use_graphs}, torch.compile'd elementwise ops: {not dry_run}, "
+          f"median of {runs} runs")
+    print(f"HBM bandwidth: measured (device copy) {measured / 1e12:.2f} TB/s"
+          + (f"; data sheet {spec / 1e12:.2f} TB/s" if spec else ""))
+    bound_measured = measured / weight_bytes
+    print(f"bandwidth bound: {bound_measured:.1f} tokens/s (measured)"
+          + (f", {spec / weight_bytes:.1f} tokens/s (data sheet)" if spec else ""))
+    print(f"{'what':<48} {'tokens/s':>10} {'% of bound (measured)':>22} {'% (data sheet)':>15}")
+
+    def row(label: str, tps: float, bounded: bool = True) -> None:
+        pm = f"{100 * tps / bound_measured:.1f}%" if bounded else "-"
+        ps = f"{100 * tps * weight_bytes / spec:.1f}%" if bounded and spec else "-"
+        print(f"{label:<48} {tps:>10.1f} {pm:>22} {ps:>15}")
+
+    row("1 stream, engine decode (graph + sampling)", single)
+    row("1 stream, decode graph replay alone", raw)
+    for label, tps in extra:
+        row(label, tps)
+    row(f"{streams} streams, engine total (incl. prefill)", multi, bounded=False)
+    print(f"1-stream time to first token ({prompt_len}-token prompt): {ttft_ms:.1f} ms", flush=True)
+
+
+def replay_rate(engine: Engine, steps: int, sync: Callable[[], None]) -> float:
+    """Decode steps/s of the bare model at batch 1 (graph replay, no scheduling or sampling)."""
+    runner = engine.runner
+    engine.cache.reset_slot(0)
+    tokens, positions = [1], [0]
+    runner(tokens, positions)
+    sync()
+    t = time.perf_counter()
+    for i in range(steps):
+        runner([1], [1 + i])
+    sync()
+    elapsed = time.perf_counter() - t
+    engine.cache.reset_slot(0)
+    return steps / elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cuda", action="store_true", help="the CUDA benchmark (Mistral 7B shape)")
+    ap.add_argument("--dry-run", action="store_true", help="with --cuda: a small shape on CPU")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--streams", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.cuda:
+        if not args.dry_run and not torch.cuda.is_available():
+            print("no CUDA device: the CUDA benchmark was not run", file=sys.stderr)
+            return 1
+        cuda_bench(args.runs, args.new_tokens or 256, args.streams or 32, args.dry_run)
+    else:
+        cpu_bench(args.runs, args.new_tokens or 128, args.streams or 8)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
