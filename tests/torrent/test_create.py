@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import libtorrent as lt
+import pytest
 
 from tests.conftest import assert_clean_failure, run_cli
 from weightship.manifest import Manifest
@@ -21,6 +22,7 @@ def test_piece_size_scales_with_the_model() -> None:
     assert piece_size_for(1 << 50) == 16 << 20  # capped: a bad piece never costs more than 16 MiB
 
 
+@pytest.mark.filterwarnings("ignore:.*is deprecated:DeprecationWarning")  # trackers(), web_seeds()
 def test_hybrid_by_default_with_the_manifest_digests(tiny_hf_dir: Path) -> None:
     created = create_torrent(tiny_hf_dir, trackers=["http://127.0.0.1:1/announce"],
                              webseeds=["http://127.0.0.1:2/"])

@@ -100,6 +100,10 @@ def settings_pack(opts: SessionOptions) -> dict[str, Any]:
         # -- encryption: allowed (some clients insist) but never preferred: RC4 costs CPU and
         # protects nothing inside a cluster network.
         "prefer_rc4": False,
+        # -- limits a user may set (0 = unlimited); local peers are not exempted on purpose: a
+        # limit is usually there to protect a shared link inside the cluster.
+        "upload_rate_limit": opts.upload_limit,
+        "download_rate_limit": opts.download_limit,
         # -- hostile metadata -------------------------------------------------------------------
         "max_metadata_size": MAX_METADATA_BYTES,
         # -- queueing: a weightship session runs one or two torrents; never queue them.
