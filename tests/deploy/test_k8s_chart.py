@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import CHART
+from k8s_helpers import CHART
 
 from weightship.deploy.k8s import helm as engine
 from weightship.deploy.k8s.deployer import check_objects

@@ -8,9 +8,9 @@ import copy
 from typing import Any
 
 import pytest
-from conftest import CHART
 from hypothesis import given
 from hypothesis import strategies as st
+from k8s_helpers import CHART
 
 from weightship.catalog import load_card
 from weightship.deploy.k8s import helm as engine

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import yaml
-from conftest import CHART, REPO
+from k8s_helpers import CHART, REPO
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import helm_python
 import pytest
-from conftest import default_storage_class, gpu_node, namespace, secret
 from fakekube import FakeKube
+from k8s_helpers import default_storage_class, gpu_node, namespace, secret
 
 from weightship.deploy.k8s import preflight
 from weightship.deploy.k8s.cluster import connect
