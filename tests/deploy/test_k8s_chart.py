@@ -62,6 +62,7 @@ def _defaults(r: engine.Rendered) -> None:
     assert serve["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert serve["args"][:2] == ["serve", "/models/mistral-7b-v0.1"]
     assert "--api-key-file" in serve["args"]
+    assert serve["args"][serve["args"].index("--name") + 1] == "mistral-7b-v0.1"
     assert {p["httpGet"]["path"] for p in (serve["startupProbe"], serve["livenessProbe"])} == {
         "/health"}
     assert serve["readinessProbe"]["httpGet"]["path"] == "/ready"
@@ -86,6 +87,8 @@ def _shared(r: engine.Rendered) -> None:
     assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert volumes(workload(r))["models"]["persistentVolumeClaim"]["claimName"] == \
         claim["metadata"]["name"]
+    fetch = container(workload(r), "fetch")["args"]
+    assert fetch[fetch.index("--wait-lock") + 1] == "3600"  # replicas share one directory
 
 
 def _existing_claim(r: engine.Rendered) -> None:
@@ -111,7 +114,8 @@ def _node_cache_p2p(r: engine.Rendered) -> None:
     assert seed["args"][:4] == ["seed", "/models/mistral-7b-v0.1", "--listen", "0.0.0.0:6881"]
     fetch = container(workload(r), "fetch")
     assert fetch["args"][fetch["args"].index("--peers-from-dns") + 1] == \
-        "demo-weightship-peers.ml.svc"
+        "demo-weightship-peers.ml.svc:6881"
+    assert seed["args"][-2:] == ["--peers-from-dns", "demo-weightship-peers.ml.svc:6881"]
     peers = next(s for s in kinds(r)["Service"] if s["metadata"]["name"].endswith("-peers"))
     assert peers["spec"]["clusterIP"] == "None"
     assert container(workload(r), "prepare-node-cache")["command"][0] == "chown"
@@ -163,7 +167,8 @@ def _locked_down(r: engine.Rendered) -> None:
     assert "--api-key-file" not in container(workload(r), "serve")["args"]
     policy = kinds(r)["NetworkPolicy"][0]
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
-    assert kinds(r)["ServiceMonitor"][0]["spec"]["endpoints"][0]["path"] == "/metrics"
+    endpoint = kinds(r)["ServiceMonitor"][0]["spec"]["endpoints"][0]
+    assert endpoint["path"] == "/metrics" and "authorization" not in endpoint  # no key to send
 
 
 def _everything(r: engine.Rendered) -> None:
@@ -174,6 +179,9 @@ def _everything(r: engine.Rendered) -> None:
     keys = [e["key"] for e in terms[0]["matchExpressions"]]
     assert keys == ["node.kubernetes.io/instance-type", "nvidia.com/gpu.memory"]
     assert "topologySpreadConstraints" not in spec
+    endpoint = kinds(r)["ServiceMonitor"][0]["spec"]["endpoints"][0]
+    assert endpoint["authorization"]["credentials"] == {"name": "demo-weightship-api-key",
+                                                        "key": "api-key"}  # /metrics needs it
     assert {"DaemonSet", "Ingress", "HorizontalPodAutoscaler", "NetworkPolicy",
             "ServiceMonitor", "StatefulSet"} <= set(kinds(r))
 

@@ -74,6 +74,11 @@ app.kubernetes.io/component: peer
 {{- end }}
 {{- end }}
 
+{{/* The model id clients send (`model` in requests, /v1/models). */}}
+{{- define "weightship.servedName" -}}
+{{- default (include "weightship.modelDir" .) .Values.serve.servedName }}
+{{- end }}
+
 {{- define "weightship.modelPath" -}}
 {{- printf "/models/%s" (include "weightship.modelDir" .) }}
 {{- end }}
@@ -89,6 +94,11 @@ app.kubernetes.io/component: peer
 {{/* DNS name of the seeders' headless Service, which fetches resolve to find peers. */}}
 {{- define "weightship.peersHost" -}}
 {{- printf "%s-peers.%s.svc" (include "weightship.fullname" .) .Release.Namespace }}
+{{- end }}
+
+{{/* NAME:PORT for --peers-from-dns (every A/AAAA record of NAME is a peer on PORT). */}}
+{{- define "weightship.peersEndpoint" -}}
+{{- printf "%s:%d" (include "weightship.peersHost" .) (int .Values.p2p.port) }}
 {{- end }}
 
 {{/* "true" when the serving workload is a StatefulSet (one claim per pod). */}}

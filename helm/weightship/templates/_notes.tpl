@@ -14,5 +14,5 @@ Send a first request:
 
   curl -s {{ .url }}/v1/models{{ $auth }}
   curl -s {{ .url }}/v1/completions{{ $auth }} -H 'Content-Type: application/json' \
-    -d '{"model": "{{ $ctx.Values.model.name }}", "prompt": "The capital of France is", "max_tokens": 16}'
+    -d '{"model": "{{ include "weightship.servedName" $ctx }}", "prompt": "The capital of France is", "max_tokens": 16}'
 {{- end }}

@@ -16,9 +16,11 @@
 - --include
 - {{ . | quote }}
 {{- end }}
+- --wait-lock
+- {{ .Values.fetch.waitLockSeconds | quote }}
 {{- if .Values.p2p.enabled }}
 - --peers-from-dns
-- {{ include "weightship.peersHost" . | quote }}
+- {{ include "weightship.peersEndpoint" . | quote }}
 {{- end }}
 {{- range .Values.fetch.extraArgs }}
 - {{ . | quote }}

@@ -13,6 +13,8 @@
     - {{ .Values.serve.port | quote }}
     - --device
     - {{ ternary "cuda" "cpu" (gt (int .Values.gpu.count) 0) | quote }}
+    - --name
+    - {{ include "weightship.servedName" . | quote }}
     - --dtype
     - {{ .Values.serve.dtype | quote }}
     - --max-batch
