@@ -53,6 +53,8 @@ def k8s(
     checks against the cluster, then install with Helm and wait for the rollout.
 
     Examples:
+
+    \b
       weightship deploy k8s mistral-7b-v0.1 --release mistral -n ml
       weightship deploy k8s mistral-7b-v0.1 -n ml --set storage.mode=sharedPVC --dry-run
       weightship deploy k8s weightship-tiny -n demo --gpus 0 --set image.tag=0.1.0
@@ -98,6 +100,8 @@ def status(
     """Show a release: its revision, state, history, and whether its workloads are ready.
 
     Examples:
+
+    \b
       weightship deploy status mistral -n ml
       helm status mistral -n ml            # the same release, seen by Helm
     """
@@ -148,6 +152,8 @@ def rollback(
     """Roll a release back to an earlier revision (recorded as a new revision, as Helm does).
 
     Examples:
+
+    \b
       weightship deploy rollback mistral -n ml
       weightship deploy rollback mistral 2 -n ml --no-wait
     """
@@ -179,6 +185,8 @@ def uninstall(
     reinstall starts without fetching).
 
     Examples:
+
+    \b
       weightship deploy uninstall mistral -n ml
     """
     from weightship.deploy.k8s.release import Releases
