@@ -98,3 +98,23 @@ def big_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_hf_dir: Path) -
               str(dest / "extra-00001.safetensors"))
     create_for_directory(dest, name="big-model").write(dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def hub_root(tmp_path_factory: pytest.TempPathFactory, tiny_hf_dir: Path, big_model_dir: Path) -> Path:
+    """A mirror root: ``weightship/tiny`` (the tiny model) and ``weightship/big`` (64 MiB+)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("hub")
+    shutil.copytree(tiny_hf_dir, root / "weightship" / "tiny", copy_function=os.link)
+    shutil.copytree(big_model_dir, root / "weightship" / "big", copy_function=os.link)
+    return root
+
+
+@pytest.fixture(scope="session")
+def hub_mirror(hub_root: Path) -> Iterator[str]:
+    """``weightship mirror`` over :func:`hub_root` on a loopback port; yields its URL."""
+    from weightship.mirror import MirrorServer
+
+    with MirrorServer(hub_root) as server:
+        yield server.url

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import assert_clean_failure, run_cli
+from tests.fetch.killing import RESUME_BOUND, kill_at_random_points
 from tests.fetch.webserver import FileServer, serve
 from weightship.errors import DigestMismatchError, FetchError, IntegrityError
 from weightship.fetch import build_request, fetch
@@ -127,32 +125,6 @@ def test_user_manifest_is_the_anchor(server: FileServer, small_dir: Path, tmp_pa
     assert_clean_failure(r, 3)
 
 
-def _fetch_proc(url: str, dest: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "weightship", "fetch", url, "--to", str(dest),
-                             "--chunk-mib", "2", "--connections", "3"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def kill_at_random_points(url: str, dest: Path, total: int, kills: int, seed: int) -> int:
-    """Start a fetch and SIGKILL it once its partial files reach a random fraction of ``total``,
-    ``kills`` times; returns how many kills landed mid-download."""
-    rng = random.Random(seed)
-    landed = 0
-    for _ in range(kills):
-        target = rng.uniform(0.02, 0.95) * total
-        proc = _fetch_proc(url, dest)
-        while proc.poll() is None:
-            incoming = dest / ".weightship" / "incoming"
-            have = sum(p.stat().st_size for p in incoming.rglob("*.incomplete")) if incoming.exists() else 0
-            if have >= target:
-                os.kill(proc.pid, signal.SIGKILL)
-                landed += 1
-                break
-            time.sleep(0.002)
-        proc.wait()
-    return landed
-
-
 def test_kill_9_at_random_points_then_resume(big_model_dir: Path, tmp_path: Path) -> None:
     total = Manifest.load(big_model_dir).total_bytes
     dest = tmp_path / "m"
@@ -164,11 +136,9 @@ def test_kill_9_at_random_points_then_resume(big_model_dir: Path, tmp_path: Path
     assert r.code == 0, r.stderr
     assert run_cli("verify", dest).code == 0
     _same_tree(big_model_dir, dest)
-    # Bytes fetched twice are bounded by the chunks in flight at each kill:
-    # parallel files (2) x connections (3) x chunk (2 MiB) per kill, plus the manifests.
-    bound = 2 * 3 * (2 << 20)
+    # Bytes fetched twice are bounded by the chunks in flight at each kill, plus the manifests.
     assert landed >= 5
-    assert served - total <= landed * bound + 11 * (64 << 10), (served - total, landed)
+    assert served - total <= landed * RESUME_BOUND + 11 * (64 << 10), (served - total, landed)
 
 
 def test_disk_full_is_a_clean_error_and_the_partial_resumes(big_model_dir: Path, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from weightship import __version__
-from weightship.cli import _common, convert, fetch, manifest, models, seed, torrent, verify
+from weightship.cli import _common, convert, fetch, manifest, mirror, models, seed, torrent, verify
 
 app = typer.Typer(
     name="weightship",
@@ -43,6 +43,7 @@ app.command("fetch")(fetch.fetch)
 app.command("verify")(verify.verify)
 app.add_typer(manifest.app, name="manifest")
 app.command("convert")(convert.convert)
+app.command("mirror")(mirror.mirror)
 app.command("seed")(seed.seed)
 app.add_typer(torrent.app, name="torrent")
 

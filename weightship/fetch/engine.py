@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import logging
 import os
 import shutil
@@ -118,17 +119,36 @@ def _already_have(files: list[PlannedFile], candidates: dict[str, Path],
     """Entries for the planned files whose candidate path holds exactly the planned bytes.
 
     Files are hashed again rather than trusted from an old manifest: a re-run of ``fetch`` is
-    how a damaged directory is repaired, and hashing is cheap next to downloading.
+    how a damaged directory is repaired, and hashing is cheap next to downloading. Files the
+    anchor knows only by git blob sha1 (the Hub's small files) are checked by that.
     """
     by_path = {f.path: f for f in files}
     sized = {rel: p for rel, p in candidates.items()
-             if by_path[rel].sha256 is not None and p.is_file() and p.stat().st_size == by_path[rel].size}
+             if (by_path[rel].sha256 is not None or by_path[rel].git_sha1 is not None)
+             and p.is_file() and p.stat().st_size == by_path[rel].size}
     have = {}
-    for rel, result in hash_files(sized.items(), progress=progress).items():
+    by_sha = {rel: p for rel, p in sized.items() if by_path[rel].sha256 is not None}
+    for rel, result in hash_files(by_sha.items(), progress=progress).items():
         f = by_path[rel]
         if not isinstance(result, OSError) and result == (f.size, f.sha256):
             have[rel] = FileEntry(path=rel, size=result[0], sha256=result[1], anchor=f.anchor)
+    for rel, p in sized.items():
+        f = by_path[rel]
+        if f.sha256 is None and f.git_sha1 is not None:
+            sha256, git = _sha256_and_git_sha1(p)
+            if git == f.git_sha1:
+                have[rel] = FileEntry(path=rel, size=p.stat().st_size, sha256=sha256, anchor=f.anchor)
     return have
+
+
+def _sha256_and_git_sha1(path: Path) -> tuple[str, str]:
+    size = path.stat().st_size
+    sha, git = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
+    with open(path, "rb") as f:
+        while data := f.read(1 << 20):
+            sha.update(data)
+            git.update(data)
+    return sha.hexdigest(), git.hexdigest()
 
 
 def _remove_empty_dirs(root: Path) -> None:

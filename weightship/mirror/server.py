@@ -1,0 +1,95 @@
+"""Running the mirror: in the foreground (``weightship mirror``) or in a thread (tests, benches)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from weightship.errors import UsageError
+from weightship.mirror.app import create_app
+
+log = logging.getLogger(__name__)
+
+
+def read_tokens(token_file: Path | None) -> frozenset[str]:
+    """The tokens in ``token_file`` (one a line; blank lines and ``#`` comments skipped)."""
+    if token_file is None:
+        return frozenset()
+    try:
+        lines = token_file.read_text().splitlines()
+    except OSError as e:
+        raise UsageError(f"cannot read --token-file {token_file}: {e.strerror}") from None
+    tokens = frozenset(t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#"))
+    if not tokens:
+        raise UsageError(f"--token-file {token_file} holds no token")
+    return tokens
+
+
+def _config(root: Path, host: str, port: int, tokens: frozenset[str]) -> uvicorn.Config:
+    if not root.is_dir():
+        raise UsageError(f"mirror root {root} is not a directory")
+    return uvicorn.Config(create_app(root, tokens=tokens), host=host, port=port, log_level="warning",
+                          access_log=False, timeout_keep_alive=30, lifespan="off")
+
+
+def serve_forever(root: Path, *, host: str = "127.0.0.1", port: int = 8080,
+                  tokens: frozenset[str] = frozenset()) -> None:
+    """Serve until interrupted."""
+    uvicorn.Server(_config(root, host, port, tokens)).run()
+
+
+class MirrorServer:
+    """The mirror on a free loopback port in a background thread; a context manager."""
+
+    def __init__(self, root: Path, *, host: str = "127.0.0.1", tokens: frozenset[str] = frozenset()) -> None:
+        self._server = uvicorn.Server(_config(root, host, 0, tokens))
+        self._thread = threading.Thread(target=self._run, name="ws-mirror", daemon=True)
+        self.host = host
+
+    def _run(self) -> None:
+        asyncio.run(self._server.serve())
+
+    @property
+    def port(self) -> int:
+        """The port it listens on."""
+        servers = getattr(self._server, "servers", [])
+        assert servers and servers[0].sockets, "the mirror is not started"
+        port: int = servers[0].sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def bytes_sent(self) -> int:
+        """File bytes served so far."""
+        sent: int = self._server.config.app.state.api.bytes_sent
+        return sent
+
+    @property
+    def url(self) -> str:
+        """Its base URL (what ``HF_ENDPOINT`` is set to)."""
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> MirrorServer:
+        """Start and wait until it accepts connections."""
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the mirror did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        """Stop and wait for the thread."""
+        self._server.should_exit = True
+        self._thread.join(10)
+
+    def __enter__(self) -> MirrorServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
