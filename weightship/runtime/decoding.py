@@ -61,9 +61,9 @@ class DecodeRunner:
         max_batch = cache.args.max_batch
         self.batch_buckets = _buckets(max_batch, 1)
         self.kv_buckets = _buckets(cache.cache_len, min(_MIN_KV_BUCKET, cache.cache_len))
-        # Static inputs shared by every graph: graph b reads the first b entries.
-        self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
-        self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        # Static inputs shared by every graph: graph b reads the first b entries of each row
+        # (tokens, positions), filled by one host-to-device copy per step.
+        self.inputs = torch.zeros(2, max_batch, dtype=torch.long, device=self.device)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool: Any = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
@@ -85,13 +85,12 @@ class DecodeRunner:
             return self.model.decode(t, p, self.cache, kv_len)
         assert n in self.batch_buckets, (n, self.batch_buckets)
         kv = next(x for x in self.kv_buckets if x >= kv_len)
-        host = torch.tensor([tokens, positions], dtype=torch.long)  # [2, n]
-        self.tokens[:n].copy_(host[0])
-        self.positions[:n].copy_(host[1])
+        self.inputs[:, :n].copy_(torch.tensor([tokens, positions], dtype=torch.long))  # [2, n]
         graph = self._graphs.get((n, kv))
         if graph is None:
             log.info("capturing a CUDA graph for decode at batch %d, %d cache entries", n, kv)
-            graph = _Graph(self.model, self.cache, self.tokens[:n], self.positions[:n], kv, self._pool)
+            graph = _Graph(self.model, self.cache, self.inputs[0, :n], self.inputs[1, :n], kv,
+                           self._pool)
             self._graphs[(n, kv)] = graph
         return graph.replay()
 

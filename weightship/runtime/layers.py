@@ -100,12 +100,15 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         if self.wqkv is not None:
-            xq, xk, xv = F.linear(x, self.wqkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            qkv = F.linear(x, self.wqkv)  # [B, T, (H + 2 Hkv) D]
+            # q and k side by side: one rotary kernel for both
+            qk = qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D)
+            q, k = self.pw.rotary(qk, inp.cos, inp.sin).split([H, Hkv], dim=2)  # [B, T, H|Hkv, D]
+            v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D)  # [B, T, Hkv, D]
         else:
-            xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
-        q = self.pw.rotary(xq.view(B, T, H, D), inp.cos, inp.sin)  # [B, T, H, D]
-        k = self.pw.rotary(xk.view(B, T, Hkv, D), inp.cos, inp.sin)  # [B, T, Hkv, D]
-        v = xv.view(B, T, Hkv, D)  # [B, T, Hkv, D]
+            q = self.pw.rotary(self.wq(x).view(B, T, H, D), inp.cos, inp.sin)  # [B, T, H, D]
+            k = self.pw.rotary(self.wk(x).view(B, T, Hkv, D), inp.cos, inp.sin)  # [B, T, Hkv, D]
+            v = self.wv(x).view(B, T, Hkv, D)  # [B, T, Hkv, D]
         if k_cache is None or v_cache is None:
             out = F.scaled_dot_product_attention(  # [B, H, T, D]
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -182,12 +185,25 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, args: ModelArgs, pw: Pointwise) -> None:
         super().__init__()
+        self.pw = pw
         self.attention = Attention(args, pw)
         self.feed_forward = FeedForward(args, pw)
         self.attention_norm = RMSNorm(args.arch.dim, args.arch.norm_eps, pw)
         self.ffn_norm = RMSNorm(args.arch.dim, args.arch.norm_eps, pw)
 
-    def forward(self, x: torch.Tensor, inp: AttentionInputs,
-                k_cache: torch.Tensor | None, v_cache: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), inp, k_cache, v_cache)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, h: torch.Tensor, delta: torch.Tensor | None, inp: AttentionInputs,
+                k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance the residual stream: ``h`` [B, T, dim] plus the previous block's ``delta``.
+
+        Returns the new ``(h, delta)``. Each residual sum is left to the norm that follows it,
+        which computes both in one kernel (the last one is added by the model's final norm).
+        """
+        eps = self.attention_norm.eps
+        if delta is None:
+            x = self.attention_norm(h)
+        else:
+            h, x = self.pw.add_rms_norm(h, delta, self.attention_norm.weight, eps)
+        h, x = self.pw.add_rms_norm(h, self.attention(x, inp, k_cache, v_cache),
+                                    self.ffn_norm.weight, eps)
+        return h, self.feed_forward(x)

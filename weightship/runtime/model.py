@@ -75,11 +75,13 @@ class Transformer(nn.Module):
         """Blocks over the embedded ``tokens`` [B, T] → final hidden states [B, T, dim]."""
         assert self.rope_cos.numel() > 0, "init_rotary() was not called after loading"
         h = self.tok_embeddings(tokens)  # [B, T, dim]
+        delta: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
             k_cache = cache.k[i] if cache is not None else None
             v_cache = cache.v[i] if cache is not None else None
-            h = layer(h, inp, k_cache, v_cache)
-        return self.norm(h)
+            h, delta = layer(h, delta, inp, k_cache, v_cache)
+        assert delta is not None
+        return self.pointwise.add_rms_norm(h, delta, self.norm.weight, self.norm.eps)[1]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, vocab] (float32) of whole sequences ``tokens`` [B, T], no cache."""

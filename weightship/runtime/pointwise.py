@@ -1,4 +1,4 @@
-"""The elementwise parts of a block (RMSNorm, rotary, SwiGLU's gate), fusable by torch.compile.
+"""The elementwise parts of a block (RMSNorm, residual adds, rotary, SwiGLU's gate), fusable.
 
 At batch 1 a decode step is bound by reading the weights, and every extra kernel launch between
 two matrix-vector products is time the memory bus sits idle. Eagerly, RMSNorm is about seven
@@ -28,6 +28,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * normed.type_as(x)
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual sum ``x + delta`` and its RMSNorm: one kernel where compiled."""
+    h = x + delta
+    return h, rms_norm(h, weight, eps)
+
+
 def swiglu_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``: SwiGLU's gating (Shazeer, 2020)."""
     return F.silu(gate) * up
@@ -36,15 +43,14 @@ def swiglu_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 class _WithFallback:
     """A compiled function that reverts to ``eager`` for good if it ever fails to compile."""
 
-    def __init__(self, eager: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, eager: Callable[..., Any]) -> None:
         self.eager = eager
         self.compiled: Callable[..., Any] | None = torch.compile(eager, fullgraph=True, dynamic=True)
 
-    def __call__(self, *args: Any) -> torch.Tensor:
+    def __call__(self, *args: Any) -> Any:
         if self.compiled is not None:
             try:
-                out: torch.Tensor = self.compiled(*args)
-                return out
+                return self.compiled(*args)
             except Exception as e:  # compilation problems surface at the first call
                 log.warning("torch.compile of %s failed, running it eagerly: %s",
                             self.eager.__name__, str(e).splitlines()[0] if str(e) else type(e))
@@ -57,6 +63,7 @@ class Pointwise:
 
     def __init__(self) -> None:
         self.rms_norm: Callable[..., torch.Tensor] = rms_norm
+        self.add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = add_rms_norm
         self.rotary: Callable[..., torch.Tensor] = apply_rotary
         self.swiglu_gate: Callable[..., torch.Tensor] = swiglu_gate
         self.compiled = False
@@ -64,6 +71,7 @@ class Pointwise:
     def compile(self) -> None:
         """Fuse each function into one kernel with torch.compile (worth it on GPUs)."""
         self.rms_norm = _WithFallback(rms_norm)
+        self.add_rms_norm = _WithFallback(add_rms_norm)
         self.rotary = _WithFallback(apply_rotary)
         self.swiglu_gate = _WithFallback(swiglu_gate)
         self.compiled = True
