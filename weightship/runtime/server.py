@@ -344,6 +344,12 @@ class _DrainingServer(uvicorn.Server):
         self._on_exit()
         super().handle_exit(sig, frame)
 
+    async def _serve(self, sockets: list[socket.socket] | None = None) -> None:
+        await super()._serve(sockets)
+        # Drained: exit 0 rather than have uvicorn re-raise the signal that asked us to stop.
+        if not self.force_exit:
+            self._captured_signals.clear()
+
 
 def make_server(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000,
                 log_level: str = "warning") -> uvicorn.Server:
