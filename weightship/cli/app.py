@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from weightship import __version__
-from weightship.cli import _common, convert, fetch, manifest, mirror, models, seed, torrent, verify
+from weightship.cli import _common, convert, fetch, manifest, mirror, models, push, seed, torrent, verify
 
 app = typer.Typer(
     name="weightship",
@@ -44,6 +44,7 @@ app.command("verify")(verify.verify)
 app.add_typer(manifest.app, name="manifest")
 app.command("convert")(convert.convert)
 app.command("mirror")(mirror.mirror)
+app.command("push")(push.push)
 app.command("seed")(seed.seed)
 app.add_typer(torrent.app, name="torrent")
 

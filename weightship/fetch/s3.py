@@ -11,7 +11,9 @@ at the start (``If-Match``), through the shared downloader.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 from weightship.errors import (
@@ -26,6 +28,9 @@ from weightship.errors import (
 from weightship.fetch.base import FetchPlan, PlannedFile
 from weightship.fetch.download import RangeReader, RemoteStat, TransferOptions
 from weightship.fetch.ranged import REMOTE_MANIFEST, RangedSource, plan_from_manifest
+from weightship.manifest import Manifest
+from weightship.paths import resolve_under
+from weightship.progress import NullProgress, Progress
 
 _READ = 1 << 20
 
@@ -186,3 +191,57 @@ class S3Source(RangedSource):
     def uri_for(self, file: PlannedFile) -> str:
         bucket, _ = parse_s3_uri(self.uri)
         return f"s3://{bucket}/{self._key(file.path)}"
+
+
+def push_directory(directory: Path, uri: str, *, progress: Progress | None = None,
+                   opts: TransferOptions | None = None) -> Manifest:
+    """Upload a verified model directory and its manifest to ``s3://bucket/prefix``.
+
+    The directory is verified first (every file against its manifest), so a bucket is never
+    stocked with bytes that do not match the digests that travel with them. Files go first and
+    the manifest last: a reader that finds the manifest finds every file it lists. Each object
+    also carries its sha256 as metadata, for people browsing the bucket; weightship itself
+    trusts only the manifest.
+    """
+    from boto3.s3.transfer import TransferConfig
+
+    from weightship.verify import verify_dir
+
+    progress = progress or NullProgress()
+    opts = opts or TransferOptions()
+    manifest = Manifest.load(directory)
+    verify_dir(directory, progress=progress, record=False).raise_for_problems()
+    bucket, prefix = parse_s3_uri(uri)
+    client = make_s3_client(opts)
+    config = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20,
+                            max_concurrency=opts.connections * opts.parallel_files)
+    progress.begin("push", total_bytes=manifest.total_bytes, files=len(manifest.files))
+    for f in manifest.files:
+        key = f"{prefix}/{f.path}" if prefix else f.path
+        progress.file_begin(f.path, f.size)
+        try:
+            client.upload_file(str(resolve_under(directory, f.path)), bucket, key, Config=config,
+                               ExtraArgs={"Metadata": {"sha256": f.sha256}},
+                               Callback=lambda n, path=f.path: progress.advance(path, n))
+        except Exception as e:
+            raise _upload_error(e, f"s3://{bucket}/{key}") from None
+        progress.file_end(f.path, "ok")
+    key = f"{prefix}/{REMOTE_MANIFEST}" if prefix else REMOTE_MANIFEST
+    try:
+        client.put_object(Bucket=bucket, Key=key, ContentType="application/json",
+                          Body=(json.dumps(manifest.to_dict(), indent=2) + "\n").encode())
+    except Exception as e:
+        raise s3_error(e, f"s3://{bucket}/{key}") from None
+    progress.end()
+    return manifest
+
+
+def _upload_error(e: BaseException, where: str) -> BaseException:
+    from boto3.exceptions import S3UploadFailedError
+
+    if isinstance(e, S3UploadFailedError):
+        cause = e.__context__ or e.__cause__
+        if cause is not None:
+            return s3_error(cause, where)
+        return FetchError(f"{where}: upload failed: {e}")
+    return s3_error(e, where)

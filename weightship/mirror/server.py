@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import uvicorn
+from starlette.applications import Starlette
 
 from weightship.errors import UsageError
 from weightship.mirror.app import create_app
@@ -47,7 +48,9 @@ class MirrorServer:
     """The mirror on a free loopback port in a background thread; a context manager."""
 
     def __init__(self, root: Path, *, host: str = "127.0.0.1", tokens: frozenset[str] = frozenset()) -> None:
-        self._server = uvicorn.Server(_config(root, host, 0, tokens))
+        config = _config(root, host, 0, tokens)
+        self._app: Starlette = config.app  # type: ignore[assignment]
+        self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="ws-mirror", daemon=True)
         self.host = host
 
@@ -65,7 +68,7 @@ class MirrorServer:
     @property
     def bytes_sent(self) -> int:
         """File bytes served so far."""
-        sent: int = self._server.config.app.state.api.bytes_sent
+        sent: int = self._app.state.api.bytes_sent
         return sent
 
     @property

@@ -1,0 +1,99 @@
+"""The s3 source and ``weightship push`` against a real S3 server (``rclone serve s3``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import S3Server, assert_clean_failure, run_cli
+from tests.fetch.killing import kill_at_random_points
+from weightship.errors import DigestMismatchError
+from weightship.fetch import build_request, fetch
+from weightship.manifest import Manifest
+
+
+def _same_files(want: Path, got: Path) -> None:
+    assert {f.path: f.sha256 for f in Manifest.load(got).files} == \
+        {f.path: f.sha256 for f in Manifest.load(want).files}
+
+
+def test_push_then_fetch_tiny_then_verify(s3_server: S3Server, tiny_hf_dir: Path, tmp_path: Path) -> None:
+    r = run_cli("push", tiny_hf_dir, "s3://models/tiny", "--json", env=s3_server.env)
+    assert r.code == 0, r.stderr
+    assert (s3_server.root / "models" / "tiny" / ".weightship" / "manifest.json").is_file()
+    r = run_cli("fetch", "s3://models/tiny", "--to", tmp_path / "m", "--json", env=s3_server.env)
+    assert r.code == 0, r.stderr
+    m = json.loads(r.stdout)["manifest"]
+    assert m["source"]["kind"] == "s3" and m["source"]["uri"] == "s3://models/tiny"
+    assert {f["anchor"] for f in m["files"]} == {"remote-manifest"}
+    assert all(f["source"].startswith("s3://models/tiny/") for f in m["files"])
+    assert run_cli("verify", tmp_path / "m").code == 0
+    _same_files(tiny_hf_dir, tmp_path / "m")
+
+
+def test_big_model_and_kill_9_resume(s3_env: S3Server, big_model_dir: Path, tmp_path: Path) -> None:
+    from weightship.fetch.s3 import push_directory
+
+    push_directory(big_model_dir, "s3://models/big")
+    total = Manifest.load(big_model_dir).total_bytes
+    dest = tmp_path / "m"
+    landed = kill_at_random_points("s3://models/big", dest, total, kills=10, seed=9, env=s3_env.env)
+    r = run_cli("fetch", "s3://models/big", "--to", dest, "--json", env=s3_env.env)
+    assert r.code == 0, r.stderr
+    assert landed >= 5
+    assert run_cli("verify", dest).code == 0
+    _same_files(big_model_dir, dest)
+    # a fresh fetch in-process moves every byte once
+    result = fetch(build_request("s3://models/big", options={"chunk_size": 8 << 20}), tmp_path / "n")
+    assert result.downloaded_bytes == total
+
+
+def test_object_etag_is_never_trusted_a_changed_object_is_rejected(
+        s3_env: S3Server, tiny_hf_dir: Path, tmp_path: Path) -> None:
+    from weightship.fetch.s3 import push_directory
+
+    push_directory(tiny_hf_dir, "s3://models/tampered")
+    obj = s3_env.root / "models" / "tampered" / "model.safetensors"
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 1
+    obj.write_bytes(bytes(data))  # same size, new ETag: only the manifest's sha256 can tell
+    with pytest.raises(DigestMismatchError):
+        fetch(build_request("s3://models/tampered"), tmp_path / "m")
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+
+
+def test_no_manifest_and_missing_bucket_fail_cleanly(s3_server: S3Server, tmp_path: Path) -> None:
+    obj = s3_server.root / "models" / "bare" / "model.safetensors"
+    obj.parent.mkdir(parents=True)
+    obj.write_bytes(b"x" * 1000)
+    r = run_cli("fetch", "s3://models/bare", "--to", tmp_path / "a", env=s3_server.env)
+    assert_clean_failure(r, 1)
+    assert "no manifest" in r.stderr
+    r = run_cli("fetch", "s3://nobucket/x", "--to", tmp_path / "b", env=s3_server.env)
+    assert_clean_failure(r, 1)
+    r = run_cli("fetch", "s3://models/tiny", "--to", tmp_path / "c",
+                env={**s3_server.env, "AWS_SECRET_ACCESS_KEY": "wrong"})
+    assert_clean_failure(r, 1)
+
+
+def test_manifest_option_is_the_anchor_for_a_bare_prefix(s3_server: S3Server, tiny_hf_dir: Path,
+                                                         tmp_path: Path) -> None:
+    bare = s3_server.root / "models" / "bare-tiny"
+    shutil.copytree(tiny_hf_dir, bare, ignore=shutil.ignore_patterns(".weightship"))
+    r = run_cli("fetch", "s3://models/bare-tiny", "--to", tmp_path / "m", "--json",
+                "--manifest", tiny_hf_dir / ".weightship" / "manifest.json", env=s3_server.env)
+    assert r.code == 0, r.stderr
+    assert {f["anchor"] for f in json.loads(r.stdout)["manifest"]["files"]} == {"manifest"}
+    _same_files(tiny_hf_dir, tmp_path / "m")
+
+
+def test_push_refuses_a_damaged_directory(s3_server: S3Server, tiny_copy: Path) -> None:
+    with open(tiny_copy / "model.safetensors", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\xff\xfe")
+    r = run_cli("push", tiny_copy, "s3://models/damaged", env=s3_server.env)
+    assert_clean_failure(r, 3)
+    assert not (s3_server.root / "models" / "damaged").exists()

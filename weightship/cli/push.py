@@ -1,0 +1,40 @@
+"""``weightship push``: upload a verified model directory, with its manifest, to S3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from weightship.cli._common import JsonOption, emit, progress_for
+from weightship.fetch.s3 import push_directory
+
+
+def push(
+    directory: Annotated[Path, typer.Argument(help="A fetched (or `manifest create`d) model directory.")],
+    uri: Annotated[str, typer.Argument(help="Destination, s3://bucket/prefix.")],
+    json_flag: JsonOption = False,
+) -> None:
+    """Verify a model directory, then upload its files and its manifest to S3.
+
+    Anyone can then fetch it, verified against that manifest, with
+    `weightship fetch s3://bucket/prefix`. boto3's usual configuration applies
+    (AWS_PROFILE, AWS_ENDPOINT_URL, AWS_REGION, the credential chain).
+
+    Examples:
+
+    \b
+      weightship push ~/.cache/weightship/models/mistral-7b-v0.1 s3://models/mistral-7b-v0.1
+      AWS_ENDPOINT_URL=http://minio:9000 weightship push ./tiny s3://models/tiny
+    """
+    with progress_for(json_flag) as progress:
+        m = push_directory(directory, uri, progress=progress)
+
+    def human(console: Console) -> None:
+        console.print(f"[green]✓[/] {m.name} → {uri}: {len(m.files)} files, {m.total_bytes:,} bytes "
+                      "and the manifest", highlight=False)
+
+    emit({"uri": uri, "name": m.name, "files": len(m.files), "bytes": m.total_bytes}, human,
+         json_flag=json_flag)
