@@ -41,6 +41,7 @@ class Seeding:
     listen: list[str]
     torrent: bytes
     files: int
+    uploaded: Callable[[], int] | None = None  # payload bytes served so far (while seeding)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form (without the torrent's bytes)."""
@@ -100,7 +101,7 @@ def seed_directory(directory: Path, *, torrent: bytes | None = None, listen: str
         port = swarm.session.listen_port()
         info = Seeding(infohash=meta.infohash, magnet=lt.make_magnet_uri(meta.info),
                        listen=[f"{host}:{port}" for host in _hosts(listen)], torrent=meta.torrent_bytes(),
-                       files=len(meta.files))
+                       files=len(meta.files), uploaded=lambda: int(handle.status().total_payload_upload))
         if on_ready is not None:
             on_ready(info)
         end = time.monotonic() + duration

@@ -42,6 +42,8 @@ class Swarm:
         self.banned: list[tuple[str, int]] = []
         self.hash_failures = 0
         self._resume_path: Path | None = None
+        self.resumed_bytes = 0  # wanted bytes already verified when the download (re)started
+        self.downloaded_bytes = 0  # payload bytes that came from peers in this run
         self._last_dial = 0.0
 
     # ---- alerts ------------------------------------------------------------------------------
@@ -141,6 +143,10 @@ class Swarm:
             now = time.monotonic()
             if st.total_wanted_done != last_done:
                 last_done, last_payload = st.total_wanted_done, now
+            if st.state not in (st.checking_files, st.checking_resume_data) and not self.resumed_bytes \
+                    and st.total_payload_download == 0:
+                self.resumed_bytes = st.total_wanted_done
+            self.downloaded_bytes = st.total_payload_download
             if st.is_finished and st.state not in (st.checking_files, st.checking_resume_data):
                 break
             if now - last_payload > stall_timeout:
