@@ -113,3 +113,13 @@ def test_sigterm_drains_running_requests_then_exits(served: tuple[subprocess.Pop
     usage = json.loads(lines[-2][6:])["usage"]
     assert usage["completion_tokens"] == 600  # the running request finished in full
     assert proc.wait(60) == 0
+
+
+def test_demo_asks_one_question_and_shuts_the_server_down(tiny_hf_dir: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from weightship.runtime import demo
+
+    assert demo.main([str(tiny_hf_dir), "Hello?"]) == 0
+    out = capsys.readouterr().out
+    assert "Q: Hello?" in out and "A: " in out
+    assert "exited with code 0" in out
