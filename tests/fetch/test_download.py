@@ -1,0 +1,145 @@
+"""The ranged downloader on its own: resume journal, validators, retries, inline hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from weightship.errors import DigestMismatchError, FetchError, TransientFetchError
+from weightship.fetch.download import (
+    RangeReader,
+    RemoteStat,
+    TransferOptions,
+    download,
+    journal_path,
+)
+
+DATA = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes
+SHA = hashlib.sha256(DATA).hexdigest()
+OPTS = TransferOptions(connections=3, chunk_size=64 << 10, backoff=0.001, backoff_max=0.002, retries=3)
+
+
+class MemoryRemote(RangeReader):
+    """Serves ``data`` from memory, counting bytes, failing on request."""
+
+    def __init__(self, data: bytes = DATA, validator: str | None = '"v1"',
+                 fail_at: set[int] | None = None, error: type[Exception] = TransientFetchError) -> None:
+        self.data, self.validator = data, validator
+        self.fail_at = set(fail_at or ())  # range starts whose first read fails (once each)
+        self.error = error
+        self.served = 0
+        self.lock = threading.Lock()
+
+    def stat(self) -> RemoteStat:
+        return RemoteStat(size=len(self.data), validator=self.validator)
+
+    def read_range(self, start: int, end: int, validator: str | None) -> Iterator[bytes]:
+        with self.lock:
+            fail = start in self.fail_at
+            self.fail_at.discard(start)
+        if fail:
+            yield self.data[start:start + 100]  # a little progress, then the connection drops
+            with self.lock:
+                self.served += 100
+            raise self.error(f"boom at {start}")
+        for i in range(start, end, 16 << 10):
+            piece = self.data[i:min(end, i + (16 << 10))]
+            with self.lock:
+                self.served += len(piece)
+            yield piece
+
+
+def test_download_hashes_inline_and_removes_the_journal(tmp_path: Path) -> None:
+    remote = MemoryRemote()
+    staging = tmp_path / "f.incomplete"
+    result = download(remote, staging, expected_size=len(DATA), sha256=SHA, opts=OPTS)
+    assert result.sha256 == SHA and staging.read_bytes() == DATA
+    assert remote.served == len(DATA) and not journal_path(staging).exists()
+
+
+def test_resume_skips_chunks_the_journal_lists(tmp_path: Path) -> None:
+    staging = tmp_path / "f.incomplete"
+    with pytest.raises(FetchError):  # a permanent failure at chunk 5 stops the first run
+        download(MemoryRemote(fail_at={5 * OPTS.chunk_size}, error=FetchError), staging,
+                 expected_size=len(DATA), sha256=SHA, opts=OPTS)
+    journal = json.loads(journal_path(staging).read_text())
+    assert journal["done"] and 5 not in journal["done"]
+    again = MemoryRemote()
+    result = download(again, staging, expected_size=len(DATA), sha256=SHA, opts=OPTS)
+    assert result.sha256 == SHA and staging.read_bytes() == DATA
+    assert result.resumed_bytes == len(journal["done"]) * OPTS.chunk_size
+    assert again.served == len(DATA) - result.resumed_bytes
+
+
+def test_a_changed_validator_throws_the_partial_away(tmp_path: Path) -> None:
+    staging = tmp_path / "f.incomplete"
+    with pytest.raises(FetchError):
+        download(MemoryRemote(fail_at={3 * OPTS.chunk_size}, error=FetchError), staging,
+                 expected_size=len(DATA), sha256=SHA, opts=OPTS)
+    changed = MemoryRemote(validator='"v2"')
+    result = download(changed, staging, expected_size=len(DATA), sha256=SHA, opts=OPTS)
+    assert result.resumed_bytes == 0 and changed.served == len(DATA) and result.sha256 == SHA
+
+
+def test_a_changed_size_is_an_integrity_failure(tmp_path: Path) -> None:
+    with pytest.raises(DigestMismatchError, match="size"):
+        download(MemoryRemote(DATA + b"x"), tmp_path / "f", expected_size=len(DATA), sha256=SHA, opts=OPTS)
+
+
+def test_a_garbled_journal_means_starting_over(tmp_path: Path) -> None:
+    staging = tmp_path / "f.incomplete"
+    staging.write_bytes(b"\0" * len(DATA))
+    journal_path(staging).write_text("{not json")
+    remote = MemoryRemote()
+    assert download(remote, staging, expected_size=len(DATA), sha256=SHA, opts=OPTS).sha256 == SHA
+    assert remote.served == len(DATA)
+
+
+def test_a_lying_journal_is_caught_by_the_digest(tmp_path: Path) -> None:
+    staging = tmp_path / "f.incomplete"
+    staging.write_bytes(b"\0" * len(DATA))  # "done" chunks that hold zeros
+    journal_path(staging).write_text(json.dumps({"size": len(DATA), "chunk_size": OPTS.chunk_size,
+                                                 "validator": '"v1"', "digest": SHA, "done": [0, 1]}))
+    with pytest.raises(DigestMismatchError):
+        download(MemoryRemote(), staging, expected_size=len(DATA), sha256=SHA, opts=OPTS)
+    assert not staging.exists() and not journal_path(staging).exists()
+    assert download(MemoryRemote(), staging, expected_size=len(DATA), sha256=SHA, opts=OPTS).sha256 == SHA
+
+
+def test_retryable_errors_are_retried_from_the_last_byte(tmp_path: Path) -> None:
+    starts = {i * OPTS.chunk_size for i in range(0, 16, 3)}
+    remote = MemoryRemote(fail_at=starts)
+    result = download(remote, tmp_path / "f", expected_size=len(DATA), sha256=SHA, opts=OPTS)
+    assert result.sha256 == SHA
+    assert remote.served == len(DATA)  # each retry continues after the bytes it already had
+
+
+def test_permanent_errors_are_not_retried(tmp_path: Path) -> None:
+    remote = MemoryRemote(fail_at={0}, error=FetchError)
+    with pytest.raises(FetchError, match="boom at 0"):
+        download(remote, tmp_path / "f", expected_size=len(DATA), sha256=SHA,
+                 opts=TransferOptions(connections=1, chunk_size=64 << 10))
+    assert remote.served < 200
+
+
+@settings(max_examples=25, deadline=None)
+@given(size=st.integers(0, 300_000), chunk=st.integers(4096, 70_000), conns=st.integers(1, 5),
+       fails=st.sets(st.integers(0, 80), max_size=6), git=st.booleans())
+def test_any_chunking_gives_the_same_digests(tmp_path_factory: pytest.TempPathFactory, size: int,
+                                             chunk: int, conns: int, fails: set[int], git: bool) -> None:
+    data = hashlib.shake_256(str(size).encode()).digest(size)
+    blob = hashlib.sha1(b"blob %d\0" % size + data).hexdigest()
+    remote = MemoryRemote(data, fail_at={i * chunk for i in fails})
+    staging = tmp_path_factory.mktemp("p") / "f.incomplete"
+    opts = TransferOptions(connections=conns, chunk_size=chunk, backoff=0.0001, backoff_max=0.0001)
+    result = download(remote, staging, expected_size=size, sha256=hashlib.sha256(data).hexdigest(),
+                      git_sha1=blob if git else None, opts=opts)
+    assert staging.read_bytes() == data
+    assert result.git_sha1 == (blob if git else None)
