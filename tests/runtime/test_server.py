@@ -17,8 +17,9 @@ from weightship.runtime.engine import Engine, EngineConfig
 from weightship.runtime.loader import load_model
 from weightship.runtime.middleware import Limits
 from weightship.runtime.model import Transformer
+from weightship.runtime.runner import BackgroundServer
 from weightship.runtime.sampling import SamplingParams
-from weightship.runtime.server import BackgroundServer, ServerState
+from weightship.runtime.server import ServerState
 from weightship.runtime.tokenizer import Tokenizer
 
 NAME = "weightship-tiny"

@@ -77,7 +77,8 @@ def serve(
     """
     from weightship.runtime.engine import Engine, EngineConfig
     from weightship.runtime.loader import find_files, load_model
-    from weightship.runtime.server import ServerState, make_server
+    from weightship.runtime.runner import make_server
+    from weightship.runtime.server import ServerState
     from weightship.runtime.tokenizer import Tokenizer
 
     directory = resolve_model_dir(model)
