@@ -18,14 +18,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check weightship tests bench scripts
+	$(BIN)/ruff check weightship tests bench
 	$(BIN)/mypy
 
 test: lint
 	$(BIN)/pytest -q
 
+# Fetch and verify the embedded tiny model, serve it, ask it one question, stop the server.
 demo: setup
-	$(BIN)/python scripts/demo.py --dir $(DEMO_DIR)
+	$(BIN)/weightship fetch weightship-tiny --to $(DEMO_DIR)
+	$(BIN)/weightship verify $(DEMO_DIR) --deep
+	$(BIN)/python -m weightship.runtime.demo $(DEMO_DIR)
 
 bench: setup
 	$(BIN)/python bench/verify.py

@@ -71,6 +71,8 @@ def serve(
     /health answers at once; /ready once the weights are loaded and the engine is warm.
 
     Examples:
+
+    \b
       weightship serve ./tiny --port 8000
       weightship serve mistral-7b-v0.1 --host 0.0.0.0 --max-batch 32 --api-key-file keys.txt
       weightship serve ./tiny --device cpu --max-model-len 1024
@@ -82,15 +84,18 @@ def serve(
     from weightship.runtime.tokenizer import Tokenizer
 
     directory = resolve_model_dir(model)
+    manifest_name: str | None = None
     if not no_verify:
         from weightship.verify import verify_dir
 
-        verify_dir(directory).raise_for_problems()
+        report = verify_dir(directory)
+        report.raise_for_problems()
+        manifest_name = report.name
     find_files(directory)  # a directory the runtime cannot read fails here, before listening
     if max_batch < 1 or max_queue < 0:
         raise UsageError("--max-batch must be at least 1 and --max-queue at least 0")
     keys = read_api_keys(api_key_file) if api_key_file else frozenset()
-    state = ServerState(served_name or directory.resolve().name, api_keys=keys)
+    state = ServerState(served_name or manifest_name or directory.resolve().name, api_keys=keys)
     server = make_server(state, host=host, port=port, log_level="info")
     failure: list[BaseException] = []
 
