@@ -35,7 +35,7 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -175,16 +175,29 @@ def discard(staging: Path) -> None:
 
 
 class _PrefixHasher:
-    """Hashes chunks in order as they finish; finished chunks wait in memory for their turn."""
+    """Hashes chunks in order, in its own thread, as they finish.
 
-    def __init__(self, fd: int, size: int, chunk: int, *, git_sha1: bool, enabled: bool) -> None:
+    Finished chunks wait in memory for their turn; chunks from an earlier run (offered without
+    bytes) are read back from disk once. hashlib releases the GIL on large updates, so hashing
+    runs beside the network threads instead of after them. ``on_hashed(index, fetched)`` is
+    called after each chunk, outside any lock.
+    """
+
+    def __init__(self, fd: int, size: int, chunk: int, *, git_sha1: bool, enabled: bool,
+                 on_hashed: Callable[[int, bool], None]) -> None:
         self._fd, self._size, self._chunk = fd, size, chunk
         self.sha256 = hashlib.sha256() if enabled else None
         self.git = hashlib.sha1(usedforsecurity=False) if git_sha1 and enabled else None
         if self.git is not None:
             self.git.update(b"blob %d\0" % size)
         self.next = 0  # first chunk not hashed yet
-        self._waiting: dict[int, list[bytes]] = {}
+        self._ready: dict[int, list[bytes] | None] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._on_hashed = on_hashed
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="ws-hash", daemon=True)
+        self._thread.start()
 
     def _update(self, data: bytes | memoryview) -> None:
         if self.sha256 is not None:
@@ -192,28 +205,51 @@ class _PrefixHasher:
         if self.git is not None:
             self.git.update(data)
 
-    def add(self, index: int, pieces: list[bytes] | None, done: set[int]) -> int:
-        """Record chunk ``index`` (its bytes, or None if only on disk); returns chunks hashed."""
-        if pieces is not None:
-            self._waiting[index] = pieces
-        hashed = 0
-        while self.next in done:
-            held = self._waiting.pop(self.next, None)
-            if held is not None:
-                for piece in held:
-                    self._update(piece)
-            else:  # finished by an earlier run: read it back once
-                start = self.next * self._chunk
-                end = min(start + self._chunk, self._size)
-                while start < end:
-                    data = os.pread(self._fd, min(4 << 20, end - start), start)
-                    if not data:
-                        raise FetchError(f"partial download shrank at byte {start}")
-                    self._update(data)
-                    start += len(data)
-            self.next += 1
-            hashed += 1
-        return hashed
+    def offer(self, index: int, pieces: list[bytes] | None) -> None:
+        """Chunk ``index`` is complete: its bytes, or None when they are only on disk."""
+        with self._cond:
+            self._ready[index] = pieces
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while self.next not in self._ready and not self._closed:
+                        self._cond.wait()
+                    if self.next not in self._ready:
+                        return
+                    index = self.next
+                    pieces = self._ready.pop(index)
+                if pieces is None:
+                    self._hash_from_disk(index)
+                else:
+                    for piece in pieces:
+                        self._update(piece)
+                with self._cond:
+                    self.next += 1
+                self._on_hashed(index, pieces is not None)
+        except BaseException as e:  # reported by close(); the download fails with it
+            self.error = e
+
+    def _hash_from_disk(self, index: int) -> None:
+        start = index * self._chunk
+        end = min(start + self._chunk, self._size)
+        while start < end:
+            data = os.pread(self._fd, min(4 << 20, end - start), start)
+            if not data:
+                raise FetchError(f"partial download shrank at byte {start}")
+            self._update(data)
+            start += len(data)
+
+    def close(self) -> None:
+        """Hash whatever is ready and in order, then stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 class _ChunkedDownload:
@@ -258,20 +294,24 @@ class _ChunkedDownload:
         self.staging.parent.mkdir(parents=True, exist_ok=True)
         done = self._resume_state()
         fd = os.open(self.staging, os.O_RDWR | os.O_CREAT, 0o644)
+        hasher = _PrefixHasher(fd, self.remote.size, self.chunk, git_sha1=self.git_sha1,
+                               enabled=self.opts.verify, on_hashed=self._hashed)
         try:
-            hasher = _PrefixHasher(fd, self.remote.size, self.chunk,
-                                   git_sha1=self.git_sha1, enabled=self.opts.verify)
             if self.resumed:
                 self.progress.advance(self.path, self.resumed)
                 self.progress.note(f"{self.path}: resuming, {self.resumed:,} bytes already on disk")
-            hasher.add(-1, None, done)
+            for i in sorted(done):
+                hasher.offer(i, None)
             self.journal.done = sorted(done)
             todo = iter([i for i in range(self.chunks) if i not in done])
             if self.remote.size > 0:
                 self._run_workers(fd, todo, done, hasher)
             os.fsync(fd)
         finally:
-            os.close(fd)
+            try:
+                hasher.close()
+            finally:
+                os.close(fd)
         assert hasher.next == self.chunks or self.remote.size == 0, (hasher.next, self.chunks)
         return DownloadResult(
             size=self.remote.size,
@@ -279,14 +319,17 @@ class _ChunkedDownload:
             git_sha1=hasher.git.hexdigest() if hasher.git is not None else None,
             fetched_bytes=self.fetched, resumed_bytes=self.resumed)
 
+    def _hashed(self, index: int, fetched: bool) -> None:
+        if fetched:  # a chunk fetched by this run gives its window slot back (memory freed)
+            self.window.release()
+
     def _run_workers(self, fd: int, todo: Iterator[int], done: set[int], hasher: _PrefixHasher) -> None:
         errors: list[BaseException] = []
         todo_lock = threading.Lock()
-        mine: set[int] = set()  # chunks fetched by this run and still waiting to be hashed
 
         def take_slot() -> bool:
             while not self.window.acquire(timeout=0.2):
-                if self.stop.is_set():
+                if self.stop.is_set() or hasher.error is not None:
                     return False
             return True
 
@@ -307,14 +350,9 @@ class _ChunkedDownload:
                     return
                 with self.lock:
                     done.add(index)
-                    mine.add(index)
                     self.journal.done = sorted(done)
                     self.journal.save(self.jpath)
-                    hasher.add(index, pieces, done)
-                    # A chunk gives its window slot back once hashed (its memory freed).
-                    for i in [i for i in mine if i < hasher.next]:
-                        mine.discard(i)
-                        self.window.release()
+                hasher.offer(index, pieces)
 
         n = min(self.opts.connections, self.chunks)
         with ThreadPoolExecutor(n, thread_name_prefix="ws-chunk") as pool:
@@ -384,15 +422,18 @@ def _stream_whole(reader: RangeReader, staging: Path, remote: RemoteStat, opts: 
                   progress: Progress, path: str, git_sha1: bool) -> DownloadResult:
     """Fetch a file from its first byte in one stream (a server that ignores ranges)."""
     discard(staging)
-    fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    hasher = _PrefixHasher(fd, remote.size, max(remote.size, 1), git_sha1=git_sha1, enabled=opts.verify)
+    sha = hashlib.sha256() if opts.verify else None
+    git = hashlib.sha1(b"blob %d\0" % remote.size, usedforsecurity=False) if git_sha1 and opts.verify else None
     pos = 0
+    fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         for piece in reader.read_whole():
             if pos + len(piece) > remote.size:
                 raise TransientFetchError(f"{path}: server sent more than {remote.size} bytes")
             _pwrite_all(fd, piece, pos, staging)
-            hasher._update(piece)
+            for h in (sha, git):
+                if h is not None:
+                    h.update(piece)
             pos += len(piece)
             progress.advance(path, len(piece))
         if pos != remote.size:
@@ -400,9 +441,8 @@ def _stream_whole(reader: RangeReader, staging: Path, remote: RemoteStat, opts: 
         os.fsync(fd)
     finally:
         os.close(fd)
-    return DownloadResult(size=pos, sha256=hasher.sha256.hexdigest() if hasher.sha256 else None,
-                          git_sha1=hasher.git.hexdigest() if hasher.git else None,
-                          fetched_bytes=pos, resumed_bytes=0)
+    return DownloadResult(size=pos, sha256=sha.hexdigest() if sha else None,
+                          git_sha1=git.hexdigest() if git else None, fetched_bytes=pos, resumed_bytes=0)
 
 
 def download(reader: RangeReader, staging: Path, *, expected_size: int | None, sha256: str | None,

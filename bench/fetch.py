@@ -1,0 +1,205 @@
+"""Benchmark of fetching: weightship beside s5cmd, boto3 and huggingface_hub, same bytes, same run.
+
+A model directory of ``--size`` random bytes (default 1 GiB, in ``--files`` files) is served on
+loopback two ways: by ``rclone serve s3`` (S3) and by ``weightship mirror`` (the Hub protocol,
+in its own process). Each tool fetches it into a fresh directory ``--runs`` times (default 3);
+the table shows medians and each weightship figure as a ratio to its peer (>1 = faster):
+
+- S3 fetch + sha256 (weightship) beside ``s5cmd cp`` and boto3's ``download_file`` (neither
+  hashes);
+- Hub fetch + sha256 (weightship) beside ``huggingface_hub``'s ``snapshot_download`` from the
+  same mirror (which checks no sha256);
+- the downloader with inline sha256 beside the same downloader with hashing off (target: the
+  hash costs ≤ 10 %).
+
+weightship fsyncs each file before promoting it (a promoted file survives a power cut); the
+peers do not. Usage::
+
+    python bench/fetch.py [--size-mib 1024] [--files 2] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from weightship.fetch import build_request, fetch
+from weightship.fetch.download import TransferOptions, download
+from weightship.fetch.s3 import S3Remote, make_s3_client
+from weightship.manifest import Manifest, create_for_directory
+
+KEYS = {"AWS_ACCESS_KEY_ID": "benchKEY", "AWS_SECRET_ACCESS_KEY": "benchSECRET",
+        "AWS_REGION": "us-east-1", "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+
+
+def _bin(name: str) -> str:
+    found = shutil.which(name) or str(Path(sys.executable).parent / name)
+    if not Path(found).exists():
+        raise SystemExit(f"{name} is not installed (pip install {name}-bin / {name})")
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("a server did not start") from None
+            time.sleep(0.05)
+
+
+@contextmanager
+def _server(args: list[str], port: int) -> Iterator[None]:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, proc)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def make_model(root: Path, size: int, files: int) -> Path:
+    """``root/bench/model``: ``files`` random files of ``size`` bytes in all, with a manifest."""
+    model = root / "bench" / "model"
+    model.mkdir(parents=True)
+    for i in range(files):
+        with open(model / f"model-{i + 1:05d}-of-{files:05d}.safetensors", "wb") as f:
+            left = size // files
+            while left:
+                n = min(left, 64 << 20)
+                f.write(os.urandom(n))
+                left -= n
+    create_for_directory(model, name="bench").write(model)
+    return model
+
+
+def timed(fn: Callable[[Path], object], scratch: Path, runs: int) -> float:
+    """Median seconds of ``fn(fresh directory)`` over ``runs`` runs, page cache dropped of the
+    previous run's output (its files are deleted)."""
+    times = []
+    for i in range(runs):
+        dest = scratch / f"run{i}"
+        t0 = time.perf_counter()
+        fn(dest)
+        times.append(time.perf_counter() - t0)
+        shutil.rmtree(dest, ignore_errors=True)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size-mib", type=int, default=1024)
+    p.add_argument("--files", type=int, default=2)
+    p.add_argument("--runs", type=int, default=3)
+    a = p.parse_args(argv)
+    size = (a.size_mib << 20) // a.files * a.files
+    with tempfile.TemporaryDirectory(prefix="ws-bench-fetch-") as tmp:
+        base = Path(tmp)
+        model = make_model(base / "hub", size, a.files)
+        s3_root = base / "s3"
+        (s3_root / "models").mkdir(parents=True)
+        shutil.copytree(model, s3_root / "models" / "bench", copy_function=os.link)
+        scratch = base / "out"
+        scratch.mkdir()
+        s3_port, hub_port = _free_port(), _free_port()
+        os.environ.update(KEYS, AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}",
+                          HF_ENDPOINT=f"http://127.0.0.1:{hub_port}", HF_HUB_DISABLE_PROGRESS_BARS="1")
+        rclone = [_bin("rclone"), "serve", "s3", "--addr", f"127.0.0.1:{s3_port}", "--config", "/dev/null",
+                  "--auth-key", f"{KEYS['AWS_ACCESS_KEY_ID']},{KEYS['AWS_SECRET_ACCESS_KEY']}", str(s3_root)]
+        mirror = [sys.executable, "-m", "weightship", "mirror", str(base / "hub"), "--port", str(hub_port)]
+        with _server(rclone, s3_port), _server(mirror, hub_port):
+            rows = run_all(model, scratch, a.runs, s3_port)
+    print_table(rows, size, a.runs)
+    return 0
+
+
+def run_all(model: Path, scratch: Path, runs: int, s3_port: int) -> dict[str, float]:
+    from huggingface_hub import snapshot_download
+
+    m = Manifest.load(model)
+    s5cmd = _bin("s5cmd")
+    client = make_s3_client()
+    rows: dict[str, float] = {}
+
+    def s5(dest: Path) -> None:
+        subprocess.run([s5cmd, "--endpoint-url", f"http://127.0.0.1:{s3_port}", "cp",
+                        "s3://models/bench/*", f"{dest}/"], check=True, stdout=subprocess.DEVNULL)
+
+    def boto(dest: Path) -> None:
+        dest.mkdir(parents=True)
+        for f in m.files:
+            client.download_file("models", f"bench/{f.path}", str(dest / f.path))
+
+    def hf_hub(dest: Path) -> None:
+        snapshot_download("bench/model", local_dir=dest, endpoint=os.environ["HF_ENDPOINT"])
+
+    def inline(verify: bool) -> Callable[[Path], object]:
+        opts = TransferOptions(verify=verify)
+
+        def run(dest: Path) -> None:
+            dest.mkdir(parents=True)
+            for f in m.files:
+                download(S3Remote(client, "models", f"bench/{f.path}"), dest / f.path,
+                         expected_size=f.size, sha256=f.sha256, opts=opts)
+        return run
+
+    plan: list[tuple[str, Callable[[Path], object]]] = [
+        ("s5cmd cp (no hash)", s5),
+        ("boto3 download_file (no hash)", boto),
+        ("weightship s3 fetch + sha256", lambda d: fetch(build_request("s3://models/bench"), d)),
+        ("huggingface_hub snapshot_download (no sha256)", hf_hub),
+        ("weightship hf fetch + sha256", lambda d: fetch(build_request("hf://bench/model"), d)),
+        ("downloader, s3, hashing off", inline(False)),
+        ("downloader, s3, inline sha256", inline(True)),
+    ]
+    for label, fn in plan:
+        fn(scratch / "warmup")  # connections, imports, the servers' caches
+        shutil.rmtree(scratch / "warmup", ignore_errors=True)
+        rows[label] = timed(fn, scratch, runs)
+        print(f"  {label}: {rows[label]:.2f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_table(rows: dict[str, float], size: int, runs: int) -> None:
+    peers = {
+        "weightship s3 fetch + sha256": [("s5cmd cp (no hash)", 1.0), ("boto3 download_file (no hash)", None)],
+        "weightship hf fetch + sha256": [("huggingface_hub snapshot_download (no sha256)", 1.0)],
+    }
+    print(f"\nfetch {size / 2**30:.2f} GiB over loopback, median of {runs} runs, {os.cpu_count()} cores")
+    print(f"{'what':<48} {'seconds':>8} {'MB/s':>8}")
+    for label, secs in rows.items():
+        print(f"{label:<48} {secs:>8.2f} {size / secs / 1e6:>8.0f}")
+    print(f"\n{'ratio (weightship speed / peer speed)':<60} {'ratio':>7} {'target':>8}")
+    for ours, theirs in peers.items():
+        for peer, target in theirs:
+            ratio = rows[peer] / rows[ours]
+            goal = f"≥ {target:.1f}x" if target else "-"
+            print(f"{ours + ' vs ' + peer.split(' (')[0]:<60} {ratio:>6.2f}x {goal:>8}")
+    cost = rows["downloader, s3, inline sha256"] / rows["downloader, s3, hashing off"]
+    print(f"{'inline sha256 time / hashing-off time':<60} {cost:>6.2f}x {'≤ 1.10x':>8}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
