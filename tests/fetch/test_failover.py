@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.fetch.webserver import serve
 from weightship.catalog import parse_card
 from weightship.fetch import FetchRequest, fetch
@@ -55,3 +57,20 @@ def test_source_option_restricts_and_orders(tiny_hf_dir: Path, tmp_path: Path) -
         fetch(req, tmp_path / "m", source="https")
     assert {f.source.split("/")[2] for f in Manifest.load(tmp_path / "m").files if f.source} == {
         a.url.split("/")[2]}
+
+
+def test_a_card_with_an_hf_source_then_https(hub_mirror: str, hub_root: Path, tiny_hf_dir: Path,
+                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", hub_mirror)
+    card = parse_card({
+        "name": "tiny-on-hub", "license": "Apache-2.0", "default_layout": "hf",
+        "layouts": {"hf": {"files": None, "optional": ["*.bin"]}},
+        "architecture": {"dim": 8, "n_layers": 1, "head_dim": 4, "hidden_dim": 8, "n_heads": 2,
+                         "n_kv_heads": 1, "norm_eps": 1e-5, "vocab_size": 10},
+        "sources": [{"kind": "hf", "repo": "weightship/tiny"}, {"kind": "https", "url": "http://127.0.0.1:9/"}],
+    }, "test")
+    fetch(FetchRequest(ref="tiny-on-hub", card=card, options=FAST), tmp_path / "m")
+    m = Manifest.load(tmp_path / "m")
+    assert m.name == "tiny-on-hub" and m.source is not None and m.source.kind == "hf"
+    assert {f.path for f in m.files} == {f.path for f in Manifest.load(tiny_hf_dir).files}
+    assert all(f.source and f.source.startswith("hf://weightship/tiny@") for f in m.files)

@@ -109,6 +109,8 @@ def test_kill_9_at_random_points_then_resume(hub_root: Path, tmp_path: Path) -> 
     assert r.code == 0, r.stderr
     assert run_cli("verify", dest).code == 0
     _same_files(want, dest)
+    print(f"hf: {landed} kills mid-download, {served - total:,} bytes served twice "
+          f"(bound {landed * RESUME_BOUND:,})")
     assert landed >= 5
     # bytes served twice are bounded by the chunks in flight at each kill
     assert served - total <= landed * RESUME_BOUND, (served - total, landed)

@@ -137,6 +137,8 @@ def test_kill_9_at_random_points_then_resume(big_model_dir: Path, tmp_path: Path
     assert run_cli("verify", dest).code == 0
     _same_tree(big_model_dir, dest)
     # Bytes fetched twice are bounded by the chunks in flight at each kill, plus the manifests.
+    print(f"https: {landed} kills mid-download, {served - total:,} bytes served twice "
+          f"(bound {landed * RESUME_BOUND:,})")
     assert landed >= 5
     assert served - total <= landed * RESUME_BOUND + 11 * (64 << 10), (served - total, landed)
 
