@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import logging
 import math
 import os
@@ -35,26 +34,25 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from weightship.errors import (
     DigestMismatchError,
     DiskFullError,
-    FetchError,
     RangeNotSupportedError,
     RemoteChangedError,
     TransientFetchError,
 )
+from weightship.fetch.journal import Journal, discard, journal_path
+from weightship.fetch.prefixhash import PrefixHasher
 from weightship.progress import NullProgress, Progress
 
 log = logging.getLogger(__name__)
 
-JOURNAL_SUFFIX = ".journal"
-_JOURNAL_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -114,45 +112,6 @@ class RangeReader(ABC):
 
 
 @dataclass
-class Journal:
-    """What a partial download was fetched against, and which chunks are on disk."""
-
-    size: int
-    chunk_size: int
-    validator: str | None
-    digest: str | None  # the expected sha256 (or git sha1): a new plan means a new download
-    done: list[int] = field(default_factory=list)
-    version: int = _JOURNAL_VERSION
-
-    def matches(self, other: Journal) -> bool:
-        """Whether chunks recorded here are valid for a download described by ``other``."""
-        return (self.version, self.size, self.validator, self.digest) == (
-            other.version, other.size, other.validator, other.digest) and self.chunk_size >= 4096
-
-    @classmethod
-    def load(cls, path: Path) -> Journal | None:
-        """The journal at ``path``, or None when absent or unreadable."""
-        try:
-            data = json.loads(path.read_text())
-            journal = cls(**data)
-        except (OSError, ValueError, TypeError):
-            return None
-        if not all(isinstance(i, int) for i in journal.done):
-            return None
-        return journal
-
-    def save(self, path: Path) -> None:
-        """Replace the journal atomically.
-
-        Not fsynced: a SIGKILL leaves the page cache intact, and after a power loss the final
-        sha256 check catches a chunk that was journaled but never reached the disk.
-        """
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(asdict(self)))
-        os.replace(tmp, path)
-
-
-@dataclass
 class DownloadResult:
     """What :func:`download` produced."""
 
@@ -161,95 +120,6 @@ class DownloadResult:
     git_sha1: str | None
     fetched_bytes: int  # bytes that came over the network in this call
     resumed_bytes: int  # bytes already on disk from an earlier try
-
-
-def journal_path(staging: Path) -> Path:
-    """Where the resume journal of ``staging`` lives."""
-    return staging.with_name(staging.name + JOURNAL_SUFFIX)
-
-
-def discard(staging: Path) -> None:
-    """Remove a partial download and its journal."""
-    staging.unlink(missing_ok=True)
-    journal_path(staging).unlink(missing_ok=True)
-
-
-class _PrefixHasher:
-    """Hashes chunks in order, in its own thread, as they finish.
-
-    Finished chunks wait in memory for their turn; chunks from an earlier run (offered without
-    bytes) are read back from disk once. hashlib releases the GIL on large updates, so hashing
-    runs beside the network threads instead of after them. ``on_hashed(index, fetched)`` is
-    called after each chunk, outside any lock.
-    """
-
-    def __init__(self, fd: int, size: int, chunk: int, *, git_sha1: bool, enabled: bool,
-                 on_hashed: Callable[[int, bool], None]) -> None:
-        self._fd, self._size, self._chunk = fd, size, chunk
-        self.sha256 = hashlib.sha256() if enabled else None
-        self.git = hashlib.sha1(usedforsecurity=False) if git_sha1 and enabled else None
-        if self.git is not None:
-            self.git.update(b"blob %d\0" % size)
-        self.next = 0  # first chunk not hashed yet
-        self._ready: dict[int, list[bytes] | None] = {}
-        self._cond = threading.Condition()
-        self._closed = False
-        self._on_hashed = on_hashed
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="ws-hash", daemon=True)
-        self._thread.start()
-
-    def _update(self, data: bytes | memoryview) -> None:
-        if self.sha256 is not None:
-            self.sha256.update(data)
-        if self.git is not None:
-            self.git.update(data)
-
-    def offer(self, index: int, pieces: list[bytes] | None) -> None:
-        """Chunk ``index`` is complete: its bytes, or None when they are only on disk."""
-        with self._cond:
-            self._ready[index] = pieces
-            self._cond.notify()
-
-    def _loop(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while self.next not in self._ready and not self._closed:
-                        self._cond.wait()
-                    if self.next not in self._ready:
-                        return
-                    index = self.next
-                    pieces = self._ready.pop(index)
-                if pieces is None:
-                    self._hash_from_disk(index)
-                else:
-                    for piece in pieces:
-                        self._update(piece)
-                with self._cond:
-                    self.next += 1
-                self._on_hashed(index, pieces is not None)
-        except BaseException as e:  # reported by close(); the download fails with it
-            self.error = e
-
-    def _hash_from_disk(self, index: int) -> None:
-        start = index * self._chunk
-        end = min(start + self._chunk, self._size)
-        while start < end:
-            data = os.pread(self._fd, min(4 << 20, end - start), start)
-            if not data:
-                raise FetchError(f"partial download shrank at byte {start}")
-            self._update(data)
-            start += len(data)
-
-    def close(self) -> None:
-        """Hash whatever is ready and in order, then stop the thread."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
 
 
 class _ChunkedDownload:
@@ -294,7 +164,7 @@ class _ChunkedDownload:
         self.staging.parent.mkdir(parents=True, exist_ok=True)
         done = self._resume_state()
         fd = os.open(self.staging, os.O_RDWR | os.O_CREAT, 0o644)
-        hasher = _PrefixHasher(fd, self.remote.size, self.chunk, git_sha1=self.git_sha1,
+        hasher = PrefixHasher(fd, self.remote.size, self.chunk, git_sha1=self.git_sha1,
                                enabled=self.opts.verify, on_hashed=self._hashed)
         try:
             if self.resumed:
@@ -323,7 +193,7 @@ class _ChunkedDownload:
         if fetched:  # a chunk fetched by this run gives its window slot back (memory freed)
             self.window.release()
 
-    def _run_workers(self, fd: int, todo: Iterator[int], done: set[int], hasher: _PrefixHasher) -> None:
+    def _run_workers(self, fd: int, todo: Iterator[int], done: set[int], hasher: PrefixHasher) -> None:
         errors: list[BaseException] = []
         todo_lock = threading.Lock()
 

@@ -19,11 +19,13 @@ The whole job holds the directory's lock.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,6 +53,7 @@ from weightship.verify.digests import hash_files
 log = logging.getLogger(__name__)
 
 INCOMING = "incoming"
+_COUNTERS = threading.Lock()
 _RESERVE = 64 << 20  # keep this much free beyond the download, for manifests and logs
 
 
@@ -179,8 +182,9 @@ def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress
                         path=f.path)
         assert done.sha256 is not None, f.path
         if result is not None:
-            result.downloaded_bytes += done.fetched_bytes
-            result.resumed_bytes += done.resumed_bytes
+            with _COUNTERS:  # files finish in parallel threads
+                result.downloaded_bytes += done.fetched_bytes
+                result.resumed_bytes += done.resumed_bytes
         return FileEntry(path=f.path, size=done.size, sha256=done.sha256,
                          source=source.uri_for(f), anchor=f.anchor)
     journal_path(staging).unlink(missing_ok=True)  # a partial from a ranged source is void now
@@ -191,7 +195,7 @@ def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress
             try:
                 source.fetch_file(f, sink)
             except OSError as e:
-                if isinstance(e, FetchError) or e.errno is None:
+                if isinstance(e, FetchError) or e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                     raise
                 raise DiskFullError(staging, e.strerror or str(e)) from None
             out.flush()
@@ -208,7 +212,8 @@ def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress
         staging.unlink(missing_ok=True)  # wrong or partial bytes are never kept as-is
         raise
     if result is not None:
-        result.downloaded_bytes += sink.bytes_written
+        with _COUNTERS:
+            result.downloaded_bytes += sink.bytes_written
     return FileEntry(path=f.path, size=sink.bytes_written, sha256=sink.sha256(),
                      source=source.uri_for(f), anchor=f.anchor)
 
