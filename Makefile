@@ -32,6 +32,8 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/verify.py
+	$(BIN)/python bench/fetch.py
+	$(BIN)/python bench/runtime.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

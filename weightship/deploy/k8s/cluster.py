@@ -38,8 +38,9 @@ class Cluster:
         return data if isinstance(data, dict) else None
 
     def _get_json(self, path: str) -> Any:
-        # kubernetes >= 33 generates its client with param_serialize/call_api(method, url);
-        # older releases take call_api(path, method, response_type=...). Both are supported.
+        # kubernetes >= 37 generates its client with param_serialize/call_api(method, url);
+        # older releases take call_api(path, method, ...). Both are supported; the body is
+        # read raw and parsed here, so neither release's response-type mapping is involved.
         if hasattr(self.api, "param_serialize"):
             method, url, headers, body, post = self.api.param_serialize(
                 method="GET", resource_path=path, header_params={"Accept": "application/json"},
@@ -52,8 +53,10 @@ class Cluster:
 
                 raise ApiException(http_resp=response)
             return json.loads(response.data)
-        return self.api.call_api(path, "GET", response_type="object",
-                                 auth_settings=["BearerToken"], _return_http_data_only=True)
+        raw = self.api.call_api(path, "GET", header_params={"Accept": "application/json"},
+                                auth_settings=["BearerToken"], _return_http_data_only=True,
+                                _preload_content=False)
+        return json.loads(raw.data)
 
     def items(self, path: str) -> list[dict[str, Any]]:
         """The items of a list path (empty when the resource is not served)."""
