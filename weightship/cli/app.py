@@ -8,7 +8,20 @@ from typing import Annotated
 import typer
 
 from weightship import __version__
-from weightship.cli import _common, convert, fetch, manifest, mirror, models, push, seed, torrent, verify
+from weightship.cli import (
+    _common,
+    convert,
+    deploy,
+    fetch,
+    manifest,
+    mirror,
+    models,
+    push,
+    seed,
+    serve,
+    torrent,
+    verify,
+)
 
 app = typer.Typer(
     name="weightship",
@@ -47,6 +60,8 @@ app.command("mirror")(mirror.mirror)
 app.command("push")(push.push)
 app.command("seed")(seed.seed)
 app.add_typer(torrent.app, name="torrent")
+app.command("serve")(serve.serve)
+app.add_typer(deploy.app, name="deploy")
 
 
 def main() -> None:
