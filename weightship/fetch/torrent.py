@@ -29,9 +29,9 @@ import fnmatch
 import logging
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import quote
 
 import libtorrent as lt
 
@@ -42,8 +42,8 @@ from weightship.errors import (
     TorrentMetadataError,
     UsageError,
 )
-from weightship.fetch.base import FetchPlan, PlannedFile, Sink, Source
-from weightship.manifest import Manifest, SourceInfo
+from weightship.fetch.base import FetchPlan, FetchRequest, PlannedFile, Sink, Source
+from weightship.manifest import Manifest, SourceInfo, atomic_write
 from weightship.paths import STATE_DIR, resolve_under
 from weightship.progress import NullProgress, Progress
 from weightship.torrent.metadata import MAX_METADATA_BYTES, TorrentMeta, check_torrent, load_torrent_bytes
@@ -66,7 +66,7 @@ class TorrentSource(Source):
     kind: ClassVar[str] = "torrent"
     schemes: ClassVar[tuple[str, ...]] = ("magnet",)
 
-    def __init__(self, request: Any, spec: Any = None) -> None:
+    def __init__(self, request: FetchRequest, spec: Mapping[str, Any] | None = None) -> None:
         super().__init__(request, spec)
         opts = self.request.options
         self._peers = PeerSource.from_options(tuple(opts.get("peers") or ()), opts.get("peers_from_dns"))
@@ -79,7 +79,6 @@ class TorrentSource(Source):
         self._store: Path | None = None  # where libtorrent wrote the payload
         self._incoming: Path | None = None
         self._delivered = False
-        self._planned: list[PlannedFile] = []
 
     # ---- plan --------------------------------------------------------------------------------
 
@@ -153,7 +152,6 @@ class TorrentSource(Source):
                                      locator=f"magnet:?xt=urn:btih:{meta.infohash}&so={tf.index}"))
         if not files:
             raise UsageError("no torrent file matches --include/--exclude")
-        self._planned = files
         name = card.name if card else meta.name
         return FetchPlan(name=name, layout=layout.name if layout else _guess_layout(files),
                          files=files, source=SourceInfo(kind="torrent", uri=self._uri(),
@@ -163,12 +161,7 @@ class TorrentSource(Source):
         given = self.request.options.get("manifest")
         if not given:
             return None
-        try:
-            return Manifest.load(Path(given))
-        except ManifestError:
-            raise
-        except OSError as e:
-            raise ManifestError(f"cannot read {given}: {e}") from None
+        return Manifest.load(Path(given))
 
     def _selected(self, path: str) -> bool:
         inc, exc = self.request.include, self.request.exclude
@@ -262,8 +255,6 @@ class TorrentSource(Source):
             return  # the fetch failed after the download; nothing verified to seed
         if manifest.source is None or manifest.source.infohash != self._meta.infohash:
             return
-        from weightship.manifest import atomic_write
-
         atomic_write(directory / STATE_DIR / TORRENT_FILE, self._meta.torrent_bytes())
         if not seed_for:
             return
@@ -279,7 +270,3 @@ def _guess_layout(files: list[PlannedFile]) -> str | None:
     names = {f.path for f in files}
     return "hf" if "config.json" in names else "original" if "params.json" in names else None
 
-
-def magnet_for(infohash: str, name: str | None = None) -> str:
-    """A minimal magnet link for ``infohash``."""
-    return f"magnet:?xt=urn:btih:{infohash}" + (f"&dn={quote(name)}" if name else "")

@@ -125,6 +125,18 @@ class Swarm:
         self._resume_path = resume_path
         atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
         handle = self.session.add_torrent(atp)
+        try:
+            self._run(handle, atp, labels, stall_timeout=stall_timeout, resume_every=resume_every, stop=stop)
+        except BaseException:
+            # Interrupted, stalled or failed: keep what was verified for the next run.
+            with contextlib.suppress(Exception):
+                self.save_resume_now(handle)
+            raise
+        return handle
+
+    def _run(self, handle: lt.torrent_handle, atp: lt.add_torrent_params, labels: dict[int, str], *,
+             stall_timeout: float, resume_every: float, stop: Callable[[], bool] | None) -> None:
+        resume_path = self._resume_path
         self.dial(handle, force=True)
         reported = dict.fromkeys(labels, 0)
         num_pieces = atp.ti.num_pieces() if atp.ti is not None else 0
@@ -165,7 +177,6 @@ class Swarm:
             if stop is not None and stop():
                 break
             self.dial(handle)
-        return handle
 
     def save_resume_now(self, handle: lt.torrent_handle, timeout: float = 10.0) -> None:
         """Write fast-resume data for ``handle`` and wait until it is on disk."""
