@@ -177,3 +177,21 @@ def test_lock_is_exclusive_within_a_process(tmp_path: Path) -> None:
     with dir_lock(tmp_path / ".weightship"), pytest.raises(LockedError):
         fetch(_request(), tmp_path)
     assert not (tmp_path / ".weightship" / "lock").exists()
+
+
+@pytest.mark.parametrize(("ref", "name"), [
+    ("weightship-tiny", "weightship-tiny"),
+    ("magnet:?xt=urn:btih:208b101a0f51514ecf285885a8b0f6fb1a1e4d7d&dn=mistral-7B-v0.1", "mistral-7B-v0.1"),
+    ("magnet:?xt=urn:btih:208b101a0f51514ecf285885a8b0f6fb1a1e4d7d", "208b101a0f51514ecf285885a8b0f6fb1a1e4d7d"),
+    ("hf://mistralai/Mistral-7B-v0.1@main", "Mistral-7B-v0.1"),
+    ("s3://bucket/models/acme-7b/", "acme-7b"),
+    ("/srv/torrents/tiny.torrent", "tiny"),
+])
+def test_default_directory_names(ref: str, name: str) -> None:
+    assert engine.default_dir_name(engine.build_request(ref)) == name
+
+
+@pytest.mark.parametrize("dn", ["../../etc", "..", ".weightship", "a%2Fb"])
+def test_hostile_magnet_names_never_become_paths(dn: str) -> None:
+    ref = f"magnet:?xt=urn:btih:208b101a0f51514ecf285885a8b0f6fb1a1e4d7d&dn={dn}"
+    assert engine.default_dir_name(engine.build_request(ref)).startswith("model-")

@@ -11,6 +11,7 @@ from rich.console import Console
 from weightship.cli._common import JsonOption, emit, progress_for
 from weightship.fetch import build_request
 from weightship.fetch import fetch as run_fetch
+from weightship.fetch.engine import default_dir_name
 from weightship.settings import get_settings
 
 
@@ -61,8 +62,7 @@ def fetch(
                 "seed_for": seed_for}
     request = build_request(model, layout=layout, include=include or (), exclude=exclude or (),
                             options={k: v for k, v in transfer.items() if v is not None})
-    dest = to or get_settings().model_dir(request.card.name if request.card else
-                                          model.rstrip("/").rsplit("/", 1)[-1])
+    dest = to or get_settings().model_dir(default_dir_name(request))
     with progress_for(json_flag) as progress:
         result = run_fetch(request, dest, source=source, progress=progress, lock_wait=wait_lock)
     m = result.manifest

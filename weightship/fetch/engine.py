@@ -19,6 +19,7 @@ The whole job holds the directory's lock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fnmatch
 import hashlib
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from weightship.catalog import is_catalog_name, load_card
 from weightship.errors import (
@@ -40,13 +42,14 @@ from weightship.errors import (
     IntegrityError,
     ManifestError,
     UnknownSourceError,
+    UnsafePathError,
 )
 from weightship.fetch.base import FetchPlan, FetchRequest, PlannedFile, Sink, Source
 from weightship.fetch.download import TransferOptions, download, journal_path
 from weightship.fetch.lock import dir_lock
 from weightship.fetch.registry import kind_for_uri, source_class
 from weightship.manifest import FileEntry, Manifest, fsync_dir, utcnow
-from weightship.paths import STATE_DIR, resolve_under
+from weightship.paths import STATE_DIR, resolve_under, safe_relpath
 from weightship.progress import NullProgress, Progress
 from weightship.verify.digests import hash_files
 
@@ -104,6 +107,32 @@ def build_request(ref: str, *, layout: str | None = None, include: Sequence[str]
         card.layout(layout)  # fails early on a layout the card does not have
     return FetchRequest(ref=ref, card=card, layout=layout, include=tuple(include),
                         exclude=tuple(exclude), options=options or {})
+
+
+def default_dir_name(request: FetchRequest) -> str:
+    """The directory name a fetch uses under ``$WEIGHTSHIP_HOME/models`` when no --to is given.
+
+    A catalog model's name; else the URI's last meaningful part (a magnet's ``dn``, a repo or
+    prefix name, a .torrent's stem). A name that would not be one safe path component (a hostile
+    ``dn=../x``) falls back to a digest of the reference.
+    """
+    if request.card is not None:
+        return request.card.name
+    ref = request.ref
+    if ref.startswith("magnet:"):
+        query = parse_qs(urlsplit(ref).query)
+        name = (query.get("dn") or query.get("xt") or [""])[0].rsplit(":", 1)[-1]
+    elif ref.endswith(".torrent"):
+        name = Path(ref).stem
+    else:
+        name = urlsplit(ref).path.rstrip("/").rsplit("/", 1)[-1].partition("@")[0]
+    try:
+        if name and "/" not in name:
+            safe_relpath(name)
+            return name
+    except UnsafePathError:
+        pass
+    return "model-" + hashlib.sha256(ref.encode()).hexdigest()[:12]
 
 
 def _looks_like_uri(ref: str) -> bool:
@@ -334,7 +363,7 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
             result.skipped.append(f.path)
             progress.file_end(f.path, "present")
         elif f.path in staged:
-            result.manifest.upsert(staged[f.path])
+            result.manifest.upsert(dataclasses.replace(staged[f.path], source=sources[0].uri_for(f)))
             progress.file_end(f.path, "staged")
     rest = [f for f in plan.files if f.path not in present and f.path not in staged]
     width = 1
