@@ -33,7 +33,7 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/verify.py
 	$(BIN)/python bench/fetch.py
-	$(BIN)/python bench/torrent.py
+	$(BIN)/python bench/fetch_torrent.py
 	$(BIN)/python bench/runtime.py
 
 clean:

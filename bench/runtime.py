@@ -60,6 +60,7 @@ class Timing:
     seconds: float
     tokens: int
     ttft: float  # mean time to first token, seconds
+    outputs: list[list[int]]  # the generated tokens, per prompt in submission order
 
     @property
     def tps(self) -> float:
@@ -72,12 +73,14 @@ def run_engine(engine: Engine, batch: list[list[int]], new: int, together: bool,
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
     first: dict[str, float] = {}
     submitted: dict[str, float] = {}
+    outputs: dict[str, list[int]] = {}
     count = [0]
 
     def sink(out: Output) -> None:
         if out.token_ids and out.request_id not in first:
             first[out.request_id] = time.perf_counter()
         count[0] += len(out.token_ids)
+        outputs.setdefault(out.request_id, []).extend(out.token_ids)
 
     sync()
     start = time.perf_counter()
@@ -93,7 +96,7 @@ def run_engine(engine: Engine, batch: list[list[int]], new: int, together: bool,
     elapsed = time.perf_counter() - start
     assert count[0] == new * len(batch), (count[0], new, len(batch))
     ttft = sum(first[r] - submitted[r] for r in submitted) / len(submitted)
-    return Timing(elapsed, count[0], ttft)
+    return Timing(elapsed, count[0], ttft, [outputs[r] for r in submitted])
 
 
 # ---- CPU ---------------------------------------------------------------------------------------
@@ -205,7 +208,53 @@ def measure_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
     return 2 * nbytes / median(times)
 
 
-def cuda_bench(runs: int, new: int, streams: int, dry_run: bool) -> None:
+@dataclass
+class PathResult:
+    """One decode path's figures (medians over the runs)."""
+
+    single: float  # 1-stream decode tokens/s (prefill and first token excluded)
+    ttft_ms: float
+    multi: float  # all streams, tokens/s including prefill
+    raw: float  # 1-stream graph replay alone, steps/s
+    warmup_s: float
+    greedy: list[int]  # the 1-stream greedy tokens
+    logits: torch.Tensor  # one decode step's logits [V] from a fixed prompt
+
+
+def measure_path(engine: Engine, batch: list[list[int]], new: int, runs: int,
+                 sync: Callable[[], None], label: str) -> PathResult:
+    t0 = time.perf_counter()
+    # warm-up: compiles and captures every CUDA graph the runs use
+    run_engine(engine, batch[:1], new, together=True, sync=sync)
+    run_engine(engine, batch, new, together=True, sync=sync)
+    warmup = time.perf_counter() - t0
+    one, many, graph_only = [], [], []
+    for _ in range(runs):
+        one.append(run_engine(engine, batch[:1], new, together=True, sync=sync))
+        many.append(run_engine(engine, batch, new, together=True, sync=sync))
+        graph_only.append(replay_rate(engine, steps=128, sync=sync))
+    # decode-only rate of the single stream: exclude the prefill and first token
+    r = PathResult(single=median([(o.tokens - 1) / (o.seconds - o.ttft) for o in one]),
+                   ttft_ms=median([o.ttft for o in one]) * 1e3,
+                   multi=median([m.tps for m in many]), raw=median(graph_only), warmup_s=warmup,
+                   greedy=one[0].outputs[0], logits=step_logits(engine, batch[0]))
+    print(f"{label}: warm-up (torch.compile, CUDA graph capture) {r.warmup_s:.1f} s; 1 stream "
+          f"{r.single:.1f} tokens/s, replay {r.raw:.1f}/s, {len(batch)} streams {r.multi:.1f} tokens/s",
+          flush=True)
+    return r
+
+
+def step_logits(engine: Engine, prompt: list[int]) -> torch.Tensor:
+    """The float32 logits [V] of one batch-1 decode step after ``prompt`` (slot 0, then reset)."""
+    model = engine.model
+    model.prefill(torch.tensor(prompt[:-1], device=model.device), 0, 0, engine.cache)
+    logits, _ = engine.runner([prompt[-1]], [len(prompt) - 1])  # [1, V]
+    out = logits[0].clone()
+    engine.cache.reset_slot(0)
+    return out
+
+
+def cuda_bench(runs: int, new: int, streams: int, dry_run: bool, baseline: bool) -> None:
     torch.set_grad_enabled(False)
     device = torch.device("cpu" if dry_run else "cuda")
     arch = SMALL if dry_run else MISTRAL_7B
@@ -226,41 +275,27 @@ def cuda_bench(runs: int, new: int, streams: int, dry_run: bool) -> None:
           flush=True)
     if not dry_run:
         model.pointwise.compile()
-    engine = Engine(model, None, EngineConfig(prefill_chunk=4096, use_graphs=not dry_run))
-    t0 = time.perf_counter()
-    # warm-up: compiles the elementwise kernels and captures every CUDA graph the runs use
-    run_engine(engine, batch[:1], new, together=True, sync=sync)
-    run_engine(engine, batch, new, together=True, sync=sync)
-    print(f"warm-up (torch.compile, CUDA graph capture) {time.perf_counter() - t0:.1f} s", flush=True)
-
-    one, many, graph_only = [], [], []
-    for _ in range(runs):
-        one.append(run_engine(engine, batch[:1], new, together=True, sync=sync))
-        many.append(run_engine(engine, batch, new, together=True, sync=sync))
-        graph_only.append(replay_rate(engine, steps=128, sync=sync))
-    # decode-only rate of the single stream: exclude the prefill and first token
-    single = median([(o.tokens - 1) / (o.seconds - o.ttft) for o in one])
-    ttft_ms = median([o.ttft for o in one]) * 1e3
-    multi = median([m.tps for m in many])
-    raw = median(graph_only)
-    extra: list[tuple[str, float]] = []
-    for label, graphs in (("1 stream, graph replay, eager elementwise ops", True),
-                          ("1 stream, no CUDA graphs, eager (for reference)", False)):
-        if dry_run and graphs:
-            continue
-        try:
-            model.pointwise.eager()
-            other = Engine(model, None, EngineConfig(use_graphs=graphs))
-            replay_rate(other, steps=8, sync=sync)
-            extra.append((label, median([replay_rate(other, steps=64, sync=sync) for _ in range(runs)])))
-            del other
-        except Exception as e:  # a comparison row must not cost the main result
-            print(f"{label}: failed: {e!r}")
+    graphs = not dry_run
+    # The decode paths, each with its own engine (and KV cache) over the same weights: the whole
+    # step compiled with steps launched ahead, and (``baseline``) the previous path (only the
+    # elementwise ops compiled, a host round trip per step), then the compiled step without
+    # launching ahead. The baseline runs first: the new path's compilation is the risk.
+    configs = {
+        "elementwise": EngineConfig(prefill_chunk=4096, use_graphs=graphs, compile_step=False,
+                                    lookahead=False),
+        "step": EngineConfig(prefill_chunk=4096, use_graphs=graphs, compile_step=True, lookahead=True),
+        "step, no lookahead": EngineConfig(prefill_chunk=4096, use_graphs=graphs, compile_step=True,
+                                           lookahead=False),
+    }
+    if not baseline:
+        configs = {"step": configs["step"]}
+    results = {key: measure_path(Engine(model, None, config), batch, new, runs, sync, key)
+               for key, config in configs.items()}
+    step = results["step"]
     print(f"\nCUDA decode, Mistral-7B shape (random {str(dtype).removeprefix('torch.')} weights, "
           f"{weight_bytes / 1e9:.2f} GB), device: {name}")
-    print(f"prompt {prompt_len} tokens, {new} new tokens per stream, CUDA graphs: "
-          f"{engine.runner.use_graphs}, torch.compile'd elementwise ops: {not dry_run}, "
-          f"median of {runs} runs")
+    print(f"prompt {prompt_len} tokens, {new} new tokens per stream, CUDA graphs: {graphs}, "
+          f"decode step torch.compile'd: True, median of {runs} runs")
     print(f"HBM bandwidth: measured (device copy) {measured / 1e12:.2f} TB/s"
           + (f"; data sheet {spec / 1e12:.2f} TB/s" if spec else ""))
     bound_measured = measured / weight_bytes
@@ -273,12 +308,37 @@ def cuda_bench(runs: int, new: int, streams: int, dry_run: bool) -> None:
         ps = f"{100 * tps * weight_bytes / spec:.1f}%" if bounded and spec else "-"
         print(f"{label:<48} {tps:>10.1f} {pm:>22} {ps:>15}")
 
-    row("1 stream, engine decode (graph + sampling)", single)
-    row("1 stream, decode graph replay alone", raw)
-    for label, tps in extra:
-        row(label, tps)
-    row(f"{streams} streams, engine total (incl. prefill)", multi, bounded=False)
-    print(f"1-stream time to first token ({prompt_len}-token prompt): {ttft_ms:.1f} ms", flush=True)
+    row("1 stream, engine decode (graph + sampling)", step.single)
+    row("1 stream, decode graph replay alone", step.raw)
+    old = results.get("elementwise")
+    if old is not None:
+        row("1 stream, engine, elementwise-only compile", old.single)
+        row("1 stream, replay, elementwise-only compile", old.raw)
+        row("1 stream, engine, compiled step, no lookahead", results["step, no lookahead"].single)
+    # References, last: they swap the model's compiled elementwise ops for the eager ones.
+    for label, use_graphs in (("1 stream, graph replay, eager elementwise ops", True),
+                              ("1 stream, no CUDA graphs, eager (for reference)", False)):
+        if dry_run and use_graphs:
+            continue
+        try:
+            model.pointwise.eager()
+            other = Engine(model, None, EngineConfig(use_graphs=use_graphs, compile_step=False))
+            replay_rate(other, steps=8, sync=sync)
+            row(label, median([replay_rate(other, steps=64, sync=sync) for _ in range(runs)]))
+            del other
+        except Exception as e:  # a comparison row must not cost the main result
+            print(f"{label}: failed: {e!r}", flush=True)
+    row(f"{streams} streams, engine total (incl. prefill)", step.multi, bounded=False)
+    if old is not None:
+        row(f"{streams} streams, elementwise-only compile", old.multi, bounded=False)
+    print(f"1-stream time to first token ({prompt_len}-token prompt): {step.ttft_ms:.1f} ms", flush=True)
+    if old is not None:
+        pairs = enumerate(zip(step.greedy, old.greedy, strict=True))
+        same = next((i for i, (a, b) in pairs if a != b), len(old.greedy))
+        diff = (step.logits - old.logits).abs().max().item()
+        print(f"compiled step vs elementwise-only compile: one step's logits differ by at most {diff:.3g} "
+              f"(largest |logit| {old.logits.abs().max().item():.3g}); the first {same} of "
+              f"{len(old.greedy)} greedy tokens are identical", flush=True)
 
 
 def replay_rate(engine: Engine, steps: int, sync: Callable[[], None]) -> float:
@@ -305,12 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--streams", type=int, default=None)
+    ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --cuda: also measure the previous decode path (only the elementwise "
+                         "ops compiled) in the same run")
     args = ap.parse_args(argv)
     if args.cuda:
         if not args.dry_run and not torch.cuda.is_available():
             print("no CUDA device: the CUDA benchmark was not run", file=sys.stderr)
             return 1
-        cuda_bench(args.runs, args.new_tokens or 256, args.streams or 32, args.dry_run)
+        cuda_bench(args.runs, args.new_tokens or 256, args.streams or 32, args.dry_run, args.baseline)
     else:
         cpu_bench(args.runs, args.new_tokens or 128, args.streams or 8)
     return 0

@@ -18,8 +18,8 @@ Every figure is the median of ``--repeats`` runs; ratios are aria2c's time over 
 (> 1.0 means weightship is faster). transmission-cli 3.00 is not in the table: it refuses peers
 on 127.0.0.0/8, so it cannot join a loopback swarm. Usage::
 
-    python bench/torrent.py                  # 1 GiB, 3 repeats
-    python bench/torrent.py --size 256M --repeats 5
+    python bench/fetch_torrent.py                  # 1 GiB, 3 repeats
+    python bench/fetch_torrent.py --size 256M --repeats 5
 """
 
 from __future__ import annotations
