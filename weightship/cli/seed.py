@@ -31,6 +31,8 @@ def seed(
     """Seed DIRECTORY: print its magnet link and listening address, then serve peers.
 
     Examples:
+
+    \b
       weightship seed ./tiny --listen 0.0.0.0:6881 --for 1h
       weightship seed ./tiny --announce-to http://tracker.lan:6969/announce --json
     """

@@ -33,6 +33,8 @@ def create(
     """Make a v1+v2 hybrid torrent of the files DIRECTORY's manifest lists, with their sha256.
 
     Examples:
+
+    \b
       weightship torrent create ./tiny --tracker http://tracker.lan:6969/announce
       weightship torrent create ./tiny --v1-only --webseed https://mirror.lan/models/ -o tiny.torrent
     """
