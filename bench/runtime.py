@@ -9,7 +9,9 @@ CUDA (``--cuda``): a model of Mistral 7B's exact shape with random bf16 weights 
 (no download). Decode is memory-bound: each token reads every weight once, so the bound is
 ``HBM bandwidth / weight bytes`` tokens/s. Reports single-stream decode tokens/s as a share of
 that bound (with the bandwidth measured here by a device copy, and the data-sheet figure), and
-tokens/s at 32 streams. ``--cuda --dry-run`` runs the same code on CPU with a small shape.
+tokens/s at 32 streams. The same run also measures the previous decode path (only the
+elementwise ops compiled, one host round trip per step) for a before/after on one machine;
+``--no-baseline`` skips it. ``--cuda --dry-run`` runs the same code on CPU with a small shape.
 
 Every figure is the median of ``--runs`` runs after a warm-up. Usage::
 

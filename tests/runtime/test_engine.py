@@ -198,3 +198,52 @@ def test_max_tokens_and_eos_finish_reasons(engine: Engine, tokenizer: Tokenizer)
         stopped = engine.generate(_prompt(9, 8), SamplingParams(max_tokens=7, temperature=0))
     assert stopped.finish_reason == "stop" and stopped.token_ids == [tokenizer.eos_id]
     assert stopped.text == ""
+
+
+def _lookahead_engine(engine: Engine) -> tuple[Engine, list[int]]:
+    """An engine over the same model that launches steps ahead, and a count of those launches."""
+    ahead = Engine(engine.model, engine.tokenizer,
+                   EngineConfig(prefill_chunk=24, max_queue=16, lookahead=True))
+    launches = [0]
+    launch_next = ahead.runner.launch_next
+
+    def counted(greedy: torch.Tensor) -> tuple[list[int], tuple[torch.Tensor, torch.Tensor]]:
+        launches[0] += 1
+        return launch_next(greedy)
+
+    ahead.runner.launch_next = counted  # type: ignore[method-assign]
+    return ahead, launches
+
+
+def test_launching_steps_ahead_changes_no_token(engine: Engine) -> None:
+    """Requests joining and leaving a batch that runs ahead get their solo tokens."""
+    ahead, launches = _lookahead_engine(engine)
+    specs = [(_prompt(5 + 9 * i, seed=i), 40 - 4 * i) for i in range(6)]
+    solo = [engine.generate(p, greedy(n)).token_ids for p, n in specs]
+    col = Collector()
+    ids = [ahead.submit(p, greedy(n), col.sink) for p, n in specs[:3]]
+    for _ in range(12):
+        ahead.step()
+    ids += [ahead.submit(p, greedy(n), col.sink) for p, n in specs[3:]]
+    _run_until_idle(ahead)
+    assert [col.tokens(r) for r in ids] == solo
+    assert launches[0] > 10  # the batch did run ahead, so the comparison means something
+
+
+def test_a_stop_while_running_ahead_leaves_the_slot_clean(engine: Engine) -> None:
+    """A request that stops on a stop string discards the step launched ahead of it; the next
+    request in its slot is unaffected."""
+    ahead, launches = _lookahead_engine(engine)
+    first, second = _prompt(12, 21), _prompt(17, 22)
+    text = engine.generate(first, greedy(40)).text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), text
+    expected = engine.generate(first, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                                                     stop=(stop,)))
+    assert expected.finish_reason == "stop" and len(expected.token_ids) < 40
+    stopped = ahead.generate(first, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                                                   stop=(stop,)))
+    assert (stopped.token_ids, stopped.text, stopped.finish_reason) == (
+        expected.token_ids, expected.text, "stop")
+    assert launches[0] > 0
+    assert ahead.generate(second, greedy(30)).token_ids == engine.generate(second, greedy(30)).token_ids

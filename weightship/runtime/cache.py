@@ -24,18 +24,21 @@ class KVCache:
         a = args.arch
         self.args = args
         self.cache_len = args.cache_len
-        shape = (a.n_layers, args.max_batch, a.n_kv_heads, self.cache_len, a.head_dim)
-        # k, v: [L, S, Hkv, C, D] — per slot a contiguous [Hkv, C, D] block, so a prefix of the
-        # C entries of rows 0..B-1 is a strided view that SDPA reads without a copy.
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (args.max_batch, a.n_kv_heads, self.cache_len, a.head_dim)
+        # k[layer], v[layer]: [S, Hkv, C, D] — per slot a contiguous [Hkv, C, D] block, so a
+        # prefix of the C entries of rows 0..B-1 is a strided view that SDPA reads without a copy.
+        # One tensor per layer rather than one [L, S, Hkv, C, D] tensor: a compiled decode step
+        # (torch.compile) then writes each layer's cache in place, where a write through a view
+        # of one big input would make it copy the whole layer's cache every step.
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(a.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(a.n_layers)]
         # pos: [S, C] — the absolute position held by each entry, -1 where empty.
         self.pos = torch.full((args.max_batch, self.cache_len), -1, device=device, dtype=torch.long)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by keys and values."""
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def reset_slot(self, slot: int) -> None:
         """Forget a slot's sequence (its stale keys stay, masked out by position -1)."""

@@ -46,6 +46,13 @@ class EngineConfig:
     # running requests' time per token steady while a long prompt is read.
     prefill_chunk: int = 512
     use_graphs: bool | None = None  # CUDA graphs for decode; None = on CUDA
+    # torch.compile the whole decode step (a minute or two of compilation at the first steps;
+    # fewer, fused kernels per step after that); None = when using CUDA graphs.
+    compile_step: bool | None = None
+    # While every row of the batch decodes greedily, launch each step before reading the last
+    # one's tokens (fed back on the device), so the GPU never waits for the engine's Python.
+    # A request that stops at </s> or a stop string costs one discarded step. None = with graphs.
+    lookahead: bool | None = None
     # Cache slots (the running batch's limit); None = the model's ModelArgs.max_batch.
     max_batch: int | None = None
 
@@ -88,6 +95,15 @@ class Request:
         return not self.finished and bool(self.output)
 
 
+@dataclass
+class _Ahead:
+    """A decode step launched before the engine knew the tokens it is fed (see ``lookahead``)."""
+
+    ids: list[str]  # the requests of rows 0..n-1 it advances, one token past the step before
+    logits: torch.Tensor  # [n, V]
+    greedy: torch.Tensor  # [n]
+
+
 @dataclass(frozen=True)
 class Completion:
     """The whole result of :meth:`Engine.generate`."""
@@ -115,7 +131,9 @@ class Engine:
         self.config = config or EngineConfig()
         self.args = dataclasses.replace(model.args, max_batch=self.config.max_batch or model.args.max_batch)
         self.cache = KVCache(self.args, model.device, model.dtype)
-        self.runner = DecodeRunner(model, self.cache, self.config.use_graphs)
+        self.runner = DecodeRunner(model, self.cache, self.config.use_graphs, self.config.compile_step)
+        self.lookahead = self.runner.use_graphs if self.config.lookahead is None else self.config.lookahead
+        self._ahead: _Ahead | None = None
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._cancelled: set[str] = set()
@@ -265,9 +283,27 @@ class Engine:
 
     def _decode(self) -> bool:
         active = [r for r in self._slots if r is not None and r.decoding]
+        ahead, self._ahead = self._ahead, None
         if not active:
             return False
         n = self.runner.padded_batch(max(r.slot for r in active) + 1)
+        if ahead is not None and ahead.ids == [r.id for r in active]:
+            logits, greedy = ahead.logits, ahead.greedy  # already running: the same rows, one on
+        else:  # (a discarded step ahead wrote only its own rows' next cache entries)
+            logits, greedy = self.runner(*self._step_inputs(n))  # [n, V], [n]
+        samplers = [r.sampler for r in active]
+        assert all(s is not None for s in samplers), [r.id for r in active]
+        if self._can_launch_ahead(active, n):
+            new, (next_logits, next_greedy) = self.runner.launch_next(greedy)
+            self._ahead = _Ahead([r.id for r in active], next_logits, next_greedy)
+        else:
+            new = sample_rows(logits, [r.slot for r in active], samplers, greedy)  # type: ignore[arg-type]
+        for r, token in zip(active, new, strict=True):
+            self._accept(r, token)
+        return True
+
+    def _step_inputs(self, n: int) -> tuple[list[int], list[int]]:
+        """Tokens and positions [n] that rows ``0..n-1`` are fed in a decode step."""
         tokens, positions = [0] * n, [0] * n
         for slot in range(n):
             occupant = self._slots[slot]
@@ -278,13 +314,19 @@ class Engine:
                 positions[slot] = len(occupant.prompt) + len(occupant.output) - 1
             else:  # half prefilled: scribble only where its next chunk will write
                 positions[slot] = occupant.prefilled
-        logits = self.runner(tokens, positions)  # [n, V]
-        samplers = [r.sampler for r in active]
-        assert all(s is not None for s in samplers), [r.id for r in active]
-        new = sample_rows(logits, [r.slot for r in active], samplers)  # type: ignore[arg-type]
-        for r, token in zip(active, new, strict=True):
-            self._accept(r, token)
-        return True
+        return tokens, positions
+
+    def _can_launch_ahead(self, active: list[Request], n: int) -> bool:
+        """Whether the next step's inputs follow from this one's on the device alone.
+
+        Every row must be a request decoding greedily (no idle or half-prefilled rows), and none
+        may reach its length limit with the token being chosen now.
+        """
+        if not self.lookahead or len(active) != n:
+            return False
+        limit = self.args.max_model_len
+        return all(r.params.plain_greedy and len(r.output) + 1 < r.params.max_tokens
+                   and len(r.prompt) + len(r.output) + 1 < limit for r in active)
 
     # ---- outputs ----------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ Three entry points share the layers:
 - :meth:`Transformer.prefill` runs a chunk of one sequence's prompt into its cache slot;
 - :meth:`Transformer.decode` advances rows ``0..B-1`` by one token each. It does no host
   synchronisation and takes only static shapes, so a CUDA graph can capture it
-  (:mod:`weightship.runtime.cuda_graphs`).
+  (:mod:`weightship.runtime.decoding`).
 
 References: mistral-inference ``transformer.py``; gpt-fast ``model.py``.
 """

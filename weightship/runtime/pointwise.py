@@ -48,7 +48,9 @@ class _WithFallback:
         self.compiled: Callable[..., Any] | None = torch.compile(eager, fullgraph=True, dynamic=True)
 
     def __call__(self, *args: Any) -> Any:
-        if self.compiled is not None:
+        # Inside a compiled decode step (decoding.py) the eager function is traced into the
+        # step's own graph, to be fused with its neighbours there.
+        if self.compiled is not None and not torch.compiler.is_compiling():
             try:
                 return self.compiled(*args)
             except Exception as e:  # compilation problems surface at the first call

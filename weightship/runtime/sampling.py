@@ -101,13 +101,20 @@ class Sampler:
         return (probs / race).argmax()
 
 
-def sample_rows(logits: torch.Tensor, rows: list[int], samplers: list[Sampler]) -> list[int]:
-    """The next token of each row in ``rows`` of ``logits`` [B, V], one host sync in all."""
+def sample_rows(logits: torch.Tensor, rows: list[int], samplers: list[Sampler],
+                greedy: torch.Tensor | None = None) -> list[int]:
+    """The next token of each row in ``rows`` of ``logits`` [B, V], one host sync in all.
+
+    ``greedy`` [B] is ``logits.argmax(-1)`` when the caller has it already (a decode step
+    computes it inside its CUDA graph).
+    """
+    if greedy is None:
+        greedy = logits.argmax(-1)  # [B]
     if all(s.params.plain_greedy for s in samplers):  # the common case: no index upload
-        best: list[int] = logits.argmax(-1).tolist()
+        best: list[int] = greedy.tolist()
         return [best[r] for r in rows]
     index = torch.tensor(rows, device=logits.device)
-    chosen = logits.index_select(0, index).argmax(-1)  # [n]: right for the plain greedy rows
+    chosen = greedy.index_select(0, index)  # [n]: right for the plain greedy rows
     for i, (row, sampler) in enumerate(zip(rows, samplers, strict=True)):
         if not sampler.params.plain_greedy:
             chosen[i] = sampler.draw(logits[row])
