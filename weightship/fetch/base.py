@@ -12,6 +12,7 @@ from typing import Any, BinaryIO, ClassVar
 from weightship.catalog import Card
 from weightship.manifest import SourceInfo
 from weightship.progress import Progress
+from weightship.verify.digests import git_blob_hasher
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,10 @@ class Sink:
                  progress: Progress, path: str) -> None:
         self._file = fileobj
         self._sha256 = hashlib.sha256()
-        self._git = hashlib.sha1(usedforsecurity=False) if git_sha1 else None
-        if self._git is not None:
+        self._git = None
+        if git_sha1:
             assert expected_size is not None, "a git blob digest needs the size up front"
-            self._git.update(b"blob %d\0" % expected_size)
+            self._git = git_blob_hasher(expected_size)
         self._progress = progress
         self._path = path
         self.bytes_written = 0

@@ -50,6 +50,7 @@ from weightship.errors import (
 from weightship.fetch.journal import Journal, discard, journal_path
 from weightship.fetch.prefixhash import PrefixHasher
 from weightship.progress import NullProgress, Progress
+from weightship.verify.digests import git_blob_hasher
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +294,7 @@ def _stream_whole(reader: RangeReader, staging: Path, remote: RemoteStat, opts: 
     """Fetch a file from its first byte in one stream (a server that ignores ranges)."""
     discard(staging)
     sha = hashlib.sha256() if opts.verify else None
-    git = hashlib.sha1(b"blob %d\0" % remote.size, usedforsecurity=False) if git_sha1 and opts.verify else None
+    git = git_blob_hasher(remote.size) if git_sha1 and opts.verify else None
     pos = 0
     fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:

@@ -51,7 +51,7 @@ from weightship.fetch.registry import kind_for_uri, source_class
 from weightship.manifest import FileEntry, Manifest, fsync_dir, utcnow
 from weightship.paths import STATE_DIR, resolve_under, safe_relpath
 from weightship.progress import NullProgress, Progress
-from weightship.verify.digests import hash_files
+from weightship.verify.digests import hash_files, sha256_and_git_blob
 
 log = logging.getLogger(__name__)
 
@@ -167,20 +167,10 @@ def _already_have(files: list[PlannedFile], candidates: dict[str, Path],
     for rel, p in sized.items():
         f = by_path[rel]
         if f.sha256 is None and f.git_sha1 is not None:
-            sha256, git = _sha256_and_git_sha1(p)
+            size, sha256, git = sha256_and_git_blob(p)
             if git == f.git_sha1:
-                have[rel] = FileEntry(path=rel, size=p.stat().st_size, sha256=sha256, anchor=f.anchor)
+                have[rel] = FileEntry(path=rel, size=size, sha256=sha256, anchor=f.anchor)
     return have
-
-
-def _sha256_and_git_sha1(path: Path) -> tuple[str, str]:
-    size = path.stat().st_size
-    sha, git = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
-    with open(path, "rb") as f:
-        while data := f.read(1 << 20):
-            sha.update(data)
-            git.update(data)
-    return sha.hexdigest(), git.hexdigest()
 
 
 def _remove_empty_dirs(root: Path) -> None:

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 
 from weightship.errors import FetchError
+from weightship.verify.digests import git_blob_hasher
 
 
 class PrefixHasher:
@@ -23,9 +24,7 @@ class PrefixHasher:
                  on_hashed: Callable[[int, bool], None]) -> None:
         self._fd, self._size, self._chunk = fd, size, chunk
         self.sha256 = hashlib.sha256() if enabled else None
-        self.git = hashlib.sha1(usedforsecurity=False) if git_sha1 and enabled else None
-        if self.git is not None:
-            self.git.update(b"blob %d\0" % size)
+        self.git = git_blob_hasher(size) if git_sha1 and enabled else None
         self.next = 0  # first chunk not hashed yet
         self._ready: dict[int, list[bytes] | None] = {}
         self._cond = threading.Condition()

@@ -18,6 +18,7 @@ from pathlib import Path
 from weightship.errors import ManifestError, UnsafePathError
 from weightship.manifest import Manifest, manifest_path
 from weightship.paths import STATE_DIR, resolve_under, safe_relpath
+from weightship.verify.digests import git_blob_hasher, sha256_and_git_blob
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +64,6 @@ class Repo:
         return resolve_under(self.directory, rel)
 
 
-def _git_blob_sha1(path: Path, size: int) -> tuple[str, str]:
-    git = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(1 << 20):
-            git.update(data)
-            sha.update(data)
-    return git.hexdigest(), sha.hexdigest()
-
-
 def _lfs_pointer(sha256: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
 
@@ -88,10 +79,12 @@ def describe(repo_id: str, directory: Path) -> Repo:
                                 "re-fetch or re-verify the directory")
         if f.path.endswith(LFS_SUFFIXES) or f.size >= LFS_MIN_SIZE:
             pointer = _lfs_pointer(f.sha256, f.size)
-            blob = hashlib.sha1(b"blob %d\0" % len(pointer) + pointer, usedforsecurity=False).hexdigest()
+            git = git_blob_hasher(len(pointer))
+            git.update(pointer)
+            blob = git.hexdigest()
             files[f.path] = RepoFile(f.path, f.size, f.sha256, blob, True, len(pointer))
         else:
-            blob, sha = _git_blob_sha1(p, f.size)
+            _, sha, blob = sha256_and_git_blob(p)
             if sha != f.sha256:
                 raise ManifestError(f"{directory}: {f.path} does not match its manifest")
             files[f.path] = RepoFile(f.path, f.size, f.sha256, blob, False)

@@ -16,22 +16,44 @@ from weightship.progress import NullProgress, Progress
 from weightship.settings import get_settings
 
 
-def sha256_file(path: Path, *, label: str | None = None, progress: Progress | None = None,
-                chunk: int | None = None) -> tuple[int, str]:
-    """(size, hex sha256) of the file at ``path``, read once, sequentially."""
-    progress = progress or NullProgress()
+def git_blob_hasher(size: int) -> hashlib._Hash:
+    """A sha1 primed with git's blob header: fed the file's ``size`` bytes, it gives the blob id
+    the Hugging Face Hub reports for files it stores in plain git."""
+    return hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
+
+
+def _read_into(path: Path, hashers: list[hashlib._Hash], label: str, progress: Progress,
+               chunk: int | None) -> int:
     buf = bytearray(chunk or get_settings().read_chunk)
     view = memoryview(buf)
-    digest = hashlib.sha256()
     size = 0
     with open(path, "rb", buffering=0) as f:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         while n := f.readinto(buf):
-            digest.update(view[:n])
+            for h in hashers:
+                h.update(view[:n])
             size += n
-            progress.advance(label or str(path), n)
+            progress.advance(label, n)
+    return size
+
+
+def sha256_file(path: Path, *, label: str | None = None, progress: Progress | None = None,
+                chunk: int | None = None) -> tuple[int, str]:
+    """(size, hex sha256) of the file at ``path``, read once, sequentially."""
+    digest = hashlib.sha256()
+    size = _read_into(path, [digest], label or str(path), progress or NullProgress(), chunk)
     return size, digest.hexdigest()
+
+
+def sha256_and_git_blob(path: Path) -> tuple[int, str, str]:
+    """(size, hex sha256, hex git blob sha1) of the file at ``path``, read once."""
+    size = path.stat().st_size
+    sha, git = hashlib.sha256(), git_blob_hasher(size)
+    read = _read_into(path, [sha, git], str(path), NullProgress(), None)
+    if read != size:
+        raise OSError(f"{path} changed size while being hashed")
+    return size, sha.hexdigest(), git.hexdigest()
 
 
 def hash_files(files: Iterable[tuple[str, Path]], *, workers: int | None = None,
