@@ -2,7 +2,7 @@
 
 A model directory of ``--size`` random bytes (default 1 GiB, in ``--files`` files) is served on
 loopback two ways: by ``rclone serve s3`` (S3) and by ``weightship mirror`` (the Hub protocol,
-in its own process). Each tool fetches it into a fresh directory ``--runs`` times (default 3);
+in its own process). Each tool fetches it into a fresh directory ``--runs`` times (default 5, round-robin);
 the table shows medians and each weightship figure as a ratio to its peer (>1 = faster):
 
 - S3 fetch + sha256 (weightship) beside ``s5cmd cp`` and boto3's ``download_file`` (neither
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from weightship.fetch import build_request, fetch
 from weightship.fetch.download import TransferOptions, download
-from weightship.fetch.s3 import S3Remote, make_s3_client
+from weightship.fetch.s3 import S3Remote, make_s3_client, make_s3_pool
 from weightship.manifest import Manifest, create_for_directory
 
 KEYS = {"AWS_ACCESS_KEY_ID": "benchKEY", "AWS_SECRET_ACCESS_KEY": "benchSECRET",
@@ -95,24 +95,20 @@ def make_model(root: Path, size: int, files: int) -> Path:
     return model
 
 
-def timed(fn: Callable[[Path], object], scratch: Path, runs: int) -> float:
-    """Median seconds of ``fn(fresh directory)`` over ``runs`` runs, page cache dropped of the
-    previous run's output (its files are deleted)."""
-    times = []
-    for i in range(runs):
-        dest = scratch / f"run{i}"
-        t0 = time.perf_counter()
-        fn(dest)
-        times.append(time.perf_counter() - t0)
-        shutil.rmtree(dest, ignore_errors=True)
-    return statistics.median(times)
+def timed(fn: Callable[[Path], object], dest: Path) -> float:
+    """Seconds of ``fn(dest)``; ``dest`` is deleted afterwards (its page cache with it)."""
+    t0 = time.perf_counter()
+    fn(dest)
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(dest, ignore_errors=True)
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--files", type=int, default=2)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=5)
     a = p.parse_args(argv)
     size = (a.size_mib << 20) // a.files * a.files
     with tempfile.TemporaryDirectory(prefix="ws-bench-fetch-") as tmp:
@@ -141,7 +137,6 @@ def run_all(model: Path, scratch: Path, runs: int, s3_port: int) -> dict[str, fl
     m = Manifest.load(model)
     s5cmd = _bin("s5cmd")
     client = make_s3_client()
-    rows: dict[str, float] = {}
 
     def s5(dest: Path) -> None:
         subprocess.run([s5cmd, "--endpoint-url", f"http://127.0.0.1:{s3_port}", "cp",
@@ -157,11 +152,12 @@ def run_all(model: Path, scratch: Path, runs: int, s3_port: int) -> dict[str, fl
 
     def inline(verify: bool) -> Callable[[Path], object]:
         opts = TransferOptions(verify=verify)
+        pool = make_s3_pool(opts)
 
         def run(dest: Path) -> None:
             dest.mkdir(parents=True)
             for f in m.files:
-                download(S3Remote(client, "models", f"bench/{f.path}"), dest / f.path,
+                download(S3Remote(client, pool, "models", f"bench/{f.path}"), dest / f.path,
                          expected_size=f.size, sha256=f.sha256, opts=opts)
         return run
 
@@ -174,12 +170,16 @@ def run_all(model: Path, scratch: Path, runs: int, s3_port: int) -> dict[str, fl
         ("downloader, s3, hashing off", inline(False)),
         ("downloader, s3, inline sha256", inline(True)),
     ]
-    for label, fn in plan:
-        fn(scratch / "warmup")  # connections, imports, the servers' caches
-        shutil.rmtree(scratch / "warmup", ignore_errors=True)
-        rows[label] = timed(fn, scratch, runs)
-        print(f"  {label}: {rows[label]:.2f} s", file=sys.stderr, flush=True)
-    return rows
+    for _, fn in plan:
+        timed(fn, scratch / "warmup")  # imports, the servers' caches
+    # Round-robin: each round runs every tool once, so a slow spell of a shared machine
+    # (other tenants, the hypervisor backing fresh pages) falls on all of them alike.
+    times: dict[str, list[float]] = {label: [] for label, _ in plan}
+    for i in range(runs):
+        for label, fn in plan:
+            times[label].append(timed(fn, scratch / f"run{i}"))
+        print(f"  round {i + 1}: " + ", ".join(f"{t[-1]:.2f}" for t in times.values()), file=sys.stderr, flush=True)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def print_table(rows: dict[str, float], size: int, runs: int) -> None:

@@ -40,20 +40,23 @@ class MemoryRemote(RangeReader):
     def stat(self) -> RemoteStat:
         return RemoteStat(size=len(self.data), validator=self.validator)
 
-    def read_range(self, start: int, end: int, validator: str | None) -> Iterator[bytes]:
+    def read_range(self, start: int, end: int, validator: str | None, into: memoryview) -> Iterator[memoryview]:
+        assert len(into) == end - start
         with self.lock:
             fail = start in self.fail_at
             self.fail_at.discard(start)
         if fail:
-            yield self.data[start:start + 100]  # a little progress, then the connection drops
+            into[:100] = self.data[start:start + 100]  # a little progress, then the connection drops
+            yield into[:100]
             with self.lock:
                 self.served += 100
             raise self.error(f"boom at {start}")
         for i in range(start, end, 16 << 10):
-            piece = self.data[i:min(end, i + (16 << 10))]
+            n = min(end, i + (16 << 10)) - i
+            into[i - start:i - start + n] = self.data[i:i + n]
             with self.lock:
-                self.served += len(piece)
-            yield piece
+                self.served += n
+            yield into[i - start:i - start + n]
 
 
 def test_download_hashes_inline_and_removes_the_journal(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 It serves a directory like any static web server (so ``https://`` fetches of a model directory
 and its ``.weightship/manifest.json`` work), and can be told to lie: ignore ``Range``, answer
 with the wrong ``Content-Range`` or ``Content-Length``, cut bodies short, answer 416 or 503,
-change its ETag, flip a bit. Each fault applies to the next ``n`` GETs (or forever).
+change its ETag, flip a bit, answer a range with ``200`` (and the right ``Content-Range``, as
+rclone's S3 server does). Each fault applies to the next ``n`` GETs (or forever). It honours
+``If-Match`` (412) and records the ``Authorization`` header of every request.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from urllib.parse import unquote
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 FAULTS = ("ignore_range", "wrong_range", "short", "bad_length", "status_416", "status_503",
-          "etag_change", "flip", "stall")
+          "etag_change", "flip", "stall", "range_as_200")
 
 
 class FileServer(ThreadingHTTPServer):
@@ -35,6 +37,7 @@ class FileServer(ThreadingHTTPServer):
         self.fault_paths: set[str] | None = None  # only these paths lie (None: all)
         self.bytes_served = 0
         self.requests = 0
+        self.authorizations: list[str | None] = []
         self.etag_generation = 0
         self.delay = 0.0  # seconds to sleep per 64 KiB sent
         self.lock = threading.Lock()
@@ -99,6 +102,7 @@ class _Handler(BaseHTTPRequestHandler):
         srv = self.server
         with srv.lock:
             srv.requests += 1
+            srv.authorizations.append(self.headers.get("Authorization"))
         found = self._file()
         if found is None:
             self.send_error(404)
@@ -109,6 +113,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if srv.take("etag_change", rel):
             srv.etag_generation += 1
+        if self.headers.get("If-Match") not in (None, self._etag(p)):
+            self.send_error(412)
+            return
         size = p.stat().st_size
         m = _RANGE.match(self.headers.get("Range", ""))
         whole = m is None or srv.take("ignore_range", rel)
@@ -135,7 +142,7 @@ class _Handler(BaseHTTPRequestHandler):
         if srv.take("short", rel):
             self._send(206, body[: len(body) // 2], (start, end, size), length, close=True)
             return
-        self._send(206, body, (start, end, size), length)
+        self._send(200 if srv.take("range_as_200", rel) else 206, body, (start, end, size), length)
 
     def _send(self, status: int, body: bytes, rng: tuple[int, int, int] | None, length: int,
               close: bool = False) -> None:

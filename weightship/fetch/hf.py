@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 from weightship.errors import (
@@ -26,12 +26,9 @@ from weightship.errors import (
 from weightship.fetch.base import FetchPlan, PlannedFile
 from weightship.fetch.download import RangeReader
 from weightship.fetch.engine import DEFAULT_OPTIONAL
-from weightship.fetch.http import HttpRemote, make_client
+from weightship.fetch.http import HttpPool, HttpRemote
 from weightship.fetch.ranged import RangedSource
 from weightship.manifest import SourceInfo
-
-if TYPE_CHECKING:
-    import httpx
 
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -59,7 +56,8 @@ class HfSource(RangedSource):
     kind: ClassVar[str] = "hf"
     schemes: ClassVar[tuple[str, ...]] = ("hf",)
     default_optional: ClassVar[tuple[str, ...]] = DEFAULT_OPTIONAL
-    _client: httpx.Client | None = None
+    _pool: HttpPool | None = None
+    _auth: dict[str, str] | None = None
     _commit: str | None = None
 
     def _target(self) -> tuple[str, str]:
@@ -106,29 +104,34 @@ class HfSource(RangedSource):
         return f"{endpoint()}/{repo}/resolve/{self._commit}/{quote(path)}"
 
     @property
-    def client(self) -> httpx.Client:
-        """The pooled client all of this source's downloads share."""
-        if self._client is None:
+    def pool(self) -> HttpPool:
+        """The connections all of this source's downloads share, sending the Hub's user agent."""
+        if self._pool is None:
             from huggingface_hub.utils import build_hf_headers
 
             headers = build_hf_headers(library_name="weightship")
-            self._client = make_client(self.transfer_options(), headers=headers)
-        return self._client
+            self._auth = {k: v for k, v in headers.items() if k.lower() == "authorization"}
+            self._pool = HttpPool(self.transfer_options(),
+                                  headers={k: v for k, v in headers.items() if k not in self._auth})
+        return self._pool
 
     def remote(self, file: PlannedFile) -> RangeReader:
         if self._commit is None:
             self.plan()  # this source is a failover for another one's plan
         repo, _ = self._target()
-        return HttpRemote(self.client, self._url(repo, file.path))
+        pool = self.pool
+        # The token (HF_TOKEN or the login) goes with each file's requests, not the pool's
+        # defaults: the remote drops it when the Hub redirects to another host (its CDN).
+        return HttpRemote(pool, self._url(repo, file.path), headers=self._auth)
 
     def uri_for(self, file: PlannedFile) -> str:
         repo, _ = self._target()
         return f"hf://{repo}@{self._commit}/{file.path}"
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
 
 def _hub_call(call: Any, repo: str, revision: str) -> Any:

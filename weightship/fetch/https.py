@@ -13,12 +13,10 @@ from __future__ import annotations
 from typing import ClassVar
 from urllib.parse import quote
 
-import httpx
-
-from weightship.errors import RemoteNotFoundError, UsageError
+from weightship.errors import UsageError
 from weightship.fetch.base import FetchPlan, PlannedFile
 from weightship.fetch.download import RangeReader
-from weightship.fetch.http import HttpRemote, make_client, raise_for_status
+from weightship.fetch.http import HttpPool, HttpRemote, get_small
 from weightship.fetch.ranged import REMOTE_MANIFEST, RangedSource, plan_from_manifest
 
 
@@ -27,7 +25,7 @@ class HttpsSource(RangedSource):
 
     kind: ClassVar[str] = "https"
     schemes: ClassVar[tuple[str, ...]] = ("https", "http")
-    _client: httpx.Client | None = None
+    _pool: HttpPool | None = None
 
     @property
     def base(self) -> str:
@@ -38,37 +36,29 @@ class HttpsSource(RangedSource):
         return url if url.endswith("/") else url + "/"
 
     @property
-    def client(self) -> httpx.Client:
-        """The pooled client all of this source's downloads share."""
-        if self._client is None:
-            self._client = make_client(self.transfer_options())
-        return self._client
+    def pool(self) -> HttpPool:
+        """The connections all of this source's downloads share."""
+        if self._pool is None:
+            self._pool = HttpPool(self.transfer_options())
+        return self._pool
 
     def _url(self, path: str) -> str:
         return self.base + quote(path)
 
     def _remote_manifest(self) -> bytes | None:
-        url = self._url(REMOTE_MANIFEST)
-        try:
-            r = self.client.get(url, follow_redirects=True)
-        except httpx.HTTPError as e:
-            raise RemoteNotFoundError(f"{url}: {type(e).__name__}: {e}") from None
-        if r.status_code == 404:
-            return None
-        raise_for_status(r, url)
-        return r.content
+        return get_small(self.pool, self._url(REMOTE_MANIFEST))
 
     def plan(self) -> FetchPlan:
         return plan_from_manifest(self, uri=self.base, revision=None,
                                   read_remote_manifest=self._remote_manifest, locate=self._url)
 
     def remote(self, file: PlannedFile) -> RangeReader:
-        return HttpRemote(self.client, self._url(file.path))
+        return HttpRemote(self.pool, self._url(file.path))
 
     def uri_for(self, file: PlannedFile) -> str:
         return self._url(file.path)
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None

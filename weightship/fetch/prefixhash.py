@@ -16,17 +16,17 @@ class PrefixHasher:
 
     Finished chunks wait in memory for their turn; chunks from an earlier run (offered without
     bytes) are read back from disk once. hashlib releases the GIL on large updates, so hashing
-    runs beside the network threads instead of after them. ``on_hashed(index, fetched)`` is
-    called after each chunk, outside any lock.
+    runs beside the network threads instead of after them. ``on_hashed(index, data)`` is
+    called after each chunk (``data`` as offered), outside any lock.
     """
 
     def __init__(self, fd: int, size: int, chunk: int, *, git_sha1: bool, enabled: bool,
-                 on_hashed: Callable[[int, bool], None]) -> None:
+                 on_hashed: Callable[[int, memoryview | None], None]) -> None:
         self._fd, self._size, self._chunk = fd, size, chunk
         self.sha256 = hashlib.sha256() if enabled else None
         self.git = git_blob_hasher(size) if git_sha1 and enabled else None
         self.next = 0  # first chunk not hashed yet
-        self._ready: dict[int, list[bytes] | None] = {}
+        self._ready: dict[int, memoryview | None] = {}
         self._cond = threading.Condition()
         self._closed = False
         self._on_hashed = on_hashed
@@ -40,10 +40,10 @@ class PrefixHasher:
         if self.git is not None:
             self.git.update(data)
 
-    def offer(self, index: int, pieces: list[bytes] | None) -> None:
+    def offer(self, index: int, data: memoryview | None) -> None:
         """Chunk ``index`` is complete: its bytes, or None when they are only on disk."""
         with self._cond:
-            self._ready[index] = pieces
+            self._ready[index] = data
             self._cond.notify()
 
     def _loop(self) -> None:
@@ -55,15 +55,14 @@ class PrefixHasher:
                     if self.next not in self._ready:
                         return
                     index = self.next
-                    pieces = self._ready.pop(index)
-                if pieces is None:
+                    data = self._ready.pop(index)
+                if data is None:
                     self._hash_from_disk(index)
                 else:
-                    for piece in pieces:
-                        self._update(piece)
+                    self._update(data)
                 with self._cond:
                     self.next += 1
-                self._on_hashed(index, pieces is not None)
+                self._on_hashed(index, data)
         except BaseException as e:  # reported by close(); the download fails with it
             self.error = e
 

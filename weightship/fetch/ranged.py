@@ -21,6 +21,7 @@ from weightship.manifest import MANIFEST_NAME, Manifest, SourceInfo
 from weightship.paths import STATE_DIR
 
 REMOTE_MANIFEST = f"{STATE_DIR}/{MANIFEST_NAME}"  # where a pushed model keeps its manifest
+_STREAM_BUFFER = 16 << 20
 
 
 class RangedSource(Source):
@@ -40,9 +41,11 @@ class RangedSource(Source):
         reader = self.remote(file)
         try:
             st = reader.stat()
-            if st.size:
-                for piece in reader.read_range(0, st.size, st.validator):
-                    sink.write(piece)
+            buf = memoryview(bytearray(min(st.size, _STREAM_BUFFER)))
+            for start in range(0, st.size, len(buf) or 1):
+                end = min(st.size, start + len(buf))
+                for view in reader.read_range(start, end, st.validator, buf[:end - start]):
+                    sink.write(view)
         finally:
             reader.close()
 

@@ -1,0 +1,86 @@
+"""The HTTP transport on its own: redirects, credentials, and replies to ranged reads."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.fetch.webserver import FileServer, serve
+from weightship.errors import RemoteChangedError
+from weightship.fetch.download import TransferOptions, download
+from weightship.fetch.http import HttpPool, HttpRemote
+
+DATA = hashlib.shake_256(b"redirect").digest(3 << 20)
+OPTS = TransferOptions(connections=3, chunk_size=256 << 10, backoff=0.001, backoff_max=0.002)
+
+
+@pytest.fixture
+def cdn(tmp_path: Path) -> Iterator[FileServer]:
+    (tmp_path / "w.bin").write_bytes(DATA)
+    with serve(tmp_path) as s:
+        yield s
+
+
+class _Origin(ThreadingHTTPServer):
+    """Answers every request with a redirect to ``target`` (a path on the same origin is
+    served by redirecting again, to the CDN), recording the Authorization header it saw."""
+
+    daemon_threads = True
+
+    def __init__(self, target: str) -> None:
+        super().__init__(("127.0.0.1", 0), _Redirect)
+        self.target = target
+        self.authorizations: list[str | None] = []
+
+
+class _Redirect(BaseHTTPRequestHandler):
+    server: _Origin
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _redirect(self) -> None:
+        self.server.authorizations.append(self.headers.get("Authorization"))
+        hop = self.path.startswith("/hop/")  # first a redirect within the origin, then away
+        self.send_response(302)
+        self.send_header("Location", self.path[4:] if hop else self.server.target + self.path.lstrip("/"))
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = _redirect
+
+
+@pytest.fixture
+def origin(cdn: FileServer) -> Iterator[_Origin]:
+    server = _Origin(cdn.url)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_token_stays_on_its_host_across_redirects(origin: _Origin, cdn: FileServer, tmp_path: Path) -> None:
+    pool = HttpPool(OPTS)
+    url = f"http://127.0.0.1:{origin.server_address[1]}/hop/w.bin"
+    remote = HttpRemote(pool, url, headers={"Authorization": "Bearer s3cret"})
+    result = download(remote, tmp_path / "w", expected_size=len(DATA),
+                      sha256=hashlib.sha256(DATA).hexdigest(), opts=OPTS)
+    assert (tmp_path / "w").read_bytes() == DATA and result.fetched_bytes == len(DATA)
+    assert origin.authorizations == ["Bearer s3cret", "Bearer s3cret"]  # both hops on the origin
+    assert cdn.authorizations and set(cdn.authorizations) == {None}  # the CDN never saw it
+
+
+def test_errors_name_the_url_given_not_where_it_led(origin: _Origin, cdn: FileServer) -> None:
+    cdn.lie("etag_change")
+    remote = HttpRemote(HttpPool(OPTS), f"http://127.0.0.1:{origin.server_address[1]}/w.bin?sig=SECRET",
+                        where="hf://org/model/w.bin")
+    st = remote.stat()
+    with pytest.raises(RemoteChangedError) as e:
+        list(remote.read_range(0, 10, st.validator, memoryview(bytearray(10))))
+    assert "hf://org/model/w.bin" in str(e.value) and "SECRET" not in str(e.value)
+    assert "412" in str(e.value)  # the If-Match sent with the range was refused
