@@ -265,7 +265,7 @@ class _ChunkedDownload:
                 log.info("%s: %s; retry %d in %.1fs from byte %d", self.path, e, failures, delay, pos)
                 if self.stop.wait(delay):
                     raise _Stopped() from None
-        start_writeback(fd, start, end - start)
+        _start_writeback(fd, start, end - start)
         return into
 
 
@@ -311,7 +311,7 @@ def _writeback_starter() -> Callable[[int, int, int], object]:
     return lambda fd, offset, length: fn(fd, offset, length, 2)  # 2: SYNC_FILE_RANGE_WRITE
 
 
-start_writeback = _writeback_starter()
+_start_writeback = _writeback_starter()
 
 
 class _Stopped(Exception):
