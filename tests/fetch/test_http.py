@@ -78,9 +78,9 @@ def test_a_token_stays_on_its_host_across_redirects(origin: _Origin, cdn: FileSe
 def test_errors_name_the_url_given_not_where_it_led(origin: _Origin, cdn: FileServer) -> None:
     cdn.lie("etag_change")
     remote = HttpRemote(HttpPool(OPTS), f"http://127.0.0.1:{origin.server_address[1]}/w.bin?sig=SECRET",
-                        where="hf://org/model/w.bin")
+                        where="s3://bucket/model/w.bin", if_match=True)
     st = remote.stat()
     with pytest.raises(RemoteChangedError) as e:
         list(remote.read_range(0, 10, st.validator, memoryview(bytearray(10))))
-    assert "hf://org/model/w.bin" in str(e.value) and "SECRET" not in str(e.value)
+    assert "s3://bucket/model/w.bin" in str(e.value) and "SECRET" not in str(e.value)
     assert "412" in str(e.value)  # the If-Match sent with the range was refused

@@ -171,9 +171,12 @@ class HttpRemote(RangeReader):
     """A file behind a URL, read by ranged GETs."""
 
     def __init__(self, pool: HttpPool, url: str, *, headers: Mapping[str, str] | None = None,
-                 max_redirects: int = 5, where: str | None = None) -> None:
+                 max_redirects: int = 5, where: str | None = None, if_match: bool = False) -> None:
         self.pool, self.url, self.headers = pool, url, dict(headers or {})
         self.where = where or url  # what errors call the file
+        # Send the validator as If-Match where the server is known to honour it (S3). Off for
+        # the Hub's CDN and plain web servers, untested here; every reply's ETag is compared anyway.
+        self.if_match = if_match
         self._max_redirects = max_redirects
         self._size: int | None = None
 
@@ -238,7 +241,7 @@ class HttpRemote(RangeReader):
     def read_range(self, start: int, end: int, validator: str | None, into: memoryview) -> Iterator[memoryview]:
         assert 0 <= start < end and len(into) == end - start, (start, end, len(into))
         headers = {"Range": f"bytes={start}-{end - 1}"}
-        if validator is not None:
+        if validator is not None and self.if_match:
             headers["If-Match"] = validator
         r = self._get(headers)
         try:

@@ -128,7 +128,7 @@ class S3Remote(HttpRemote):
     """One S3 object: size and ETag from HeadObject, bytes by presigned ranged GETs."""
 
     def __init__(self, client: Any, pool: HttpPool, bucket: str, key: str) -> None:
-        super().__init__(pool, "", where=f"s3://{bucket}/{key}")
+        super().__init__(pool, "", where=f"s3://{bucket}/{key}", if_match=True)
         self.client, self.bucket, self.key = client, bucket, key
 
     def request_url(self) -> str:
