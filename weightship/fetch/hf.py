@@ -11,6 +11,7 @@ ranged GETs through the shared downloader (the Hub redirects LFS files to its CD
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Any, ClassVar
@@ -56,8 +57,6 @@ class HfSource(RangedSource):
     kind: ClassVar[str] = "hf"
     schemes: ClassVar[tuple[str, ...]] = ("hf",)
     default_optional: ClassVar[tuple[str, ...]] = DEFAULT_OPTIONAL
-    _pool: HttpPool | None = None
-    _auth: dict[str, str] | None = None
     _commit: str | None = None
 
     def _target(self) -> tuple[str, str]:
@@ -103,35 +102,29 @@ class HfSource(RangedSource):
         assert self._commit is not None, "plan() resolves the commit first"
         return f"{endpoint()}/{repo}/resolve/{self._commit}/{quote(path)}"
 
-    @property
-    def pool(self) -> HttpPool:
-        """The connections all of this source's downloads share, sending the Hub's user agent."""
-        if self._pool is None:
-            from huggingface_hub.utils import build_hf_headers
+    @functools.cached_property
+    def _hub_headers(self) -> tuple[dict[str, str], dict[str, str]]:
+        """huggingface_hub's headers, split: (the token from HF_TOKEN or the login, the rest)."""
+        from huggingface_hub.utils import build_hf_headers
 
-            headers = build_hf_headers(library_name="weightship")
-            self._auth = {k: v for k, v in headers.items() if k.lower() == "authorization"}
-            self._pool = HttpPool(self.transfer_options(),
-                                  headers={k: v for k, v in headers.items() if k not in self._auth})
-        return self._pool
+        headers = build_hf_headers(library_name="weightship")
+        auth = {k: v for k, v in headers.items() if k.lower() == "authorization"}
+        return auth, {k: v for k, v in headers.items() if k not in auth}
+
+    def make_pool(self) -> HttpPool:
+        return HttpPool(self.transfer_options(), headers=self._hub_headers[1])
 
     def remote(self, file: PlannedFile) -> RangeReader:
         if self._commit is None:
             self.plan()  # this source is a failover for another one's plan
         repo, _ = self._target()
-        pool = self.pool
-        # The token (HF_TOKEN or the login) goes with each file's requests, not the pool's
-        # defaults: the remote drops it when the Hub redirects to another host (its CDN).
-        return HttpRemote(pool, self._url(repo, file.path), headers=self._auth)
+        # The token goes with each file's requests, not the pool's defaults: the remote drops
+        # it when the Hub redirects to another host (its CDN).
+        return HttpRemote(self.pool, self._url(repo, file.path), headers=self._hub_headers[0])
 
     def uri_for(self, file: PlannedFile) -> str:
         repo, _ = self._target()
         return f"hf://{repo}@{self._commit}/{file.path}"
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
 
 
 def _hub_call(call: Any, repo: str, revision: str) -> Any:

@@ -16,7 +16,7 @@ from urllib.parse import quote
 from weightship.errors import UsageError
 from weightship.fetch.base import FetchPlan, PlannedFile
 from weightship.fetch.download import RangeReader
-from weightship.fetch.http import HttpPool, HttpRemote, get_small
+from weightship.fetch.http import HttpRemote, get_small
 from weightship.fetch.ranged import REMOTE_MANIFEST, RangedSource, plan_from_manifest
 
 
@@ -25,7 +25,6 @@ class HttpsSource(RangedSource):
 
     kind: ClassVar[str] = "https"
     schemes: ClassVar[tuple[str, ...]] = ("https", "http")
-    _pool: HttpPool | None = None
 
     @property
     def base(self) -> str:
@@ -34,13 +33,6 @@ class HttpsSource(RangedSource):
         if not url.startswith(("https://", "http://")):
             raise UsageError(f"https source needs an http(s):// URL, got {url!r}")
         return url if url.endswith("/") else url + "/"
-
-    @property
-    def pool(self) -> HttpPool:
-        """The connections all of this source's downloads share."""
-        if self._pool is None:
-            self._pool = HttpPool(self.transfer_options())
-        return self._pool
 
     def _url(self, path: str) -> str:
         return self.base + quote(path)
@@ -57,8 +49,3 @@ class HttpsSource(RangedSource):
 
     def uri_for(self, file: PlannedFile) -> str:
         return self._url(file.path)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None

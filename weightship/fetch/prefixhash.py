@@ -57,7 +57,8 @@ class PrefixHasher:
                     index = self.next
                     data = self._ready.pop(index)
                 if data is None:
-                    self._hash_from_disk(index)
+                    if self.sha256 is not None or self.git is not None:  # else nothing to hash
+                        self._hash_from_disk(index)
                 else:
                     self._update(data)
                 with self._cond:

@@ -17,6 +17,7 @@ from pathlib import Path
 from weightship.errors import ManifestError, NoTrustAnchorError
 from weightship.fetch.base import FetchPlan, PlannedFile, Sink, Source
 from weightship.fetch.download import RangeReader, TransferOptions
+from weightship.fetch.http import HttpPool
 from weightship.manifest import MANIFEST_NAME, Manifest, SourceInfo
 from weightship.paths import STATE_DIR
 
@@ -27,9 +28,27 @@ _STREAM_BUFFER = 16 << 20
 class RangedSource(Source):
     """A source whose files can be read by byte ranges; the engine downloads them in parallel."""
 
+    _pool: HttpPool | None = None
+
     def transfer_options(self) -> TransferOptions:
         """How hard to pull, from the request's options."""
         return TransferOptions.from_options(self.request.options)
+
+    def make_pool(self) -> HttpPool:
+        """The connections for this source's downloads (a source may add headers or a CA bundle)."""
+        return HttpPool(self.transfer_options())
+
+    @property
+    def pool(self) -> HttpPool:
+        """The connections all of this source's downloads share, made when first needed."""
+        if self._pool is None:
+            self._pool = self.make_pool()
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     @abstractmethod
     def remote(self, file: PlannedFile) -> RangeReader:

@@ -151,7 +151,6 @@ class S3Source(RangedSource):
     kind: ClassVar[str] = "s3"
     schemes: ClassVar[tuple[str, ...]] = ("s3",)
     _client: Any = None
-    _pool: HttpPool | None = None
 
     @property
     def uri(self) -> str:
@@ -165,12 +164,8 @@ class S3Source(RangedSource):
             self._client = make_s3_client(self.transfer_options())
         return self._client
 
-    @property
-    def pool(self) -> HttpPool:
-        """The connections all of this source's downloads share."""
-        if self._pool is None:
-            self._pool = make_s3_pool(self.transfer_options())
-        return self._pool
+    def make_pool(self) -> HttpPool:
+        return make_s3_pool(self.transfer_options())
 
     def _key(self, path: str) -> str:
         _, prefix = parse_s3_uri(self.uri)
@@ -201,11 +196,6 @@ class S3Source(RangedSource):
     def uri_for(self, file: PlannedFile) -> str:
         bucket, _ = parse_s3_uri(self.uri)
         return f"s3://{bucket}/{self._key(file.path)}"
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
 
 
 def push_directory(directory: Path, uri: str, *, progress: Progress | None = None,
