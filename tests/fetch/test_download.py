@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
+import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,7 +138,8 @@ def test_permanent_errors_are_not_retried(tmp_path: Path) -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(size=st.integers(0, 300_000), chunk=st.integers(4096, 70_000), conns=st.integers(1, 5),
+@given(size=st.integers(0, 300_000), conns=st.integers(1, 5),
+       chunk=st.one_of(st.integers(4096, 70_000), st.integers(1, 17).map(lambda k: k * 4096)),  # O_DIRECT
        fails=st.sets(st.integers(0, 80), max_size=6), git=st.booleans())
 def test_any_chunking_gives_the_same_digests(tmp_path_factory: pytest.TempPathFactory, size: int,
                                              chunk: int, conns: int, fails: set[int], git: bool) -> None:
@@ -146,3 +152,36 @@ def test_any_chunking_gives_the_same_digests(tmp_path_factory: pytest.TempPathFa
                       git_sha1=blob if git else None, opts=opts)
     assert staging.read_bytes() == data
     assert result.git_sha1 == (blob if git else None)
+
+
+def _cached_bytes(path: Path) -> int:
+    """How much of ``path`` is in the page cache (util-linux's fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.strip())
+
+
+def test_direct_io_bypasses_the_page_cache(tmp_path: Path) -> None:
+    direct, buffered = tmp_path / "direct", tmp_path / "buffered"
+    download(MemoryRemote(), direct, expected_size=len(DATA), sha256=SHA, opts=OPTS)
+    download(MemoryRemote(), buffered, expected_size=len(DATA), sha256=SHA,
+             opts=dataclasses.replace(OPTS, direct_io=False))
+    assert _cached_bytes(direct) <= 4096  # only the 4-byte tail went through the cache
+    assert _cached_bytes(buffered) >= len(DATA)
+    assert direct.read_bytes() == DATA == buffered.read_bytes()
+
+
+def test_refused_direct_writes_fall_back_to_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.pwrite
+    refused = []
+
+    def pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:  # a device wanting a larger alignment
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    result = download(MemoryRemote(), tmp_path / "f", expected_size=len(DATA), sha256=SHA, opts=OPTS)
+    assert result.sha256 == SHA and (tmp_path / "f").read_bytes() == DATA
+    assert 1 <= len(refused) <= OPTS.connections  # each worker tried once at most, then gave up

@@ -84,3 +84,21 @@ def test_errors_name_the_url_given_not_where_it_led(origin: _Origin, cdn: FileSe
         list(remote.read_range(0, 10, st.validator, memoryview(bytearray(10))))
     assert "s3://bucket/model/w.bin" in str(e.value) and "SECRET" not in str(e.value)
     assert "412" in str(e.value)  # the If-Match sent with the range was refused
+
+
+def test_one_connection_carries_every_range(cdn: FileServer, tmp_path: Path) -> None:
+    opts = TransferOptions(connections=1, chunk_size=256 << 10)
+    remote = HttpRemote(HttpPool(opts), cdn.url + "w.bin")
+    download(remote, tmp_path / "w", expected_size=len(DATA), sha256=hashlib.sha256(DATA).hexdigest(), opts=opts)
+    assert cdn.requests == len(DATA) // (256 << 10) and cdn.connections == 1
+
+
+def test_a_body_left_unread_never_carries_the_next_request(cdn: FileServer) -> None:
+    remote = HttpRemote(HttpPool(OPTS), cdn.url + "w.bin")
+    st = remote.stat()
+    reads = remote.read_range(0, 2 << 20, st.validator, memoryview(bytearray(2 << 20)))
+    next(reads)
+    reads.close()  # the consumer gave up after the first piece: 2 MiB minus that are unread
+    buf = memoryview(bytearray(1000))
+    assert b"".join(bytes(v) for v in remote.read_range(5000, 6000, st.validator, buf)) == DATA[5000:6000]
+    assert cdn.connections == 2

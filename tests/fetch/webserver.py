@@ -5,7 +5,7 @@ and its ``.weightship/manifest.json`` work), and can be told to lie: ignore ``Ra
 with the wrong ``Content-Range`` or ``Content-Length``, cut bodies short, answer 416 or 503,
 change its ETag, flip a bit, answer a range with ``200`` (and the right ``Content-Range``, as
 rclone's S3 server does). Each fault applies to the next ``n`` GETs (or forever). It honours
-``If-Match`` (412) and records the ``Authorization`` header of every request.
+``If-Match`` (412), records the ``Authorization`` header of every request and counts connections.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class FileServer(ThreadingHTTPServer):
         self.fault_paths: set[str] | None = None  # only these paths lie (None: all)
         self.bytes_served = 0
         self.requests = 0
+        self.connections = 0  # TCP connections accepted
         self.authorizations: list[str | None] = []
         self.etag_generation = 0
         self.delay = 0.0  # seconds to sleep per 64 KiB sent
@@ -74,6 +75,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.connections += 1
 
     def _file(self) -> tuple[str, Path] | None:
         rel = unquote(self.path.split("?", 1)[0]).lstrip("/")

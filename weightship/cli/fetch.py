@@ -37,6 +37,9 @@ def fetch(
                                                   "read; also what a resume may repeat [default: 16].")] = None,
     stall_timeout: Annotated[float | None, typer.Option(help="Seconds without a byte before "
                                                         "reconnecting [default: 30].")] = None,
+    direct_io: Annotated[bool | None, typer.Option("--direct-io/--no-direct-io", help="Write with "
+                                                   "O_DIRECT, bypassing the page cache, where the "
+                                                   "filesystem allows [default: on].")] = None,
     peer: Annotated[list[str] | None, typer.Option(help="BitTorrent peer HOST:PORT to connect to "
                                                    "(repeatable).")] = None,
     peers_from_dns: Annotated[str | None, typer.Option(help="BitTorrent peers: every A/AAAA record "
@@ -58,8 +61,8 @@ def fetch(
     transfer = {"revision": revision, "manifest": str(manifest) if manifest else None,
                 "connections": connections, "parallel_files": parallel_files,
                 "chunk_size": chunk_mib << 20 if chunk_mib else None, "stall_timeout": stall_timeout,
-                "peers": peer or None, "peers_from_dns": peers_from_dns, "trackers": tracker or None,
-                "seed_for": seed_for}
+                "direct_io": direct_io, "peers": peer or None, "peers_from_dns": peers_from_dns,
+                "trackers": tracker or None, "seed_for": seed_for}
     request = build_request(model, layout=layout, include=include or (), exclude=exclude or (),
                             options={k: v for k, v in transfer.items() if v is not None})
     dest = to or get_settings().model_dir(default_dir_name(request))

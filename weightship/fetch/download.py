@@ -1,13 +1,16 @@
 """Parallel, resumable download of one file by byte ranges, hashed while the bytes arrive.
 
 The file is cut into chunks of ``chunk_size`` bytes. ``connections`` workers each fetch one chunk
-at a time with a ranged read straight into a chunk buffer, ``pwrite`` it at its offset in
-``PATH.incomplete`` as it arrives, and ask the kernel to start writing it back (so the
-``fsync`` before promotion finds little left to do). The sha256 (and, for the Hub's small
-files, the git blob sha1) is computed over the *contiguous prefix*: a finished chunk stays in
-its buffer until every chunk before it is hashed, so no byte is read twice. There are
-``connections + 2`` buffers, reused (a slow first chunk holds the others back rather than
-letting memory grow: ``(connections + 2) × chunk_size`` per file at most).
+at a time with a ranged read straight into a chunk buffer, then write the whole chunk at its
+offset in ``PATH.incomplete`` with one ``O_DIRECT`` ``pwrite``: the disk reads it from the buffer,
+so there is no copy into the page cache and nothing left to write back when the file is fsynced
+before promotion. Where the filesystem refuses ``O_DIRECT`` (or ``direct_io`` is off) chunks
+are written through the page cache, and the kernel is asked to start writing each one back at
+once. The sha256 (and, for the Hub's small files, the git blob sha1) is computed over the
+*contiguous prefix*: a finished chunk stays in its buffer until every chunk before it is
+hashed, so no byte is read twice. There are ``connections + 2`` page-aligned buffers, reused (a
+slow first chunk holds the others back rather than letting memory grow: ``(connections + 2) ×
+chunk_size`` per file at most).
 
 The resume journal, ``PATH.incomplete.journal``, lists the finished chunks and what they were
 fetched against (size, chunk size, the remote's validator, the expected digest). It is replaced
@@ -31,6 +34,7 @@ import errno
 import hashlib
 import logging
 import math
+import mmap
 import os
 import random
 import threading
@@ -71,6 +75,10 @@ class TransferOptions:
     backoff: float = 0.5  # first retry delay in seconds, doubled each time (with jitter)
     backoff_max: float = 15.0
     verify: bool = True  # hash while downloading; off only for benchmarks (never promoted)
+    # Write chunks with O_DIRECT where the filesystem allows: no page-cache copy (on a 2-core VM
+    # here, 1 GiB fetched and fsynced took 1.25 s instead of 1.9 s), and a fresh model does not
+    # push other files out of the cache. The price: it is not in the cache afterwards either.
+    direct_io: bool = True
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> TransferOptions:
@@ -168,8 +176,8 @@ class _ChunkedDownload:
         self.staging.parent.mkdir(parents=True, exist_ok=True)
         done = self._resume_state()
         self.buffers = _Buffers(self.opts.connections + 2, min(self.chunk, max(1, self.remote.size)))
-        fd = os.open(self.staging, os.O_RDWR | os.O_CREAT, 0o644)
-        hasher = PrefixHasher(fd, self.remote.size, self.chunk, git_sha1=self.git_sha1,
+        out = _ChunkFile(self.staging, direct=self.opts.direct_io and self.chunk % _DIRECT_ALIGN == 0)
+        hasher = PrefixHasher(out.fd, self.remote.size, self.chunk, git_sha1=self.git_sha1,
                                enabled=self.opts.verify, on_hashed=self._hashed)
         try:
             if self.resumed:
@@ -180,13 +188,13 @@ class _ChunkedDownload:
             self.journal.done = sorted(done)
             todo = iter([i for i in range(self.chunks) if i not in done])
             if self.remote.size > 0:
-                self._run_workers(fd, todo, done, hasher)
-            os.fsync(fd)
+                self._run_workers(out, todo, done, hasher)
+            os.fsync(out.fd)
         finally:
             try:
                 hasher.close()
             finally:
-                os.close(fd)
+                out.close()
         assert hasher.next == self.chunks or self.remote.size == 0, (hasher.next, self.chunks)
         return DownloadResult(
             size=self.remote.size,
@@ -198,11 +206,11 @@ class _ChunkedDownload:
         if data is not None:  # a chunk fetched by this run gives its buffer back
             self.buffers.give(data.obj)  # type: ignore[arg-type]
 
-    def _run_workers(self, fd: int, todo: Iterator[int], done: set[int], hasher: PrefixHasher) -> None:
+    def _run_workers(self, out: _ChunkFile, todo: Iterator[int], done: set[int], hasher: PrefixHasher) -> None:
         errors: list[BaseException] = []
         todo_lock = threading.Lock()
 
-        def take_buffer() -> bytearray | None:
+        def take_buffer() -> mmap.mmap | None:
             while (buf := self.buffers.take(timeout=0.2)) is None:
                 if self.stop.is_set() or hasher.error is not None:
                     return None
@@ -216,7 +224,7 @@ class _ChunkedDownload:
                     self.buffers.give(buf)
                     return
                 try:
-                    data = self._fetch_chunk(fd, index, memoryview(buf)[:self._chunk_len(index)])
+                    data = self._fetch_chunk(out, index, memoryview(buf)[:self._chunk_len(index)])
                 except BaseException as e:
                     self.buffers.give(buf)
                     with self.lock:
@@ -236,8 +244,8 @@ class _ChunkedDownload:
         if errors:
             raise _most_telling(errors)
 
-    def _fetch_chunk(self, fd: int, index: int, into: memoryview) -> memoryview:
-        """Chunk ``index`` into ``into`` and onto the disk; ``into`` when it is complete."""
+    def _fetch_chunk(self, out: _ChunkFile, index: int, into: memoryview) -> memoryview:
+        """Chunk ``index`` into ``into`` and then onto the disk; ``into`` when it is written."""
         start = index * self.chunk
         end = start + len(into)
         pos, failures = start, 0
@@ -246,7 +254,6 @@ class _ChunkedDownload:
                 raise _Stopped()
             try:
                 for view in self.reader.read_range(pos, end, self.remote.validator, into[pos - start:]):
-                    _pwrite_all(fd, view, pos, self.staging)
                     pos += len(view)
                     with self.lock:
                         self.fetched += len(view)
@@ -265,20 +272,64 @@ class _ChunkedDownload:
                 log.info("%s: %s; retry %d in %.1fs from byte %d", self.path, e, failures, delay, pos)
                 if self.stop.wait(delay):
                     raise _Stopped() from None
-        _start_writeback(fd, start, end - start)
+        out.write(into, start)
         return into
+
+
+_DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffers: a multiple of the block size
+
+
+class _ChunkFile:
+    """The partial file, written a chunk at a time: by ``O_DIRECT`` where the filesystem allows
+    it, else (and for a file's unaligned tail) through the page cache. ``fd`` reads and fsyncs."""
+
+    def __init__(self, path: Path, *, direct: bool) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._direct: int | None = None
+        flag = getattr(os, "O_DIRECT", 0)  # Linux and the BSDs; not macOS or Windows
+        if direct and flag:
+            try:
+                self._direct = os.open(path, os.O_WRONLY | flag)
+            except OSError as e:  # EINVAL: tmpfs before Linux 6.6, some FUSE filesystems
+                log.debug("%s: no O_DIRECT here (%s); writing through the page cache", path, e)
+        self._use_direct = self._direct is not None
+
+    def write(self, data: memoryview, offset: int) -> None:
+        """Write ``data`` (a chunk buffer's start, so page-aligned) at ``offset``."""
+        aligned = len(data) - len(data) % _DIRECT_ALIGN
+        if self._use_direct and aligned and offset % _DIRECT_ALIGN == 0:
+            try:
+                _pwrite_all(self._direct, data[:aligned], offset, self.path)  # type: ignore[arg-type]
+                data, offset = data[aligned:], offset + aligned
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # The device wants a larger alignment: the rest of the file goes through the
+                # cache (the fd stays open until close(): other workers may be writing to it).
+                log.debug("%s: O_DIRECT write refused (%s); writing through the page cache", self.path, e)
+                self._use_direct = False
+        if data:
+            _pwrite_all(self.fd, data, offset, self.path)
+            _start_writeback(self.fd, offset, len(data))
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self._direct is not None:
+            os.close(self._direct)
 
 
 class _Buffers:
     """Up to ``count`` chunk buffers of ``size`` bytes, made when first needed and then reused
-    (memory stays flat, and no page is faulted in twice)."""
+    (memory stays flat, and no page is faulted in twice). Anonymous maps: page-aligned, as
+    ``O_DIRECT`` needs."""
 
     def __init__(self, count: int, size: int) -> None:
-        self._free: list[bytearray] = []
+        self._free: list[mmap.mmap] = []
         self._left, self._size = count, size
         self._cond = threading.Condition()
 
-    def take(self, timeout: float) -> bytearray | None:
+    def take(self, timeout: float) -> mmap.mmap | None:
         """A buffer, or None when none came free within ``timeout`` seconds."""
         with self._cond:
             if not self._free and self._left == 0:
@@ -288,9 +339,9 @@ class _Buffers:
             if self._left == 0:
                 return None
             self._left -= 1
-        return bytearray(self._size)
+        return mmap.mmap(-1, self._size)
 
-    def give(self, buf: bytearray) -> None:
+    def give(self, buf: mmap.mmap) -> None:
         """Return a buffer for another chunk."""
         with self._cond:
             self._free.append(buf)

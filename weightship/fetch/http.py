@@ -9,8 +9,9 @@ GETs that way). A short body, a wrong range or a 5xx is retryable; 401/403/404/4
 The Hub's ``resolve`` URLs redirect to a CDN: redirects are followed once, at
 :meth:`HttpRemote.stat`, and the final URL is used for every range.
 
-Bodies are read with ``readinto`` straight into the downloader's chunk buffers: no byte is
-copied into a new object on its way to the disk and the hash. Errors name the URL a user gave,
+Bodies are read with http.client's ``readinto`` straight into the downloader's chunk buffers: no
+byte is copied into a new object on its way to the disk and the hash (urllib3's own ``readinto``
+reads into a new ``bytes`` and copies it, urllib3 issue #1540). Errors name the URL a user gave,
 never a redirect target or a presigned URL (their query strings are credentials).
 
 urllib3 rather than httpx: on loopback, httpx spends about twice the CPU per byte received, and
@@ -19,9 +20,11 @@ that CPU is what a 2-core machine shares between the network, the disk and sha25
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import re
+import socket
 import urllib.request
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -135,15 +138,25 @@ def transport_error(where: str, e: BaseException) -> FetchError:
     if isinstance(e, SSLError):
         return FetchError(f"{where}: TLS failed: {e}",
                           hint="set SSL_CERT_FILE to the CA bundle that signs this server's certificate")
-    if isinstance(e, TimeoutError):
+    if isinstance(e, (TimeoutError, socket.timeout)):
         return TransientFetchError(f"{where}: stalled ({type(e).__name__}); reconnecting")
     return TransientFetchError(f"{where}: {type(e).__name__}: {e}")
+
+
+def _raw(r: urllib3.BaseHTTPResponse) -> Any:
+    """What a body is read from: http.client's response under urllib3's where there is one
+    (we ask for no decoding, so the two give the same bytes), else urllib3's."""
+    fp = getattr(r, "_fp", None)
+    return fp if isinstance(fp, http.client.HTTPResponse) else r
 
 
 def _finish(r: urllib3.BaseHTTPResponse) -> None:
     """Give the connection back when its body was read to the end, else close it (a
     connection with unread bytes must never carry the next request)."""
-    if r.length_remaining != 0:  # None: a chunked body, whose end was not seen
+    raw = _raw(r)
+    # urllib3 counts what it read itself (None: a chunked body, whose end it did not see);
+    # http.client closes its response once the body it read ends.
+    if r.length_remaining != 0 and not (raw is not r and raw.isclosed()):
         r.close()
     r.release_conn()
 
@@ -264,14 +277,15 @@ class HttpRemote(RangeReader):
         """Fill ``into`` from the body: views of it as they fill (reused from its start each
         time round when ``whole``). Stops at the end of the body or of ``into``."""
         pos = 0
+        raw = _raw(r)
         while True:
             if pos == len(into):
                 if not whole:
                     return
                 pos = 0
             try:
-                n = r.readinto(into[pos:pos + _READ])
-            except (HTTPError, OSError) as e:
+                n = raw.readinto(into[pos:pos + _READ])
+            except (HTTPError, OSError, http.client.HTTPException) as e:
                 raise transport_error(self.where, e) from None
             if not n:
                 return
