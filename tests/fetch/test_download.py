@@ -175,7 +175,7 @@ def test_refused_direct_writes_fall_back_to_the_page_cache(tmp_path: Path, monke
     real = os.pwrite
     refused = []
 
-    def pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:  # a device wanting a larger alignment
             refused.append(offset)
             raise OSError(errno.EINVAL, "Invalid argument")
