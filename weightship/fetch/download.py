@@ -279,6 +279,7 @@ class _ChunkedDownload:
 
 
 _DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffers: a multiple of the block size
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only
 
 
 class _ChunkFile:
@@ -341,7 +342,8 @@ class _Buffers:
             if self._left == 0:
                 return None
             self._left -= 1
-        return mmap.mmap(-1, self._size)
+        # Faulted in whole at once (every byte of it will be written): cheaper than page by page.
+        return mmap.mmap(-1, self._size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
 
     def give(self, buf: mmap.mmap) -> None:
         """Return a buffer for another chunk."""
