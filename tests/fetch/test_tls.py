@@ -1,8 +1,7 @@
 """TLS: https:// and s3:// fetches trust the CA bundle the environment names, reuse their TLS
 connections, and refuse a certificate nobody vouches for with a clean error (nothing promoted).
 
-A throwaway CA (trustme) signs a certificate for 127.0.0.1; the web server and ``rclone serve s3``
-present it.
+The web server and ``rclone serve s3`` present the certificate of :func:`tests.conftest.pki`.
 """
 
 from __future__ import annotations
@@ -14,9 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trustme
 
-from tests.conftest import assert_clean_failure, rclone_s3, run_cli
+from tests.conftest import Pki, assert_clean_failure, rclone_s3, run_cli
 from tests.fetch.webserver import FileServer, serve
 from weightship.fetch.download import TransferOptions, download
 from weightship.fetch.http import HttpPool, HttpRemote
@@ -24,23 +22,6 @@ from weightship.manifest import Manifest, create_for_directory
 
 DATA = hashlib.shake_256(b"tls").digest((1 << 20) + 4321)
 _NO_CA = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE", "CURL_CA_BUNDLE")
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def pki(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The CA bundle a client is told to trust, and the server's certificate chain and key."""
-    d = tmp_path_factory.mktemp("pki")
-    cert = ca.issue_cert("127.0.0.1")
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    cert.private_key_pem.write_to_path(str(d / "key.pem"))
-    for i, blob in enumerate(cert.cert_chain_pems):
-        blob.write_to_path(str(d / "cert.pem"), append=i > 0)
-    return {"ca": d / "ca.pem", "cert": d / "cert.pem", "key": d / "key.pem"}
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +35,11 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def https(model: Path, pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[FileServer]:
+def https(model: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> Iterator[FileServer]:
     for k in _NO_CA:
         monkeypatch.delenv(k, raising=False)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(pki["cert"], pki["key"])
+    ctx.load_cert_chain(pki.cert, pki.key)
     with serve(model, tls=ctx) as s:
         yield s
 
@@ -68,16 +49,16 @@ def _same_files(want: Path, got: Path) -> None:
         assert (got / f.path).read_bytes() == (want / f.path).read_bytes(), f.path
 
 
-def test_https_trusts_the_ca_in_SSL_CERT_FILE(https: FileServer, model: Path, pki: dict[str, Path],
+def test_https_trusts_the_ca_in_SSL_CERT_FILE(https: FileServer, model: Path, pki: Pki,
                                             tmp_path: Path) -> None:
-    r = run_cli("fetch", https.url, "--to", tmp_path / "m", env={"SSL_CERT_FILE": str(pki["ca"])})
+    r = run_cli("fetch", https.url, "--to", tmp_path / "m", env={"SSL_CERT_FILE": str(pki.ca)})
     assert r.code == 0, r.stderr
     _same_files(model, tmp_path / "m")
 
 
-def test_one_tls_connection_carries_every_range(https: FileServer, pki: dict[str, Path], tmp_path: Path,
+def test_one_tls_connection_carries_every_range(https: FileServer, pki: Pki, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SSL_CERT_FILE", str(pki["ca"]))
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
     opts = TransferOptions(connections=1, chunk_size=128 << 10)
     remote = HttpRemote(HttpPool(opts), https.url + "model.safetensors")
     download(remote, tmp_path / "f", expected_size=len(DATA), sha256=hashlib.sha256(DATA).hexdigest(), opts=opts)
@@ -92,17 +73,17 @@ def test_an_untrusted_certificate_is_a_clean_error(https: FileServer, tmp_path: 
     assert not (tmp_path / "m" / "model.safetensors").exists() and https.requests == 0
 
 
-def test_s3_over_tls_trusts_AWS_CA_BUNDLE(model: Path, pki: dict[str, Path], tmp_path: Path,
+def test_s3_over_tls_trusts_AWS_CA_BUNDLE(model: Path, pki: Pki, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     for k in _NO_CA:
         monkeypatch.delenv(k, raising=False)
     root = tmp_path / "s3"
     shutil.copytree(model, root / "models" / "m")
-    with rclone_s3(root, cert=pki["cert"], key=pki["key"]) as s3:
+    with rclone_s3(root, cert=pki.cert, key=pki.key) as s3:
         assert s3.env["AWS_ENDPOINT_URL"].startswith("https://")
         refused = run_cli("fetch", "s3://models/m", "--to", tmp_path / "no", env=s3.env)
         r = run_cli("fetch", "s3://models/m", "--to", tmp_path / "m",
-                    env={**s3.env, "AWS_CA_BUNDLE": str(pki["ca"])})
+                    env={**s3.env, "AWS_CA_BUNDLE": str(pki.ca)})
     assert_clean_failure(refused, 1)
     assert "TLS failed" in refused.stderr and "AWS_CA_BUNDLE" in refused.stderr, refused.stderr
     assert r.code == 0, r.stderr

@@ -21,9 +21,10 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from tests.conftest import assert_clean_failure, run_cli
+from tests.conftest import Pki, assert_clean_failure, run_cli
 from weightship.manifest import Manifest
 from weightship.mirror import MirrorServer
+from weightship.mirror.server import Tls
 
 
 def _sha(p: Path) -> str:
@@ -135,3 +136,34 @@ def test_the_mirror_command_serves(hub_root: Path, tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_the_mirror_serves_https(hub_root: Path, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+        monkeypatch.delenv(k, raising=False)
+    want = Manifest.load(hub_root / "weightship" / "tiny")
+    with MirrorServer(hub_root, tokens=frozenset({"s3cret"}), tls=Tls(pki.cert, pki.key)) as m:
+        assert m.url.startswith("https://")
+        env = {"HF_ENDPOINT": m.url, "HF_TOKEN": "s3cret"}
+        trusted = {**env, "SSL_CERT_FILE": str(pki.ca)}
+        code = f"from huggingface_hub import snapshot_download; print(snapshot_download('weightship/tiny', " \
+               f"cache_dir={str(tmp_path / 'hf')!r}))"
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, **trusted}, timeout=120)
+        ours = run_cli("fetch", "hf://weightship/tiny", "--to", tmp_path / "ws", env=trusted)
+        refused = run_cli("fetch", "hf://weightship/tiny", "--to", tmp_path / "no", env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert all(_sha(Path(p.stdout.strip()) / f.path) == f.sha256 for f in want.files)
+    assert ours.code == 0, ours.stderr
+    assert all(_sha(tmp_path / "ws" / f.path) == f.sha256 for f in want.files)
+    assert_clean_failure(refused, 1)
+    assert "TLS failed" in refused.stderr and "SSL_CERT_FILE" in refused.stderr, refused.stderr
+
+
+def test_the_mirror_checks_its_tls_files_before_it_starts(hub_root: Path, pki: Pki) -> None:
+    r = run_cli("mirror", hub_root, "--tls-cert", pki.cert, timeout=60)
+    assert_clean_failure(r, 2)
+    assert "--tls-key" in r.stderr
+    r = run_cli("mirror", hub_root, "--tls-cert", pki.cert, "--tls-key", pki.ca, timeout=60)  # not a key
+    assert_clean_failure(r, 2)
+    assert "--tls-key" in r.stderr and "serving" not in r.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import ssl
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -155,8 +156,22 @@ def _hub_call(call: Any, repo: str, revision: str) -> Any:
             raise TransientFetchError(f"{where}: the Hub answered {status}") from None
         raise FetchError(f"{where}: {_first_line(e)}") from None
     except _transport_errors() as e:
+        if _caused_by(e, ssl.SSLError):  # a certificate no retry will change
+            raise FetchError(f"{where}: TLS failed at {endpoint()}: {e}",
+                             hint="set SSL_CERT_FILE to the CA bundle that signs HF_ENDPOINT's certificate") from None
         raise TransientFetchError(f"{where}: cannot reach {endpoint()}: {type(e).__name__}: {e}",
                                   hint="check HF_ENDPOINT and the network") from None
+
+
+def _caused_by(e: BaseException | None, kind: type[BaseException]) -> bool:
+    """Whether ``e`` or an exception it was raised from or during is a ``kind``."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

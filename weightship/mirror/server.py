@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
@@ -31,24 +33,42 @@ def read_tokens(token_file: Path | None) -> frozenset[str]:
     return tokens
 
 
-def _config(root: Path, host: str, port: int, tokens: frozenset[str]) -> uvicorn.Config:
+@dataclass(frozen=True)
+class Tls:
+    """The certificate chain and private key the mirror presents (PEM files), loaded once here
+    so that a wrong file is a usage error and not a failed start."""
+
+    cert: Path
+    key: Path
+
+    def __post_init__(self) -> None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as e:
+            raise UsageError(f"cannot use --tls-cert {self.cert} with --tls-key {self.key}: {e}") from None
+
+
+def _config(root: Path, host: str, port: int, tokens: frozenset[str], tls: Tls | None) -> uvicorn.Config:
     if not root.is_dir():
         raise UsageError(f"mirror root {root} is not a directory")
     return uvicorn.Config(create_app(root, tokens=tokens), host=host, port=port, log_level="warning",
-                          access_log=False, timeout_keep_alive=30, lifespan="off")
+                          access_log=False, timeout_keep_alive=30, lifespan="off",
+                          ssl_certfile=tls.cert if tls else None, ssl_keyfile=tls.key if tls else None)
 
 
 def serve_forever(root: Path, *, host: str = "127.0.0.1", port: int = 8080,
-                  tokens: frozenset[str] = frozenset()) -> None:
+                  tokens: frozenset[str] = frozenset(), tls: Tls | None = None) -> None:
     """Serve until interrupted."""
-    uvicorn.Server(_config(root, host, port, tokens)).run()
+    uvicorn.Server(_config(root, host, port, tokens, tls)).run()
 
 
 class MirrorServer:
     """The mirror on a free loopback port in a background thread; a context manager."""
 
-    def __init__(self, root: Path, *, host: str = "127.0.0.1", tokens: frozenset[str] = frozenset()) -> None:
-        config = _config(root, host, 0, tokens)
+    def __init__(self, root: Path, *, host: str = "127.0.0.1", tokens: frozenset[str] = frozenset(),
+                 tls: Tls | None = None) -> None:
+        config = _config(root, host, 0, tokens, tls)
+        self.scheme = "https" if tls else "http"
         self._app: Starlette = config.app  # type: ignore[assignment]
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="ws-mirror", daemon=True)
@@ -74,7 +94,7 @@ class MirrorServer:
     @property
     def url(self) -> str:
         """Its base URL (what ``HF_ENDPOINT`` is set to)."""
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self) -> MirrorServer:
         """Start and wait until it accepts connections."""
