@@ -10,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-# Bytes a resumed fetch may download again per kill: the chunks in flight when it died,
-# parallel files (2) x connections (3) x chunk (2 MiB), as the fetches below are started.
-RESUME_BOUND = 2 * 3 * (2 << 20)
+# Bytes a resumed fetch may download again per kill: the chunks in flight or waiting for the
+# writer when it died, one per buffer: parallel files (2) x (connections (3) + 2) x chunk (2 MiB),
+# as the fetches below are started.
+RESUME_BOUND = 2 * (3 + 2) * (2 << 20)
 
 
 def _fetch_proc(url: str, dest: Path, env: dict[str, str] | None) -> subprocess.Popen[bytes]:

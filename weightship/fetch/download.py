@@ -1,23 +1,25 @@
 """Parallel, resumable download of one file by byte ranges, hashed while the bytes arrive.
 
 The file is cut into chunks of ``chunk_size`` bytes. ``connections`` workers each fetch one chunk
-at a time with a ranged read straight into a chunk buffer, then write the whole chunk at its
-offset in ``PATH.incomplete`` with one ``O_DIRECT`` ``pwrite``: the disk reads it from the buffer,
-so there is no copy into the page cache and nothing left to write back when the file is fsynced
-before promotion. Where the filesystem refuses ``O_DIRECT`` (or ``direct_io`` is off) chunks
-are written through the page cache, and the kernel is asked to start writing each one back at
-once. The sha256 (and, for the Hub's small files, the git blob sha1) is computed over the
-*contiguous prefix*: a finished chunk stays in its buffer until every chunk before it is
-hashed, so no byte is read twice. There are ``connections + 2`` page-aligned buffers, reused (a
-slow first chunk holds the others back rather than letting memory grow: ``(connections + 2) ×
-chunk_size`` per file at most).
+at a time with a ranged read straight into a chunk buffer, and hand the full buffer to the file's
+writer thread (so the network does not wait for the disk), which writes it at its offset in
+``PATH.incomplete`` with one ``O_DIRECT`` ``pwrite``: the disk reads it from the buffer, so there
+is no copy into the page cache and nothing left to write back when the file is fsynced before
+promotion. Where the filesystem refuses ``O_DIRECT`` (or ``direct_io`` is off) chunks are
+written through the page cache, and the kernel is asked to start writing each one back at once.
+The sha256 (and, for the Hub's small files, the git blob sha1) is computed over the *contiguous
+prefix*: a finished chunk stays in its buffer until every chunk before it is hashed, so no byte
+is read twice. There are ``connections + 2`` page-aligned buffers, reused (a slow first chunk
+holds the others back rather than letting memory grow: ``(connections + 2) × chunk_size`` per
+file at most).
 
 The resume journal, ``PATH.incomplete.journal``, lists the finished chunks and what they were
 fetched against (size, chunk size, the remote's validator, the expected digest). It is replaced
-atomically after every finished chunk, so after ``kill -9`` a rerun re-reads the finished chunks
+atomically after every chunk written, so after ``kill -9`` a rerun re-reads the finished chunks
 from disk (to rebuild the hash) and downloads only the rest: the bytes fetched twice are bounded
-by the chunks that were in flight, ``connections × chunk_size`` per file. A journal that does not
-match the remote any more (another ETag, another size) throws the partial away.
+by the chunks that were in flight or waiting for the writer, ``(connections + 2) × chunk_size``
+per file (one per buffer). A journal that does not match the remote any more (another ETag,
+another size) throws the partial away.
 
 Transport failures are retried with exponential backoff and jitter when they are retryable
 (:class:`~weightship.errors.TransientFetchError`: resets, timeouts, 5xx, short bodies, a lying
@@ -218,6 +220,24 @@ class _ChunkedDownload:
                     return None
             return buf
 
+        def fail(e: BaseException) -> None:
+            with self.lock:
+                errors.append(e)
+            self.stop.set()
+
+        def write(index: int, data: memoryview) -> None:
+            try:
+                out.write(data, index * self.chunk)
+            except BaseException as e:
+                self.buffers.give(data.obj)  # type: ignore[arg-type]
+                fail(e)
+                return
+            with self.lock:
+                done.add(index)
+                self.journal.done = sorted(done)
+                self.journal.save(self.jpath)
+            hasher.offer(index, data)
+
         def worker() -> None:
             while not self.stop.is_set() and (buf := take_buffer()) is not None:
                 with todo_lock:
@@ -226,28 +246,25 @@ class _ChunkedDownload:
                     self.buffers.give(buf)
                     return
                 try:
-                    data = self._fetch_chunk(out, index, memoryview(buf)[:self._chunk_len(index)])
+                    data = self._fetch_chunk(index, memoryview(buf)[:self._chunk_len(index)])
                 except BaseException as e:
                     self.buffers.give(buf)
-                    with self.lock:
-                        errors.append(e)
-                    self.stop.set()
+                    fail(e)
                     return
-                with self.lock:
-                    done.add(index)
-                    self.journal.done = sorted(done)
-                    self.journal.save(self.jpath)
-                hasher.offer(index, data)
+                writer.submit(write, index, data)  # and on to the next chunk meanwhile
 
         n = min(self.opts.connections, self.chunks)
-        with ThreadPoolExecutor(n, thread_name_prefix="ws-chunk") as pool:
+        # One writer thread: chunks reach the disk in the order they arrived, while the workers
+        # go on reading (leaving the block waits for every write handed to it).
+        with (ThreadPoolExecutor(1, thread_name_prefix="ws-write") as writer,
+              ThreadPoolExecutor(n, thread_name_prefix="ws-chunk") as pool):
             for f in [pool.submit(worker) for _ in range(n)]:
                 f.result()
         if errors:
             raise _most_telling(errors)
 
-    def _fetch_chunk(self, out: _ChunkFile, index: int, into: memoryview) -> memoryview:
-        """Chunk ``index`` into ``into`` and then onto the disk; ``into`` when it is written."""
+    def _fetch_chunk(self, index: int, into: memoryview) -> memoryview:
+        """Chunk ``index`` into ``into``; ``into`` when it is complete."""
         start = index * self.chunk
         end = start + len(into)
         pos, failures = start, 0
@@ -274,7 +291,6 @@ class _ChunkedDownload:
                 log.info("%s: %s; retry %d in %.1fs from byte %d", self.path, e, failures, delay, pos)
                 if self.stop.wait(delay):
                     raise _Stopped() from None
-        out.write(into, start)
         return into
 
 
