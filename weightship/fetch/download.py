@@ -324,8 +324,7 @@ class _ChunkFile:
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-                # The device wants a larger alignment: the rest of the file goes through the
-                # cache (the fd stays open until close(): other workers may be writing to it).
+                # The device wants a larger alignment: the rest of the file goes through the cache.
                 log.debug("%s: O_DIRECT write refused (%s); writing through the page cache", self.path, e)
                 self._use_direct = False
         if data:

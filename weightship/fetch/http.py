@@ -138,7 +138,7 @@ def transport_error(where: str, e: BaseException) -> FetchError:
     if isinstance(e, SSLError):
         return FetchError(f"{where}: TLS failed: {e}",
                           hint="set SSL_CERT_FILE to the CA bundle that signs this server's certificate")
-    if isinstance(e, (TimeoutError, socket.timeout)):
+    if isinstance(e, (TimeoutError, socket.timeout)):  # urllib3's, and the builtin one
         return TransientFetchError(f"{where}: stalled ({type(e).__name__}); reconnecting")
     return TransientFetchError(f"{where}: {type(e).__name__}: {e}")
 
