@@ -44,6 +44,14 @@ def assert_clean_failure(r: Result, code: int | None = None) -> None:
     assert "error" in r.stderr.lower(), r.stderr
 
 
+def assert_same_files(want: Path, got: Path) -> None:
+    """Every file ``want``'s manifest lists is in ``got`` with the same bytes."""
+    from weightship.manifest import Manifest
+
+    for f in Manifest.load(want).files:
+        assert (got / f.path).read_bytes() == (want / f.path).read_bytes(), f.path
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test gets its own WEIGHTSHIP_HOME, so nothing is written to the user's cache."""
@@ -143,6 +151,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     for i, blob in enumerate(issued.cert_chain_pems):
         blob.write_to_path(str(d / "cert.pem"), append=i > 0)
     return Pki(ca=d / "ca.pem", cert=d / "cert.pem", key=d / "key.pem")
+
+
+@pytest.fixture
+def no_ca_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No CA bundle named in the environment: clients trust only certifi's (not :func:`pki`)."""
+    for k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(k, raising=False)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -33,9 +34,7 @@ def kill_at_random_points(url: str, dest: Path, total: int, kills: int, seed: in
         target = rng.uniform(0.02, 0.95) * total
         proc = _fetch_proc(url, dest, env)
         while proc.poll() is None:
-            incoming = dest / ".weightship" / "incoming"
-            have = sum(p.stat().st_size for p in incoming.rglob("*.incomplete")) if incoming.exists() else 0
-            if have >= target:
+            if _partial_bytes(dest / ".weightship" / "incoming") >= target:
                 os.kill(proc.pid, signal.SIGKILL)
                 landed += 1
                 break
@@ -44,3 +43,10 @@ def kill_at_random_points(url: str, dest: Path, total: int, kills: int, seed: in
     return landed
 
 
+def _partial_bytes(incoming: Path) -> int:
+    """Bytes in the partial files under ``incoming`` (one may be promoted while we look)."""
+    total = 0
+    for p in incoming.rglob("*.incomplete") if incoming.exists() else ():
+        with contextlib.suppress(FileNotFoundError):
+            total += p.stat().st_size
+    return total

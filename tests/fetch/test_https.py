@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_clean_failure, run_cli
+from tests.conftest import assert_clean_failure, assert_same_files, run_cli
 from tests.fetch.killing import RESUME_BOUND, kill_at_random_points
 from tests.fetch.webserver import FileServer, serve
 from weightship.errors import DigestMismatchError, FetchError, IntegrityError
@@ -42,11 +42,6 @@ def server(small_dir: Path) -> Iterator[FileServer]:
         yield s
 
 
-def _same_tree(a: Path, b: Path) -> None:
-    for f in Manifest.load(a).files:
-        assert (b / f.path).read_bytes() == (a / f.path).read_bytes(), f.path
-
-
 def test_fetch_tiny_over_https_then_verify(tiny_hf_dir: Path, tmp_path: Path) -> None:
     with serve(tiny_hf_dir) as s:
         r = run_cli("fetch", s.url, "--to", tmp_path / "m", "--json")
@@ -55,7 +50,7 @@ def test_fetch_tiny_over_https_then_verify(tiny_hf_dir: Path, tmp_path: Path) ->
     assert out["manifest"]["source"] == {"kind": "https", "uri": s.url, "revision": None, "infohash": None}
     assert {f["anchor"] for f in out["manifest"]["files"]} == {"remote-manifest"}
     assert run_cli("verify", tmp_path / "m").code == 0
-    _same_tree(tiny_hf_dir, tmp_path / "m")
+    assert_same_files(tiny_hf_dir, tmp_path / "m")
 
 
 def test_big_model_in_parallel_ranges(big_model_dir: Path, tmp_path: Path) -> None:
@@ -65,7 +60,7 @@ def test_big_model_in_parallel_ranges(big_model_dir: Path, tmp_path: Path) -> No
     total = Manifest.load(big_model_dir).total_bytes
     assert result.downloaded_bytes == total
     assert served <= total + 64 << 10  # the manifest itself, and nothing fetched twice
-    _same_tree(big_model_dir, tmp_path / "m")
+    assert_same_files(big_model_dir, tmp_path / "m")
     assert not list((tmp_path / "m" / ".weightship").rglob("*.incomplete*"))
 
 
@@ -75,7 +70,7 @@ def test_a_server_that_lies_once_is_recovered_from(server: FileServer, small_dir
                                                    tmp_path: Path, fault: str) -> None:
     server.lie(fault, times=1, paths={"a.safetensors"})
     fetch(build_request(server.url, options=FAST), tmp_path / "m")
-    _same_tree(small_dir, tmp_path / "m")
+    assert_same_files(small_dir, tmp_path / "m")
     assert fault not in server.faults  # the lie was told
 
 
@@ -94,7 +89,7 @@ def test_a_server_that_always_lies_never_gets_a_wrong_file_promoted(
             assert isinstance(e, DigestMismatchError)
     else:  # recovered (a server that ignores ranges is read whole): the bytes must be right
         assert fault in {"ignore_range", "etag_change", "short", "range_as_200"}, fault
-        _same_tree(small_dir, dest)
+        assert_same_files(small_dir, dest)
 
 
 def test_flipped_bit_exits_3_and_a_rerun_from_a_good_server_finishes(
@@ -105,7 +100,7 @@ def test_flipped_bit_exits_3_and_a_rerun_from_a_good_server_finishes(
     assert_clean_failure(r, 3)
     assert not (dest / "a.safetensors").exists()
     assert run_cli("fetch", server.url, "--to", dest).code == 0
-    _same_tree(small_dir, dest)
+    assert_same_files(small_dir, dest)
 
 
 def test_no_manifest_no_fetch(tmp_path: Path) -> None:
@@ -135,7 +130,7 @@ def test_kill_9_at_random_points_then_resume(big_model_dir: Path, tmp_path: Path
         served = s.bytes_served
     assert r.code == 0, r.stderr
     assert run_cli("verify", dest).code == 0
-    _same_tree(big_model_dir, dest)
+    assert_same_files(big_model_dir, dest)
     # Bytes fetched twice are bounded by the chunks in flight at each kill, plus the manifests.
     print(f"https: {landed} kills mid-download, {served - total:,} bytes served twice "
           f"(bound {landed * RESUME_BOUND:,})")
@@ -160,6 +155,6 @@ def test_disk_full_is_a_clean_error_and_the_partial_resumes(big_model_dir: Path,
         r = run_cli("fetch", s.url, "--to", dest, "--json")
     assert r.code == 0, r.stderr
     assert json.loads(r.stdout)["resumed_bytes"] > 0
-    _same_tree(big_model_dir, dest)
+    assert_same_files(big_model_dir, dest)
 
 

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Pki, assert_clean_failure, rclone_s3, run_cli
+from tests.conftest import Pki, assert_clean_failure, assert_same_files, rclone_s3, run_cli
 from tests.fetch.webserver import FileServer, serve
 from weightship.fetch.download import TransferOptions, download
 from weightship.fetch.http import HttpPool, HttpRemote
-from weightship.manifest import Manifest, create_for_directory
+from weightship.manifest import create_for_directory
 
 DATA = hashlib.shake_256(b"tls").digest((1 << 20) + 4321)
-_NO_CA = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE", "CURL_CA_BUNDLE")
 
 
 @pytest.fixture(scope="module")
@@ -35,25 +34,18 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def https(model: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> Iterator[FileServer]:
-    for k in _NO_CA:
-        monkeypatch.delenv(k, raising=False)
+def https(model: Path, pki: Pki, no_ca_env: None) -> Iterator[FileServer]:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(pki.cert, pki.key)
     with serve(model, tls=ctx) as s:
         yield s
 
 
-def _same_files(want: Path, got: Path) -> None:
-    for f in Manifest.load(want).files:
-        assert (got / f.path).read_bytes() == (want / f.path).read_bytes(), f.path
-
-
 def test_https_trusts_the_ca_in_SSL_CERT_FILE(https: FileServer, model: Path, pki: Pki,
                                             tmp_path: Path) -> None:
     r = run_cli("fetch", https.url, "--to", tmp_path / "m", env={"SSL_CERT_FILE": str(pki.ca)})
     assert r.code == 0, r.stderr
-    _same_files(model, tmp_path / "m")
+    assert_same_files(model, tmp_path / "m")
 
 
 def test_one_tls_connection_carries_every_range(https: FileServer, pki: Pki, tmp_path: Path,
@@ -73,10 +65,7 @@ def test_an_untrusted_certificate_is_a_clean_error(https: FileServer, tmp_path: 
     assert not (tmp_path / "m" / "model.safetensors").exists() and https.requests == 0
 
 
-def test_s3_over_tls_trusts_AWS_CA_BUNDLE(model: Path, pki: Pki, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in _NO_CA:
-        monkeypatch.delenv(k, raising=False)
+def test_s3_over_tls_trusts_AWS_CA_BUNDLE(model: Path, pki: Pki, tmp_path: Path, no_ca_env: None) -> None:
     root = tmp_path / "s3"
     shutil.copytree(model, root / "models" / "m")
     with rclone_s3(root, cert=pki.cert, key=pki.key) as s3:
@@ -87,4 +76,4 @@ def test_s3_over_tls_trusts_AWS_CA_BUNDLE(model: Path, pki: Pki, tmp_path: Path,
     assert_clean_failure(refused, 1)
     assert "TLS failed" in refused.stderr and "AWS_CA_BUNDLE" in refused.stderr, refused.stderr
     assert r.code == 0, r.stderr
-    _same_files(model, tmp_path / "m")
+    assert_same_files(model, tmp_path / "m")

@@ -138,9 +138,7 @@ def test_the_mirror_command_serves(hub_root: Path, tmp_path: Path) -> None:
         proc.wait(10)
 
 
-def test_the_mirror_serves_https(hub_root: Path, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
-        monkeypatch.delenv(k, raising=False)
+def test_the_mirror_serves_https(hub_root: Path, pki: Pki, tmp_path: Path, no_ca_env: None) -> None:
     want = Manifest.load(hub_root / "weightship" / "tiny")
     with MirrorServer(hub_root, tokens=frozenset({"s3cret"}), tls=Tls(pki.cert, pki.key)) as m:
         assert m.url.startswith("https://")

@@ -173,8 +173,7 @@ def get_small(pool: HttpPool, url: str, *, max_redirects: int = 5) -> bytes | No
     except HTTPError as e:
         raise transport_error(url, e) from None
     finally:
-        r.close()
-        r.release_conn()
+        _finish(r)
     if len(body) > _SMALL_LIMIT:
         raise ProtocolViolationError(f"{url}: larger than {_SMALL_LIMIT} bytes")
     return body
@@ -248,8 +247,7 @@ class HttpRemote(RangeReader):
                 raise FetchError(f"{self.where}: the server reports no size")
             return RemoteStat(size=self._size, validator=strong_etag(r.headers.get("etag")))
         finally:
-            r.close()
-            r.release_conn()
+            _finish(r)
 
     def read_range(self, start: int, end: int, validator: str | None, into: memoryview) -> Iterator[memoryview]:
         assert 0 <= start < end and len(into) == end - start, (start, end, len(into))
