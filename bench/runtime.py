@@ -9,9 +9,10 @@ CUDA (``--cuda``): a model of Mistral 7B's exact shape with random bf16 weights 
 (no download). Decode is memory-bound: each token reads every weight once, so the bound is
 ``HBM bandwidth / weight bytes`` tokens/s. Reports single-stream decode tokens/s as a share of
 that bound (with the bandwidth measured here by a device copy, and the data-sheet figure), and
-tokens/s at 32 streams. The same run also measures the previous decode path (only the
-elementwise ops compiled, one host round trip per step) for a before/after on one machine;
-``--no-baseline`` skips it. ``--cuda --dry-run`` runs the same code on CPU with a small shape.
+tokens/s at 32 streams, for each decode path named by ``--paths`` (default: the engine's
+compiled step with SDPA decode attention, and with flex_attention's split-KV decoding kernel),
+in one run on one machine, with how far their logits and greedy tokens agree.
+``--cuda --dry-run`` runs the same code on CPU with a small shape.
 
 Every figure is the median of ``--runs`` runs after a warm-up. Usage::
 
@@ -221,6 +222,7 @@ class PathResult:
     warmup_s: float
     greedy: list[int]  # the 1-stream greedy tokens
     logits: torch.Tensor  # one decode step's logits [V] from a fixed prompt
+    note: str  # what the path really ran (a compiled path may have fallen back)
 
 
 def measure_path(engine: Engine, batch: list[list[int]], new: int, runs: int,
@@ -235,14 +237,17 @@ def measure_path(engine: Engine, batch: list[list[int]], new: int, runs: int,
         one.append(run_engine(engine, batch[:1], new, together=True, sync=sync))
         many.append(run_engine(engine, batch, new, together=True, sync=sync))
         graph_only.append(replay_rate(engine, steps=128, sync=sync))
+    runner = engine.runner
+    note = ("eager" if runner._compiled is None
+            else f"compiled, {'flex_attention' if runner.flex_attention else 'SDPA'} decode attention")
     # decode-only rate of the single stream: exclude the prefill and first token
     r = PathResult(single=median([(o.tokens - 1) / (o.seconds - o.ttft) for o in one]),
                    ttft_ms=median([o.ttft for o in one]) * 1e3,
                    multi=median([m.tps for m in many]), raw=median(graph_only), warmup_s=warmup,
-                   greedy=one[0].outputs[0], logits=step_logits(engine, batch[0]))
-    print(f"{label}: warm-up (torch.compile, CUDA graph capture) {r.warmup_s:.1f} s; 1 stream "
-          f"{r.single:.1f} tokens/s, replay {r.raw:.1f}/s, {len(batch)} streams {r.multi:.1f} tokens/s",
-          flush=True)
+                   greedy=one[0].outputs[0], logits=step_logits(engine, batch[0]), note=note)
+    print(f"{label} ({note}): warm-up (torch.compile, CUDA graph capture) {r.warmup_s:.1f} s; "
+          f"1 stream {r.single:.1f} tokens/s, replay {r.raw:.1f}/s, {len(batch)} streams "
+          f"{r.multi:.1f} tokens/s", flush=True)
     return r
 
 
@@ -256,7 +261,19 @@ def step_logits(engine: Engine, prompt: list[int]) -> torch.Tensor:
     return out
 
 
-def cuda_bench(runs: int, new: int, streams: int, dry_run: bool, baseline: bool) -> None:
+# The decode paths --paths can measure, each with its own engine (and KV cache) over the same
+# weights. "step" is the engine's default on CUDA: the whole step compiled and captured in CUDA
+# graphs, steps launched ahead while greedy.
+PATHS = {
+    "step": ("compiled step (default)", dict(compile_step=True, lookahead=True)),
+    "flex": ("compiled step, flex attention", dict(compile_step=True, lookahead=True, flex_attention=True)),
+    "no-lookahead": ("compiled step, no lookahead", dict(compile_step=True, lookahead=False)),
+    "elementwise": ("elementwise compile, no lookahead", dict(compile_step=False, lookahead=False)),
+}
+
+
+def cuda_bench(runs: int, new: int, streams: int, dry_run: bool, paths: list[str],
+               references: bool) -> None:
     torch.set_grad_enabled(False)
     device = torch.device("cpu" if dry_run else "cuda")
     arch = SMALL if dry_run else MISTRAL_7B
@@ -278,49 +295,37 @@ def cuda_bench(runs: int, new: int, streams: int, dry_run: bool, baseline: bool)
     if not dry_run:
         model.pointwise.compile()
     graphs = not dry_run
-    # The decode paths, each with its own engine (and KV cache) over the same weights: the whole
-    # step compiled with steps launched ahead, and (``baseline``) the previous path (only the
-    # elementwise ops compiled, a host round trip per step), then the compiled step without
-    # launching ahead. The baseline runs first: the new path's compilation is the risk.
-    configs = {
-        "elementwise": EngineConfig(prefill_chunk=4096, use_graphs=graphs, compile_step=False,
-                                    lookahead=False),
-        "step": EngineConfig(prefill_chunk=4096, use_graphs=graphs, compile_step=True, lookahead=True),
-        "step, no lookahead": EngineConfig(prefill_chunk=4096, use_graphs=graphs, compile_step=True,
-                                           lookahead=False),
-    }
-    if not baseline:
-        configs = {"step": configs["step"]}
-    results = {key: measure_path(Engine(model, None, config), batch, new, runs, sync, key)
-               for key, config in configs.items()}
-    step = results["step"]
+    results: dict[str, PathResult] = {}
+    for key in paths:  # one path failing must not cost the others
+        label, options = PATHS[key]
+        config = EngineConfig(prefill_chunk=4096, use_graphs=graphs, **options)  # type: ignore[arg-type]
+        try:
+            results[key] = measure_path(Engine(model, None, config), batch, new, runs, sync, label)
+        except Exception as e:
+            print(f"{label}: failed: {e!r}", flush=True)
     print(f"\nCUDA decode, Mistral-7B shape (random {str(dtype).removeprefix('torch.')} weights, "
           f"{weight_bytes / 1e9:.2f} GB), device: {name}")
     print(f"prompt {prompt_len} tokens, {new} new tokens per stream, CUDA graphs: {graphs}, "
-          f"decode step torch.compile'd: True, median of {runs} runs")
+          f"median of {runs} runs")
     print(f"HBM bandwidth: measured (device copy) {measured / 1e12:.2f} TB/s"
           + (f"; data sheet {spec / 1e12:.2f} TB/s" if spec else ""))
     bound_measured = measured / weight_bytes
     print(f"bandwidth bound: {bound_measured:.1f} tokens/s (measured)"
           + (f", {spec / weight_bytes:.1f} tokens/s (data sheet)" if spec else ""))
-    print(f"{'what':<48} {'tokens/s':>10} {'% of bound (measured)':>22} {'% (data sheet)':>15}")
+    print(f"{'what':<56} {'tokens/s':>10} {'% of bound (measured)':>22} {'% (data sheet)':>15}")
 
     def row(label: str, tps: float, bounded: bool = True) -> None:
         pm = f"{100 * tps / bound_measured:.1f}%" if bounded else "-"
         ps = f"{100 * tps * weight_bytes / spec:.1f}%" if bounded and spec else "-"
-        print(f"{label:<48} {tps:>10.1f} {pm:>22} {ps:>15}")
+        print(f"{label:<56} {tps:>10.1f} {pm:>22} {ps:>15}")
 
-    row("1 stream, engine decode (graph + sampling)", step.single)
-    row("1 stream, decode graph replay alone", step.raw)
-    old = results.get("elementwise")
-    if old is not None:
-        row("1 stream, engine, elementwise-only compile", old.single)
-        row("1 stream, replay, elementwise-only compile", old.raw)
-        row("1 stream, engine, compiled step, no lookahead", results["step, no lookahead"].single)
+    for key, r in results.items():
+        row(f"1 stream, engine: {PATHS[key][0]}", r.single)
+        row(f"1 stream, replay alone: {PATHS[key][0]}", r.raw)
     # References, last: they swap the model's compiled elementwise ops for the eager ones.
     for label, use_graphs in (("1 stream, graph replay, eager elementwise ops", True),
                               ("1 stream, no CUDA graphs, eager (for reference)", False)):
-        if dry_run and use_graphs:
+        if not references or (dry_run and use_graphs):
             continue
         try:
             model.pointwise.eager()
@@ -330,17 +335,22 @@ def cuda_bench(runs: int, new: int, streams: int, dry_run: bool, baseline: bool)
             del other
         except Exception as e:  # a comparison row must not cost the main result
             print(f"{label}: failed: {e!r}", flush=True)
-    row(f"{streams} streams, engine total (incl. prefill)", step.multi, bounded=False)
-    if old is not None:
-        row(f"{streams} streams, elementwise-only compile", old.multi, bounded=False)
-    print(f"1-stream time to first token ({prompt_len}-token prompt): {step.ttft_ms:.1f} ms", flush=True)
-    if old is not None:
-        pairs = enumerate(zip(step.greedy, old.greedy, strict=True))
-        same = next((i for i, (a, b) in pairs if a != b), len(old.greedy))
-        diff = (step.logits - old.logits).abs().max().item()
-        print(f"compiled step vs elementwise-only compile: one step's logits differ by at most {diff:.3g} "
-              f"(largest |logit| {old.logits.abs().max().item():.3g}); the first {same} of "
-              f"{len(old.greedy)} greedy tokens are identical", flush=True)
+    for key, r in results.items():
+        row(f"{streams} streams, with prefill: {PATHS[key][0]}", r.multi, bounded=False)
+    for key, r in results.items():
+        print(f"1-stream time to first token, {prompt_len}-token prompt, {PATHS[key][0]}: "
+              f"{r.ttft_ms:.1f} ms", flush=True)
+    if len(results) > 1:
+        first, *rest = results
+        a = results[first]
+        for key in rest:
+            b = results[key]
+            same = next((i for i, (x, y) in enumerate(zip(a.greedy, b.greedy, strict=True)) if x != y),
+                        len(a.greedy))
+            print(f"{PATHS[key][0]} vs {PATHS[first][0]}: one step's logits differ by at most "
+                  f"{(a.logits - b.logits).abs().max().item():.3g} (largest |logit| "
+                  f"{a.logits.abs().max().item():.3g}); the first {same} of {len(a.greedy)} greedy "
+                  f"tokens are identical", flush=True)
 
 
 def replay_rate(engine: Engine, steps: int, sync: Callable[[], None]) -> float:
@@ -367,15 +377,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--streams", type=int, default=None)
-    ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                    help="with --cuda: also measure the previous decode path (only the elementwise "
-                         "ops compiled) in the same run")
+    ap.add_argument("--paths", default="step,flex",
+                    help=f"with --cuda: the decode paths to measure, in order, of {','.join(PATHS)}")
+    ap.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --cuda: also the uncompiled reference rows")
     args = ap.parse_args(argv)
     if args.cuda:
         if not args.dry_run and not torch.cuda.is_available():
             print("no CUDA device: the CUDA benchmark was not run", file=sys.stderr)
             return 1
-        cuda_bench(args.runs, args.new_tokens or 256, args.streams or 32, args.dry_run, args.baseline)
+        paths = args.paths.split(",")
+        if unknown := set(paths) - set(PATHS):
+            ap.error(f"unknown --paths {sorted(unknown)}; choose from {', '.join(PATHS)}")
+        cuda_bench(args.runs, args.new_tokens or 256, args.streams or 32, args.dry_run, paths,
+                   args.references)
     else:
         cpu_bench(args.runs, args.new_tokens or 128, args.streams or 8)
     return 0

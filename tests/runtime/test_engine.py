@@ -247,3 +247,30 @@ def test_a_stop_while_running_ahead_leaves_the_slot_clean(engine: Engine) -> Non
         expected.token_ids, expected.text, "stop")
     assert launches[0] > 0
     assert ahead.generate(second, greedy(30)).token_ids == engine.generate(second, greedy(30)).token_ids
+
+
+@pytest.mark.parametrize("flex", [False, True], ids=["sdpa", "flex"])
+def test_the_compiled_decode_step_gives_the_eager_tokens(tiny_model: Transformer, engine: Engine,
+                                                         caplog: pytest.LogCaptureFixture,
+                                                         flex: bool) -> None:
+    """The decode step CUDA runs, torch.compile'd whole (here by inductor's CPU backend), joins and
+    leaves a batch past the sliding window with every request's eager tokens.
+
+    With ``flex``, decode attention is flex_attention where inductor can lower it (its CUDA
+    kernels); where it cannot (its CPU template, in torch 2.13), the step is compiled with SDPA
+    instead, never left eager.
+    """
+    compiled = Engine(tiny_model, None, EngineConfig(prefill_chunk=24, use_graphs=False,
+                                                     compile_step=True, flex_attention=flex))
+    specs = [(_prompt(5, seed=31), 60), (_prompt(40, seed=32), 20), (_prompt(90, seed=33), 45)]
+    solo = [engine.generate(p, greedy(n)).token_ids for p, n in specs]
+    col = Collector()
+    ids = [compiled.submit(p, greedy(n), col.sink) for p, n in specs[:2]]
+    for _ in range(8):
+        compiled.step()
+    ids.append(compiled.submit(specs[2][0], greedy(specs[2][1]), col.sink))
+    _run_until_idle(compiled)
+    assert [col.tokens(r) for r in ids] == solo
+    assert compiled.runner._compiled is not None, caplog.text  # it did not fall back to eager
+    if flex and not compiled.runner.flex_attention:
+        assert "compiling it with SDPA" in caplog.text
