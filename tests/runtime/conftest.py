@@ -29,6 +29,20 @@ def tiny_model(tiny_hf_dir: Path) -> Transformer:
 
 
 @pytest.fixture(scope="session")
+def hf_model(tiny_hf_dir: Path) -> torch.nn.Module:
+    """The correctness oracle: transformers' MistralForCausalLM on the same weights (float32)."""
+    import transformers
+
+    return transformers.MistralForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+
+
+def hf_logprobs(hf_model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
+    """transformers' log-probabilities [T, V] of the token after each position of ``tokens``."""
+    with torch.inference_mode():
+        return torch.log_softmax(hf_model(torch.tensor([tokens])).logits[0].float(), dim=-1)
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_hf_dir: Path) -> Tokenizer:
     return Tokenizer(tiny_hf_dir / "tokenizer.model")
 

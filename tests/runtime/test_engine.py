@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from tests.runtime.conftest import hf_logprobs
 from weightship.errors import EngineOverloadedError, EngineStoppedError, InvalidRequestError
 from weightship.runtime.engine import Engine, EngineConfig, Output
 from weightship.runtime.model import Transformer
@@ -274,3 +275,26 @@ def test_the_compiled_decode_step_gives_the_eager_tokens(tiny_model: Transformer
     assert compiled.runner._compiled is not None, caplog.text  # it did not fall back to eager
     if flex and not compiled.runner.flex_attention:
         assert "compiling it with SDPA" in caplog.text
+
+
+def test_logprobs_in_a_mixed_batch_are_each_rows_own(engine: Engine, hf_model: torch.nn.Module) -> None:
+    """Rows that want log-probabilities (greedy, and sampled: the model's own, before the
+    temperature) share decode steps with a row that does not; each gets its own tokens'."""
+    specs = [(_prompt(9, seed=41), SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2)),
+             (_prompt(30, seed=42), SamplingParams(max_tokens=25, temperature=0.8, seed=5, ignore_eos=True,
+                                                   logprobs=0)),
+             (_prompt(14, seed=43), greedy(22))]
+    col = Collector()
+    ids = [engine.submit(p, params, col.sink) for p, params in specs]
+    _run_until_idle(engine)
+    for rid, (prompt, params) in zip(ids, specs, strict=True):
+        tokens = col.tokens(rid)
+        entries = [e for o in col.outputs[rid] for e in o.logprobs or ()]
+        if params.logprobs is None:
+            assert entries == []
+            continue
+        ref = hf_logprobs(hf_model, prompt + tokens)
+        assert [e.token for e in entries] == tokens
+        assert all(len(e.top) == params.logprobs for e in entries)
+        for i, e in enumerate(entries):
+            assert e.logprob is not None and abs(e.logprob - ref[len(prompt) - 1 + i, e.token].item()) < 1e-4

@@ -9,23 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.runtime.conftest import hf_logprobs
 from weightship.catalog.architecture import Architecture
 from weightship.catalog.tiny import hf_tensors, safetensors_bytes
 from weightship.errors import CatalogError, MalformedWeightsError
 from weightship.runtime.cache import KVCache
+from weightship.runtime.engine import Engine, EngineConfig
 from weightship.runtime.loader import load_model
 from weightship.runtime.model import Transformer
-
-transformers = pytest.importorskip("transformers")
+from weightship.runtime.sampling import SamplingParams
 
 TOL = 1e-4
 WINDOW = 32  # the tiny model's sliding window; every prompt below is longer
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_hf_dir: Path) -> torch.nn.Module:
-    model = transformers.MistralForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
-    return model.eval()
 
 
 def _tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -109,6 +104,27 @@ def test_generation_with_cache_equals_rescoring(tiny_model: Transformer, engine:
     seq = torch.tensor([prompt + out.token_ids])
     rescored = tiny_model(seq)[0, len(prompt) - 1 : -1].argmax(-1).tolist()
     assert rescored == out.token_ids
+
+
+def test_prompt_and_answer_logprobs_are_transformers(tiny_model: Transformer,
+                                                     hf_model: torch.nn.Module) -> None:
+    """What ``echo`` and ``logprobs`` report: every prompt token's log-probability (across
+    prefill chunks, past the window), then each generated token's with its top alternatives."""
+    engine = Engine(tiny_model, None, EngineConfig(prefill_chunk=16))
+    prompt = _tokens(1, WINDOW + 20, seed=7)[0].tolist()
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    out = engine.generate(prompt, params)
+    ref = hf_logprobs(hf_model, prompt + out.token_ids)  # [T, V]: row p scores token p + 1
+    assert [e.token for e in out.prompt_logprobs] == prompt
+    assert out.prompt_logprobs[0].logprob is None  # nothing predicts the first token
+    assert [e.token for e in out.logprobs] == out.token_ids
+    for pos, e in enumerate([*out.prompt_logprobs[1:], *out.logprobs]):  # scored by row pos
+        assert e.logprob is not None and abs(e.logprob - ref[pos, e.token].item()) < TOL, pos
+        best = ref[pos].topk(len(e.top)).values.tolist()
+        assert len(e.top) == (2 if pos < len(prompt) - 1 else 3)
+        assert all(abs(v - ref[pos, t].item()) < TOL and abs(v - b) < TOL
+                   for (t, v), b in zip(e.top, best, strict=True)), pos
+    assert all(e.top[0][0] == e.token for e in out.logprobs)  # greedy: the most likely token
 
 
 def test_loader_refuses_a_directory_with_only_pickles(tiny_original_dir: Path, tmp_path: Path) -> None:

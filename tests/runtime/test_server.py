@@ -12,7 +12,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
+from tests.runtime.conftest import hf_logprobs
 from weightship.runtime.engine import Engine, EngineConfig
 from weightship.runtime.loader import load_model
 from weightship.runtime.middleware import Limits
@@ -149,6 +151,69 @@ def test_stop_sequence(client: openai.OpenAI) -> None:
     assert cut.choices[0].finish_reason == "stop"
 
 
+def test_echo_with_logprobs_scores_prompts_like_transformers(client: openai.OpenAI, tokenizer: Tokenizer,
+                                                             hf_model: torch.nn.Module) -> None:
+    """lm-evaluation-harness's loglikelihood request: token-id prompts, ``echo``, ``logprobs``,
+    one new token; every prompt token after the first is scored as transformers scores it."""
+    prompts = [tokenizer.encode(t, bos=True) for t in ("The cat sat on the mat", "Two plus two is four")]
+    r = client.completions.create(model=NAME, prompt=prompts, max_tokens=1, temperature=0, echo=True,
+                                  logprobs=1)
+    assert [c.index for c in r.choices] == [0, 1]
+    for prompt, choice in zip(prompts, r.choices, strict=True):
+        lp = choice.logprobs
+        assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+        assert lp.tokens is not None and len(lp.tokens) == len(prompt) + 1
+        assert lp.tokens[0] == "<s>" and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert choice.text.startswith(tokenizer.decode(prompt))  # echoed in front of the answer
+        ref = hf_logprobs(hf_model, prompt)
+        got = lp.token_logprobs[1 : len(prompt)]
+        want = [ref[p - 1, prompt[p]].item() for p in range(1, len(prompt))]
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4  # type: ignore[operator]
+        greedy = tokenizer.token_text(int(ref[-1].argmax()))
+        assert list(lp.top_logprobs[-1]) == [greedy] and lp.tokens[-1] == greedy
+        assert lp.text_offset is not None and lp.text_offset == sorted(lp.text_offset)
+
+
+def test_chat_logprobs_streamed_and_not(client: openai.OpenAI, tokenizer: Tokenizer) -> None:
+    """Chat's logprobs: one entry per token with its exact bytes and top alternatives; the
+    streamed chunks carry the same entries as the whole answer."""
+    kw = {"model": NAME, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 12,
+          "temperature": 0, "logprobs": True, "top_logprobs": 2, "extra_body": {"ignore_eos": True}}
+    whole = client.chat.completions.create(**kw)  # type: ignore[call-overload]
+    choice = whole.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    content = choice.logprobs.content
+    assert len(content) == 12 == whole.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+               and e.top_logprobs[0].token == e.token and e.logprob <= 0 for e in content)
+    raw = b"".join(bytes(e.bytes or []) for e in content)
+    assert raw.decode().removeprefix(" ") == choice.message.content  # SentencePiece drops one space
+    chunks = list(client.chat.completions.create(stream=True, **kw))  # type: ignore[call-overload]
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content or ()]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+
+
+def test_streamed_echo_and_logprobs_equal_the_whole(client: openai.OpenAI) -> None:
+    kw = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0, "echo": True,
+          "logprobs": 2, "extra_body": {"ignore_eos": True}}
+    whole = client.completions.create(**kw).choices[0]  # type: ignore[call-overload]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw)  # type: ignore[call-overload]
+              if c.choices]
+    assert "".join(c.text for c in chunks) == whole.text
+    assert whole.text.startswith("Once upon a time")
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        streamed = [x for c in chunks if c.logprobs for x in getattr(c.logprobs, field)]
+        assert streamed == getattr(whole.logprobs, field), field
+    # each token's text is where text_offset says (the first word without SentencePiece's space)
+    assert whole.logprobs is not None and whole.logprobs.tokens and whole.logprobs.text_offset
+    pairs = list(zip(whole.logprobs.tokens, whole.logprobs.text_offset, strict=True))
+    assert pairs[:2] == [("<s>", 0), (" Once", 0)]
+    for token, at in pairs[2:]:
+        if "\ufffd" not in token:  # a whole character (not one byte of one)
+            assert whole.text[at : at + len(token)] == token, (token, at)
+
+
 def test_metrics_count_requests_tokens_and_latency(server: BackgroundServer, client: openai.OpenAI) -> None:
     client.completions.create(model=NAME, prompt="Count me", max_tokens=3)
     text = httpx.get(server.url + "/metrics").text
@@ -196,6 +261,14 @@ HOSTILE_JSON: list[tuple[str, str, dict | str]] = [
     ("json array", "/v1/completions", "[1, 2, 3]"),
     ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "hi"}),
     ("nine stops", "/v1/completions", {"prompt": "hi", "stop": ["a"] * 9}),
+    ("logprobs 21", "/v1/completions", {"prompt": "hi", "logprobs": 21}),
+    ("logprobs -1", "/v1/completions", {"prompt": "hi", "logprobs": -1}),
+    ("chat logprobs 3", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 3}),
+    ("top_logprobs alone", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
+    ("top_logprobs 50", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 50}),
+    ("suffix", "/v1/completions", {"prompt": "def f(", "suffix": "return x"}),
 ]
 
 

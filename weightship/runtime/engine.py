@@ -29,6 +29,7 @@ import torch
 from weightship.errors import EngineOverloadedError, EngineStoppedError, InvalidRequestError
 from weightship.runtime.cache import KVCache
 from weightship.runtime.decoding import DecodeRunner
+from weightship.runtime.logprobs import TokenLogprob, log_probs, pick
 from weightship.runtime.model import Transformer
 from weightship.runtime.sampling import Sampler, SamplingParams, sample_rows
 from weightship.runtime.tokenizer import IncrementalDecoder, Tokenizer
@@ -71,6 +72,8 @@ class Output:
     finish_reason: str | None = None  # stop | length | cancelled | error
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # of the prompt, with its first token
 
 
 Sink = Callable[[Output], None]
@@ -92,6 +95,7 @@ class Request:
     pending_text: str = ""  # held back: it may be the start of a stop string
     sampler: Sampler | None = None
     finished: bool = False
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # while prefilling (echo)
 
     @property
     def decoding(self) -> bool:
@@ -115,6 +119,8 @@ class Completion:
     text: str
     finish_reason: str
     prompt_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -197,7 +203,7 @@ class Engine:
         """Run one request to the end (on the engine thread if started, else by stepping here)."""
         results: queue.SimpleQueue[Output] = queue.SimpleQueue()
         self.submit(prompt, params, results.put, **kw)  # type: ignore[arg-type]
-        tokens, text = [], []
+        tokens, text, logprobs, prompt_logprobs = [], [], [], []
         while True:
             if self._thread is None:
                 while results.empty():
@@ -205,9 +211,12 @@ class Engine:
             out = results.get()
             tokens += out.token_ids
             text.append(out.text)
+            logprobs += out.logprobs or []
+            prompt_logprobs += out.prompt_logprobs or []
             if out.finished:
                 assert out.finish_reason is not None
-                return Completion(tokens, "".join(text), out.finish_reason, len(prompt))
+                return Completion(tokens, "".join(text), out.finish_reason, len(prompt), logprobs,
+                                  prompt_logprobs)
 
     # ---- the engine thread ------------------------------------------------------------------
 
@@ -277,12 +286,23 @@ class Engine:
                 break
             n = min(len(r.prompt) - r.prefilled, budget)
             chunk = torch.tensor(r.prompt[r.prefilled : r.prefilled + n], device=self.model.device)
-            logits = self.model.prefill(chunk, r.prefilled, r.slot, self.cache)  # [V]
+            echo = r.params.prompt_logprobs
+            logits = self.model.prefill(chunk, r.prefilled, r.slot, self.cache,
+                                        all_logits=echo is not None)  # [V], or [n, V] for echo
+            if echo is not None:  # position p's logits score prompt token p + 1
+                if r.prefilled == 0:
+                    r.prompt_logprobs.append(TokenLogprob(r.prompt[0], None))
+                scored = r.prompt[r.prefilled + 1 : r.prefilled + n + 1]
+                r.prompt_logprobs += pick(log_probs(logits[: len(scored)]), scored, [echo] * len(scored))
+                logits = logits[-1]
             r.prefilled += n
             budget -= n
             if r.prefilled == len(r.prompt):
                 r.sampler = Sampler(r.params, self.args.arch.vocab_size, self.model.device)
-                self._accept(r, sample_rows(logits.unsqueeze(0), [0], [r.sampler])[0])
+                row = logits.unsqueeze(0)  # [1, V]
+                token = sample_rows(row, [0], [r.sampler])[0]
+                k = r.params.logprobs
+                self._accept(r, token, None if k is None else pick(log_probs(row), [token], [k])[0])
         return bool(newcomers)
 
     def _decode(self) -> bool:
@@ -297,13 +317,20 @@ class Engine:
             logits, greedy = self.runner(*self._step_inputs(n))  # [n, V], [n]
         samplers = [r.sampler for r in active]
         assert all(s is not None for s in samplers), [r.id for r in active]
+        scored = [i for i, r in enumerate(active) if r.params.logprobs is not None]
+        # before a step is launched ahead: it overwrites the logits (its CUDA graph's output)
+        lp = log_probs(logits[[active[i].slot for i in scored]]) if scored else None  # [len(scored), V]
         if self._can_launch_ahead(active, n):
             new, (next_logits, next_greedy) = self.runner.launch_next(greedy)
             self._ahead = _Ahead([r.id for r in active], next_logits, next_greedy)
         else:
             new = sample_rows(logits, [r.slot for r in active], samplers, greedy)  # type: ignore[arg-type]
-        for r, token in zip(active, new, strict=True):
-            self._accept(r, token)
+        picked: dict[int, TokenLogprob] = {}
+        if lp is not None:
+            entries = pick(lp, [new[i] for i in scored], [active[i].params.logprobs or 0 for i in scored])
+            picked = dict(zip(scored, entries, strict=True))
+        for i, (r, token) in enumerate(zip(active, new, strict=True)):
+            self._accept(r, token, picked.get(i))
         return True
 
     def _step_inputs(self, n: int) -> tuple[list[int], list[int]]:
@@ -334,9 +361,12 @@ class Engine:
 
     # ---- outputs ----------------------------------------------------------------------------
 
-    def _accept(self, r: Request, token: int) -> None:
+    def _accept(self, r: Request, token: int, logprob: TokenLogprob | None = None) -> None:
         """Record a sampled token; emit its text; finish the request if it is done."""
         r.output.append(token)
+        extra = {"logprobs": None if logprob is None else [logprob]}
+        if len(r.output) == 1 and r.params.prompt_logprobs is not None:
+            extra["prompt_logprobs"] = r.prompt_logprobs
         p = self.tokenizer
         reason: str | None = None
         text = ""
@@ -353,9 +383,9 @@ class Engine:
         if hit:
             reason = "stop"
         if reason is not None:
-            self._finish(r, reason, text, [token])
+            self._finish(r, reason, text, [token], **extra)
         else:
-            self._emit(r, Output(r.id, text, [token], False, None, len(r.prompt), len(r.output)))
+            self._emit(r, Output(r.id, text, [token], False, None, len(r.prompt), len(r.output), **extra))
 
     def _cut_at_stop(self, r: Request, text: str, final: bool) -> tuple[str, bool]:
         """Text that can be released now, and whether a stop string was found."""
@@ -372,11 +402,13 @@ class Engine:
         r.pending_text = buf[len(buf) - hold :]
         return buf[: len(buf) - hold], False
 
-    def _finish(self, r: Request, reason: str, text: str, tokens: list[int] | None = None) -> None:
+    def _finish(self, r: Request, reason: str, text: str, tokens: list[int] | None = None,
+                **logprobs: list[TokenLogprob] | None) -> None:
         r.finished = True
         if 0 <= r.slot < len(self._slots) and self._slots[r.slot] is r:
             self._slots[r.slot] = None
-        self._emit(r, Output(r.id, text, tokens or [], True, reason, len(r.prompt), len(r.output)))
+        self._emit(r, Output(r.id, text, tokens or [], True, reason, len(r.prompt), len(r.output),
+                             **logprobs))
 
     def _emit(self, r: Request, out: Output) -> None:
         try:

@@ -15,6 +15,8 @@ import torch
 
 from weightship.errors import InvalidRequestError
 
+MAX_TOP = 20  # alternatives per token a request may ask log-probabilities of (OpenAI's limit)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -29,6 +31,10 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from a token that has been generated
     frequency_penalty: float = 0.0  # subtracted per time a token has been generated
     ignore_eos: bool = False  # keep going past </s> (benchmarks)
+    # Log-probabilities (runtime.logprobs): of each generated token with this many alternatives,
+    # and of each prompt token (OpenAI's ``echo``); None = not wanted.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def bad(param: str, why: str) -> InvalidRequestError:
@@ -47,6 +53,10 @@ class SamplingParams:
                 raise bad(name, "must be between -2 and 2")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise bad("seed", "must be an integer in [0, 2**63)")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and (not _is_int(n) or not 0 <= n <= MAX_TOP):
+                raise bad(name, f"must be an integer from 0 to {MAX_TOP}")
         if len(self.stop) > 8 or any(not isinstance(s, str) or not s or len(s) > 256 for s in self.stop):
             raise bad("stop", "must be at most 8 non-empty strings of at most 256 characters")
 

@@ -19,7 +19,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 
 from weightship.errors import EngineOverloadedError, EngineStoppedError, InvalidRequestError
 from weightship.runtime.engine import Engine, Output
+from weightship.runtime.logprobs import TextOffsets, TokenLogprob, chat_logprobs, completion_logprobs
 from weightship.runtime.metrics import Metrics
 from weightship.runtime.middleware import Guard, Limits
 from weightship.runtime.protocol import (
@@ -130,6 +131,19 @@ def _api_error(status: int, message: str, *, type_: str = "invalid_request_error
                         headers=headers)
 
 
+class _Logprobs:
+    """One choice's ``logprobs`` objects, chunk after chunk: the chat or the completions shape."""
+
+    def __init__(self, tokenizer: Tokenizer, chat: bool, echo: bool) -> None:
+        self.tokenizer, self.chat = tokenizer, chat
+        self.offsets = TextOffsets(tokenizer, skip_dummy_space=echo)
+
+    def __call__(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        if self.chat:
+            return {"content": chat_logprobs(entries, self.tokenizer)}
+        return completion_logprobs(entries, self.tokenizer, self.offsets)
+
+
 def _finish_reason(reason: str | None) -> str | None:
     return "length" if reason == "length" else None if reason is None else "stop"
 
@@ -201,8 +215,9 @@ def create_app(state: ServerState) -> Guard:
     @api.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         engine, tok = _serving(body)
-        if body.echo or body.suffix:
-            raise InvalidRequestError("echo and suffix are not supported", param="echo")
+        if body.suffix:
+            raise InvalidRequestError("suffix is not supported: the model has no fill-in-the-middle",
+                                      param="suffix")
         raw = body.prompt
         if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
             raw = [raw]  # type: ignore[assignment]
@@ -217,7 +232,9 @@ def create_app(state: ServerState) -> Guard:
         if not prompts:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         run = _start(engine, body, prompts, contexts=prompts, default_max=16)
-        return await _respond(run, body, request, chat=False)
+        echo = ([p if isinstance(p, str) else tok.decode(ids) for p, ids in zip(raw, prompts, strict=True)]
+                if body.echo else None)
+        return await _respond(run, body, request, tok, echo)
 
     @api.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
@@ -226,7 +243,7 @@ def create_app(state: ServerState) -> Guard:
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         run = _start(engine, body, [prompt], contexts=[[]], default_max=None)
-        return await _respond(run, body, request, chat=True)
+        return await _respond(run, body, request, tok)
 
     def _serving(body: CommonParams) -> tuple[Engine, Tokenizer]:
         if not state.ready or state.engine is None or state.tokenizer is None:
@@ -254,17 +271,25 @@ def create_app(state: ServerState) -> Guard:
         state.metrics.prompt_tokens.inc(run.prompt_tokens * body.n)
         return run
 
-    async def _respond(run: _Run, body: CommonParams, request: Request, chat: bool) -> Response:
+    async def _respond(run: _Run, body: CommonParams, request: Request, tok: Tokenizer,
+                       echo: list[str] | None = None) -> Response:
+        """The answer to a completions (``echo``: per prompt, the text to put in front of its
+        choices) or chat request, whole or streamed."""
+        chat = isinstance(body, ChatCompletionRequest)
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        logprobs = ((lambda: _Logprobs(tok, chat, echo is not None))
+                    if body.token_logprobs()[0] is not None else None)
         if body.stream:
-            return StreamingResponse(_stream(run, body, ident, chat), media_type="text/event-stream",
+            return StreamingResponse(_stream(run, body, ident, logprobs, echo), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         texts: dict[int, list[str]] = {}
         reasons: dict[int, str | None] = {}
+        entries: dict[int, list[TokenLogprob]] = {}
         watcher = asyncio.create_task(_cancel_on_disconnect(request, run))
         try:
             async for index, out in run.events():
                 texts.setdefault(index, []).append(out.text)
+                entries.setdefault(index, []).extend([*(out.prompt_logprobs or ()), *(out.logprobs or ())])
                 if out.finished:
                     reasons[index] = out.finish_reason
         finally:
@@ -273,8 +298,9 @@ def create_app(state: ServerState) -> Guard:
             return _api_error(500, "generation failed", type_="server_error")
         choices = []
         for index in sorted(reasons):
-            text = "".join(texts[index])
-            choice: dict[str, Any] = {"index": index, "logprobs": None,
+            text = (echo[index // body.n] if echo else "") + "".join(texts[index])
+            choice: dict[str, Any] = {"index": index,
+                                      "logprobs": logprobs()(entries[index]) if logprobs else None,
                                       "finish_reason": _finish_reason(reasons[index])}
             choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
             choices.append(choice)
@@ -282,9 +308,14 @@ def create_app(state: ServerState) -> Guard:
                              "created": int(time.time()), "model": state.model_name,
                              "choices": choices, "usage": run.usage()})
 
-    async def _stream(run: _Run, body: CommonParams, ident: str, chat: bool) -> AsyncIterator[str]:
+    async def _stream(run: _Run, body: CommonParams, ident: str, logprobs: Callable[[], _Logprobs] | None,
+                      echo: list[str] | None) -> AsyncIterator[str]:
+        chat = isinstance(body, ChatCompletionRequest)
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
+        pending: dict[int, list[TokenLogprob]] = {}  # tokens whose text is still held back
+        formats: dict[int, _Logprobs] = {}
+        started: set[int] = set()
 
         def event(choices: list[dict[str, Any]], **extra: Any) -> str:
             data = {"id": ident, "object": kind, "created": created, "model": state.model_name,
@@ -300,14 +331,21 @@ def create_app(state: ServerState) -> Guard:
                 if out.finish_reason == "error":
                     yield f"data: {json.dumps(error_body('generation failed', type_='server_error'))}\n\n"
                     continue
+                text = out.text
+                if index not in started:
+                    started.add(index)
+                    text = (echo[index // body.n] if echo else "") + text
+                pending.setdefault(index, []).extend([*(out.prompt_logprobs or ()), *(out.logprobs or ())])
                 reason = _finish_reason(out.finish_reason)
-                if not out.text and reason is None:
+                if not text and reason is None:
                     continue
+                entries = pending.pop(index)
+                lp = formats.setdefault(index, logprobs())(entries) if logprobs is not None else None
                 if chat:
-                    delta = {"content": out.text} if out.text else {}
-                    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+                    delta = {"content": text} if text else {}
+                    choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
                 else:
-                    choice = {"index": index, "text": out.text, "logprobs": None, "finish_reason": reason}
+                    choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
                 yield event([choice])
             if body.include_usage:
                 yield event([], usage=run.usage())

@@ -51,6 +51,24 @@ class Tokenizer:
         """The text of ``ids`` (control tokens decode to nothing)."""
         return str(self.sp.decode(list(ids)))
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for: a piece's text with "▁" as a space, a byte-fallback
+        token's byte, a control token's name (``</s>``)."""
+        piece: str = self.sp.id_to_piece(token)
+        if self.sp.is_byte(token):  # "<0xE2>"
+            return bytes([int(piece[1:-1], 16)])
+        if self.sp.is_control(token) or self.sp.is_unknown(token):
+            return piece.encode()
+        return piece.replace("\u2581", " ").encode()
+
+    def is_control(self, token: int) -> bool:
+        """Whether ``token`` is ``<s>``, ``</s>`` or the like: no text of its own."""
+        return bool(self.sp.is_control(token))
+
+    def token_text(self, token: int) -> str:
+        """:meth:`token_bytes` as text (a lone part of a character becomes U+FFFD)."""
+        return self.token_bytes(token).decode("utf-8", errors="replace")
+
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Prompt tokens of a conversation in the Mistral instruct (v1) format."""
         system = "\n\n".join(m.content for m in messages if m.role == "system")

@@ -1,0 +1,106 @@
+"""Token log-probabilities, and the two shapes the OpenAI API returns them in.
+
+The values are the model's own: ``log_softmax`` of the raw logits in float32, before
+temperature, top-k, top-p and the penalties reshape the distribution a token is drawn from
+(vLLM's default since its V1 engine). Scoring a text, which is what ``echo`` with ``logprobs``
+is for (lm-evaluation-harness's loglikelihood), needs exactly these.
+
+- Completions (``logprobs: k``): ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``,
+  one entry per token; with ``echo`` the prompt's tokens come first, the very first with a null
+  log-probability (nothing predicts it).
+- Chat (``logprobs: true, top_logprobs: k``): ``{"content": [{"token", "logprob", "bytes",
+  "top_logprobs"}]}``, where ``bytes`` are the token's exact UTF-8 bytes (a byte-fallback token
+  may hold part of a character).
+
+Reference: the OpenAI API reference, "Completions" and "Chat", the ``logprobs`` objects.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from weightship.runtime.tokenizer import Tokenizer
+
+_FLOOR = -9999.0  # what OpenAI reports for a probability that underflows (JSON has no -inf)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability (None: the first prompt token) and its ``top`` alternatives."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [n, V] (float32) of logits [n, V]: a new tensor, so the logits' buffer
+    (a CUDA graph's output) may be overwritten while these wait for their tokens."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def pick(lp: torch.Tensor, tokens: Sequence[int], tops: Sequence[int]) -> list[TokenLogprob]:
+    """Token ``tokens[i]``'s entry of row ``i`` of ``lp`` [n, V], with its ``tops[i]`` most likely
+    alternatives. One transfer to the host for all rows."""
+    index = torch.tensor(list(tokens), device=lp.device).unsqueeze(1)  # [n, 1]
+    chosen: list[float] = lp.gather(1, index)[:, 0].tolist()  # [n]
+    k = max(tops, default=0)
+    values: list[list[float]] = [[] for _ in tokens]
+    ids: list[list[int]] = [[] for _ in tokens]
+    if k:
+        top = lp.topk(k, dim=-1)  # [n, k] each
+        values, ids = top.values.tolist(), top.indices.tolist()
+    return [TokenLogprob(token, max(c, _FLOOR),
+                         tuple((i, max(v, _FLOOR)) for i, v in zip(row_ids[:n], row_values[:n], strict=True)))
+            for token, c, n, row_ids, row_values in zip(tokens, chosen, tops, ids, values, strict=True)]
+
+
+class TextOffsets:
+    """Where each token of a completion starts in its text, in characters, token after token.
+
+    Bytes go through an incremental UTF-8 decoder, so the byte-fallback tokens of one character
+    all start where it does. An echoed prompt's text lacks the space SentencePiece puts in front
+    of its first word (``skip_dummy_space``).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_dummy_space: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.offset = 0
+        self.skip_space = skip_dummy_space
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, token: int) -> int:
+        """``token``'s offset; the next token's starts after it."""
+        at = self.offset
+        if not self.tokenizer.is_control(token):  # <s>, </s>: no text of their own
+            raw = self.tokenizer.token_bytes(token)
+            if self.skip_space:
+                raw, self.skip_space = raw.removeprefix(b" "), False
+            self.offset += len(self.decoder.decode(raw))
+        return at
+
+
+def completion_logprobs(entries: Sequence[TokenLogprob], tokenizer: Tokenizer,
+                        offsets: TextOffsets) -> dict[str, list[Any]]:
+    """The completions ``logprobs`` object of ``entries`` (offsets carry on from earlier chunks)."""
+    return {"tokens": [tokenizer.token_text(e.token) for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [None if e.logprob is None else {tokenizer.token_text(t): lp for t, lp in e.top}
+                             for e in entries],
+            "text_offset": [offsets(e.token) for e in entries]}
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], tokenizer: Tokenizer) -> list[dict[str, Any]]:
+    """The chat ``logprobs.content`` list."""
+
+    def one(token: int, logprob: float | None) -> dict[str, Any]:
+        raw = tokenizer.token_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return [one(e.token, e.logprob) | {"top_logprobs": [one(t, lp) for t, lp in e.top]}
+            for e in entries]
