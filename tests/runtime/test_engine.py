@@ -55,6 +55,26 @@ def _run_until_idle(engine: Engine) -> None:
         pass
 
 
+def test_new_prompts_that_fit_are_prefilled_in_one_pass(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts that arrive together and fit the step's budget (24 tokens here) share one
+    forward pass; a longer one is prefilled in chunks beside them. All get their solo tokens."""
+    specs = [(_prompt(n, seed=50 + n), 12) for n in (6, 11, 7, 40)]
+    solo = [engine.generate(p, greedy(n)).token_ids for p, n in specs]
+    packs: list[int] = []
+    real = engine.model.prefill_packed
+
+    def spy(prompts: list[torch.Tensor], *args: object, **kw: object) -> torch.Tensor:
+        packs.append(len(prompts))
+        return real(prompts, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.model, "prefill_packed", spy)
+    col = Collector()
+    ids = [engine.submit(p, greedy(n), col.sink) for p, n in specs]
+    _run_until_idle(engine)
+    assert [col.tokens(r) for r in ids] == solo
+    assert packs[0] == 3  # 6 + 11 + 7 tokens in one pass; the 40-token prompt went in chunks
+
+
 def test_eight_concurrent_requests_get_their_solo_tokens(engine: Engine) -> None:
     specs = [(_prompt(5 + 9 * i, seed=i), 6 + 5 * i) for i in range(8)]  # prompts 5..68 tokens
     solo = [engine.generate(p, greedy(n)).token_ids for p, n in specs]
@@ -279,8 +299,10 @@ def test_the_compiled_decode_step_gives_the_eager_tokens(tiny_model: Transformer
 
 def test_logprobs_in_a_mixed_batch_are_each_rows_own(engine: Engine, hf_model: torch.nn.Module) -> None:
     """Rows that want log-probabilities (greedy, and sampled: the model's own, before the
-    temperature) share decode steps with a row that does not; each gets its own tokens'."""
-    specs = [(_prompt(9, seed=41), SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2)),
+    temperature) share decode steps with a row that does not; each gets its own tokens'. The
+    first two prompts are prefilled packed together, the first scoring its prompt (echo)."""
+    specs = [(_prompt(9, seed=41), SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2,
+                                                  prompt_logprobs=1)),
              (_prompt(30, seed=42), SamplingParams(max_tokens=25, temperature=0.8, seed=5, ignore_eos=True,
                                                    logprobs=0)),
              (_prompt(14, seed=43), greedy(22))]
@@ -295,6 +317,11 @@ def test_logprobs_in_a_mixed_batch_are_each_rows_own(engine: Engine, hf_model: t
             continue
         ref = hf_logprobs(hf_model, prompt + tokens)
         assert [e.token for e in entries] == tokens
+        if params.prompt_logprobs is not None:
+            scored = col.outputs[rid][0].prompt_logprobs
+            assert scored is not None and [e.token for e in scored] == prompt and scored[0].logprob is None
+            assert all(abs(e.logprob - ref[p - 1, e.token].item()) < 1e-4  # type: ignore[operator]
+                       for p, e in enumerate(scored) if p)
         assert all(len(e.top) == params.logprobs for e in entries)
         for i, e in enumerate(entries):
             assert e.logprob is not None and abs(e.logprob - ref[len(prompt) - 1 + i, e.token].item()) < 1e-4

@@ -79,6 +79,26 @@ def test_flex_decode_attention_equals_sdpa(tiny_model: Transformer) -> None:
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(caches[0].k, caches[1].k, strict=True))
 
 
+def test_packed_prefill_equals_one_prompt_at_a_time(tiny_model: Transformer) -> None:
+    """Prompts packed into one pass (one past the window) score and fill their slots exactly as
+    each does alone: the same logits, then the same decode step from either cache."""
+    prompts = [_tokens(1, n, seed=10 + n)[0] for n in (5, WINDOW + 8, 17)]
+    slots = [2, 0, 5]
+    packed, alone = (KVCache(tiny_model.args, "cpu", torch.float32) for _ in range(2))
+    every = tiny_model.prefill_packed(prompts, slots, packed, all_logits=True)  # [N, V]
+    last = tiny_model.prefill_packed(prompts, slots, packed)  # [3, V]; the same again
+    for i, (p, slot) in enumerate(zip(prompts, slots, strict=True)):
+        one = tiny_model.prefill(p, 0, slot, alone, all_logits=True)  # [n, V]
+        assert (one - tiny_model(p.unsqueeze(0))[0]).abs().max().item() < TOL
+        start = sum(len(q) for q in prompts[:i])
+        assert (every[start : start + len(p)] - one).abs().max().item() < TOL
+        assert (last[i] - one[-1]).abs().max().item() < TOL
+    assert torch.equal(packed.pos, alone.pos)
+    toks, pos = torch.tensor([7, 0, 7, 0, 0, 7]), torch.tensor([WINDOW + 8, 0, 5, 0, 0, 17])
+    steps = [tiny_model.decode(toks, pos, cache, kv_len=cache.cache_len)[slots] for cache in (packed, alone)]
+    assert (steps[0] - steps[1]).abs().max().item() < TOL
+
+
 def test_greedy_32_tokens_identical_to_transformers(tiny_model: Transformer, hf_model: torch.nn.Module,
                                                     engine: object) -> None:
     from weightship.runtime.engine import Engine

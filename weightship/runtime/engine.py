@@ -278,32 +278,65 @@ class Engine:
         return self._decode() or did or bool(dropped or cancelled)
 
     def _prefill(self) -> bool:
+        """Spend this step's prompt budget on the newcomers, oldest first: prompts that fit
+        whole are packed into one forward pass; a longer one runs a chunk of its own."""
         budget = self.config.prefill_chunk
         newcomers = sorted((r for r in self._slots if r is not None and r.prefilled < len(r.prompt)),
                            key=lambda r: r.seq)
+        whole: list[Request] = []
+        chunks: list[tuple[Request, int]] = []
         for r in newcomers:
             if budget <= 0:
                 break
             n = min(len(r.prompt) - r.prefilled, budget)
+            if r.prefilled == 0 and n == len(r.prompt):
+                whole.append(r)
+            else:
+                chunks.append((r, n))
+            budget -= n
+        if whole:
+            device = self.model.device
+            echo = any(r.params.prompt_logprobs is not None for r in whole)
+            logits = self.model.prefill_packed([torch.tensor(r.prompt, device=device) for r in whole],
+                                               [r.slot for r in whole], self.cache, all_logits=echo)
+            if echo:  # [N, V] packed: split per prompt, keep each one's last position
+                parts = logits.split([len(r.prompt) for r in whole])
+                for r, part in zip(whole, parts, strict=True):
+                    self._score_prompt(r, part)
+                logits = torch.stack([part[-1] for part in parts])  # [S, V]
+            for r in whole:
+                r.prefilled = len(r.prompt)
+            self._first_tokens(whole, logits)
+        for r, n in chunks:
             chunk = torch.tensor(r.prompt[r.prefilled : r.prefilled + n], device=self.model.device)
-            echo = r.params.prompt_logprobs
-            logits = self.model.prefill(chunk, r.prefilled, r.slot, self.cache,
-                                        all_logits=echo is not None)  # [V], or [n, V] for echo
-            if echo is not None:  # position p's logits score prompt token p + 1
-                if r.prefilled == 0:
-                    r.prompt_logprobs.append(TokenLogprob(r.prompt[0], None))
-                scored = r.prompt[r.prefilled + 1 : r.prefilled + n + 1]
-                r.prompt_logprobs += pick(log_probs(logits[: len(scored)]), scored, [echo] * len(scored))
+            echo = r.params.prompt_logprobs is not None
+            logits = self.model.prefill(chunk, r.prefilled, r.slot, self.cache, all_logits=echo)
+            if echo:  # [n, V]
+                self._score_prompt(r, logits)
                 logits = logits[-1]
             r.prefilled += n
-            budget -= n
             if r.prefilled == len(r.prompt):
-                r.sampler = Sampler(r.params, self.args.arch.vocab_size, self.model.device)
-                row = logits.unsqueeze(0)  # [1, V]
-                token = sample_rows(row, [0], [r.sampler])[0]
-                k = r.params.logprobs
-                self._accept(r, token, None if k is None else pick(log_probs(row), [token], [k])[0])
+                self._first_tokens([r], logits.unsqueeze(0))
         return bool(newcomers)
+
+    def _score_prompt(self, r: Request, logits: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens that ``logits`` [n, V] of positions
+        ``r.prefilled ..`` predict (position p's logits score token p + 1), for ``echo``."""
+        k = r.params.prompt_logprobs
+        assert k is not None
+        if r.prefilled == 0:
+            r.prompt_logprobs.append(TokenLogprob(r.prompt[0], None))  # nothing predicts it
+        scored = r.prompt[r.prefilled + 1 : r.prefilled + logits.shape[0] + 1]
+        r.prompt_logprobs += pick(log_probs(logits[: len(scored)]), scored, [k] * len(scored))
+
+    def _first_tokens(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """Sample the first token of each of ``reqs``, fully prefilled, from row i of ``logits`` [S, V]."""
+        samplers = [Sampler(r.params, self.args.arch.vocab_size, self.model.device) for r in reqs]
+        for r, sampler in zip(reqs, samplers, strict=True):
+            r.sampler = sampler
+        scored = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        lp = log_probs(logits[scored]) if scored else None
+        self._accept_all(reqs, sample_rows(logits, list(range(len(reqs))), samplers), scored, lp)
 
     def _decode(self) -> bool:
         active = [r for r in self._slots if r is not None and r.decoding]
@@ -325,13 +358,19 @@ class Engine:
             self._ahead = _Ahead([r.id for r in active], next_logits, next_greedy)
         else:
             new = sample_rows(logits, [r.slot for r in active], samplers, greedy)  # type: ignore[arg-type]
+        self._accept_all(active, new, scored, lp)
+        return True
+
+    def _accept_all(self, reqs: list[Request], tokens: list[int], scored: list[int],
+                    lp: torch.Tensor | None) -> None:
+        """Accept ``tokens[i]`` for ``reqs[i]``; ``lp`` [len(scored), V] are the log-probabilities
+        of the rows ``scored`` (the requests that asked for them)."""
         picked: dict[int, TokenLogprob] = {}
         if lp is not None:
-            entries = pick(lp, [new[i] for i in scored], [active[i].params.logprobs or 0 for i in scored])
+            entries = pick(lp, [tokens[i] for i in scored], [reqs[i].params.logprobs or 0 for i in scored])
             picked = dict(zip(scored, entries, strict=True))
-        for i, (r, token) in enumerate(zip(active, new, strict=True)):
+        for i, (r, token) in enumerate(zip(reqs, tokens, strict=True)):
             self._accept(r, token, picked.get(i))
-        return True
 
     def _step_inputs(self, n: int) -> tuple[list[int], list[int]]:
         """Tokens and positions [n] that rows ``0..n-1`` are fed in a decode step."""

@@ -40,20 +40,23 @@ def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class AttentionInputs:
     """What every attention layer of one forward pass shares: positions, masks, cache writes.
 
-    ``slot is None`` means a batched decode step (one token per row ``0..B-1``, ``mask``
-    [B, 1, 1, L] over the first ``kv_len`` cache entries); otherwise a prefill chunk of one
-    sequence in ``slot`` (``mask`` [1, 1, T, K] over the slot's cache when ``with_cache``, then
-    the chunk's own keys). ``cache is None`` scores without any cache (``mask`` [B, 1, T, T]).
+    ``src is None`` means a batched decode step (one token per row ``0..B-1``, ``mask``
+    [B, 1, 1, L] over the first ``kv_len`` cache entries); otherwise a prefill of one row of T
+    tokens (``mask`` [1, 1, T, K]): a chunk of the sequence in ``slot``, over the slot's cache
+    when ``with_cache`` and then its own keys, or several whole prompts packed together, each
+    seeing only its own keys. ``cache is None`` scores without any cache (``mask`` [B, 1, T, T]).
+    Either way the new keys are written to entries ``write_idx`` of slots ``rows``.
     """
 
     cos: torch.Tensor  # [B, T, D/2]
     sin: torch.Tensor  # [B, T, D/2]
     mask: torch.Tensor  # additive (0 / -inf), see above
-    write_idx: torch.Tensor | None = None  # cache entries to write: [B] (decode) or [T'] (prefill)
-    slot: int | None = None
+    write_idx: torch.Tensor | None = None  # cache entries written: [B] (decode) or [n] (prefill)
+    rows: torch.Tensor | None = None  # the slots of those entries: arange(B) (decode), or [n]
+    src: torch.Tensor | None = None  # prefill: the token (of T) whose key each entry takes [n]
+    slot: int | None = None  # prefill with_cache: the slot whose cache is read
     with_cache: bool = False  # prefill: earlier chunks of this sequence are in the cache
     kv_len: int = 0  # decode: cache entries read per row
-    rows: torch.Tensor | None = None  # decode: arange(B)
     # decode: attend with flex_attention rather than SDPA. Only inside a compiled step, where
     # inductor lowers it to its split-KV decoding kernel (eagerly it is an unfused reference).
     flex: bool = False
@@ -118,7 +121,7 @@ class Attention(nn.Module):
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                 attn_mask=inp.mask, enable_gqa=True)
             return self.wo(out.transpose(1, 2).reshape(B, T, H * D))
-        if inp.slot is None:
+        if inp.src is None:
             return self.wo(self._decode(q, k, v, inp, k_cache, v_cache))
         return self.wo(self._prefill(q, k, v, inp, k_cache, v_cache))
 
@@ -142,19 +145,18 @@ class Attention(nn.Module):
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inp: AttentionInputs,
                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         T, H, D = q.shape[1], self.n_heads, self.head_dim
-        assert q.shape[0] == 1 and inp.slot is not None and inp.write_idx is not None, q.shape
-        slot = inp.slot
+        assert q.shape[0] == 1 and inp.src is not None, q.shape
         kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [1, Hkv, T, D]
         if inp.with_cache:  # earlier chunks: the slot's entries, then this chunk's own keys
-            keys = torch.cat((k_cache[slot : slot + 1], kt), dim=2)  # [1, Hkv, C + T, D]
-            values = torch.cat((v_cache[slot : slot + 1], vt), dim=2)
+            assert inp.slot is not None
+            keys = torch.cat((k_cache[inp.slot : inp.slot + 1], kt), dim=2)  # [1, Hkv, C + T, D]
+            values = torch.cat((v_cache[inp.slot : inp.slot + 1], vt), dim=2)
         else:
             keys, values = kt, vt
         out = F.scaled_dot_product_attention(  # [1, H, T, D]
             q.transpose(1, 2), keys, values, attn_mask=inp.mask, enable_gqa=True)
-        n = inp.write_idx.shape[0]  # the last min(T, C) positions are the ones to keep
-        k_cache[slot, :, inp.write_idx] = kt[0, :, T - n :]  # [Hkv, n, D]
-        v_cache[slot, :, inp.write_idx] = vt[0, :, T - n :]
+        k_cache[inp.rows, :, inp.write_idx] = k[0, inp.src]  # [n, Hkv, D]
+        v_cache[inp.rows, :, inp.write_idx] = v[0, inp.src]
         return out.transpose(1, 2).reshape(1, T, H * D)
 
 

@@ -1,8 +1,9 @@
 """The Mistral transformer (Jiang et al., 2023, "Mistral 7B"), in plain PyTorch.
 
-Three entry points share the layers:
+Four entry points share the layers:
 - :meth:`Transformer.forward` scores whole sequences without a cache (the reference path);
 - :meth:`Transformer.prefill` runs a chunk of one sequence's prompt into its cache slot;
+- :meth:`Transformer.prefill_packed` runs the whole prompts of several new sequences at once;
 - :meth:`Transformer.decode` advances rows ``0..B-1`` by one token each. It does no host
   synchronisation and takes only static shapes, so a CUDA graph can capture it
   (:mod:`weightship.runtime.decoding`).
@@ -11,6 +12,8 @@ References: mistral-inference ``transformer.py``; gpt-fast ``model.py``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -101,28 +104,52 @@ class Transformer(nn.Module):
         position [T, vocab] with ``all_logits``. Chunks must come in order; ``start == 0``
         resets the slot.
         """
+        if start == 0:  # a fresh sequence: a pack of one
+            logits = self.prefill_packed([tokens], [slot], cache, all_logits)
+            return logits if all_logits else logits[0]
         (T,) = tokens.shape
         assert start + T <= self.args.max_model_len, (start, T, self.args.max_model_len)
-        if start == 0:
-            cache.reset_slot(slot)
         pos = torch.arange(start, start + T, device=tokens.device)  # [T]
-        if start > 0:
-            # Entries at >= start are stale: an idle decode row may have scribbled on one.
-            cached = cache.pos[slot].masked_fill(cache.pos[slot] >= start, -1)  # [C]
-            k_pos = torch.cat((cached, pos))  # [C + T]
-        else:
-            k_pos = pos
-        mask = window_mask(pos, k_pos, self.args.window)  # [T, K]
-        kept = pos[-cache.cache_len :]  # the positions that stay in the rolling buffer
-        write_idx = cache.write_index(kept)
+        # Entries at >= start are stale: an idle decode row may have scribbled on one.
+        cached = cache.pos[slot].masked_fill(cache.pos[slot] >= start, -1)  # [C]
+        mask = window_mask(pos, torch.cat((cached, pos)), self.args.window)  # [T, C + T]
+        src = torch.arange(max(T - cache.cache_len, 0), T, device=tokens.device)  # the chunk's kept keys
+        write_idx = cache.write_index(pos[src])
         inp = AttentionInputs(cos=self.rope_cos[pos].unsqueeze(0), sin=self.rope_sin[pos].unsqueeze(0),
-                              mask=mask_bias(mask, self.dtype)[None, None], write_idx=write_idx, slot=slot,
-                              with_cache=start > 0)
+                              mask=mask_bias(mask, self.dtype)[None, None], write_idx=write_idx,
+                              rows=torch.full_like(src, slot), src=src, slot=slot, with_cache=True)
         h = self._run(tokens.unsqueeze(0), inp, cache)[0]  # [T, dim]
-        cache.pos[slot, write_idx] = kept
-        if not all_logits:
-            h = h[-1]
-        return self.output(h).float()
+        cache.pos[slot, write_idx] = pos[src]
+        return self.output(h if all_logits else h[-1]).float()
+
+    def prefill_packed(self, prompts: Sequence[torch.Tensor], slots: Sequence[int], cache: KVCache,
+                       all_logits: bool = False) -> torch.Tensor:
+        """Whole prompts of new sequences, ``prompts[i]`` into slot ``slots[i]``, in one pass.
+
+        The prompts are packed into one row of N tokens, each position seeing only its own
+        prompt's keys (a block-diagonal mask within the window), so the weights are read once
+        for all of them. Returns the float32 logits of each prompt's last position [S, vocab],
+        or of every position [N, vocab] (packed in order) with ``all_logits``.
+        """
+        device = self.device
+        lengths = torch.tensor([p.shape[0] for p in prompts], device=device)  # [S]
+        assert int(lengths.max()) <= self.args.max_model_len, (lengths, self.args.max_model_len)
+        tokens = torch.cat(list(prompts))  # [N]
+        seq = torch.repeat_interleave(torch.arange(len(prompts), device=device), lengths)  # [N]
+        ends = lengths.cumsum(0)  # [S]
+        pos = torch.arange(tokens.shape[0], device=device) - (ends - lengths)[seq]  # [N]
+        mask = window_mask(pos, pos, self.args.window) & (seq.unsqueeze(-1) == seq)  # [N, N]
+        src = (pos >= lengths[seq] - cache.cache_len).nonzero()[:, 0]  # the keys the buffers keep
+        rows = torch.tensor(list(slots), device=device)[seq[src]]
+        write_idx = cache.write_index(pos[src])
+        for slot in slots:
+            cache.reset_slot(slot)
+        inp = AttentionInputs(cos=self.rope_cos[pos].unsqueeze(0), sin=self.rope_sin[pos].unsqueeze(0),
+                              mask=mask_bias(mask, self.dtype)[None, None], write_idx=write_idx,
+                              rows=rows, src=src)
+        h = self._run(tokens.unsqueeze(0), inp, cache)[0]  # [N, dim]
+        cache.pos[rows, write_idx] = pos[src]
+        return self.output(h if all_logits else h[ends - 1]).float()
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                kv_len: int, flex: bool = False) -> torch.Tensor:
