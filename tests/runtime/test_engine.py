@@ -270,6 +270,20 @@ def test_a_stop_while_running_ahead_leaves_the_slot_clean(engine: Engine) -> Non
     assert ahead.generate(second, greedy(30)).token_ids == engine.generate(second, greedy(30)).token_ids
 
 
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    """torch.compile's caches emptied: every runner's step compiles from scratch, and the
+    8-entry limit per code object (which silently runs eagerly past it) is not reached."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _graphs_compiled() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("flex", [False, True], ids=["sdpa", "flex"])
 def test_the_compiled_decode_step_gives_the_eager_tokens(tiny_model: Transformer, engine: Engine,
                                                          caplog: pytest.LogCaptureFixture,
@@ -293,8 +307,29 @@ def test_the_compiled_decode_step_gives_the_eager_tokens(tiny_model: Transformer
     _run_until_idle(compiled)
     assert [col.tokens(r) for r in ids] == solo
     assert compiled.runner._compiled is not None, caplog.text  # it did not fall back to eager
+    assert _graphs_compiled() >= 2  # batch 1, and batches of 2 and more
     if flex and not compiled.runner.flex_attention:
         assert "compiling it with SDPA" in caplog.text
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_warm_up_compiles_every_decode_shape_before_the_first_request(tiny_model: Transformer,
+                                                                      engine: Engine) -> None:
+    """What ``serve`` does before /ready: afterwards no batch waits for a compilation, and the
+    cache holds no trace of the warm-up steps."""
+    compiled = Engine(tiny_model, None, EngineConfig(prefill_chunk=24, use_graphs=False, compile_step=True))
+    before = _graphs_compiled()
+    compiled.warm_up()
+    warmed = _graphs_compiled()
+    assert warmed >= before + 2 and compiled.runner._compiled is not None
+    assert (compiled.cache.pos == -1).all()
+    specs = [(_prompt(6 + 7 * i, seed=60 + i), 10 + 3 * i) for i in range(5)]
+    solo = [engine.generate(p, greedy(n)).token_ids for p, n in specs]
+    col = Collector()
+    ids = [compiled.submit(p, greedy(n), col.sink) for p, n in specs]
+    _run_until_idle(compiled)
+    assert [col.tokens(r) for r in ids] == solo  # batches of 5 down to 1 ran
+    assert _graphs_compiled() == warmed
 
 
 def test_logprobs_in_a_mixed_batch_are_each_rows_own(engine: Engine, hf_model: torch.nn.Module) -> None:

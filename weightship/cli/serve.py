@@ -64,6 +64,10 @@ def serve(
                                                     "(default: the directory's name).")] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Serve even if the manifest is "
                                             "missing or does not verify.")] = False,
+    compile_step: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile", help="torch.compile the decode step before turning ready: "
+        "faster tokens for a minute or two more start-up, and a C++ compiler on CPU (default: "
+        "on CUDA).")] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API until SIGTERM (which drains).
 
@@ -104,7 +108,8 @@ def serve(
             loaded, files = load_model(directory, device=device, dtype=dtype, max_batch=max_batch,
                                        max_model_len=max_model_len)
             tokenizer = Tokenizer(files.tokenizer)
-            state.attach(Engine(loaded, tokenizer, EngineConfig(max_queue=max_queue)), tokenizer)
+            config = EngineConfig(max_queue=max_queue, compile_step=compile_step)
+            state.attach(Engine(loaded, tokenizer, config), tokenizer)
         except BaseException as e:  # reported by the main thread once the server has stopped
             failure.append(e)
             server.should_exit = True

@@ -8,6 +8,11 @@ computed from those positions, so the same code serves full, partial and wrapped
 
 Slots are indexed by batch row: decode runs rows ``0..B-1`` over slots ``0..B-1``, which lets
 it read ``k[layer, :B]`` as a view instead of gathering a copy of every active sequence's cache.
+
+Each slot has one spare entry past the ``cache_len`` used, never written (position -1): a step
+that reads all ``cache_len`` entries then still reads a strict prefix. torch.compile treats a
+slice spanning a whole dimension (contiguous) as a different graph, and would compile the
+decode step twice as often.
 """
 
 from __future__ import annotations
@@ -24,16 +29,16 @@ class KVCache:
         a = args.arch
         self.args = args
         self.cache_len = args.cache_len
-        shape = (args.max_batch, a.n_kv_heads, self.cache_len, a.head_dim)
-        # k[layer], v[layer]: [S, Hkv, C, D] — per slot a contiguous [Hkv, C, D] block, so a
+        shape = (args.max_batch, a.n_kv_heads, self.cache_len + 1, a.head_dim)  # + the spare entry
+        # k[layer], v[layer]: [S, Hkv, C + 1, D] — per slot a contiguous block, so a
         # prefix of the C entries of rows 0..B-1 is a strided view that SDPA reads without a copy.
         # One tensor per layer rather than one [L, S, Hkv, C, D] tensor: a compiled decode step
         # (torch.compile) then writes each layer's cache in place, where a write through a view
         # of one big input would make it copy the whole layer's cache every step.
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(a.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(a.n_layers)]
-        # pos: [S, C] — the absolute position held by each entry, -1 where empty.
-        self.pos = torch.full((args.max_batch, self.cache_len), -1, device=device, dtype=torch.long)
+        # pos: [S, C + 1] — the absolute position held by each entry, -1 where empty.
+        self.pos = torch.full((args.max_batch, self.cache_len + 1), -1, device=device, dtype=torch.long)
 
     @property
     def nbytes(self) -> int:

@@ -3,8 +3,9 @@
 A decode step at batch size 1 is hundreds of small kernels whose launch cost exceeds their run
 time; a CUDA graph launches them all at once. Graphs need static shapes, so the batch is padded
 up to a bucket (1, 2, 4, 8, … ``max_batch``) and the cache entries read per row to a length
-bucket (256, 512, … ``cache_len``); one graph is captured per bucket pair the first time it is
-needed. Capture runs the step once for real first (the warm-up CUDA graphs require), which is
+bucket (256, 512, … ``cache_len``); one graph is captured per bucket pair, all of them by
+:meth:`DecodeRunner.warm_up` before a server turns ready (else the first time one is needed).
+Capture runs the step once for real first (the warm-up CUDA graphs require), which is
 harmless: the step is deterministic, so the replay writes the same keys to the same entries.
 
 With graphs the whole step is also compiled (``torch.compile``, as gpt-fast does) before it is
@@ -12,7 +13,9 @@ captured: a graph removes the launch cost of each kernel but not the kernel itse
 compiled step fuses the mask, rotary, cache writes, residual adds and norms of a layer into a
 few kernels around its matrix products. It is compiled with dynamic shapes, so one compilation
 serves every bucket (batch 1 gets its own, as torch specialises sizes of 1), and it falls back
-to the eager step, for good, if compilation fails.
+to the eager step, for good, if compilation fails. Decode attention may be flex_attention
+(``flex_attention=True``) instead of SDPA: inductor's split-KV decoding kernel, for GPUs that
+SDPA's one-block-per-head kernels leave mostly idle at small batches.
 """
 
 from __future__ import annotations
@@ -168,6 +171,24 @@ class DecodeRunner:
         if copied is not None:
             copied.synchronize()
         return host.tolist(), out
+
+    def warm_up(self) -> None:
+        """Compile and capture every decode shape now, so that no request waits for it later.
+
+        With graphs, one step per batch bucket and cache-length bucket; compiled without graphs,
+        where shapes are dynamic, batch 1 and 2 (torch specialises sizes of 1; 2 stands for every
+        larger batch). The steps write garbage to the cache: call it before any sequence is
+        admitted (it resets them all).
+        """
+        if self.use_graphs:
+            shapes = [(n, kv) for n in self.batch_buckets for kv in self.kv_buckets]
+        elif self._compiled is not None:
+            shapes = [(n, self.kv_buckets[0]) for n in sorted({1, min(2, self.batch_buckets[-1])})]
+        else:
+            return
+        for n, kv in shapes:
+            self([0] * n, [kv - 1] * n)  # position kv - 1: a step reading kv entries
+        self.cache.pos.fill_(-1)
 
     def padded_batch(self, n: int) -> int:
         """Rows a step over ``n`` rows really computes (its bucket with graphs)."""

@@ -218,6 +218,13 @@ class Engine:
                 return Completion(tokens, "".join(text), out.finish_reason, len(prompt), logprobs,
                                   prompt_logprobs)
 
+    def warm_up(self) -> None:
+        """Compile and capture the decode step for every batch and cache-length bucket before
+        serving (a minute or two on CUDA; nothing on the eager CPU path)."""
+        assert self._thread is None and not any(self._slots) and not self._waiting, "engine in use"
+        with torch.inference_mode():
+            self.runner.warm_up()
+
     # ---- the engine thread ------------------------------------------------------------------
 
     def start(self) -> None:

@@ -103,7 +103,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, inp: AttentionInputs,
                 k_cache: torch.Tensor | None, v_cache: torch.Tensor | None) -> torch.Tensor:
-        """``x`` [B, T, dim] → [B, T, dim]; ``k_cache``/``v_cache`` are this layer's [S, Hkv, C, D]."""
+        """``x`` [B, T, dim] → [B, T, dim]; ``k_cache``/``v_cache`` are this layer's [S, Hkv, C + 1, D]."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         if self.wqkv is not None:
@@ -149,7 +149,7 @@ class Attention(nn.Module):
         kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [1, Hkv, T, D]
         if inp.with_cache:  # earlier chunks: the slot's entries, then this chunk's own keys
             assert inp.slot is not None
-            keys = torch.cat((k_cache[inp.slot : inp.slot + 1], kt), dim=2)  # [1, Hkv, C + T, D]
+            keys = torch.cat((k_cache[inp.slot : inp.slot + 1], kt), dim=2)  # [1, Hkv, C + 1 + T, D]
             values = torch.cat((v_cache[inp.slot : inp.slot + 1], vt), dim=2)
         else:
             keys, values = kt, vt

@@ -111,8 +111,8 @@ class Transformer(nn.Module):
         assert start + T <= self.args.max_model_len, (start, T, self.args.max_model_len)
         pos = torch.arange(start, start + T, device=tokens.device)  # [T]
         # Entries at >= start are stale: an idle decode row may have scribbled on one.
-        cached = cache.pos[slot].masked_fill(cache.pos[slot] >= start, -1)  # [C]
-        mask = window_mask(pos, torch.cat((cached, pos)), self.args.window)  # [T, C + T]
+        cached = cache.pos[slot].masked_fill(cache.pos[slot] >= start, -1)  # [C + 1]
+        mask = window_mask(pos, torch.cat((cached, pos)), self.args.window)  # [T, C + 1 + T]
         src = torch.arange(max(T - cache.cache_len, 0), T, device=tokens.device)  # the chunk's kept keys
         write_idx = cache.write_index(pos[src])
         inp = AttentionInputs(cos=self.rope_cos[pos].unsqueeze(0), sin=self.rope_sin[pos].unsqueeze(0),

@@ -65,8 +65,9 @@ class ServerState:
         self.metrics = Metrics(lambda: self.engine.stats() if self.engine else None)
 
     def attach(self, engine: Engine, tokenizer: Tokenizer) -> None:
-        """Start ``engine``, warm it with one short request, and turn ready."""
+        """Warm ``engine`` (every decode shape, then one short request), start it, turn ready."""
         self.engine, self.tokenizer = engine, tokenizer
+        engine.warm_up()
         engine.start()
         engine.generate([tokenizer.bos_id], SamplingParams(max_tokens=2, temperature=0))
         self.ready = True
