@@ -3,8 +3,9 @@
 One thread owns the model. Each :meth:`Engine.step`:
 1. applies cancellations (a cancelled request's slot is free for the next admission);
 2. admits waiting requests into free KV-cache slots;
-3. prefills up to ``prefill_chunk`` prompt tokens of newcomers (long prompts take several
-   steps, so running requests keep decoding meanwhile) and samples their first token;
+3. prefills up to ``prefill_chunk`` prompt tokens of newcomers, oldest first: the prompts that
+   fit whole in one forward pass together, a longer one a chunk at a time (it takes several
+   steps, so running requests keep decoding meanwhile); samples their first tokens;
 4. decodes one token for every running request in one batched forward pass.
 
 A request finishes on ``</s>``, a stop string, ``max_tokens`` or the context length, and frees

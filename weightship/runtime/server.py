@@ -19,7 +19,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,16 +133,19 @@ def _api_error(status: int, message: str, *, type_: str = "invalid_request_error
 
 
 class _Logprobs:
-    """One choice's ``logprobs`` objects, chunk after chunk: the chat or the completions shape."""
+    """A response's ``logprobs`` objects, per choice and chunk after chunk: the chat or the
+    completions shape (whose text offsets carry on from a choice's earlier chunks)."""
 
     def __init__(self, tokenizer: Tokenizer, chat: bool, echo: bool) -> None:
-        self.tokenizer, self.chat = tokenizer, chat
-        self.offsets = TextOffsets(tokenizer, skip_dummy_space=echo)
+        self.tokenizer, self.chat, self.echo = tokenizer, chat, echo
+        self.offsets: dict[int, TextOffsets] = {}
 
-    def __call__(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+    def __call__(self, index: int, entries: list[TokenLogprob]) -> dict[str, Any]:
         if self.chat:
             return {"content": chat_logprobs(entries, self.tokenizer)}
-        return completion_logprobs(entries, self.tokenizer, self.offsets)
+        if index not in self.offsets:
+            self.offsets[index] = TextOffsets(self.tokenizer, skip_dummy_space=self.echo)
+        return completion_logprobs(entries, self.tokenizer, self.offsets[index])
 
 
 def _finish_reason(reason: str | None) -> str | None:
@@ -278,8 +281,7 @@ def create_app(state: ServerState) -> Guard:
         choices) or chat request, whole or streamed."""
         chat = isinstance(body, ChatCompletionRequest)
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        logprobs = ((lambda: _Logprobs(tok, chat, echo is not None))
-                    if body.token_logprobs()[0] is not None else None)
+        logprobs = _Logprobs(tok, chat, echo is not None) if body.token_logprobs()[0] is not None else None
         if body.stream:
             return StreamingResponse(_stream(run, body, ident, logprobs, echo), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -301,7 +303,7 @@ def create_app(state: ServerState) -> Guard:
         for index in sorted(reasons):
             text = (echo[index // body.n] if echo else "") + "".join(texts[index])
             choice: dict[str, Any] = {"index": index,
-                                      "logprobs": logprobs()(entries[index]) if logprobs else None,
+                                      "logprobs": logprobs(index, entries[index]) if logprobs else None,
                                       "finish_reason": _finish_reason(reasons[index])}
             choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
             choices.append(choice)
@@ -309,13 +311,12 @@ def create_app(state: ServerState) -> Guard:
                              "created": int(time.time()), "model": state.model_name,
                              "choices": choices, "usage": run.usage()})
 
-    async def _stream(run: _Run, body: CommonParams, ident: str, logprobs: Callable[[], _Logprobs] | None,
+    async def _stream(run: _Run, body: CommonParams, ident: str, logprobs: _Logprobs | None,
                       echo: list[str] | None) -> AsyncIterator[str]:
         chat = isinstance(body, ChatCompletionRequest)
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
         pending: dict[int, list[TokenLogprob]] = {}  # tokens whose text is still held back
-        formats: dict[int, _Logprobs] = {}
         started: set[int] = set()
 
         def event(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -341,7 +342,7 @@ def create_app(state: ServerState) -> Guard:
                 if not text and reason is None:
                     continue
                 entries = pending.pop(index)
-                lp = formats.setdefault(index, logprobs())(entries) if logprobs is not None else None
+                lp = logprobs(index, entries) if logprobs is not None else None
                 if chat:
                     delta = {"content": text} if text else {}
                     choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
