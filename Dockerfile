@@ -27,8 +27,13 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/weightship \
     PATH=/opt/weightship/bin:$PATH
+# gcc, libc6-dev and python3-dev: Triton compiles its kernel launcher (a C extension) the first
+# time `serve` compiles the decode step; without them torch.compile fails and decoding runs
+# eagerly, several times slower. Its caches go to /cache (the chart's TRITON_CACHE_DIR and
+# TORCHINDUCTOR_CACHE_DIR).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
+       ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/weightship
 COPY --from=build /wheels /wheels

@@ -32,3 +32,14 @@ def test_image_runs_what_the_chart_runs() -> None:
     assert "FROM ${CUDA_BASE}" in DOCKERFILE and "nvidia/cuda:" in DOCKERFILE
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+
+
+def test_image_can_build_what_torch_compile_builds_at_run_time() -> None:
+    """Triton compiles a C launcher at the first compiled decode step: a compiler and Python's
+    headers must be in the image, and its caches on a volume the chart mounts (the root
+    filesystem is read-only)."""
+    install = next(line for line in DOCKERFILE.splitlines() if "apt-get install" in line)
+    assert {"gcc", "libc6-dev", "python3-dev"} <= set(install.split())
+    server = (CHART / "templates" / "_server.tpl").read_text()
+    for var in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        assert re.search(rf"name: {var}\n\s+value: /cache/", server), var
