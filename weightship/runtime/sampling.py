@@ -1,9 +1,10 @@
 """Choosing the next token: greedy, or temperature / top-k / top-p sampling with penalties.
 
 Each request samples with its own ``torch.Generator``, seeded from the request's ``seed`` when
-it has one, so a seeded request draws the same tokens whatever else shares its batch. Draws use
-the exponential-race trick (gpt-fast's ``multinomial_sample_one_no_sync``): ``argmax(p / q)``
-with ``q ~ Exp(1)`` picks index ``i`` with probability ``p_i`` and needs no host round trip.
+it has one, so a seeded request draws the same tokens whatever else shares its batch. Draws are
+inverse-CDF: one uniform number per token from the request's generator, and the first token
+whose cumulative probability reaches it. Every row that samples in a step is processed in the
+same few batched operations (one sort for all the rows' top-k and top-p).
 """
 
 from __future__ import annotations
@@ -75,11 +76,15 @@ def _is_int(v: object) -> bool:
 
 
 class Sampler:
-    """The per-request sampling state: a generator and the counts penalties need."""
+    """The per-request sampling state: a random stream and the counts penalties need.
+
+    The stream is a CPU generator seeded from the request (one uniform number per sampled
+    token), so a seeded request draws the same tokens whatever shares its batch, on any device.
+    """
 
     def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device) -> None:
         self.params = params
-        self.generator = torch.Generator(device=device)
+        self.generator = torch.Generator()
         self.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         self.counts = torch.zeros(vocab_size, device=device) if params.penalized else None
 
@@ -88,27 +93,9 @@ class Sampler:
         if self.counts is not None:
             self.counts[token] += 1
 
-    def draw(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next token (a 0-d tensor on the logits' device) from one row of logits [V]."""
-        p = self.params
-        x = logits.float().clone()  # [V]
-        if self.counts is not None:
-            x -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0).float()
-        if p.temperature == 0.0 or p.top_k == 1:
-            return x.argmax()
-        x /= p.temperature
-        if p.top_k > 0 and p.top_k < x.shape[0]:
-            kth = torch.topk(x, p.top_k).values[-1]
-            x[x < kth] = float("-inf")
-        if p.top_p < 1.0:
-            sorted_x, order = torch.sort(x, descending=True)  # [V] each
-            probs = sorted_x.softmax(-1)
-            drop = probs.cumsum(-1) - probs > p.top_p  # tokens after the nucleus is complete
-            sorted_x[drop] = float("-inf")
-            x = torch.empty_like(x).scatter_(0, order, sorted_x)
-        probs = x.softmax(-1)
-        race = torch.empty_like(probs).exponential_(1.0, generator=self.generator)
-        return (probs / race).argmax()
+    def uniform(self) -> float:
+        """The next number of this request's stream, in (0, 1]."""
+        return 1.0 - float(torch.rand((), generator=self.generator))
 
 
 def sample_rows(logits: torch.Tensor, rows: list[int], samplers: list[Sampler],
@@ -116,19 +103,78 @@ def sample_rows(logits: torch.Tensor, rows: list[int], samplers: list[Sampler],
     """The next token of each row in ``rows`` of ``logits`` [B, V], one host sync in all.
 
     ``greedy`` [B] is ``logits.argmax(-1)`` when the caller has it already (a decode step
-    computes it inside its CUDA graph).
+    computes it inside its CUDA graph). The rows that sample are processed together, a few
+    batched operations for all of them rather than a sequence per row.
     """
     if greedy is None:
         greedy = logits.argmax(-1)  # [B]
     if all(s.params.plain_greedy for s in samplers):  # the common case: no index upload
         best: list[int] = greedy.tolist()
         return [best[r] for r in rows]
-    index = torch.tensor(rows, device=logits.device)
-    chosen = greedy.index_select(0, index)  # [n]: right for the plain greedy rows
-    for i, (row, sampler) in enumerate(zip(rows, samplers, strict=True)):
-        if not sampler.params.plain_greedy:
-            chosen[i] = sampler.draw(logits[row])
+    device = logits.device
+    chosen = greedy.index_select(0, torch.tensor(rows, device=device))  # [n]: right for plain greedy
+    todo = [i for i, s in enumerate(samplers) if not s.params.plain_greedy]
+    x = logits[[rows[i] for i in todo]].float()  # [m, V], a copy
+    for j, i in enumerate(todo):
+        p, counts = samplers[i].params, samplers[i].counts
+        if counts is not None:
+            x[j] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    params = [samplers[i].params for i in todo]
+    drawn = x.argmax(-1)  # [m]: right for greedy rows with penalties
+    sampled = [j for j, p in enumerate(params) if p.temperature > 0.0 and p.top_k != 1]
+    if sampled:
+        uniforms = [samplers[todo[j]].uniform() for j in sampled]
+        drawn[sampled] = _draw(x[sampled], [params[j] for j in sampled], uniforms)
+    chosen[todo] = drawn
     tokens: list[int] = chosen.tolist()
     for token, sampler in zip(tokens, samplers, strict=True):
         sampler.observe(token)
     return tokens
+
+
+# top-p without top-k looks for its nucleus among this many most likely tokens first, which a
+# language model's nucleus nearly always fits in; a row whose nucleus does not is sorted whole.
+_CANDIDATES = 1024
+
+
+def _draw(x: torch.Tensor, params: list[SamplingParams], uniforms: list[float]) -> torch.Tensor:
+    """One token per row of logits ``x`` [m, V] by temperature, top-k and top-p: inverse-CDF
+    sampling with the rows' ``uniforms`` in (0, 1]."""
+    device = x.device
+    temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)  # [m, 1]
+    probs = (x / temperature).softmax(-1)  # [m, V]
+    u = torch.tensor(uniforms, device=device).unsqueeze(1)  # [m, 1]
+    out = torch.empty(len(params), dtype=torch.long, device=device)
+    whole = [j for j, p in enumerate(params) if p.top_k <= 0 and p.top_p >= 1.0]
+    cut = [j for j, p in enumerate(params) if not (p.top_k <= 0 and p.top_p >= 1.0)]
+    if whole:  # the whole vocabulary
+        cdf = probs[whole].cumsum(-1)  # [w, V]
+        out[whole] = torch.searchsorted(cdf, u[whole] * cdf[:, -1:]).squeeze(1).clamp_(max=x.shape[1] - 1)
+    if cut:
+        out[cut] = _truncated(probs[cut], [params[j] for j in cut], u[cut], _CANDIDATES)
+    return out
+
+
+def _truncated(probs: torch.Tensor, params: list[SamplingParams], u: torch.Tensor,
+               candidates: int) -> torch.Tensor:
+    """Top-k, then top-p on what top-k kept (renormalised), then a draw: over the most likely
+    ``candidates`` tokens of each row (or its top_k), a row's nucleus past them again whole."""
+    device, vocab = probs.device, probs.shape[1]
+    k = [p.top_k if p.top_k > 0 else vocab for p in params]
+    width = min(vocab, max(min(ki, candidates) if p.top_k <= 0 else ki for ki, p in zip(k, params, strict=True)))
+    top, order = probs.topk(width, dim=-1)  # [m, W] each, most likely first
+    top = top.masked_fill(torch.arange(width, device=device) >= torch.tensor(k, device=device).unsqueeze(1), 0.0)
+    mass = top.cumsum(-1)  # [m, W]
+    # the mass top-p is a share of: what top-k kept, or the whole distribution (1) without top-k
+    total = torch.where(torch.tensor([p.top_k > 0 for p in params], device=device), mass[:, -1], 1.0)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    # a token stays while the tokens before it hold at most top_p of the mass (the first always)
+    top = top.masked_fill(mass - top > (top_p * total).unsqueeze(1), 0.0)
+    cdf = top.cumsum(-1)
+    out = order.gather(1, torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=width - 1)).squeeze(1)
+    if width < vocab:  # a nucleus that may reach past the candidates: that row again, whole
+        held: list[float] = mass[:, -1].tolist()
+        past = [j for j, p in enumerate(params) if p.top_k <= 0 and held[j] <= p.top_p]
+        if past:
+            out[past] = _truncated(probs[past], [params[j] for j in past], u[past], vocab)
+    return out
