@@ -1,11 +1,16 @@
-"""Loopback helpers shared by the tests and the benchmarks: free ports, waiting for a server."""
+"""Loopback helpers shared by the tests and the benchmarks: free ports, waiting for a server,
+and a relay that counts what a server sends."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import socketserver
 import subprocess
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def free_port() -> int:
@@ -32,3 +37,51 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+class CountingRelay:
+    """A TCP relay on loopback to ``upstream_port`` that counts the bytes the upstream sends
+    back (``received``): a byte counter for a server that keeps none, such as rclone."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.received = 0
+        self._lock = threading.Lock()
+        relay = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                relay._relay(self.request)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port: int = self.server.server_address[1]
+
+    def __enter__(self) -> CountingRelay:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _relay(self, client: socket.socket) -> None:
+        with socket.create_connection(self.upstream) as upstream:
+            back = threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True)
+            back.start()
+            self._pipe(client, upstream, False)
+            back.join()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
+        buf = bytearray(1 << 16)
+        try:
+            while n := src.recv_into(buf):
+                dst.sendall(memoryview(buf)[:n])
+                if count:
+                    with self._lock:
+                        self.received += n
+        except OSError:  # a killed client resets its connection
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)

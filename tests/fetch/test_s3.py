@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import S3Server, assert_clean_failure, run_cli
-from tests.fetch.killing import kill_at_random_points
+from tests.fetch.killing import RESUME_BOUND, kill_at_random_points
+from tests.net import CountingRelay
 from weightship.errors import DigestMismatchError
 from weightship.fetch import build_request, fetch
 from weightship.manifest import Manifest
@@ -35,17 +36,31 @@ def test_push_then_fetch_tiny_then_verify(s3_server: S3Server, tiny_hf_dir: Path
 
 
 def test_big_model_and_kill_9_resume(s3_env: S3Server, big_model_dir: Path, tmp_path: Path) -> None:
+    """Killed 10 times, then resumed: the model arrives whole, and the bytes S3 sent twice stay
+    within the chunks in flight at each kill (counted by a relay in front of rclone)."""
     from weightship.fetch.s3 import push_directory
 
     push_directory(big_model_dir, "s3://models/big")
     total = Manifest.load(big_model_dir).total_bytes
     dest = tmp_path / "m"
-    landed = kill_at_random_points("s3://models/big", dest, total, kills=10, seed=9, env=s3_env.env)
-    r = run_cli("fetch", "s3://models/big", "--to", dest, "--json", env=s3_env.env)
+    port = int(s3_env.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    with CountingRelay(port) as relay:
+        env = {**s3_env.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{relay.port}"}
+        assert run_cli("fetch", "s3://models/big", "--to", tmp_path / "clean", env=env).code == 0
+        overhead = relay.received - total  # one whole fetch's headers, listing and manifest
+        relay.received = 0
+        landed = kill_at_random_points("s3://models/big", dest, total, kills=10, seed=9, env=env)
+        r = run_cli("fetch", "s3://models/big", "--to", dest, "--json", env=env)
+        served = relay.received
     assert r.code == 0, r.stderr
     assert landed >= 5
     assert run_cli("verify", dest).code == 0
     _same_files(big_model_dir, dest)
+    again = served - total - (landed + 1) * overhead
+    print(f"s3: {landed} kills mid-download, {served - total:,} bytes sent twice or as overhead "
+          f"({overhead:,} per fetch), bound {landed * RESUME_BOUND:,}")
+    assert 0 < overhead < 1 << 20
+    assert again <= landed * RESUME_BOUND, (served - total, overhead, landed)
     # a fresh fetch in-process moves every byte once
     result = fetch(build_request("s3://models/big", options={"chunk_size": 8 << 20}), tmp_path / "n")
     assert result.downloaded_bytes == total
