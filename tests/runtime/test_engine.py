@@ -360,3 +360,53 @@ def test_logprobs_in_a_mixed_batch_are_each_rows_own(engine: Engine, hf_model: t
         assert all(len(e.top) == params.logprobs for e in entries)
         for i, e in enumerate(entries):
             assert e.logprob is not None and abs(e.logprob - ref[len(prompt) - 1 + i, e.token].item()) < 1e-4
+
+
+def test_a_chats_next_turn_prefills_only_what_is_new(engine: Engine, tiny_model: Transformer,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt that starts with a finished sequence's tokens (the next turn of a chat) goes to
+    that sequence's slot and prefills only the rest, while another request decodes beside it
+    (its slot an idle row meanwhile); a prompt that differs early, or follows a sequence that
+    outgrew the rolling buffer, starts afresh. Every answer is the one a fresh engine gives."""
+    calls: list[tuple[int, int]] = []  # (start, tokens) of each prefill
+    real_packed, real_chunk = engine.model.prefill_packed, engine.model.prefill
+
+    def packed(prompts: list[torch.Tensor], *args: object, **kw: object) -> torch.Tensor:
+        calls.extend((0, len(p)) for p in prompts)
+        return real_packed(prompts, *args, **kw)  # type: ignore[arg-type]
+
+    def chunk(tokens: torch.Tensor, start: int, *args: object, **kw: object) -> torch.Tensor:
+        calls.append((start, len(tokens)))
+        return real_chunk(tokens, start, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.model, "prefill_packed", packed)
+    monkeypatch.setattr(engine.model, "prefill", chunk)
+    fresh = Engine(tiny_model, None, EngineConfig(prefill_chunk=24))
+
+    col = Collector()
+    first = _prompt(10, seed=70)
+    a = engine.submit(first, greedy(8), col.sink)
+    engine.submit(_prompt(7, seed=71), greedy(40), col.sink)  # keeps decoding in the next slot
+    while a not in col.finished:
+        engine.step()
+    for _ in range(3):  # decode steps with a's slot an idle row
+        engine.step()
+    turn = first + col.tokens(a) + _prompt(5, seed=72)[1:]  # 22 tokens; the slot holds 10 + 7
+    calls.clear()
+    b = engine.submit(turn, greedy(6), col.sink)
+    while b not in col.finished:
+        engine.step()
+    assert calls == [(17, 5)]
+    assert col.tokens(b) == fresh.generate(turn, greedy(6)).token_ids
+
+    other = turn[:5] + [(t + 1) % 32000 for t in turn[5:]]  # the same first 5 tokens only
+    calls.clear()
+    assert engine.generate(other, greedy(4)).token_ids == fresh.generate(other, greedy(4)).token_ids
+    assert calls[0] == (0, len(other))
+
+    _run_until_idle(engine)
+    long = engine.generate(_prompt(20, seed=73), greedy(20))  # 39 tokens fed: past the 32 entries
+    again = _prompt(20, seed=73) + long.token_ids[:3]
+    calls.clear()
+    assert engine.generate(again, greedy(4)).token_ids == fresh.generate(again, greedy(4)).token_ids
+    assert calls[0] == (0, len(again))

@@ -2,7 +2,8 @@
 
 One thread owns the model. Each :meth:`Engine.step`:
 1. applies cancellations (a cancelled request's slot is free for the next admission);
-2. admits waiting requests into free KV-cache slots;
+2. admits waiting requests into free KV-cache slots: into the slot whose last sequence began
+   with the same tokens (a chat's next turn), which then prefills only the rest;
 3. prefills up to ``prefill_chunk`` prompt tokens of newcomers, oldest first: the prompts that
    fit whole in one forward pass together, a longer one a chunk at a time (it takes several
    steps, so running requests keep decoding meanwhile); samples their first tokens;
@@ -36,6 +37,8 @@ from weightship.runtime.sampling import Sampler, SamplingParams, sample_rows
 from weightship.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
+
+_MIN_REUSE = 16  # prompt tokens a slot must hold already to be chosen for them (see Engine._place)
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,9 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._cancelled: set[str] = set()
         self._slots: list[Request | None] = [None] * self.args.max_batch
+        # Per free slot, the tokens whose keys it still holds at positions 0.. (None: unknown):
+        # a newcomer whose prompt starts with them is admitted there and prefills only the rest.
+        self._resident: list[list[int] | None] = [None] * self.args.max_batch
         self._seq = itertools.count()
         self._accepting = True
         self._stopping = False
@@ -272,11 +278,12 @@ class Engine:
             cancelled, self._cancelled = self._cancelled, set()
             dropped = [r for r in self._waiting if r.id in cancelled]
             self._waiting = deque(r for r in self._waiting if r.id not in cancelled)
-            for slot, occupant in enumerate(self._slots):
-                if occupant is None and self._waiting:
-                    req = self._waiting.popleft()
-                    req.slot = slot
-                    self._slots[slot] = req
+            free = [slot for slot, occupant in enumerate(self._slots) if occupant is None]
+            while free and self._waiting:
+                req = self._waiting.popleft()
+                req.slot, req.prefilled = self._place(req, free)
+                free.remove(req.slot)
+                self._slots[req.slot] = req
         for r in dropped:
             self._emit(r, Output(r.id, "", [], True, "cancelled", len(r.prompt), 0))
         for running in self._slots:
@@ -284,6 +291,25 @@ class Engine:
                 self._finish(running, "cancelled", "")
         did = self._prefill()
         return self._decode() or did or bool(dropped or cancelled)
+
+    def _place(self, req: Request, free: list[int]) -> tuple[int, int]:
+        """The free slot for ``req``, and how many of its prompt tokens that slot holds already:
+        the slot whose last sequence shares the longest prefix with the prompt (a chat's next
+        turn, a shared system prompt), if it is at least ``_MIN_REUSE`` tokens; else the lowest
+        free slot, for a fresh start.
+
+        At least one prompt token is always prefilled (its logits choose the first new token), and
+        a request that scores its prompt (``echo``) prefills all of it.
+        """
+        best, common = free[0], 0
+        if req.params.prompt_logprobs is None:
+            for slot in free:
+                held = self._resident[slot] or []
+                n = next((i for i, (a, b) in enumerate(zip(held, req.prompt[:-1], strict=False)) if a != b),
+                         min(len(held), len(req.prompt) - 1))
+                if n > common:
+                    best, common = slot, n
+        return (best, common) if common >= _MIN_REUSE else (free[0], 0)
 
     def _prefill(self) -> bool:
         """Spend this step's prompt budget on the newcomers, oldest first: prompts that fit
@@ -385,8 +411,9 @@ class Engine:
         tokens, positions = [0] * n, [0] * n
         for slot in range(n):
             occupant = self._slots[slot]
-            if occupant is None:
-                continue  # a free slot: position 0 is reset before the slot is reused
+            if occupant is None:  # a free slot: write only entry C - 1, which no resident prefix
+                positions[slot] = -1  # holds (and see no key, so the row's output is garbage)
+                continue
             if occupant.decoding:
                 tokens[slot] = occupant.output[-1]
                 positions[slot] = len(occupant.prompt) + len(occupant.output) - 1
@@ -454,6 +481,10 @@ class Engine:
         r.finished = True
         if 0 <= r.slot < len(self._slots) and self._slots[r.slot] is r:
             self._slots[r.slot] = None
+            # keys are in the cache for every token fed: the prompt so far, the output but its last
+            kept = r.prompt[: r.prefilled] + (r.output[:-1] if r.prefilled == len(r.prompt) else [])
+            # within entries 0 .. C - 2: not wrapped, and clear of the idle rows' entry C - 1
+            self._resident[r.slot] = kept if reason != "error" and len(kept) < self.cache.cache_len else None
         self._emit(r, Output(r.id, text, tokens or [], True, reason, len(r.prompt), len(r.output),
                              **logprobs))
 
