@@ -35,9 +35,10 @@ import torch
 
 from weightship.catalog.architecture import Architecture
 from weightship.runtime.args import ModelArgs
-from weightship.runtime.engine import Engine, EngineConfig, Output
+from weightship.runtime.engine import Engine, EngineConfig
 from weightship.runtime.loader import build_model
 from weightship.runtime.model import Transformer
+from weightship.runtime.request import Output
 from weightship.runtime.sampling import SamplingParams
 
 MISTRAL_7B = Architecture(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32,

@@ -11,8 +11,9 @@ import torch
 
 from tests.runtime.conftest import hf_logprobs
 from weightship.errors import EngineOverloadedError, EngineStoppedError, InvalidRequestError
-from weightship.runtime.engine import Engine, EngineConfig, Output
+from weightship.runtime.engine import Engine, EngineConfig
 from weightship.runtime.model import Transformer
+from weightship.runtime.request import Output
 from weightship.runtime.sampling import SamplingParams
 from weightship.runtime.tokenizer import Tokenizer
 

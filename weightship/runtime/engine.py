@@ -23,8 +23,8 @@ import queue
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +33,7 @@ from weightship.runtime.cache import KVCache
 from weightship.runtime.decoding import DecodeRunner
 from weightship.runtime.logprobs import TokenLogprob, log_probs, pick
 from weightship.runtime.model import Transformer
+from weightship.runtime.request import Completion, Output, Request, Sink
 from weightship.runtime.sampling import Sampler, SamplingParams, sample_rows
 from weightship.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -66,65 +67,12 @@ class EngineConfig:
 
 
 @dataclass
-class Output:
-    """What one step produced for one request."""
-
-    request_id: str
-    text: str  # new text (may be "" while a character or a possible stop string is held back)
-    token_ids: list[int]
-    finished: bool = False
-    finish_reason: str | None = None  # stop | length | cancelled | error
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked for them
-    prompt_logprobs: list[TokenLogprob] | None = None  # of the prompt, with its first token
-
-
-Sink = Callable[[Output], None]
-
-
-@dataclass
-class Request:
-    """A request's state while the engine holds it."""
-
-    id: str
-    prompt: list[int]
-    params: SamplingParams
-    sink: Sink
-    decoder: IncrementalDecoder | None
-    seq: int  # admission order
-    slot: int = -1
-    prefilled: int = 0  # prompt tokens in the cache
-    output: list[int] = field(default_factory=list)
-    pending_text: str = ""  # held back: it may be the start of a stop string
-    sampler: Sampler | None = None
-    finished: bool = False
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # while prefilling (echo)
-
-    @property
-    def decoding(self) -> bool:
-        return not self.finished and bool(self.output)
-
-
-@dataclass
 class _Ahead:
     """A decode step launched before the engine knew the tokens it is fed (see ``lookahead``)."""
 
     ids: list[str]  # the requests of rows 0..n-1 it advances, one token past the step before
     logits: torch.Tensor  # [n, V]
     greedy: torch.Tensor  # [n]
-
-
-@dataclass(frozen=True)
-class Completion:
-    """The whole result of :meth:`Engine.generate`."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -453,7 +401,7 @@ class Engine:
             reason = "length"
         if reason is not None and r.decoder is not None:
             text += r.decoder.flush()
-        text, hit = self._cut_at_stop(r, text, final=reason is not None)
+        text, hit = r.release(text, final=reason is not None)
         if hit:
             reason = "stop"
         if reason is not None:
@@ -461,28 +409,12 @@ class Engine:
         else:
             self._emit(r, Output(r.id, text, [token], False, None, len(r.prompt), len(r.output), **extra))
 
-    def _cut_at_stop(self, r: Request, text: str, final: bool) -> tuple[str, bool]:
-        """Text that can be released now, and whether a stop string was found."""
-        stops = r.params.stop
-        if not stops:
-            return text, False
-        buf = r.pending_text + text
-        hits = [i for i in (buf.find(s) for s in stops) if i >= 0]
-        if hits:
-            r.pending_text = ""
-            return buf[: min(hits)], True
-        hold = 0 if final else max(
-            (k for s in stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
-        r.pending_text = buf[len(buf) - hold :]
-        return buf[: len(buf) - hold], False
-
     def _finish(self, r: Request, reason: str, text: str, tokens: list[int] | None = None,
                 **logprobs: list[TokenLogprob] | None) -> None:
         r.finished = True
         if 0 <= r.slot < len(self._slots) and self._slots[r.slot] is r:
             self._slots[r.slot] = None
-            # keys are in the cache for every token fed: the prompt so far, the output but its last
-            kept = r.prompt[: r.prefilled] + (r.output[:-1] if r.prefilled == len(r.prompt) else [])
+            kept = r.cached_tokens()
             # within entries 0 .. C - 2: not wrapped, and clear of the idle rows' entry C - 1
             self._resident[r.slot] = kept if reason != "error" and len(kept) < self.cache.cache_len else None
         self._emit(r, Output(r.id, text, tokens or [], True, reason, len(r.prompt), len(r.output),

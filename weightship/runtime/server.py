@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from weightship.errors import EngineOverloadedError, EngineStoppedError, InvalidRequestError
-from weightship.runtime.engine import Engine, Output
+from weightship.runtime.engine import Engine
 from weightship.runtime.logprobs import TextOffsets, TokenLogprob, chat_logprobs, completion_logprobs
 from weightship.runtime.metrics import Metrics
 from weightship.runtime.middleware import Guard, Limits
@@ -41,6 +41,7 @@ from weightship.runtime.protocol import (
     CompletionRequest,
     error_body,
 )
+from weightship.runtime.request import Output
 from weightship.runtime.sampling import SamplingParams
 from weightship.runtime.tokenizer import Tokenizer
 
