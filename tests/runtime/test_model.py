@@ -99,6 +99,29 @@ def test_packed_prefill_equals_one_prompt_at_a_time(tiny_model: Transformer) -> 
     assert (steps[0] - steps[1]).abs().max().item() < TOL
 
 
+def test_an_idle_row_writes_no_nan_even_where_attention_to_nothing_is_nan(
+        tiny_model: Transformer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle decode rows (position -1) with an attention that, like some GPU kernels, is NaN for a
+    row that sees no key: their keys stay finite, so no later reader of the entry is poisoned."""
+
+    def naive_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
+                   enable_gqa: bool = False) -> torch.Tensor:
+        if enable_gqa:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + attn_mask
+        return scores.softmax(-1) @ v  # all -inf: NaN
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", naive_sdpa)
+    cache = KVCache(tiny_model.args, "cpu", torch.float32)
+    prompt = _tokens(1, 12, seed=8)[0]
+    tiny_model.prefill(prompt, 0, 1, cache)
+    for step in range(3):  # rows 0 and 2 idle, row 1 decoding
+        toks, pos = torch.tensor([0, 7, 0]), torch.tensor([-1, 12 + step, -1])
+        logits = tiny_model.decode(toks, pos, cache, kv_len=cache.cache_len)
+        assert logits[1].isfinite().all()
+    assert all(t.isfinite().all() for t in (*cache.k, *cache.v))
+
+
 def test_greedy_32_tokens_identical_to_transformers(tiny_model: Transformer, hf_model: torch.nn.Module,
                                                     engine: object) -> None:
     from weightship.runtime.engine import Engine

@@ -25,10 +25,14 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.
     result is a bool tensor [..., T, K]. A key at ``kp`` is visible from ``qp`` iff
     ``qp - window < kp <= qp``: the query and the ``window - 1`` positions before it, exactly
     transformers' ``sliding_window_overlay`` (``kv_idx > q_idx - sliding_window``).
+
+    An idle decode row (query position -1) sees every entry instead. Its output is garbage either
+    way, but a row that sees nothing is NaN in some attention kernels, and the NaN keys it wrote
+    would poison every row that reads that entry later, masked or not.
     """
     q = q_pos.unsqueeze(-1)  # [..., T, 1]
     k = k_pos.unsqueeze(-2)  # [..., 1, K]
-    return (k >= 0) & (k <= q) & (k > q - window)
+    return ((k >= 0) & (k <= q) & (k > q - window)) | (q < 0)
 
 
 def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
