@@ -336,12 +336,13 @@ def test_warm_up_compiles_every_decode_shape_before_the_first_request(tiny_model
 def test_logprobs_in_a_mixed_batch_are_each_rows_own(engine: Engine, hf_model: torch.nn.Module) -> None:
     """Rows that want log-probabilities (greedy, and sampled: the model's own, before the
     temperature) share decode steps with a row that does not; each gets its own tokens'. The
-    first two prompts are prefilled packed together, the first scoring its prompt (echo)."""
+    first two prompts (9 + 14 tokens of a 24-token budget) are prefilled packed together, only
+    the first scoring its prompt (echo); the third goes in chunks."""
     specs = [(_prompt(9, seed=41), SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2,
                                                   prompt_logprobs=1)),
-             (_prompt(30, seed=42), SamplingParams(max_tokens=25, temperature=0.8, seed=5, ignore_eos=True,
+             (_prompt(14, seed=43), SamplingParams(max_tokens=25, temperature=0.8, seed=5, ignore_eos=True,
                                                    logprobs=0)),
-             (_prompt(14, seed=43), greedy(22))]
+             (_prompt(30, seed=42), greedy(22))]
     col = Collector()
     ids = [engine.submit(p, params, col.sink) for p, params in specs]
     _run_until_idle(engine)

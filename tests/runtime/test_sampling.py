@@ -22,7 +22,7 @@ def _expected(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.top_k > 0:
         sorted_p[p.top_k :] = 0.0
     sorted_p /= sorted_p.sum()
-    sorted_p[sorted_p.cumsum(-1) - sorted_p > p.top_p] = 0.0
+    sorted_p[sorted_p.cumsum(-1) - sorted_p >= p.top_p] = 0.0  # the smallest set holding top_p
     return torch.zeros_like(probs).scatter_(0, order, sorted_p / sorted_p.sum())
 
 
@@ -53,6 +53,14 @@ def test_draws_follow_temperature_top_k_and_top_p(monkeypatch: pytest.MonkeyPatc
         want = _expected(LOGITS, p)
         assert (got - want).abs().max().item() < 0.015, (p, got[:8], want[:8])
         assert got[want == 0].sum().item() == 0.0  # nothing outside top-k and the nucleus, ever
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it() -> None:
+    """Two tokens of probability 0.5 each and top_p 0.5: the first alone holds 0.5, so only the
+    first is ever drawn (both, if the cut came one token late)."""
+    logits = torch.tensor([0.0, 0.0, -50.0])
+    samplers = [Sampler(SamplingParams(top_p=0.5, seed=i), 3, torch.device("cpu")) for i in range(200)]
+    assert len(set(sample_rows(logits.expand(200, -1), list(range(200)), samplers))) == 1
 
 
 def test_a_penalty_moves_the_greedy_choice_of_its_row_only() -> None:

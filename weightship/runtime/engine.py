@@ -244,7 +244,7 @@ class Engine:
         """The free slot for ``req``, and how many of its prompt tokens that slot holds already:
         the slot whose last sequence shares the longest prefix with the prompt (a chat's next
         turn, a shared system prompt), if it is at least ``_MIN_REUSE`` tokens; else the lowest
-        free slot, for a fresh start.
+        free slot, for a fresh start (low slots keep the decode batch, rows ``0..n-1``, short).
 
         At least one prompt token is always prefilled (its logits choose the first new token), and
         a request that scores its prompt (``echo``) prefills all of it.
@@ -284,7 +284,8 @@ class Engine:
             if echo:  # [N, V] packed: split per prompt, keep each one's last position
                 parts = logits.split([len(r.prompt) for r in whole])
                 for r, part in zip(whole, parts, strict=True):
-                    self._score_prompt(r, part)
+                    if r.params.prompt_logprobs is not None:
+                        self._score_prompt(r, part)
                 logits = torch.stack([part[-1] for part in parts])  # [S, V]
             for r in whole:
                 r.prefilled = len(r.prompt)

@@ -168,13 +168,14 @@ def _truncated(probs: torch.Tensor, params: list[SamplingParams], u: torch.Tenso
     # the mass top-p is a share of: what top-k kept, or the whole distribution (1) without top-k
     total = torch.where(torch.tensor([p.top_k > 0 for p in params], device=device), mass[:, -1], 1.0)
     top_p = torch.tensor([p.top_p for p in params], device=device)
-    # a token stays while the tokens before it hold at most top_p of the mass (the first always)
-    top = top.masked_fill(mass - top > (top_p * total).unsqueeze(1), 0.0)
+    # the smallest set holding top_p of the mass: a token stays while the tokens before it hold
+    # less (the first always)
+    top = top.masked_fill(mass - top >= (top_p * total).unsqueeze(1), 0.0)
     cdf = top.cumsum(-1)
     out = order.gather(1, torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=width - 1)).squeeze(1)
     if width < vocab:  # a nucleus that may reach past the candidates: that row again, whole
         held: list[float] = mass[:, -1].tolist()
-        past = [j for j, p in enumerate(params) if p.top_k <= 0 and held[j] <= p.top_p]
+        past = [j for j, p in enumerate(params) if p.top_k <= 0 and held[j] < p.top_p]
         if past:
             out[past] = _truncated(probs[past], [params[j] for j in past], u[past], vocab)
     return out
