@@ -10,8 +10,7 @@ CUDA (``--cuda``): a model of Mistral 7B's exact shape with random bf16 weights 
 ``HBM bandwidth / weight bytes`` tokens/s. Reports single-stream decode tokens/s as a share of
 that bound (with the bandwidth measured here by a device copy, and the data-sheet figure), and
 tokens/s at 32 streams, for each decode path named by ``--paths`` (default: the engine's
-compiled step with SDPA decode attention, and with flex_attention's split-KV decoding kernel),
-in one run on one machine, with how far their logits and greedy tokens agree.
+compiled step), in one run on one machine, with how far their logits and greedy tokens agree.
 ``--cuda --dry-run`` runs the same code on CPU with a small shape.
 
 Every figure is the median of ``--runs`` runs after a warm-up. Usage::
@@ -239,8 +238,7 @@ def measure_path(engine: Engine, batch: list[list[int]], new: int, runs: int,
         many.append(run_engine(engine, batch, new, together=True, sync=sync))
         graph_only.append(replay_rate(engine, steps=128, sync=sync))
     runner = engine.runner
-    note = ("eager" if runner._compiled is None
-            else f"compiled, {'flex_attention' if runner.flex_attention else 'SDPA'} decode attention")
+    note = "compiled" if runner._compiled is not None else "eager"
     # decode-only rate of the single stream: exclude the prefill and first token
     r = PathResult(single=median([(o.tokens - 1) / (o.seconds - o.ttft) for o in one]),
                    ttft_ms=median([o.ttft for o in one]) * 1e3,
@@ -267,7 +265,6 @@ def step_logits(engine: Engine, prompt: list[int]) -> torch.Tensor:
 # graphs, steps launched ahead while greedy.
 PATHS = {
     "step": ("compiled step (default)", dict(compile_step=True, lookahead=True)),
-    "flex": ("compiled step, flex attention", dict(compile_step=True, lookahead=True, flex_attention=True)),
     "no-lookahead": ("compiled step, no lookahead", dict(compile_step=True, lookahead=False)),
     "elementwise": ("elementwise compile, no lookahead", dict(compile_step=False, lookahead=False)),
 }
@@ -378,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--streams", type=int, default=None)
-    ap.add_argument("--paths", default="step,flex",
+    ap.add_argument("--paths", default="step",
                     help=f"with --cuda: the decode paths to measure, in order, of {','.join(PATHS)}")
     ap.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
                     help="with --cuda: also the uncompiled reference rows")

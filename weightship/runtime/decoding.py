@@ -13,9 +13,7 @@ captured: a graph removes the launch cost of each kernel but not the kernel itse
 compiled step fuses the mask, rotary, cache writes, residual adds and norms of a layer into a
 few kernels around its matrix products. It is compiled with dynamic shapes, so one compilation
 serves every bucket (batch 1 gets its own, as torch specialises sizes of 1), and it falls back
-to the eager step, for good, if compilation fails. Decode attention may be flex_attention
-(``flex_attention=True``) instead of SDPA: inductor's split-KV decoding kernel, for GPUs that
-SDPA's one-block-per-head kernels leave mostly idle at small batches.
+to the eager step, for good, if compilation fails.
 """
 
 from __future__ import annotations
@@ -67,14 +65,14 @@ class DecodeRunner:
     """Runs :meth:`Transformer.decode` for rows ``0..n-1``, with CUDA graphs where it can."""
 
     def __init__(self, model: Transformer, cache: KVCache, use_graphs: bool | None = None,
-                 compile_step: bool | None = None, flex_attention: bool = False) -> None:
+                 compile_step: bool | None = None) -> None:
         self.model, self.cache = model, cache
         self.device = model.device
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self.compile_step = self.use_graphs if compile_step is None else compile_step
-        self.flex_attention = flex_attention  # in the compiled step only; eagerly SDPA
         # This runner's compiled step (None: eager), kept here rather than rebinding a global.
-        self._compiled: Step | None = self._compile() if self.compile_step else None
+        self._compiled: Step | None = (torch.compile(self._step, fullgraph=True, dynamic=True)
+                                       if self.compile_step else None)
         max_batch = cache.args.max_batch
         self.batch_buckets = _buckets(max_batch, 1)
         self.kv_buckets = _buckets(cache.cache_len, min(_MIN_KV_BUCKET, cache.cache_len))
@@ -90,29 +88,19 @@ class DecodeRunner:
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor,
               kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The step itself: logits [B, V] (float32) and their argmax [B] (greedy tokens)."""
-        flex = self.flex_attention and torch.compiler.is_compiling()
-        logits = self.model.decode(tokens, positions, self.cache, kv_len, flex)  # [B, V]
+        logits = self.model.decode(tokens, positions, self.cache, kv_len)  # [B, V]
         return logits, logits.argmax(-1)  # [B, V], [B]
-
-    def _compile(self) -> Step:
-        return torch.compile(self._step, fullgraph=True, dynamic=True)
 
     def _run_step(self, tokens: torch.Tensor, positions: torch.Tensor,
                   kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`_step`, compiled where it can be: with flex_attention, else SDPA, else eagerly."""
-        while self._compiled is not None:
+        """:meth:`_step`, compiled where it can be."""
+        if self._compiled is not None:
             try:
                 return self._compiled(tokens, positions, kv_len)
             except Exception as e:  # compilation problems surface at the first call of a shape
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                if self.flex_attention:
-                    log.warning("torch.compile of the decode step with flex_attention failed, "
-                                "compiling it with SDPA: %s", first)
-                    self.flex_attention = False
-                    self._compiled = self._compile()
-                else:
-                    log.warning("torch.compile of the decode step failed, running it eagerly: %s", first)
-                    self._compiled = None
+                log.warning("torch.compile of the decode step failed, running it eagerly: %s",
+                            str(e).splitlines()[0] if str(e) else type(e).__name__)
+                self._compiled = None
         return self._step(tokens, positions, kv_len)
 
     def kv_needed(self, positions: list[int]) -> int:

@@ -59,9 +59,6 @@ class EngineConfig:
     # one's tokens (fed back on the device), so the GPU never waits for the engine's Python.
     # A request that stops at </s> or a stop string costs one discarded step. None = with graphs.
     lookahead: bool | None = None
-    # In the compiled step, decode attention by flex_attention (inductor's split-KV decoding
-    # kernel) instead of SDPA, whose kernels leave most of a GPU idle at small batches.
-    flex_attention: bool = False
     # Cache slots (the running batch's limit); None = the model's ModelArgs.max_batch.
     max_batch: int | None = None
 
@@ -92,8 +89,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.args = dataclasses.replace(model.args, max_batch=self.config.max_batch or model.args.max_batch)
         self.cache = KVCache(self.args, model.device, model.dtype)
-        self.runner = DecodeRunner(model, self.cache, self.config.use_graphs, self.config.compile_step,
-                                   self.config.flex_attention)
+        self.runner = DecodeRunner(model, self.cache, self.config.use_graphs, self.config.compile_step)
         self.lookahead = self.runner.use_graphs if self.config.lookahead is None else self.config.lookahead
         self._ahead: _Ahead | None = None
         self._cond = threading.Condition()

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import flex_attention
 
 from weightship.runtime.args import ModelArgs
 from weightship.runtime.pointwise import Pointwise
@@ -61,9 +60,6 @@ class AttentionInputs:
     slot: int | None = None  # prefill with_cache: the slot whose cache is read
     with_cache: bool = False  # prefill: earlier chunks of this sequence are in the cache
     kv_len: int = 0  # decode: cache entries read per row
-    # decode: attend with flex_attention rather than SDPA. Only inside a compiled step, where
-    # inductor lowers it to its split-KV decoding kernel (eagerly it is an unfused reference).
-    flex: bool = False
 
 
 class RMSNorm(nn.Module):
@@ -138,11 +134,9 @@ class Attention(nn.Module):
         v_cache[inp.rows, :, inp.write_idx] = v[:, 0]
         # The G = H/Hkv query heads sharing a key/value head are G queries of that head with
         # the same mask: attention over the cache with no repeated (copied) keys.
+        qg = q.view(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
         keys = k_cache[:B, :, : inp.kv_len]  # [B, Hkv, L, D], a view
         values = v_cache[:B, :, : inp.kv_len]  # [B, Hkv, L, D]
-        if inp.flex:
-            return _flex_decode(q, keys, values, inp.mask).reshape(B, 1, H * D)
-        qg = q.view(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=inp.mask)  # [B, Hkv, G, D]
         return out.reshape(B, 1, H * D)
 
@@ -162,26 +156,6 @@ class Attention(nn.Module):
         k_cache[inp.rows, :, inp.write_idx] = k[0, inp.src]  # [n, Hkv, D]
         v_cache[inp.rows, :, inp.write_idx] = v[0, inp.src]
         return out.transpose(1, 2).reshape(1, T, H * D)
-
-
-def _flex_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                 bias: torch.Tensor) -> torch.Tensor:
-    """Decode attention by ``flex_attention``: ``q`` [B, 1, H, D] over ``keys``/``values``
-    [B, Hkv, L, D] with the additive ``bias`` [B, 1, 1, L] → [B, H, 1, D].
-
-    SDPA's kernels give each (row, key/value head) one thread block that walks all L keys: at
-    batch 1 that is 8 blocks on a GPU of 100+ SMs. Compiled, flex_attention becomes inductor's
-    flash-decoding kernel (Dao et al., 2023), which also splits the keys across blocks and
-    merges the partial softmaxes after. GQA as in SDPA: query head h reads key/value head h // G.
-    """
-
-    def add_bias(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
-                 kv_idx: torch.Tensor) -> torch.Tensor:
-        return score + bias[b, 0, 0, kv_idx]
-
-    out = flex_attention(q.transpose(1, 2), keys, values, score_mod=add_bias, enable_gqa=True)
-    assert isinstance(out, torch.Tensor)
-    return out
 
 
 class FeedForward(nn.Module):

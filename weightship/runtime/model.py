@@ -152,13 +152,12 @@ class Transformer(nn.Module):
         return self.output(h if all_logits else h[ends - 1]).float()
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-               kv_len: int, flex: bool = False) -> torch.Tensor:
+               kv_len: int) -> torch.Tensor:
         """One token for each of rows ``0..B-1`` (slot = row): float32 logits [B, vocab].
 
         ``tokens`` and ``positions`` are [B]; ``kv_len`` cache entries are read per row, which
         must cover every filled entry of those slots (``cache_len`` once any has wrapped).
-        Rows whose slot is idle compute garbage that touches only their own slot. ``flex``:
-        attention by flex_attention, for a compiled step (see :class:`AttentionInputs`).
+        Rows whose slot is idle compute garbage that touches only their own slot.
         """
         (B,) = tokens.shape
         rows = torch.arange(B, device=tokens.device)
@@ -169,6 +168,6 @@ class Transformer(nn.Module):
         inp = AttentionInputs(cos=self.rope_cos[positions].unsqueeze(1),
                               sin=self.rope_sin[positions].unsqueeze(1),
                               mask=mask_bias(mask, self.dtype).unsqueeze(1), write_idx=write_idx,
-                              kv_len=kv_len, rows=rows, flex=flex)
+                              kv_len=kv_len, rows=rows)
         h = self._run(tokens.unsqueeze(1), inp, cache)  # [B, 1, dim]
         return self.output(h[:, 0]).float()
