@@ -313,9 +313,9 @@ class Engine:
         samplers = [Sampler(r.params, self.args.arch.vocab_size, self.model.device) for r in reqs]
         for r, sampler in zip(reqs, samplers, strict=True):
             r.sampler = sampler
-        scored = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
-        lp = log_probs(logits[scored]) if scored else None
-        self._accept_all(reqs, sample_rows(logits, list(range(len(reqs))), samplers), scored, lp)
+        rows = list(range(len(reqs)))
+        scored, lp = self._logprob_rows(reqs, logits, rows)
+        self._accept_all(reqs, sample_rows(logits, rows, samplers), scored, lp)
 
     def _decode(self) -> bool:
         active = [r for r in self._slots if r is not None and r.decoding]
@@ -329,9 +329,8 @@ class Engine:
             logits, greedy = self.runner(*self._step_inputs(n))  # [n, V], [n]
         samplers = [r.sampler for r in active]
         assert all(s is not None for s in samplers), [r.id for r in active]
-        scored = [i for i, r in enumerate(active) if r.params.logprobs is not None]
         # before a step is launched ahead: it overwrites the logits (its CUDA graph's output)
-        lp = log_probs(logits[[active[i].slot for i in scored]]) if scored else None  # [len(scored), V]
+        scored, lp = self._logprob_rows(active, logits, [r.slot for r in active])
         if self._can_launch_ahead(active, n):
             new, (next_logits, next_greedy) = self.runner.launch_next(greedy)
             self._ahead = _Ahead([r.id for r in active], next_logits, next_greedy)
@@ -339,6 +338,14 @@ class Engine:
             new = sample_rows(logits, [r.slot for r in active], samplers, greedy)  # type: ignore[arg-type]
         self._accept_all(active, new, scored, lp)
         return True
+
+    @staticmethod
+    def _logprob_rows(reqs: list[Request], logits: torch.Tensor,
+                      rows: list[int]) -> tuple[list[int], torch.Tensor | None]:
+        """Which of ``reqs`` (logits row ``rows[i]`` each) asked for log-probabilities, and theirs
+        [len(scored), V]: a copy, taken now."""
+        scored = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        return scored, log_probs(logits[[rows[i] for i in scored]]) if scored else None
 
     def _accept_all(self, reqs: list[Request], tokens: list[int], scored: list[int],
                     lp: torch.Tensor | None) -> None:

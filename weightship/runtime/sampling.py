@@ -66,9 +66,19 @@ class SamplingParams:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
+    def greedy(self) -> bool:
+        """The most likely token, after the penalties: nothing drawn."""
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
     def plain_greedy(self) -> bool:
         """Argmax of the raw logits: batched with every other such row, no per-row work."""
-        return (self.temperature == 0.0 or self.top_k == 1) and not self.penalized
+        return self.greedy and not self.penalized
+
+    @property
+    def truncated(self) -> bool:
+        """Whether top-k or top-p leaves tokens out of the draw."""
+        return self.top_k > 0 or self.top_p < 1.0
 
 
 def _is_int(v: object) -> bool:
@@ -121,7 +131,7 @@ def sample_rows(logits: torch.Tensor, rows: list[int], samplers: list[Sampler],
             x[j] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
     params = [samplers[i].params for i in todo]
     drawn = x.argmax(-1)  # [m]: right for greedy rows with penalties
-    sampled = [j for j, p in enumerate(params) if p.temperature > 0.0 and p.top_k != 1]
+    sampled = [j for j, p in enumerate(params) if not p.greedy]
     if sampled:
         uniforms = [samplers[todo[j]].uniform() for j in sampled]
         drawn[sampled] = _draw(x[sampled], [params[j] for j in sampled], uniforms)
@@ -145,14 +155,21 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], uniforms: list[float]) 
     probs = (x / temperature).softmax(-1)  # [m, V]
     u = torch.tensor(uniforms, device=device).unsqueeze(1)  # [m, 1]
     out = torch.empty(len(params), dtype=torch.long, device=device)
-    whole = [j for j, p in enumerate(params) if p.top_k <= 0 and p.top_p >= 1.0]
-    cut = [j for j, p in enumerate(params) if not (p.top_k <= 0 and p.top_p >= 1.0)]
+    whole = [j for j, p in enumerate(params) if not p.truncated]
+    cut = [j for j, p in enumerate(params) if p.truncated]
     if whole:  # the whole vocabulary
-        cdf = probs[whole].cumsum(-1)  # [w, V]
-        out[whole] = torch.searchsorted(cdf, u[whole] * cdf[:, -1:]).squeeze(1).clamp_(max=x.shape[1] - 1)
+        out[whole] = _inverse_cdf(probs[whole], u[whole]).squeeze(1)
     if cut:
         out[cut] = _truncated(probs[cut], [params[j] for j in cut], u[cut], _CANDIDATES)
     return out
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row of ``weights`` [m, W] (unnormalised, >= 0), the index [m, 1] where the running sum
+    first reaches ``u`` [m, 1] of the row's total: index i with probability weights[i] / total,
+    never a zero-weight index (``u`` is in (0, 1])."""
+    cdf = weights.cumsum(-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=weights.shape[1] - 1)
 
 
 def _truncated(probs: torch.Tensor, params: list[SamplingParams], u: torch.Tensor,
@@ -171,8 +188,7 @@ def _truncated(probs: torch.Tensor, params: list[SamplingParams], u: torch.Tenso
     # the smallest set holding top_p of the mass: a token stays while the tokens before it hold
     # less (the first always)
     top = top.masked_fill(mass - top >= (top_p * total).unsqueeze(1), 0.0)
-    cdf = top.cumsum(-1)
-    out = order.gather(1, torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=width - 1)).squeeze(1)
+    out = order.gather(1, _inverse_cdf(top, u)).squeeze(1)
     if width < vocab:  # a nucleus that may reach past the candidates: that row again, whole
         held: list[float] = mass[:, -1].tolist()
         past = [j for j, p in enumerate(params) if p.top_k <= 0 and held[j] < p.top_p]
