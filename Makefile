@@ -5,17 +5,24 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= demo-model
 
-.PHONY: setup lint test demo bench clean
+.PHONY: setup lock lint test demo bench clean
 
 setup: $(STAMP)
 
 # torch is pinned to the CPU build that pip finds on local disk here (see pyproject.toml).
-$(STAMP): pyproject.toml
+# constraints.txt holds every version the tests last ran with, so a fresh machine installs
+# those and no newer, unreviewed release; `make lock` rewrites it from the current .venv.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+lock: setup
+	$(BIN)/pip install -q -e '.[dev]'
+	{ echo '# Versions the tests last passed with; `make lock` rewrites this file.'; \
+	  $(BIN)/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt
 
 lint: setup
 	$(BIN)/ruff check weightship tests bench
