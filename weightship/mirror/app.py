@@ -10,18 +10,25 @@
 
 Errors carry the Hub's ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``,
 ``EntryNotFound``, ``GatedRepo``), so clients raise their usual exceptions. With a token file,
-every request needs ``Authorization: Bearer TOKEN`` with one of its tokens.
+every request needs ``Authorization: Bearer TOKEN`` with one of its tokens; ``GET /healthz``
+answers anyone, but says how many repos it serves and how many bytes it sent only to a caller
+with a token.
+
+Whatever a client sends, a bad request is a 4xx: names from the URL reach the response headers
+escaped to printable ASCII, tokens are compared as bytes, ``Range`` numbers of any length are
+read without ``int()`` on thousands of digits, and request bodies are capped.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool
@@ -33,16 +40,76 @@ from weightship.mirror.repos import MirrorRoot, Repo, RepoFile
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _SEND = 1 << 20
+_BEYOND = 1 << 62  # a Range position past the end of any file
+_MAX_BODY = 1 << 20  # a paths-info body: ample for thousands of paths
+_MAX_PATHS = 10_000
+
+
+def _header_safe(text: str) -> str:
+    """``text`` as a header value: printable ASCII kept, anything else backslash-escaped (a
+    header carries only latin-1, and never a CR, LF or NUL)."""
+    return "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 def _error(status: int, code: str, message: str) -> Response:
     return JSONResponse({"error": message}, status_code=status,
-                        headers={"X-Error-Code": code, "X-Error-Message": message})
+                        headers={"X-Error-Code": code, "X-Error-Message": _header_safe(message)})
+
+
+def _position(digits: str) -> int:
+    """A Range position; one too long for ``int()`` (which refuses over 4,300 digits) is past
+    the end of any file, which is what it means."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else _BEYOND
+
+
+async def _body(request: Request) -> bytes | Response:
+    """The request body, or a 413 past :data:`_MAX_BODY` bytes."""
+    too_large = _error(413, "BadRequest", f"the body is over {_MAX_BODY} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and len(declared) < 19 and int(declared) > _MAX_BODY:
+        return too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > _MAX_BODY:
+            return too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _paths_from(body: bytes, content_type: str) -> list[str] | Response:
+    """The ``paths`` a paths-info request asks for, or a 400: huggingface_hub sends them as an
+    ``application/x-www-form-urlencoded`` form (``paths=a&paths=b&expand=True``); a JSON
+    ``{"paths": [...]}`` is read too. Parsed with the standard library (no python-multipart)."""
+    paths: object
+    if content_type.split(";", 1)[0].strip().lower() == "application/json":
+        try:
+            paths = json.loads(body).get("paths", [])
+        except (ValueError, AttributeError):
+            return _error(400, "BadRequest", "the body is not a JSON object")
+    else:
+        try:
+            form = parse_qs(body.decode("ascii"), keep_blank_values=True, encoding="utf-8",
+                            errors="strict", max_num_fields=_MAX_PATHS + 10)
+        except UnicodeDecodeError:
+            return _error(400, "BadRequest", "the form is not URL-encoded UTF-8")
+        except ValueError:  # more fields than max_num_fields
+            return _error(400, "BadRequest", f"more than {_MAX_PATHS} paths")
+        paths = form.get("paths", [])
+    if not isinstance(paths, list) or not all(isinstance(x, str) for x in paths):
+        return _error(400, "BadRequest", '"paths" must be a list of strings')
+    if len(paths) > _MAX_PATHS:
+        return _error(400, "BadRequest", f"more than {_MAX_PATHS} paths")
+    return list(dict.fromkeys(paths))
 
 
 class _Api:
     def __init__(self, root: MirrorRoot, tokens: frozenset[str]) -> None:
         self.root, self.tokens = root, tokens
+        # Compared as bytes: compare_digest refuses non-ASCII str, and a header is latin-1.
+        self._token_bytes = [t.encode() for t in tokens]
         self.bytes_sent = 0  # file bytes served (for /healthz and the tests' resume bounds)
 
     # ---- helpers ------------------------------------------------------------------------------
@@ -51,7 +118,8 @@ class _Api:
         if not self.tokens:
             return True
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        return any(hmac.compare_digest(given, t) for t in self.tokens)
+        raw = given.encode("latin-1")  # the bytes the client sent (starlette decodes latin-1)
+        return any(hmac.compare_digest(raw, t) for t in self._token_bytes)
 
     def _repo(self, request: Request, repo_id: str, revision: str | None) -> Repo | Response:
         if not self._authorized(request):
@@ -128,9 +196,21 @@ class _Api:
         repo = self._repo(request, p["repo_id"], p["revision"])
         if isinstance(repo, Response):
             return repo
-        form = await request.form()
-        paths = [str(v) for v in form.getlist("paths")]
-        return JSONResponse([self._tree_entry(repo.files[x]) for x in paths if x in repo.files])
+        body = await _body(request)
+        if isinstance(body, Response):
+            return body
+        paths = _paths_from(body, request.headers.get("content-type", ""))
+        if isinstance(paths, Response):
+            return paths
+        folders = {f.path.rsplit("/", i)[0] for f in repo.files.values()
+                   for i in range(1, f.path.count("/") + 1)}
+        entries: list[dict[str, Any]] = []
+        for x in paths:
+            if x in repo.files:
+                entries.append(self._tree_entry(repo.files[x]))
+            elif x.strip("/") in folders:
+                entries.append({"type": "directory", "oid": repo.commit, "path": x.strip("/")})
+        return JSONResponse(entries)
 
     async def resolve(self, request: Request) -> Response:
         p = request.path_params
@@ -153,9 +233,10 @@ class _Api:
         if rng and (rng.group(1) or rng.group(2)):
             first, last = rng.group(1), rng.group(2)
             if first:
-                start, end = int(first), min(int(last) + 1, f.size) if last else f.size
+                start = _position(first)
+                end = min(_position(last) + 1, f.size) if last else f.size
             else:  # a suffix: the last N bytes
-                start, end = max(0, f.size - int(last)), f.size
+                start, end = max(0, f.size - _position(last)), f.size
             if start >= f.size or start >= end:
                 return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{f.size}"})
             status = 206
@@ -173,6 +254,10 @@ class _Api:
             yield data
 
     async def health(self, request: Request) -> Response:
+        """Liveness for anyone; the counts only for a caller with a token (a mirror without a
+        token file tells them to no one: they would map what it holds)."""
+        if not self.tokens or not self._authorized(request):
+            return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "ok", "repos": len(self.root.repo_ids()),
                              "bytes_sent": self.bytes_sent})
 

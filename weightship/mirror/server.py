@@ -24,9 +24,11 @@ def read_tokens(token_file: Path | None) -> frozenset[str]:
     if token_file is None:
         return frozenset()
     try:
-        lines = token_file.read_text().splitlines()
+        lines = token_file.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise UsageError(f"cannot read --token-file {token_file}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--token-file {token_file} is not UTF-8 text") from None
     tokens = frozenset(t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#"))
     if not tokens:
         raise UsageError(f"--token-file {token_file} holds no token")
