@@ -115,6 +115,10 @@ class UntrustedFileError(IntegrityError):
     """A pickle would have to be loaded without a trust anchor having vouched for its bytes."""
 
 
+class SignatureError(IntegrityError):
+    """A signed manifest's signature is missing, malformed, or made by no trusted key."""
+
+
 # ---- fetching (exit 1) -----------------------------------------------------------------------
 
 
@@ -170,6 +174,24 @@ class AccessDeniedError(FetchError, PermissionError):
     """The remote refused our credentials, or the repository is gated."""
 
 
+class GatedRepoError(AccessDeniedError):
+    """A Hub repository is gated and this token (or no token) has not been granted access.
+
+    It holds for every file of the repository, so a fetch reports it once and stops using
+    that source instead of failing file by file.
+    """
+
+    def __init__(self, repo: str, detail: str | None = None) -> None:
+        super().__init__(f"hf://{repo} is gated" + (f" ({detail})" if detail else ""),
+                         hint="gated: accept the conditions on the model's page and use a token "
+                              "that has access")
+        self.repo = repo
+
+
+class InsecureRedirectError(FetchError):
+    """A server redirected an https:// request to plain http://; never followed."""
+
+
 class ProtocolViolationError(TransientFetchError):
     """A server's reply contradicts the request or itself (wrong Content-Range, short body, …).
 
@@ -188,6 +210,10 @@ class RemoteChangedError(FetchError):
 
 class NoTrustAnchorError(FetchError):
     """No digest from a trust anchor is known for the files: refusing to fetch unverifiable bytes."""
+
+
+class UnsignedManifestError(NoTrustAnchorError):
+    """A manifest sent by the same server as the files, unsigned, over plain HTTP: not an anchor."""
 
 
 # ---- torrent -----------------------------------------------------------------------------------
@@ -315,3 +341,89 @@ class RolloutTimeoutError(ReleaseError, TimeoutError):
     """The release's objects did not become ready in time; waiting longer may help."""
 
     retryable = True
+
+
+# ---- deploy (on-prem nodes over SSH) ----------------------------------------------------------
+
+
+class InventoryError(UsageError):
+    """The nodes inventory is malformed; ``line`` is where, when known."""
+
+    def __init__(self, path: str, message: str, *, line: int | None = None) -> None:
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {message}",
+                         hint="see `weightship deploy nodes --help` and the README's inventory example")
+        self.path = path
+        self.line = line
+
+
+class HostKeyError(DeployError, ConnectionError):
+    """A node's SSH host key is not the one pinned for it: nothing was sent to it."""
+
+    def __init__(self, host: str, message: str, *, hint: str) -> None:
+        super().__init__(f"{host}: {message}", hint=hint)
+        self.host = host
+
+
+class HostKeyUnknownError(HostKeyError):
+    """No key is pinned for the node yet (``weightship nodes trust`` pins one)."""
+
+    def __init__(self, host: str, presented: str, inventory: str) -> None:
+        super().__init__(host, f"unknown host key {presented}; refusing to connect",
+                         hint=f"check the fingerprint on the node (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub), "
+                              f"then: weightship nodes trust {host} --inventory {inventory}")
+        self.presented = presented
+
+
+class HostKeyChangedError(HostKeyError):
+    """The node presents a different key than the pinned one: a reinstall, or an impostor."""
+
+    def __init__(self, host: str, pinned: list[str], presented: str) -> None:
+        super().__init__(host, f"HOST KEY CHANGED: pinned {', '.join(pinned)}, presented {presented}; "
+                               "refusing to connect",
+                         hint="if the node was reinstalled, remove its line from known_hosts and trust it again; "
+                              "otherwise someone may be impersonating it")
+        self.pinned = pinned
+        self.presented = presented
+
+
+class NodeUnreachableError(DeployError, ConnectionError):
+    """A node could not be reached (or stopped answering): its state is unknown, not dead."""
+
+    retryable = True
+
+    def __init__(self, host: str, why: str) -> None:
+        super().__init__(f"{host}: unreachable ({why})",
+                         hint="nothing was stopped on it; check the network and sshd, then run again")
+        self.host = host
+
+
+class NodeCommandError(DeployError):
+    """A step on a node failed; ``step`` names it, ``detail`` is what the node said."""
+
+    def __init__(self, host: str, step: str, detail: str) -> None:
+        super().__init__(f"{host}: {step} failed: {detail}")
+        self.host = host
+        self.step = step
+        self.detail = detail
+
+
+class NodeLockedError(DeployError):
+    """Another rollout holds the node's lock."""
+
+    retryable = True
+
+    def __init__(self, host: str) -> None:
+        super().__init__(f"{host}: another weightship rollout holds this node's lock",
+                         hint="wait for it to finish (a killed deployer's lock goes with its SSH connection)")
+        self.host = host
+
+
+class RolloutFailedError(DeployError):
+    """A rollout stopped: some hosts failed their step or gate, or could not be reached."""
+
+    def __init__(self, failed: list[str], results: list[dict[str, object]]) -> None:
+        super().__init__(f"rollout stopped: {', '.join(failed)} failed",
+                         hint="the table above says why; failed hosts were returned to their previous release")
+        self.failed = failed
+        self.results = results
