@@ -14,8 +14,9 @@ CHART = REPO / "helm" / "weightship"
 def gpu_node(name: str, gpus: int = 1, memory_mib: int | None = 81559, **labels: str) -> dict[str, Any]:
     """A Node as the NVIDIA device plugin and GPU feature discovery would leave it."""
     node_labels = {"kubernetes.io/hostname": name, **labels}
-    if memory_mib is not None:
+    if memory_mib is not None and gpus:  # GPU feature discovery's labels
         node_labels["nvidia.com/gpu.memory"] = str(memory_mib)
+        node_labels["nvidia.com/gpu.count"] = str(gpus)
     allocatable = {"cpu": "32", "memory": "256Gi"}
     if gpus:
         allocatable["nvidia.com/gpu"] = str(gpus)

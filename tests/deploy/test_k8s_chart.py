@@ -167,6 +167,9 @@ def _locked_down(r: engine.Rendered) -> None:
     assert "--api-key-file" not in container(workload(r), "serve")["args"]
     policy = kinds(r)["NetworkPolicy"][0]
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    sources = [peer["ipBlock"]["cidr"] for rule in policy["spec"]["egress"]
+               for peer in rule.get("to") or [] if "ipBlock" in peer]
+    assert sources == ["203.0.113.0/24"]  # no public internet once the sources are listed
     endpoint = kinds(r)["ServiceMonitor"][0]["spec"]["endpoints"][0]
     assert endpoint["path"] == "/metrics" and "authorization" not in endpoint  # no key to send
 
@@ -229,8 +232,9 @@ MATRIX: list[tuple[str, Obj, Callable[[engine.Rendered], None]]] = [
         "imagePullSecrets": ["regcred"]}, _credentials),
     ("no-api-key-netpol-monitor", {
         "apiKey": {"enabled": False},
-        "networkPolicy": {"enabled": True, "restrictEgress": True, "allowedFrom": [
-            {"namespaceSelector": {"matchLabels": {"team": "apps"}}}]},
+        "networkPolicy": {"allowedFrom": [
+            {"namespaceSelector": {"matchLabels": {"team": "apps"}}}],
+            "egress": {"publicSources": False, "sourceCIDRs": ["203.0.113.0/24"]}},
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
      _locked_down),
     ("everything", {
@@ -317,6 +321,14 @@ INVALID = [
     ({"serve": {"extraEnv": [{"name": "HF_TOKEN", "value": "hf_abc"}]}},
      "serve.extraEnv HF_TOKEN carries a plain value"),
     ({"gpu": {"count": 0, "minMemoryMiB": 1000}}, "gpu.count=0"),
+    ({"p2p": {"enabled": True, "affinity": {"nodeAffinity": {}}}},
+     "p2p.nodeSelector and p2p.affinity apply only with p2p.followWorkload=false"),
+    ({"networkPolicy": {"egress": {"publicSources": False}}},
+     "leaves the fetch no source to reach"),
+    ({"networkPolicy": {"restrictEgress": True}},
+     "additional properties 'restrictEgress' not allowed"),
+    ({"networkPolicy": {"egress": {"sourceCIDRs": ["huggingface.co"]}}},
+     "at '/networkPolicy/egress/sourceCIDRs/0'"),
     ({"storage": {"mode": "nfs"}}, "at '/storage/mode': value must be one of"),
     ({"fetch": {"hfToken": "hf_plain_token"}}, "at '/fetch/hfToken'"),
     ({"replicas": 2}, "additional properties 'replicas' not allowed"),

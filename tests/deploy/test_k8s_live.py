@@ -142,6 +142,7 @@ def test_dry_run_needs_no_cluster(cli: Any, capsys: pytest.CaptureFixture[str],
     assert code == 0, err
     assert out.startswith("---\n# Source: weightship/templates/deployment.yaml")
     assert "kind: Deployment" in out and "nvidia.com/gpu: 1" in out
+    assert "kind: NetworkPolicy" in out  # on by default, and through the same checks
     assert "restricted Pod Security Standard" in err
 
 
@@ -199,6 +200,9 @@ PREFLIGHT = [
         "metadata": {"name": "models", "namespace": "ml"},
         "spec": {"accessModes": ["ReadWriteOnce"]}}], TINY_MODEL,
      ["storage.mode=sharedPVC", "storage.existingClaim=models"], "ml", "is not ReadWriteMany"),
+    ("p2p-no-gpu-label", [gpu_node("g", memory_mib=None)], TINY_MODEL,
+     ["p2p.enabled=true", "gpu.minMemoryMiB=0"], "ml",
+     "the seeders run only on GPU nodes labelled nvidia.com/gpu.count, and no GPU node has"),
     ("runtime-class", [gpu_node("g")], TINY_MODEL, ["gpu.runtimeClassName=nvidia"], "ml",
      "RuntimeClass 'nvidia' does not exist"),
     ("service-monitor", [gpu_node("g")], TINY_MODEL, ["metrics.serviceMonitor.enabled=true"],

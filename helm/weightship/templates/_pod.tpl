@@ -155,17 +155,6 @@ only with storage.mode=nodeCache, whose hostPath already needs a privileged name
 {{- end }}
 {{- end }}
 
-{{/* Scheduling shared by server and seeder pods. */}}
-{{- define "weightship.gpuScheduling" -}}
-{{- with .Values.gpu.runtimeClassName }}
-runtimeClassName: {{ . }}
-{{- end }}
-{{- with .Values.nodeSelector }}
-nodeSelector:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- end }}
-
 {{/* The serving pod template (metadata + spec). */}}
 {{- define "weightship.serverPodTemplate" -}}
 metadata:
@@ -239,30 +228,4 @@ spec:
           - key: {{ .Values.apiKey.secretKey }}
             path: api-key
     {{- end }}
-{{- end }}
-
-{{/* User affinity, plus a node requirement on GPU memory (GPU feature discovery label). */}}
-{{- define "weightship.affinity" -}}
-{{- $affinity := deepCopy .Values.affinity }}
-{{- if gt (int .Values.gpu.minMemoryMiB) 0 }}
-{{- $term := dict "matchExpressions" (list (dict "key" "nvidia.com/gpu.memory" "operator" "Gt" "values" (list (toString (sub (int .Values.gpu.minMemoryMiB) 1))))) }}
-{{- $nodeAffinity := default dict $affinity.nodeAffinity }}
-{{- $required := default dict (get $nodeAffinity "requiredDuringSchedulingIgnoredDuringExecution") }}
-{{- $terms := default list (get $required "nodeSelectorTerms") }}
-{{- if $terms }}
-{{- $merged := list }}
-{{- range $terms }}
-{{- $t := deepCopy . }}
-{{- $_ := set $t "matchExpressions" (concat (default list (get $t "matchExpressions")) $term.matchExpressions) }}
-{{- $merged = append $merged $t }}
-{{- end }}
-{{- $terms = $merged }}
-{{- else }}
-{{- $terms = list $term }}
-{{- end }}
-{{- $_ := set $required "nodeSelectorTerms" $terms }}
-{{- $_ := set $nodeAffinity "requiredDuringSchedulingIgnoredDuringExecution" $required }}
-{{- $_ := set $affinity "nodeAffinity" $nodeAffinity }}
-{{- end }}
-{{- toYaml $affinity }}
 {{- end }}

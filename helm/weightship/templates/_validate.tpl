@@ -41,6 +41,13 @@ Collected first, then reported together in one `fail`, bitnami style. */}}
 {{- if and (eq (int $v.gpu.count) 0) (gt (int $v.gpu.minMemoryMiB) 0) }}
 {{- $messages = append $messages "gpu.minMemoryMiB is set but gpu.count=0 (CPU serving): set a GPU count or drop the memory requirement" }}
 {{- end }}
+{{- if and $v.p2p.followWorkload (or $v.p2p.nodeSelector $v.p2p.affinity) }}
+{{- $messages = append $messages "p2p.nodeSelector and p2p.affinity apply only with p2p.followWorkload=false (the seeders otherwise follow the serving pods' nodeSelector and affinity): set p2p.followWorkload=false, or drop them" }}
+{{- end }}
+{{- $np := $v.networkPolicy }}
+{{- if and $np.enabled $np.egress.restrict $v.fetch.enabled (not $np.egress.publicSources) (not $np.egress.sourceCIDRs) (not $np.egress.extraRules) }}
+{{- $messages = append $messages "networkPolicy.egress.publicSources=false with no sourceCIDRs or extraRules leaves the fetch no source to reach: list your sources' addresses in networkPolicy.egress.sourceCIDRs (or rules in extraRules), or set networkPolicy.egress.restrict=false" }}
+{{- end }}
 {{- if $messages }}
 {{- fail (printf "\n\nVALUES VALIDATION:\n- %s" (join "\n- " $messages)) }}
 {{- end }}

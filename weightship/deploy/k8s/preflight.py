@@ -2,7 +2,8 @@
 message a person needs (what is missing, and how to fix it).
 
 Checked: the namespace exists (and admits hostPath when nodeCache needs it); nodes advertise
-enough allocatable GPUs with enough GPU memory; the RuntimeClass exists; the StorageClass (or a
+enough allocatable GPUs with enough GPU memory; the P2P seeders, which follow the serving pods
+onto GPU nodes by a node label, find a GPU node with that label; the RuntimeClass exists; the StorageClass (or a
 default one) exists, or the existing claim is ReadWriteMany; every Secret and key the pods
 reference exists; the cluster serves every kind the release creates (ServiceMonitor needs the
 Prometheus operator).
@@ -101,6 +102,24 @@ def _nodes_fit(nodes: list[Obj], values: Obj) -> list[str]:
     return []
 
 
+def _seeders_placed(nodes: list[Obj], values: Obj) -> list[str]:
+    """With p2p.followWorkload the chart keeps the seeders (which request no GPU) to nodes that
+    carry p2p.gpuNodeLabel; a cluster where no GPU node has it would run no seeder at all."""
+    p2p, gpu = values.get("p2p") or {}, values.get("gpu") or {}
+    label = p2p.get("gpuNodeLabel") or ""
+    if not (p2p.get("enabled") and p2p.get("followWorkload") and label
+            and int(gpu.get("count") or 0) > 0):
+        return []
+    resource = gpu.get("resourceName", "nvidia.com/gpu")
+    with_gpus = [n for n in nodes
+                 if int((n.get("status", {}).get("allocatable") or {}).get(resource, 0)) > 0]
+    if not with_gpus or any(label in (n["metadata"].get("labels") or {}) for n in with_gpus):
+        return []  # no GPU node at all is _nodes_fit's failure
+    return [f"p2p.enabled: the seeders run only on GPU nodes labelled {label}, and no GPU node "
+            "has that label (deploy NVIDIA GPU feature discovery, or set p2p.gpuNodeLabel to a "
+            "label your GPU nodes carry, or to \"\" for none)"]
+
+
 def _storage(cluster: Cluster, namespace: str, values: Obj) -> list[str]:
     storage = values.get("storage") or {}
     mode = storage.get("mode")
@@ -159,7 +178,9 @@ def check(cluster: Cluster, namespace: str, values: Obj, objects: list[Obj]) -> 
             "baseline", "restricted"):
         failures.append(f"namespace {namespace} enforces the {enforce!r} Pod Security Standard, "
                         "which rejects the hostPath volume of storage.mode=nodeCache")
-    failures += _nodes_fit(cluster.items("/api/v1/nodes"), values)
+    nodes = cluster.items("/api/v1/nodes")
+    failures += _nodes_fit(nodes, values)
+    failures += _seeders_placed(nodes, values)
     runtime_class = (values.get("gpu") or {}).get("runtimeClassName")
     if runtime_class and cluster.get(f"/apis/node.k8s.io/v1/runtimeclasses/{runtime_class}") is None:
         failures.append(f"RuntimeClass {runtime_class!r} does not exist (gpu.runtimeClassName)")
