@@ -80,12 +80,11 @@ def _port_matches(ports: list[Obj] | None, port: int, protocol: str, dest: Endpo
             continue
         if "port" not in p:
             return True
-        want = p["port"]
-        if isinstance(want, str):
-            if want not in dest.ports:
-                continue
-            want = dest.ports[want]
-        if want <= port <= p.get("endPort", want):
+        named = p["port"]
+        if isinstance(named, str) and named not in dest.ports:
+            continue
+        first = dest.ports[named] if isinstance(named, str) else int(named)
+        if first <= port <= int(p.get("endPort", first)):
             return True
     return False
 

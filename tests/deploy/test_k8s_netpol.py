@@ -277,3 +277,37 @@ def test_deploy_plan_passes_its_checks_with_the_default_policy_and_placement() -
         names = {o["metadata"]["name"] for o in p.rendered.objects if o["kind"] == "NetworkPolicy"}
         assert names == {"demo-weightship", "demo-weightship-test"} | (
             {"demo-weightship-peer"} if sets else set())
+
+
+def test_the_evaluator_follows_the_documented_semantics() -> None:
+    """The evaluator's own check, on the examples of the Kubernetes documentation: without it
+    every assertion above could pass for the wrong reason."""
+    db = Endpoint("10.244.8.8", "prod", {"role": "db"}, {"pg": 5432})
+    frontend = Endpoint("10.244.8.9", "prod", {"role": "frontend"})
+    elsewhere = Endpoint("10.244.8.10", "dev", {"role": "frontend"})
+    assert admits([], elsewhere, db, 5432)  # no policy: open
+    deny = {"metadata": {"namespace": "prod"}, "spec": {"podSelector": {},
+                                                        "policyTypes": ["Ingress"]}}
+    assert not admits([deny], frontend, db, 5432) and admits([deny], db, HUB, 443)
+
+    def allow(*peers: Obj) -> Obj:
+        return {"metadata": {"namespace": "prod"}, "spec": {
+            "podSelector": {"matchLabels": {"role": "db"}},
+            "ingress": [{"from": list(peers), "ports": [{"port": "pg"}]}]}}
+
+    both = allow({"namespaceSelector": {"matchLabels": {"env": "prod"}},
+                  "podSelector": {"matchLabels": {"role": "frontend"}}})  # one peer: AND
+    either = allow({"namespaceSelector": {"matchLabels": {"env": "prod"}}},
+                   {"podSelector": {"matchLabels": {"role": "frontend"}}})  # two peers: OR
+    ns = {"prod": {"env": "prod"}, "dev": {"env": "dev"}}
+    assert admits([both], frontend, db, 5432, namespaces=ns)
+    assert not admits([both], elsewhere, db, 5432, namespaces=ns)
+    assert not admits([both], frontend, db, 5433, namespaces=ns)  # the named port is 5432
+    assert admits([either], Endpoint("10.244.8.11", "prod", {"role": "batch"}), db, 5432,
+                  namespaces=ns)
+    assert not admits([either], elsewhere, db, 5432, namespaces=ns)  # podSelector: own ns only
+    block = allow({"ipBlock": {"cidr": "172.17.0.0/16", "except": ["172.17.1.0/24"]}})
+    assert admits([block], Endpoint("172.17.0.5"), db, 5432)
+    assert not admits([block], Endpoint("172.17.1.5"), db, 5432)
+    assert not admits([deny, block], Endpoint("172.17.1.5"), db, 5432)  # policies add up
+    assert admits([deny, block], Endpoint("172.17.2.5"), db, 5432)
