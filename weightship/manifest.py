@@ -27,6 +27,12 @@ from weightship.paths import STATE_DIR, safe_relpath
 from weightship.progress import Progress
 
 MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"  # beside the manifest: its signature (weightship.signing)
+
+# Anchors that are no trust anchor at all: the manifest a server sent beside the files, unsigned
+# (recorded so, and accepted only over TLS; "remote-manifest" is what older versions wrote).
+# Nothing whose only anchor is one of these is ever unpickled.
+UNSIGNED_ANCHORS = frozenset({"unsigned-remote-manifest", "remote-manifest"})
 
 
 def manifest_path(directory: Path) -> Path:
@@ -149,9 +155,21 @@ class Manifest:
         return cls.from_dict(data, origin=str(file))
 
     def write(self, directory: Path) -> Path:
-        """Write atomically to ``directory/.weightship/manifest.json``; returns the path."""
+        """Write atomically to ``directory/.weightship/manifest.json``; returns the path.
+
+        A signature beside the manifest signed the old bytes: when they change it is removed
+        (a stale signature would only make every later verification fail).
+        """
         target = manifest_path(directory)
-        atomic_write(target, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        data = (json.dumps(self.to_dict(), indent=2) + "\n").encode()
+        signature = target.with_name(SIGNATURE_NAME)
+        try:
+            stale = signature.exists() and target.read_bytes() != data
+        except FileNotFoundError:
+            stale = True
+        atomic_write(target, data)
+        if stale:
+            signature.unlink(missing_ok=True)
         return target
 
 

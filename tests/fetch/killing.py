@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 # Bytes a resumed fetch may download again per kill: the chunks in flight or waiting for the
@@ -17,22 +18,23 @@ from pathlib import Path
 RESUME_BOUND = 2 * (3 + 2) * (2 << 20)
 
 
-def _fetch_proc(url: str, dest: Path, env: dict[str, str] | None) -> subprocess.Popen[bytes]:
+def _fetch_proc(url: str, dest: Path, env: dict[str, str] | None,
+                extra: Sequence[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "weightship", "fetch", url, "--to", str(dest),
-                             "--chunk-mib", "2", "--connections", "3"],
+                             "--chunk-mib", "2", "--connections", "3", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, **(env or {})})
 
 
 def kill_at_random_points(url: str, dest: Path, total: int, kills: int, seed: int,
-                          env: dict[str, str] | None = None) -> int:
-    """Start a fetch and SIGKILL it once its partial files reach a random fraction of ``total``,
-    ``kills`` times; returns how many kills landed mid-download."""
+                          env: dict[str, str] | None = None, extra: Sequence[str] = ()) -> int:
+    """Start a fetch (with ``extra`` arguments) and SIGKILL it once its partial files reach a
+    random fraction of ``total``, ``kills`` times; returns how many kills landed mid-download."""
     rng = random.Random(seed)
     landed = 0
     for _ in range(kills):
         target = rng.uniform(0.02, 0.95) * total
-        proc = _fetch_proc(url, dest, env)
+        proc = _fetch_proc(url, dest, env, extra)
         while proc.poll() is None:
             if _partial_bytes(dest / ".weightship" / "incoming") >= target:
                 os.kill(proc.pid, signal.SIGKILL)

@@ -13,19 +13,28 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import assert_clean_failure, assert_same_files, run_cli
+from tests.fetch.conftest import KeyPair
 from tests.fetch.killing import RESUME_BOUND, kill_at_random_points
 from tests.fetch.webserver import FileServer, serve
 from weightship.errors import DigestMismatchError, FetchError, IntegrityError
 from weightship.fetch import build_request, fetch
 from weightship.manifest import Manifest, create_for_directory
+from weightship.signing import sign_directory
 
 FAST = {"retries": 2, "backoff": 0.01, "backoff_max": 0.05, "stall_timeout": 1.0,
         "chunk_size": 256 << 10, "connections": 3}
 
 
+@pytest.fixture
+def fast(signing_key: KeyPair) -> dict[str, object]:
+    """:data:`FAST`, trusting the key the served manifests are signed with (these servers speak
+    plain HTTP, where an unsigned manifest is no anchor)."""
+    return {**FAST, "trust_keys": [str(signing_key.public)]}
+
+
 @pytest.fixture(scope="module")
-def small_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model directory of two random files (1.3 MiB and 700 KiB) and its manifest."""
+def small_dir(tmp_path_factory: pytest.TempPathFactory, signing_key: KeyPair) -> Path:
+    """A model directory of two random files (1.3 MiB and 700 KiB) and its signed manifest."""
     d = tmp_path_factory.mktemp("small") / "small-model"
     d.mkdir()
     rng = random.Random(3)
@@ -33,6 +42,7 @@ def small_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "sub").mkdir()
     (d / "sub" / "b.json").write_bytes(rng.randbytes(700_000))
     create_for_directory(d).write(d)
+    sign_directory(d, signing_key.private)
     return d
 
 
@@ -42,20 +52,22 @@ def server(small_dir: Path) -> Iterator[FileServer]:
         yield s
 
 
-def test_fetch_tiny_over_https_then_verify(tiny_hf_dir: Path, tmp_path: Path) -> None:
-    with serve(tiny_hf_dir) as s:
-        r = run_cli("fetch", s.url, "--to", tmp_path / "m", "--json")
+def test_fetch_tiny_over_https_then_verify(signed_tiny_dir: Path, signing_key: KeyPair, tmp_path: Path) -> None:
+    with serve(signed_tiny_dir) as s:
+        r = run_cli("fetch", s.url, "--to", tmp_path / "m", "--json", "--trust-key", signing_key.public)
     assert r.code == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["manifest"]["source"] == {"kind": "https", "uri": s.url, "revision": None, "infohash": None}
-    assert {f["anchor"] for f in out["manifest"]["files"]} == {"remote-manifest"}
+    assert {f["anchor"] for f in out["manifest"]["files"]} == {"signed-manifest"}
     assert run_cli("verify", tmp_path / "m").code == 0
-    assert_same_files(tiny_hf_dir, tmp_path / "m")
+    assert_same_files(signed_tiny_dir, tmp_path / "m")
 
 
-def test_big_model_in_parallel_ranges(big_model_dir: Path, tmp_path: Path) -> None:
+def test_big_model_in_parallel_ranges(signed_big_dir: Path, signing_key: KeyPair, tmp_path: Path) -> None:
+    big_model_dir = signed_big_dir
     with serve(big_model_dir) as s:
-        result = fetch(build_request(s.url, options={"chunk_size": 4 << 20}), tmp_path / "m")
+        result = fetch(build_request(s.url, options={"chunk_size": 4 << 20,
+                                                     "trust_keys": [str(signing_key.public)]}), tmp_path / "m")
         served = s.bytes_served
     total = Manifest.load(big_model_dir).total_bytes
     assert result.downloaded_bytes == total
@@ -67,9 +79,9 @@ def test_big_model_in_parallel_ranges(big_model_dir: Path, tmp_path: Path) -> No
 @pytest.mark.parametrize("fault", ["ignore_range", "wrong_range", "short", "bad_length",
                                    "status_503", "etag_change", "stall", "range_as_200"])
 def test_a_server_that_lies_once_is_recovered_from(server: FileServer, small_dir: Path,
-                                                   tmp_path: Path, fault: str) -> None:
+                                                   tmp_path: Path, fault: str, fast: dict[str, object]) -> None:
     server.lie(fault, times=1, paths={"a.safetensors"})
-    fetch(build_request(server.url, options=FAST), tmp_path / "m")
+    fetch(build_request(server.url, options=fast), tmp_path / "m")
     assert_same_files(small_dir, tmp_path / "m")
     assert fault not in server.faults  # the lie was told
 
@@ -77,11 +89,11 @@ def test_a_server_that_lies_once_is_recovered_from(server: FileServer, small_dir
 @pytest.mark.parametrize("fault", ["ignore_range", "wrong_range", "short", "bad_length",
                                    "status_416", "status_503", "etag_change", "flip", "range_as_200"])
 def test_a_server_that_always_lies_never_gets_a_wrong_file_promoted(
-        server: FileServer, small_dir: Path, tmp_path: Path, fault: str) -> None:
+        server: FileServer, small_dir: Path, tmp_path: Path, fault: str, fast: dict[str, object]) -> None:
     server.lie(fault, paths={"a.safetensors"})
     dest = tmp_path / "m"
     try:
-        fetch(build_request(server.url, options=FAST), dest)
+        fetch(build_request(server.url, options=fast), dest)
     except (FetchError, IntegrityError) as e:
         assert not (dest / "a.safetensors").exists(), e
         assert not (dest / ".weightship" / "manifest.json").exists()
@@ -93,13 +105,13 @@ def test_a_server_that_always_lies_never_gets_a_wrong_file_promoted(
 
 
 def test_flipped_bit_exits_3_and_a_rerun_from_a_good_server_finishes(
-        server: FileServer, small_dir: Path, tmp_path: Path) -> None:
+        server: FileServer, small_dir: Path, tmp_path: Path, signing_key: KeyPair) -> None:
     server.lie("flip", times=1, paths={"a.safetensors"})
     dest = tmp_path / "m"
-    r = run_cli("fetch", server.url, "--to", dest, "--chunk-mib", "1")
+    r = run_cli("fetch", server.url, "--to", dest, "--chunk-mib", "1", "--trust-key", signing_key.public)
     assert_clean_failure(r, 3)
     assert not (dest / "a.safetensors").exists()
-    assert run_cli("fetch", server.url, "--to", dest).code == 0
+    assert run_cli("fetch", server.url, "--to", dest, "--trust-key", signing_key.public).code == 0
     assert_same_files(small_dir, dest)
 
 
@@ -120,39 +132,44 @@ def test_user_manifest_is_the_anchor(server: FileServer, small_dir: Path, tmp_pa
     assert_clean_failure(r, 3)
 
 
-def test_kill_9_at_random_points_then_resume(big_model_dir: Path, tmp_path: Path) -> None:
+def test_kill_9_at_random_points_then_resume(signed_big_dir: Path, signing_key: KeyPair, tmp_path: Path) -> None:
+    big_model_dir = signed_big_dir
     total = Manifest.load(big_model_dir).total_bytes
     dest = tmp_path / "m"
+    trust = ["--trust-key", str(signing_key.public)]
     with serve(big_model_dir) as s:
         s.delay = 0.0005  # ~100 MB/s, so that kills land all through the download
-        landed = kill_at_random_points(s.url, dest, total, kills=10, seed=11)
-        r = run_cli("fetch", s.url, "--to", dest, "--json")
+        landed = kill_at_random_points(s.url, dest, total, kills=10, seed=11, extra=trust)
+        r = run_cli("fetch", s.url, "--to", dest, "--json", *trust)
         served = s.bytes_served
     assert r.code == 0, r.stderr
     assert run_cli("verify", dest).code == 0
     assert_same_files(big_model_dir, dest)
-    # Bytes fetched twice are bounded by the chunks in flight at each kill, plus the manifests.
+    # Bytes fetched twice are bounded by the chunks in flight at each kill, plus the manifests
+    # and their signatures.
     print(f"https: {landed} kills mid-download, {served - total:,} bytes served twice "
           f"(bound {landed * RESUME_BOUND:,})")
     assert landed >= 5
     assert served - total <= landed * RESUME_BOUND + 11 * (64 << 10), (served - total, landed)
 
 
-def test_disk_full_is_a_clean_error_and_the_partial_resumes(big_model_dir: Path, tmp_path: Path) -> None:
+def test_disk_full_is_a_clean_error_and_the_partial_resumes(signed_big_dir: Path, signing_key: KeyPair,
+                                                            tmp_path: Path) -> None:
+    big_model_dir = signed_big_dir
     dest = tmp_path / "m"
     with serve(big_model_dir) as s:
         limit = 40 << 20  # RLIMIT_FSIZE: writes past 40 MiB in one file fail with EFBIG
         code = (f"import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
                 f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}));"
                 f"from weightship.cli.app import main; sys.argv=['weightship','fetch',{s.url!r},"
-                f"'--to',{str(dest)!r},'--chunk-mib','4']; main()")
+                f"'--to',{str(dest)!r},'--chunk-mib','4','--trust-key',{str(signing_key.public)!r}]; main()")
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert p.returncode == 1, p.stderr
         assert "Traceback" not in p.stderr and "no space left" in p.stderr, p.stderr
         partial = list((dest / ".weightship" / "incoming").rglob("*.journal"))
         assert partial, "the partial download and its journal are kept"
         assert not (dest / ".weightship" / "manifest.json").exists()
-        r = run_cli("fetch", s.url, "--to", dest, "--json")
+        r = run_cli("fetch", s.url, "--to", dest, "--json", "--trust-key", signing_key.public)
     assert r.code == 0, r.stderr
     assert json.loads(r.stdout)["resumed_bytes"] > 0
     assert_same_files(big_model_dir, dest)

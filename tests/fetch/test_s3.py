@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import S3Server, assert_clean_failure, run_cli
+from tests.fetch.conftest import KeyPair
 from tests.fetch.killing import RESUME_BOUND, kill_at_random_points
 from tests.net import CountingRelay
 from weightship.errors import DigestMismatchError
@@ -21,36 +22,45 @@ def _same_files(want: Path, got: Path) -> None:
         {f.path: f.sha256 for f in Manifest.load(want).files}
 
 
-def test_push_then_fetch_tiny_then_verify(s3_server: S3Server, tiny_hf_dir: Path, tmp_path: Path) -> None:
-    r = run_cli("push", tiny_hf_dir, "s3://models/tiny", "--json", env=s3_server.env)
+def test_push_then_fetch_tiny_then_verify(s3_server: S3Server, tiny_copy: Path, signing_key: KeyPair,
+                                          tmp_path: Path) -> None:
+    tiny_hf_dir = tiny_copy
+    r = run_cli("push", tiny_hf_dir, "s3://models/tiny", "--json", "--key", signing_key.private, env=s3_server.env)
     assert r.code == 0, r.stderr
-    assert (s3_server.root / "models" / "tiny" / ".weightship" / "manifest.json").is_file()
-    r = run_cli("fetch", "s3://models/tiny", "--to", tmp_path / "m", "--json", env=s3_server.env)
+    assert json.loads(r.stdout)["signed"] is True
+    stored = s3_server.root / "models" / "tiny" / ".weightship"
+    assert (stored / "manifest.json").read_bytes() == (tiny_hf_dir / ".weightship" / "manifest.json").read_bytes()
+    assert (stored / "manifest.sig").is_file()
+    r = run_cli("fetch", "s3://models/tiny", "--to", tmp_path / "m", "--json",
+                "--trust-key", signing_key.public, env=s3_server.env)
     assert r.code == 0, r.stderr
     m = json.loads(r.stdout)["manifest"]
     assert m["source"]["kind"] == "s3" and m["source"]["uri"] == "s3://models/tiny"
-    assert {f["anchor"] for f in m["files"]} == {"remote-manifest"}
+    assert {f["anchor"] for f in m["files"]} == {"signed-manifest"}
     assert all(f["source"].startswith("s3://models/tiny/") for f in m["files"])
     assert run_cli("verify", tmp_path / "m").code == 0
     _same_files(tiny_hf_dir, tmp_path / "m")
 
 
-def test_big_model_and_kill_9_resume(s3_env: S3Server, big_model_dir: Path, tmp_path: Path) -> None:
+def test_big_model_and_kill_9_resume(s3_env: S3Server, signed_big_dir: Path, signing_key: KeyPair,
+                                     tmp_path: Path) -> None:
     """Killed 10 times, then resumed: the model arrives whole, and the bytes S3 sent twice stay
     within the chunks in flight at each kill (counted by a relay in front of rclone)."""
     from weightship.fetch.s3 import push_directory
 
-    push_directory(big_model_dir, "s3://models/big")
+    big_model_dir = signed_big_dir
+    push_directory(big_model_dir, "s3://models/big")  # with the signature already beside it
     total = Manifest.load(big_model_dir).total_bytes
     dest = tmp_path / "m"
+    trust = ["--trust-key", str(signing_key.public)]
     port = int(s3_env.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
     with CountingRelay(port) as relay:
         env = {**s3_env.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{relay.port}"}
-        assert run_cli("fetch", "s3://models/big", "--to", tmp_path / "clean", env=env).code == 0
-        overhead = relay.received - total  # one whole fetch's headers, listing and manifest
+        assert run_cli("fetch", "s3://models/big", "--to", tmp_path / "clean", *trust, env=env).code == 0
+        overhead = relay.received - total  # one whole fetch's headers, listing, manifest, signature
         relay.received = 0
-        landed = kill_at_random_points("s3://models/big", dest, total, kills=10, seed=9, env=env)
-        r = run_cli("fetch", "s3://models/big", "--to", dest, "--json", env=env)
+        landed = kill_at_random_points("s3://models/big", dest, total, kills=10, seed=9, env=env, extra=trust)
+        r = run_cli("fetch", "s3://models/big", "--to", dest, "--json", *trust, env=env)
         served = relay.received
     assert r.code == 0, r.stderr
     assert landed >= 5
@@ -62,21 +72,23 @@ def test_big_model_and_kill_9_resume(s3_env: S3Server, big_model_dir: Path, tmp_
     assert 0 < overhead < 1 << 20
     assert again <= landed * RESUME_BOUND, (served - total, overhead, landed)
     # a fresh fetch in-process moves every byte once
-    result = fetch(build_request("s3://models/big", options={"chunk_size": 8 << 20}), tmp_path / "n")
+    result = fetch(build_request("s3://models/big", options={
+        "chunk_size": 8 << 20, "trust_keys": [str(signing_key.public)]}), tmp_path / "n")
     assert result.downloaded_bytes == total
 
 
 def test_object_etag_is_never_trusted_a_changed_object_is_rejected(
-        s3_env: S3Server, tiny_hf_dir: Path, tmp_path: Path) -> None:
+        s3_env: S3Server, signed_tiny_dir: Path, signing_key: KeyPair, tmp_path: Path) -> None:
     from weightship.fetch.s3 import push_directory
 
-    push_directory(tiny_hf_dir, "s3://models/tampered")
+    push_directory(signed_tiny_dir, "s3://models/tampered")
     obj = s3_env.root / "models" / "tampered" / "model.safetensors"
     data = bytearray(obj.read_bytes())
     data[len(data) // 2] ^= 1
     obj.write_bytes(bytes(data))  # same size, new ETag: only the manifest's sha256 can tell
     with pytest.raises(DigestMismatchError):
-        fetch(build_request("s3://models/tampered"), tmp_path / "m")
+        fetch(build_request("s3://models/tampered", options={"trust_keys": [str(signing_key.public)]}),
+              tmp_path / "m")
     assert not (tmp_path / "m" / "model.safetensors").exists()
 
 

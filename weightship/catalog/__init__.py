@@ -4,7 +4,13 @@ A card records what is published about a model: its architecture, license, layou
 of each, with sizes and sha256 digests where someone published them), and the sources it can be
 fetched from, in the order ``--source auto`` tries them. A digest nobody published is left out;
 the fetch then takes it from the source's trust anchor (the Hub's LFS sha256 at a commit, the
-torrent's piece hashes).
+torrent's piece hashes). What a card does pin binds every source (the fetch engine checks it).
+
+An ``hf`` source pins the Hub commit it is fetched at (``revision:``, a full 40-hex commit id:
+a branch or tag moves, so the loader refuses one). A card may leave the revision out when no
+commit can be justified; it is then *unpinned*: :meth:`Card.hub_revision` says so, ``models``
+lists it as such, and a fetch warns that it takes whatever ``main`` is at the time (and records
+the commit it got in the manifest).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from weightship.errors import CatalogError, UnknownModelError
 from weightship.paths import safe_relpath
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 LAYOUTS = ("hf", "original")
 
 
@@ -98,6 +105,11 @@ class Card:
                 f"{self.name} has no {key!r} layout", hint="layouts: " + ", ".join(self.layouts))
         return self.layouts[key]
 
+    def hub_revision(self, spec: dict[str, Any] | Any) -> str | None:
+        """The Hub commit this card pins for its hf source ``spec``; None when it is unpinned."""
+        revision = spec.get("revision")
+        return str(revision) if revision else None
+
     def summary(self) -> dict[str, Any]:
         """What ``weightship models --json`` lists for this card."""
         return {
@@ -111,6 +123,9 @@ class Card:
                             "bytes": v.total_bytes(), "weights_bytes": v.weights_bytes()}
                         for k, v in self.layouts.items()},
             "sources": [s["kind"] for s in self.sources],
+            # each Hub repo and its pinned commit (null: unpinned, fetched at main)
+            "hub_revisions": {s["repo"]: self.hub_revision(s) for s in self.sources
+                              if s["kind"] == "hf"},
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +144,22 @@ def _card_file(data: Any, where: str) -> CardFile:
     if sha is not None and not (isinstance(sha, str) and _SHA256.match(sha)):
         raise CatalogError(f"{where}: {data['path']}: sha256 must be 64 lower-case hex digits")
     return CardFile(path=data["path"], size=size, sha256=sha)
+
+
+def _check_source(s: Any, origin: str) -> None:
+    if not isinstance(s, dict) or not isinstance(s.get("kind"), str):
+        raise CatalogError(f"{origin}: every source needs a kind")
+    if s["kind"] == "hf":
+        if not isinstance(s.get("repo"), str) or not s["repo"]:
+            raise CatalogError(f"{origin}: an hf source needs a repo")
+        revision = s.get("revision")
+        if revision is not None and not (isinstance(revision, str) and _COMMIT.match(revision)):
+            raise CatalogError(
+                f"{origin}: {s['repo']}: revision must be a full 40-hex commit id, got {revision!r}",
+                hint="a branch or tag moves; leave revision out to mark the card unpinned")
+    key = s.get("trust_key")
+    if key is not None and not (isinstance(key, str) and key.strip()):
+        raise CatalogError(f"{origin}: a source's trust_key must be a PEM public key or a path")
 
 
 def parse_card(data: Any, origin: str) -> Card:
@@ -154,8 +185,7 @@ def parse_card(data: Any, origin: str) -> Card:
             raise CatalogError(f"{origin}: default_layout {default_layout!r} is not a layout")
         sources = tuple(data.get("sources", ()))
         for s in sources:
-            if not isinstance(s, dict) or not isinstance(s.get("kind"), str):
-                raise CatalogError(f"{origin}: every source needs a kind")
+            _check_source(s, origin)
         tok = data.get("tokenizer")
         return Card(
             name=data["name"],

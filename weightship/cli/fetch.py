@@ -29,6 +29,10 @@ def fetch(
                                                  "or the card's pin].")] = None,
     manifest: Annotated[Path | None, typer.Option("--manifest", help="Manifest whose digests to "
                                                   "enforce (s3://, https:// sources).")] = None,
+    trust_key: Annotated[list[Path] | None, typer.Option(
+        "--trust-key", envvar="WEIGHTSHIP_TRUST_KEY", help="Public key (PEM) trusted to sign the "
+        "manifest an s3:// or https:// source holds; checked before any digest is used "
+        "(repeatable; the variable takes paths separated by spaces).")] = None,
     connections: Annotated[int | None, typer.Option(min=1, help="Ranged reads in flight per "
                                                     "file [default: 4].")] = None,
     parallel_files: Annotated[int | None, typer.Option(min=1, help="Files downloaded at once "
@@ -57,8 +61,11 @@ def fetch(
     \b
       weightship fetch weightship-tiny --to ./tiny
       weightship fetch weightship-tiny --layout original --to ./tiny-orig
+      weightship fetch mistral-7b-v0.1 --source hf          # at the card's pinned commit
+      weightship fetch s3://models/acme-7b --trust-key acme.pub
     """
     transfer = {"revision": revision, "manifest": str(manifest) if manifest else None,
+                "trust_keys": [str(k) for k in trust_key] if trust_key else None,
                 "connections": connections, "parallel_files": parallel_files,
                 "chunk_size": chunk_mib << 20 if chunk_mib else None, "stall_timeout": stall_timeout,
                 "direct_io": direct_io, "peers": peer or None, "peers_from_dns": peers_from_dns,

@@ -1,4 +1,4 @@
-"""``weightship manifest``: write or show a model directory's manifest."""
+"""``weightship manifest``: write, show or sign a model directory's manifest."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from weightship.cli._common import JsonOption, emit, progress_for
 from weightship.errors import UsageError
 from weightship.manifest import Manifest, create_for_directory, manifest_path
 
-app = typer.Typer(help="Write or show a model directory's manifest.", no_args_is_help=True)
+app = typer.Typer(help="Write, show or sign a model directory's manifest.", no_args_is_help=True)
 
 
 def _render(m: Manifest, console: Console) -> None:
@@ -57,3 +57,50 @@ def show(directory: Annotated[Path, typer.Argument(help="Model directory or mani
     """Show a model directory's manifest. Example: weightship manifest show ./tiny"""
     m = Manifest.load(directory)
     emit(m.to_dict(), lambda c: _render(m, c), json_flag=json_flag)
+
+
+@app.command("sign")
+def sign(
+    directory: Annotated[Path, typer.Argument(help="A model directory with a manifest.")],
+    key: Annotated[Path, typer.Option("--key", help="Private key (PEM, elliptic curve).")],
+    json_flag: JsonOption = False,
+) -> None:
+    """Sign DIRECTORY's manifest (OpenSSF model signing, key-based, offline).
+
+    The signature goes to DIRECTORY/.weightship/manifest.sig, beside the manifest it signs; it
+    covers the manifest's bytes, and so every file's size and sha256. Whoever fetches the
+    directory (s3://, https://) with --trust-key KEY.pub checks it before using any digest.
+    The model_signing CLI verifies the same pair. Rewriting the manifest (a fetch, convert)
+    removes the signature: sign again afterwards.
+
+    \b
+    Examples:
+      weightship manifest keygen acme.pem            # acme.pem and acme.pem.pub
+      weightship manifest sign ./acme-7b --key acme.pem
+    """
+    from weightship.signing import sign_directory
+
+    path = sign_directory(directory, key)
+    emit({"directory": str(directory), "signature": str(path)},
+         lambda c: c.print(f"[green]✓[/] signed {manifest_path(directory)} → {path}", highlight=False),
+         json_flag=json_flag)
+
+
+@app.command("keygen")
+def keygen(
+    key: Annotated[Path, typer.Argument(help="Where to write the private key; the public key goes "
+                                        "beside it, with .pub appended.")],
+    json_flag: JsonOption = False,
+) -> None:
+    """Make an elliptic-curve (P-256) key pair for signing manifests.
+
+    Example: weightship manifest keygen ~/.config/weightship/acme.pem
+    """
+    from weightship.signing import generate_key
+
+    if key.exists():
+        raise UsageError(f"{key} exists; refusing to overwrite a key")
+    public = generate_key(key)
+    emit({"private_key": str(key), "public_key": str(public)},
+         lambda c: c.print(f"wrote {key} (keep it secret) and {public} (give it to those who fetch)",
+                           highlight=False), json_flag=json_flag)

@@ -91,6 +91,7 @@ class Source(ABC):
 
     kind: ClassVar[str]
     schemes: ClassVar[tuple[str, ...]] = ()  # URI schemes this source handles
+    network: ClassVar[bool] = True  # fetch_file's bytes come over the network (a download)
 
     def __init__(self, request: FetchRequest, spec: Mapping[str, Any] | None = None) -> None:
         self.request = request
@@ -112,6 +113,11 @@ class Source(ABC):
         returns False, and the engine calls :meth:`fetch_file` for each file instead.
         """
         return False
+
+    def bulk_bytes(self) -> tuple[int, int]:
+        """What :meth:`fetch_many` moved in this run: (bytes from the network, bytes reused from
+        an earlier run's partial download)."""
+        return 0, 0
 
     def uri_for(self, file: PlannedFile) -> str:
         """Where ``file``'s bytes came from, as recorded in the manifest."""

@@ -21,6 +21,7 @@ class BuiltinSource(Source):
 
     kind: ClassVar[str] = "builtin"
     schemes: ClassVar[tuple[str, ...]] = ("builtin",)
+    network: ClassVar[bool] = False  # generated here: not a downloaded byte
     _files: dict[str, bytes] | None = None
 
     def _layout(self) -> str:

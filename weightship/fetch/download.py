@@ -21,7 +21,8 @@ by the chunks that were in flight or waiting for the writer, ``(connections + 2)
 per file (one per buffer). A journal that does not match the remote any more (another ETag,
 another size) throws the partial away.
 
-Transport failures are retried with exponential backoff and jitter when they are retryable
+The first request for a file (:meth:`RangeReader.stat`, an HTTP HEAD) is retried like every
+other request. Transport failures are retried with exponential backoff and jitter when they are retryable
 (:class:`~weightship.errors.TransientFetchError`: resets, timeouts, 5xx, short bodies, a lying
 ``Content-Range``), continuing the chunk from the last byte received; a stall (no bytes for
 ``stall_timeout`` seconds) is a timeout, so it reconnects the same way. Anything else fails the
@@ -446,7 +447,7 @@ def download(reader: RangeReader, staging: Path, *, expected_size: int | None, s
     opts = opts or TransferOptions()
     progress = progress or NullProgress()
     path = path or staging.name
-    remote = reader.stat()
+    remote = stat_with_retries(reader, opts, path)
     if expected_size is not None and remote.size != expected_size:
         raise DigestMismatchError(path, expected=f"{expected_size} bytes",
                                   actual=f"{remote.size} bytes (as the server reports it)", what="size")
@@ -467,7 +468,7 @@ def download(reader: RangeReader, staging: Path, *, expected_size: int | None, s
                 raise
             log.warning("%s: the remote file changed; starting over", path)
             discard(staging)
-            remote = reader.stat()
+            remote = stat_with_retries(reader, opts, path)
             if expected_size is not None and remote.size != expected_size:
                 raise DigestMismatchError(path, expected=f"{expected_size} bytes",
                                           actual=f"{remote.size} bytes", what="size") from None
@@ -488,6 +489,21 @@ def _check(result: DownloadResult, staging: Path, path: str, sha256: str | None,
     if problem is not None:
         discard(staging)
         raise problem
+
+
+def stat_with_retries(reader: RangeReader, opts: TransferOptions, path: str) -> RemoteStat:
+    """``reader.stat()``, retried with backoff while it fails in a way a retry may fix (a 503,
+    a reset), as a chunk's reads are."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return reader.stat()
+        except TransientFetchError as e:
+            if attempt > opts.retries:
+                raise
+            log.info("%s: %s; retry %d of the first request", path, e, attempt)
+            sleep_backoff(attempt, opts)
 
 
 def sleep_backoff(attempt: int, opts: TransferOptions) -> None:

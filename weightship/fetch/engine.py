@@ -9,9 +9,12 @@ For each file the engine:
    resumable downloader in :mod:`weightship.fetch.download`, several files at once, with a
    resume journal beside each partial file;
 3. checks size and sha256 (or the Hub's git blob sha1) against the plan, which came from a
-   trust anchor — a mismatch deletes the staging file and moves on to the next source;
-4. once every file is checked, renames each into place (atomic) and writes the manifest last,
-   atomically. A directory whose manifest lists every file is complete and verified.
+   trust anchor and was held to the catalog card's pins before a byte was written
+   (:mod:`weightship.fetch.pins`) — a mismatch deletes the staging file and moves on to the next
+   source;
+4. once every file is checked, compares them with the card's pins once more, renames each into
+   place (atomic) and writes the manifest last, atomically. A directory whose manifest lists
+   every file is complete and verified.
 
 The whole job holds the directory's lock.
 """
@@ -27,7 +30,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +42,13 @@ from weightship.errors import (
     DiskFullError,
     DiskSpaceError,
     FetchError,
+    GatedRepoError,
     IntegrityError,
     ManifestError,
     UnknownSourceError,
     UnsafePathError,
 )
+from weightship.fetch import pins
 from weightship.fetch.base import FetchPlan, FetchRequest, PlannedFile, Sink, Source
 from weightship.fetch.download import TransferOptions, download, journal_path
 from weightship.fetch.lock import dir_lock
@@ -230,7 +235,7 @@ def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress
     except BaseException:
         staging.unlink(missing_ok=True)  # wrong or partial bytes are never kept as-is
         raise
-    if result is not None:
+    if result is not None and source.network:  # not bytes a generator or a local store made
         with _COUNTERS:
             result.downloaded_bytes += sink.bytes_written
     return FileEntry(path=f.path, size=sink.bytes_written, sha256=sink.sha256(),
@@ -252,31 +257,58 @@ def fetch(request: FetchRequest, dest: Path, *, source: str = "auto",
             s.close()
 
 
-def _plan(sources: list[Source]) -> FetchPlan:
-    errors: list[FetchError] = []
+def _plan(sources: list[Source], request: FetchRequest) -> FetchPlan:
+    """The first plan a source makes, narrowed to the files the user wants, that the card's pins
+    allow (checked before any byte is written)."""
+    errors: list[FetchError | IntegrityError] = []
     for s in sources:
         try:
-            return s.plan()
-        except FetchError as e:
+            plan = s.plan()
+            default_optional = getattr(s, "default_optional", ())
+            plan.files = select_files(plan.files, request, default_optional)
+            pinned = pins.card_pins(request, plan.layout)
+            plan.files = pins.bind(plan.files, pinned, f"the {s.kind} source")
+            pins.check_complete(plan.files, pinned, wanted_by(request, default_optional),
+                                f"the {s.kind} source")
+            return plan
+        except (FetchError, IntegrityError) as e:
             if len(sources) > 1:
                 log.warning("source %s could not plan: %s", s.kind, e)
             errors.append(e)
     if len(errors) == 1:
         raise errors[0]  # the source's own error, with its type and hint
+    contradicted = [err for err in errors if isinstance(err, IntegrityError)]
+    if contradicted:  # a source contradicted the card: that says more than the others' failures
+        raise contradicted[0]
     raise FetchError("no source could list the model: " + "; ".join(
         f"{s.kind}: {e}" for s, e in zip(sources, errors, strict=True)),
         hint=next((e.hint for e in errors if e.hint), None))
 
 
 def _fetch_with_failover(sources: list[Source], f: PlannedFile, staging: Path,
-                         progress: Progress, result: FetchResult | None = None) -> FileEntry:
-    """Fetch ``f`` from the first source that delivers the right bytes."""
+                         progress: Progress, result: FetchResult | None = None,
+                         dead: dict[Source, Exception] | None = None) -> FileEntry:
+    """Fetch ``f`` from the first source that delivers the right bytes.
+
+    A source that failed for the whole repository (a gated Hub repo) goes into ``dead``, shared
+    by the fetch's files: it is said once and not asked again for any other file.
+    """
+    dead = {} if dead is None else dead
     last_error: Exception | None = None
     for s in sources:
+        if s in dead:
+            last_error = dead[s]
+            continue
         try:
             return _fetch_one(s, f, staging, progress, result)
         except DiskFullError:
             raise  # another source cannot make room
+        except GatedRepoError as e:
+            with _COUNTERS:
+                first = s not in dead
+                last_error = dead.setdefault(s, e)
+            if first and len(sources) > 1:
+                log.warning("source %s: %s; trying the others", s.kind, e)
         except (FetchError, IntegrityError) as e:
             log.warning("%s from %s failed: %s", f.path, s.kind, e)
             progress.note(f"{f.path}: {s.kind} failed: {e}")
@@ -292,9 +324,8 @@ DEFAULT_OPTIONAL = ("*.bin", "*.bin.index.json", "*.pth", "*.pt", "*.pth.index.j
                     "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.gguf", "*.ckpt")
 
 
-def select_files(files: list[PlannedFile], request: FetchRequest,
-                 default_optional: Sequence[str] = ()) -> list[PlannedFile]:
-    """The planned files the user wants: ``--include``/``--exclude`` globs, and optional files
+def wanted_by(request: FetchRequest, default_optional: Sequence[str] = ()) -> Callable[[str], bool]:
+    """Whether the user wants a path: ``--include``/``--exclude`` globs, and optional files
     (the card's ``optional`` globs, else the source's, e.g. :data:`DEFAULT_OPTIONAL` for a Hub
     repo) only when an ``--include`` glob names them."""
     if request.card is not None:
@@ -306,15 +337,21 @@ def select_files(files: list[PlannedFile], request: FetchRequest,
         return any(fnmatch.fnmatch(path, g) or fnmatch.fnmatch(path.rsplit("/", 1)[-1], g)
                    for g in globs)
 
-    chosen = []
-    for f in files:
-        if request.include and not match(f.path, request.include):
-            continue
-        if match(f.path, request.exclude):
-            continue
-        if match(f.path, optional) and not match(f.path, request.include):
-            continue
-        chosen.append(f)
+    def wanted(path: str) -> bool:
+        if request.include and not match(path, request.include):
+            return False
+        if match(path, request.exclude):
+            return False
+        return not (match(path, optional) and not match(path, request.include))
+
+    return wanted
+
+
+def select_files(files: list[PlannedFile], request: FetchRequest,
+                 default_optional: Sequence[str] = ()) -> list[PlannedFile]:
+    """The planned files the user wants (see :func:`wanted_by`)."""
+    wanted = wanted_by(request, default_optional)
+    chosen = [f for f in files if wanted(f.path)]
     if files and not chosen:
         raise UnknownSourceError(f"no file of {request.ref} matches the --include/--exclude globs",
                                  hint="files: " + ", ".join(f.path for f in files[:20]))
@@ -325,8 +362,8 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
                   progress: Progress) -> FetchResult:
     from weightship.fetch.ranged import RangedSource
 
-    plan = _plan(sources)
-    plan.files = select_files(plan.files, request, getattr(sources[0], "default_optional", ()))
+    plan = _plan(sources, request)
+    pinned = pins.card_pins(request, plan.layout)
     targets = {f.path: resolve_under(dest, f.path) for f in plan.files}  # reject bad names first
     old = _existing_manifest(dest)
     result = FetchResult(directory=dest, manifest=Manifest(
@@ -346,6 +383,9 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
     if todo and sources[0].fetch_many(todo, {f.path: staging[f.path] for f in todo}, progress):
         # A bulk source wrote the staging files itself: they count only if they hash right.
         staged |= _already_have(todo, {f.path: staging[f.path] for f in todo}, progress)
+        network, resumed = sources[0].bulk_bytes()
+        result.downloaded_bytes += network
+        result.resumed_bytes += resumed
     for f in plan.files:
         if f.path in present:
             earlier = old.entry(f.path) if old else None
@@ -361,6 +401,7 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
         width = TransferOptions.from_options(request.options).parallel_files
     for entry in _fetch_all(sources, rest, staging, progress, result, width):
         result.manifest.upsert(entry)
+    pins.check_entries(result.manifest.files, pinned)  # once more, before anything is promoted
     for f in plan.files:
         if f.path in present:
             continue
@@ -381,9 +422,11 @@ def _fetch_all(sources: list[Source], files: list[PlannedFile], staging: dict[st
     """Fetch ``files``, ``width`` at a time. A failed file does not stop the others (what they
     fetched stays staged for the next run); the first failure is raised once all have ended."""
 
+    dead: dict[Source, Exception] = {}
+
     def one(f: PlannedFile) -> FileEntry:
         progress.file_begin(f.path, f.size)
-        entry = _fetch_with_failover(sources, f, staging[f.path], progress, result)
+        entry = _fetch_with_failover(sources, f, staging[f.path], progress, result, dead)
         progress.file_end(f.path, "ok")
         return entry
 

@@ -7,33 +7,49 @@ Hub's metadata is the trust anchor: the LFS sha256 for large files, the git blob
 plain-git files (``config.json`` and friends) — the engine checks whichever the Hub gave, and
 records a sha256 for every file. The bytes come from ``/{repo}/resolve/{commit}/{path}`` by
 ranged GETs through the shared downloader (the Hub redirects LFS files to its CDN).
+
+A catalog card's source pins the commit (``revision:``); ``--revision`` overrides it, and a card
+that pins none is fetched at ``main`` with a warning. When the revision asked for is a commit id,
+the Hub must answer with that very commit. The Hub's own error codes (``X-Error-Code`` and
+``X-Error-Message``) are read on every reply: a gated repository is one
+:class:`~weightship.errors.GatedRepoError`, not a 403 per file.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import ssl
+from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import quote
 
+import urllib3
+
 from weightship.errors import (
     AccessDeniedError,
+    DigestMismatchError,
     FetchError,
+    GatedRepoError,
     RemoteNotFoundError,
     TransientFetchError,
     UsageError,
 )
 from weightship.fetch.base import FetchPlan, PlannedFile
-from weightship.fetch.download import RangeReader
+from weightship.fetch.download import RangeReader, sleep_backoff
 from weightship.fetch.engine import DEFAULT_OPTIONAL
-from weightship.fetch.http import HttpPool, HttpRemote
+from weightship.fetch.http import HttpPool, HttpRemote, raise_for_status
 from weightship.fetch.ranged import RangedSource
 from weightship.manifest import SourceInfo
 
+log = logging.getLogger(__name__)
+
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _DEFAULT_ENDPOINT = "https://huggingface.co"
+_NOT_FOUND_CODES = ("RepoNotFound", "RevisionNotFound", "EntryNotFound")
 
 
 def parse_hf_uri(uri: str) -> tuple[str, str | None]:
@@ -63,12 +79,28 @@ class HfSource(RangedSource):
     def _target(self) -> tuple[str, str]:
         if self.request.card is not None:
             repo = str(self.spec.get("repo") or "")
-            revision = self.request.options.get("revision") or self.spec.get("revision") or "main"
+            revision = (self.request.options.get("revision")
+                        or self.request.card.hub_revision(self.spec) or "main")
             if not repo:
                 raise UsageError(f"{self.request.card.name}: hf source without a repo")
             return repo, str(revision)
         repo, rev = parse_hf_uri(self.request.ref)
         return repo, str(self.request.options.get("revision") or rev or "main")
+
+    def _model_info(self, repo: str, revision: str) -> Any:
+        """The Hub's description of ``repo`` at ``revision``, retried while the Hub is busy."""
+        opts = self.transfer_options()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return _hub_call(lambda: self._api().model_info(repo, revision=revision,
+                                                                files_metadata=True), repo, revision)
+            except TransientFetchError as e:
+                if attempt > opts.retries:
+                    raise
+                log.info("%s; retry %d", e, attempt)
+                sleep_backoff(attempt, opts)
 
     def _api(self) -> Any:
         from huggingface_hub import HfApi
@@ -77,10 +109,16 @@ class HfSource(RangedSource):
 
     def plan(self) -> FetchPlan:
         repo, revision = self._target()
-        info = _hub_call(lambda: self._api().model_info(repo, revision=revision, files_metadata=True),
-                         repo, revision)
+        card = self.request.card
+        if card is not None and not self.request.options.get("revision") and card.hub_revision(self.spec) is None:
+            log.warning("%s pins no Hub commit for %s: fetching main as it is now (the manifest "
+                        "records the commit); pass --revision COMMIT to choose one", card.name, repo)
+        info = self._model_info(repo, revision)
         if not info.sha or info.siblings is None:
             raise FetchError(f"hf://{repo}@{revision}: the Hub returned no commit or file list")
+        if _COMMIT.match(revision) and info.sha != revision:
+            raise DigestMismatchError(f"hf://{repo}", expected=revision, actual=str(info.sha),
+                                      what="commit")
         self._commit = info.sha
         files = []
         for s in info.siblings:
@@ -121,17 +159,41 @@ class HfSource(RangedSource):
         repo, _ = self._target()
         # The token goes with each file's requests, not the pool's defaults: the remote drops
         # it when the Hub redirects to another host (its CDN).
-        return HttpRemote(self.pool, self._url(repo, file.path), headers=self._hub_headers[0])
+        return HubRemote(self.pool, self._url(repo, file.path), repo=repo,
+                         headers=self._hub_headers[0], where=self.uri_for(file))
 
     def uri_for(self, file: PlannedFile) -> str:
         repo, _ = self._target()
         return f"hf://{repo}@{self._commit}/{file.path}"
 
 
+class HubRemote(HttpRemote):
+    """A file of a Hub repository; the Hub's error codes name what went wrong."""
+
+    def __init__(self, pool: HttpPool, url: str, *, repo: str, headers: Mapping[str, str],
+                 where: str) -> None:
+        super().__init__(pool, url, headers=headers, where=where)
+        self.repo = repo
+
+    def check_status(self, r: urllib3.BaseHTTPResponse) -> None:
+        if r.status < 400:
+            return
+        code = r.headers.get("x-error-code")
+        message = (r.headers.get("x-error-message") or "").strip() or None
+        if code == "GatedRepo":
+            raise GatedRepoError(self.repo, message)
+        if code in _NOT_FOUND_CODES:
+            raise RemoteNotFoundError(f"{self.where}: {message or code}")
+        if code and r.status in (401, 403):
+            raise AccessDeniedError(f"{self.where}: {code}" + (f": {message}" if message else ""),
+                                    hint="set HF_TOKEN to a token with access to this repository")
+        raise_for_status(r.status, self.where)
+
+
 def _hub_call(call: Any, repo: str, revision: str) -> Any:
     """Run a huggingface_hub call, turning its errors into weightship's (with a hint)."""
+    from huggingface_hub.errors import GatedRepoError as HubGatedRepoError
     from huggingface_hub.errors import (
-        GatedRepoError,
         HfHubHTTPError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -140,10 +202,8 @@ def _hub_call(call: Any, repo: str, revision: str) -> Any:
     where = f"hf://{repo}@{revision}"
     try:
         return call()
-    except GatedRepoError as e:
-        raise AccessDeniedError(f"{where}: the repository is gated ({_first_line(e)})",
-                                hint="set HF_TOKEN to a token of an account that was granted "
-                                     "access (request it on the repository's page)") from None
+    except HubGatedRepoError as e:
+        raise GatedRepoError(repo, _first_line(e)) from None
     except RevisionNotFoundError:
         raise RemoteNotFoundError(f"{where}: no such revision",
                                   hint="give a branch, tag or commit that exists") from None

@@ -7,7 +7,14 @@ ignores ranges (the engine then reads the file whole), unless it carries a ``Con
 a ``Content-Length`` for exactly the range asked for (some S3 servers answer presigned ranged
 GETs that way). A short body, a wrong range or a 5xx is retryable; 401/403/404/412/416 are not.
 The Hub's ``resolve`` URLs redirect to a CDN: redirects are followed once, at
-:meth:`HttpRemote.stat`, and the final URL is used for every range.
+:meth:`HttpRemote.stat`, and the final URL is used for every range. A redirect from ``https`` to
+plain ``http`` is never followed, and credentials (``Authorization``) are dropped as soon as a
+redirect changes the scheme, the host or the port.
+
+Every reply's connection goes back to the pool only in a state that can carry the next request:
+http.client keeps a bodiless reply (a HEAD's, a 204) "open" until someone reads it, and a pooled
+connection with such a reply pending fails its next request with ``ResponseNotReady``, so
+:func:`_finish` closes it first.
 
 Bodies are read with http.client's ``readinto`` straight into the downloader's chunk buffers: no
 byte is copied into a new object on its way to the disk and the hash (urllib3's own ``readinto``
@@ -37,20 +44,21 @@ from weightship import __version__
 from weightship.errors import (
     AccessDeniedError,
     FetchError,
+    InsecureRedirectError,
     ProtocolViolationError,
     RangeNotSupportedError,
     RemoteChangedError,
     RemoteNotFoundError,
     TransientFetchError,
 )
-from weightship.fetch.download import RangeReader, RemoteStat, TransferOptions
+from weightship.fetch.download import RangeReader, RemoteStat, TransferOptions, sleep_backoff
 
 log = logging.getLogger(__name__)
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _READ = 1 << 20  # bytes per readinto: large enough that per-call overhead vanishes
 _RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
-_SMALL_LIMIT = 64 << 20  # the most a manifest or other small document may be
+SMALL_LIMIT = 64 << 20  # the most a manifest or other small document may be
 
 
 def _ca_certs(override: str | None) -> str | None:
@@ -77,6 +85,7 @@ class HttpPool:
                  ca_certs: str | None = None) -> None:
         default = urllib3.HTTPHeaderDict({"Accept-Encoding": "identity", "User-Agent": f"weightship/{__version__}"})
         default.update(headers or {})  # case-insensitive: a caller's User-Agent replaces ours
+        self.opts = opts
         self._kw: dict[str, Any] = {
             "maxsize": opts.connections * opts.parallel_files + 4, "block": False, "retries": False,
             "timeout": urllib3.Timeout(connect=min(30.0, opts.stall_timeout), read=opts.stall_timeout),
@@ -158,25 +167,54 @@ def _finish(r: urllib3.BaseHTTPResponse) -> None:
     # http.client closes its response once the body it read ends.
     if r.length_remaining != 0 and not (raw is not r and raw.isclosed()):
         r.close()
+    elif raw is not r and not raw.isclosed():
+        # No body left (a HEAD's reply, a 204), but http.client marks the reply done only when
+        # it is read or closed; until then its connection refuses the next request
+        # (ResponseNotReady). Closing the reply keeps the socket, which the pool reuses.
+        raw.close()
     r.release_conn()
 
 
-def get_small(pool: HttpPool, url: str, *, max_redirects: int = 5) -> bytes | None:
-    """A small document (a manifest) at ``url``, following redirects; None when it is 404."""
-    remote = HttpRemote(pool, url, max_redirects=max_redirects)
+def get_small(pool: HttpPool, url: str, *, max_redirects: int = 5,
+              where: str | None = None) -> bytes | None:
+    """A small document (a manifest, a signature) at ``url``, following redirects; None when it
+    is 404. At most 64 MiB; retried like a chunk when the reply fails or breaks mid-body."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return _get_small_once(pool, url, max_redirects=max_redirects, where=where or url)
+        except TransientFetchError as e:
+            if attempt > pool.opts.retries:
+                raise
+            log.info("%s: %s; retry %d", where or url, e, attempt)
+            sleep_backoff(attempt, pool.opts)
+
+
+def _get_small_once(pool: HttpPool, url: str, *, max_redirects: int, where: str) -> bytes | None:
+    remote = HttpRemote(pool, url, max_redirects=max_redirects, where=where)
     r = remote._follow("GET")
     try:
         if r.status == 404:
             return None
-        raise_for_status(r.status, url)
-        body = r.read(_SMALL_LIMIT + 1)
-    except HTTPError as e:
-        raise transport_error(url, e) from None
+        remote.check_status(r)
+        body = r.read(SMALL_LIMIT + 1)
+    except (HTTPError, OSError, http.client.HTTPException) as e:
+        if isinstance(e, FetchError):
+            raise
+        raise transport_error(where, e) from None  # IncompleteRead: the body broke off
     finally:
         _finish(r)
-    if len(body) > _SMALL_LIMIT:
-        raise ProtocolViolationError(f"{url}: larger than {_SMALL_LIMIT} bytes")
+    if len(body) > SMALL_LIMIT:
+        raise ProtocolViolationError(f"{where}: larger than {SMALL_LIMIT} bytes")
     return body
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of ``url``, the port made explicit: what credentials are bound to."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or {"https": 443, "http": 80}.get(scheme)
 
 
 class HttpRemote(RangeReader):
@@ -196,6 +234,10 @@ class HttpRemote(RangeReader):
         """The URL for the next request (a subclass may sign each one)."""
         return self.url
 
+    def check_status(self, r: urllib3.BaseHTTPResponse) -> None:
+        """Raise the weightship error for an error reply (a subclass may read more of it)."""
+        raise_for_status(r.status, self.where)
+
     def _get(self, headers: Mapping[str, str]) -> urllib3.BaseHTTPResponse:
         try:
             return self.pool.request("GET", self.request_url(), headers={**self.headers, **headers})
@@ -212,11 +254,16 @@ class HttpRemote(RangeReader):
             location = r.headers.get("location")
             if r.status in (301, 302, 303, 307, 308) and location:
                 r.drain_conn()
-                r.release_conn()
+                _finish(r)
                 nxt = urljoin(url, location)
-                if urlsplit(nxt).netloc != urlsplit(url).netloc:
+                if _origin(url)[0] == "https" and _origin(nxt)[0] != "https":
+                    raise InsecureRedirectError(
+                        f"{self.where}: the server redirected https to {_origin(nxt)[0]}://; "
+                        "refusing to follow (it would expose the request and its credentials)",
+                        hint="the server or a proxy is misconfigured; ask its operator")
+                if _origin(nxt) != _origin(url):  # never leak a token to a CDN or a downgrade
                     headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-                url = nxt  # never leak a token to a CDN (above)
+                url = nxt
                 continue
             self.url, self.headers = url, headers
             return r
@@ -227,7 +274,7 @@ class HttpRemote(RangeReader):
         _finish(r)
         if r.status in (405, 501):  # no HEAD: ask for the first byte instead
             return self._stat_by_get()
-        raise_for_status(r.status, self.where)
+        self.check_status(r)
         length = r.headers.get("content-length")
         if length is None or not length.isdigit():
             return self._stat_by_get()
@@ -237,7 +284,7 @@ class HttpRemote(RangeReader):
     def _stat_by_get(self) -> RemoteStat:
         r = self._get({"Range": "bytes=0-0"})
         try:
-            raise_for_status(r.status, self.where)
+            self.check_status(r)
             m = _CONTENT_RANGE.match(r.headers.get("content-range", ""))
             if r.status == 206 and m and m.group(3) != "*":
                 self._size = int(m.group(3))
@@ -264,7 +311,7 @@ class HttpRemote(RangeReader):
     def read_whole(self, into: memoryview) -> Iterator[memoryview]:
         r = self._get({})
         try:
-            raise_for_status(r.status, self.where)
+            self.check_status(r)
             if r.status != 200:
                 raise ProtocolViolationError(f"{self.where}: HTTP {r.status} to a plain GET")
             yield from self._body(r, into, whole=True)
@@ -291,7 +338,7 @@ class HttpRemote(RangeReader):
             pos += n
 
     def _check_range_reply(self, r: urllib3.BaseHTTPResponse, start: int, end: int, validator: str | None) -> None:
-        raise_for_status(r.status, self.where)
+        self.check_status(r)
         etag = strong_etag(r.headers.get("etag"))
         if validator is not None and etag is not None and etag != validator:
             raise RemoteChangedError(f"{self.where}: ETag changed from {validator} to {etag}")

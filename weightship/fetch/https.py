@@ -2,10 +2,10 @@
 
 ``https://host/models/mistral/`` must serve the model's files under that prefix and
 ``.weightship/manifest.json`` beside them (what ``weightship fetch`` leaves in a directory, so
-any static file server over a fetched directory works). The digests come from that manifest, or
-from ``--manifest FILE`` / the catalog card when given, which is the stronger anchor: a manifest
-fetched from the same server vouches only as far as the server is trusted. ``http://`` is
-accepted for servers on a trusted network (the digests still decide what is promoted).
+any static file server over a fetched directory works). The digests come from ``--manifest
+FILE``, the catalog card, or that manifest when it is signed (``.weightship/manifest.sig``) with
+a key the user trusts; see :mod:`weightship.fetch.ranged` for the order. An unsigned manifest
+from the same server is refused over plain ``http://`` and taken, with a warning, over https.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from weightship.errors import UsageError
 from weightship.fetch.base import FetchPlan, PlannedFile
 from weightship.fetch.download import RangeReader
 from weightship.fetch.http import HttpRemote, get_small
-from weightship.fetch.ranged import REMOTE_MANIFEST, RangedSource, plan_from_manifest
+from weightship.fetch.ranged import RangedSource, plan_from_manifest
 
 
 class HttpsSource(RangedSource):
@@ -37,12 +37,12 @@ class HttpsSource(RangedSource):
     def _url(self, path: str) -> str:
         return self.base + quote(path)
 
-    def _remote_manifest(self) -> bytes | None:
-        return get_small(self.pool, self._url(REMOTE_MANIFEST))
+    def _read_small(self, rel: str) -> bytes | None:
+        return get_small(self.pool, self._url(rel))
 
     def plan(self) -> FetchPlan:
-        return plan_from_manifest(self, uri=self.base, revision=None,
-                                  read_remote_manifest=self._remote_manifest, locate=self._url)
+        return plan_from_manifest(self, uri=self.base, revision=None, read_remote=self._read_small,
+                                  locate=self._url, secure=self.base.startswith("https://"))
 
     def remote(self, file: PlannedFile) -> RangeReader:
         return HttpRemote(self.pool, self._url(file.path))

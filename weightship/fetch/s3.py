@@ -4,8 +4,10 @@
 the credentials and the endpoint as it always does (``AWS_PROFILE``, ``AWS_ENDPOINT_URL``,
 ``AWS_REGION``, the credential chain). An object's ETag is never used as a digest: every file's
 sha256 comes from a manifest (``--manifest FILE``, the card, or ``PREFIX/.weightship/manifest.json``
-as written by ``weightship push``), and weightship's own sha256 is enforced whatever checksum
-mode the server offers. Objects are read through the shared downloader by ranged GETs on
+as written by ``weightship push``, signed with ``push --key``; see :mod:`weightship.fetch.ranged`
+for which of them is an anchor, and when), and weightship's own sha256 is enforced whatever
+checksum mode the server offers. The manifest and its signature are read whole, at most 64 MiB,
+retried like any other request. Objects are read through the shared downloader by ranged GETs on
 presigned SigV4 URLs, pinned to the ETag seen at the start (``If-Match``): the same HTTP reader,
 and the same checks of every reply, as the Hub and HTTPS sources. botocore signs each request
 (the credentials never leave it) and answers HeadObject with its own error codes; the bytes
@@ -16,7 +18,6 @@ downloader's buffers.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,16 +25,17 @@ from typing import Any, ClassVar
 from weightship.errors import (
     AccessDeniedError,
     FetchError,
+    ProtocolViolationError,
     RemoteChangedError,
     RemoteNotFoundError,
     TransientFetchError,
     UsageError,
 )
 from weightship.fetch.base import FetchPlan, PlannedFile
-from weightship.fetch.download import RangeReader, RemoteStat, TransferOptions
-from weightship.fetch.http import HttpPool, HttpRemote
-from weightship.fetch.ranged import REMOTE_MANIFEST, RangedSource, plan_from_manifest
-from weightship.manifest import Manifest
+from weightship.fetch.download import RangeReader, RemoteStat, TransferOptions, sleep_backoff
+from weightship.fetch.http import SMALL_LIMIT, HttpPool, HttpRemote
+from weightship.fetch.ranged import REMOTE_MANIFEST, REMOTE_SIGNATURE, RangedSource, plan_from_manifest
+from weightship.manifest import Manifest, manifest_path
 from weightship.paths import resolve_under
 from weightship.progress import NullProgress, Progress
 
@@ -175,22 +177,48 @@ class S3Source(RangedSource):
         _, prefix = parse_s3_uri(self.uri)
         return f"{prefix}/{path}" if prefix else path
 
-    def _remote_manifest(self) -> bytes | None:
+    def _read_small(self, rel: str) -> bytes | None:
+        """A small object under the prefix (a manifest, a signature), or None when there is none;
+        retried while it fails in a way a retry may fix."""
         bucket, _ = parse_s3_uri(self.uri)
-        key = self._key(REMOTE_MANIFEST)
+        where = f"s3://{bucket}/{self._key(rel)}"
+        opts = self.transfer_options()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self._read_small_once(bucket, self._key(rel), where)
+            except TransientFetchError:
+                if attempt > opts.retries:
+                    raise
+                sleep_backoff(attempt, opts)
+
+    def _read_small_once(self, bucket: str, key: str, where: str) -> bytes | None:
         try:
-            body: bytes = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            reply = self.client.get_object(Bucket=bucket, Key=key)
+            body = reply["Body"]
+            try:
+                if int(reply.get("ContentLength") or 0) > SMALL_LIMIT:
+                    raise ProtocolViolationError(f"{where}: larger than {SMALL_LIMIT} bytes")
+                data: bytes = body.read(SMALL_LIMIT + 1)  # whatever the header said
+            finally:
+                body.close()
         except Exception as e:
-            err = s3_error(e, f"s3://{bucket}/{key}")
+            if isinstance(e, ProtocolViolationError):
+                raise
+            err = s3_error(e, where)
             if isinstance(err, RemoteNotFoundError):
                 return None
             raise err from None
-        return body
+        if len(data) > SMALL_LIMIT:
+            raise ProtocolViolationError(f"{where}: larger than {SMALL_LIMIT} bytes")
+        return data
 
     def plan(self) -> FetchPlan:
         bucket, _ = parse_s3_uri(self.uri)
+        secure = str(self.client.meta.endpoint_url or "").startswith("https://")
         return plan_from_manifest(self, uri=self.uri.rstrip("/"), revision=None,
-                                  read_remote_manifest=self._remote_manifest,
+                                  read_remote=self._read_small, secure=secure,
                                   locate=lambda p: f"s3://{bucket}/{self._key(p)}")
 
     def remote(self, file: PlannedFile) -> RangeReader:
@@ -203,44 +231,54 @@ class S3Source(RangedSource):
 
 
 def push_directory(directory: Path, uri: str, *, progress: Progress | None = None,
-                   opts: TransferOptions | None = None) -> Manifest:
+                   opts: TransferOptions | None = None, key: Path | None = None) -> Manifest:
     """Upload a verified model directory and its manifest to ``s3://bucket/prefix``.
 
     The directory is verified first (every file against its manifest), so a bucket is never
-    stocked with bytes that do not match the digests that travel with them. Files go first and
-    the manifest last: a reader that finds the manifest finds every file it lists. Each object
-    also carries its sha256 as metadata, for people browsing the bucket; weightship itself
-    trusts only the manifest.
+    stocked with bytes that do not match the digests that travel with them. With ``key`` the
+    manifest is signed first (:func:`weightship.signing.sign_directory`); a signature already
+    beside the manifest is uploaded too. Files go first, then the signature, and the manifest
+    last, byte for byte as signed: a reader that finds the manifest finds every file it lists
+    and its signature. Each object also carries its sha256 as metadata, for people browsing the
+    bucket; weightship itself trusts only the manifest.
     """
     from boto3.s3.transfer import TransferConfig
 
+    from weightship.signing import sign_directory, signature_path
     from weightship.verify import verify_dir
 
     progress = progress or NullProgress()
     opts = opts or TransferOptions()
     manifest = Manifest.load(directory)
     verify_dir(directory, progress=progress, record=False).raise_for_problems()
+    if key is not None:
+        sign_directory(directory, key)
     bucket, prefix = parse_s3_uri(uri)
     client = make_s3_client(opts)
     config = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20,
                             max_concurrency=opts.connections * opts.parallel_files)
     progress.begin("push", total_bytes=manifest.total_bytes, files=len(manifest.files))
     for f in manifest.files:
-        key = f"{prefix}/{f.path}" if prefix else f.path
+        obj = f"{prefix}/{f.path}" if prefix else f.path
         progress.file_begin(f.path, f.size)
         try:
-            client.upload_file(str(resolve_under(directory, f.path)), bucket, key, Config=config,
+            client.upload_file(str(resolve_under(directory, f.path)), bucket, obj, Config=config,
                                ExtraArgs={"Metadata": {"sha256": f.sha256}},
                                Callback=lambda n, path=f.path: progress.advance(path, n))
         except Exception as e:
-            raise _upload_error(e, f"s3://{bucket}/{key}") from None
+            raise _upload_error(e, f"s3://{bucket}/{obj}") from None
         progress.file_end(f.path, "ok")
-    key = f"{prefix}/{REMOTE_MANIFEST}" if prefix else REMOTE_MANIFEST
-    try:
-        client.put_object(Bucket=bucket, Key=key, ContentType="application/json",
-                          Body=(json.dumps(manifest.to_dict(), indent=2) + "\n").encode())
-    except Exception as e:
-        raise s3_error(e, f"s3://{bucket}/{key}") from None
+    body = manifest_path(directory).read_bytes()  # the bytes a signature covers, not a re-dump
+    signature = signature_path(directory)
+    uploads = [(REMOTE_MANIFEST, body, "application/json")]
+    if signature.is_file():
+        uploads.insert(0, (REMOTE_SIGNATURE, signature.read_bytes(), "application/json"))
+    for rel, data, kind in uploads:
+        obj = f"{prefix}/{rel}" if prefix else rel
+        try:
+            client.put_object(Bucket=bucket, Key=obj, ContentType=kind, Body=data)
+        except Exception as e:
+            raise s3_error(e, f"s3://{bucket}/{obj}") from None
     progress.end()
     return manifest
 

@@ -65,6 +65,7 @@ class TorrentSource(Source):
 
     kind: ClassVar[str] = "torrent"
     schemes: ClassVar[tuple[str, ...]] = ("magnet",)
+    network: ClassVar[bool] = False  # fetch_file streams what fetch_many already downloaded
 
     def __init__(self, request: FetchRequest, spec: Mapping[str, Any] | None = None) -> None:
         super().__init__(request, spec)
@@ -79,6 +80,7 @@ class TorrentSource(Source):
         self._store: Path | None = None  # where libtorrent wrote the payload
         self._incoming: Path | None = None
         self._delivered = False
+        self._bulk = (0, 0)
 
     # ---- plan --------------------------------------------------------------------------------
 
@@ -207,7 +209,13 @@ class TorrentSource(Source):
                 staging[f.path].parent.mkdir(parents=True, exist_ok=True)
                 resolve_under(store, f.path).replace(staging[f.path])
         self._delivered = True
+        self._bulk = (swarm.downloaded_bytes, swarm.resumed_bytes)
         return True
+
+    def bulk_bytes(self) -> tuple[int, int]:
+        """The payload that came from peers (and web seeds) in this run, and what an earlier
+        run had already verified."""
+        return self._bulk
 
     def _resume_params(self, path: Path) -> lt.add_torrent_params:
         try:

@@ -2,7 +2,8 @@
 
 A pickle can run code when loaded, so a ``.pth`` is loaded only when:
 1. the directory's manifest lists it (its digest was checked against a trust anchor when it was
-   fetched, or the user vouched for it with a manifest), and
+   fetched, or the user vouched for it with a manifest) — and not when its only anchor was the
+   unsigned manifest its own server sent (``unsigned-remote-manifest``), which is no anchor, and
 2. its bytes still hash to that digest now;
 and then only with ``torch.load(weights_only=True, mmap=True)``, whose unpickler refuses every
 global except tensors and plain containers. The result must be a flat dict of tensors whose
@@ -25,7 +26,7 @@ from weightship.errors import (
     UntrustedFileError,
     UsageError,
 )
-from weightship.manifest import FileEntry, Manifest, fsync_dir, utcnow
+from weightship.manifest import UNSIGNED_ANCHORS, FileEntry, Manifest, fsync_dir, utcnow
 from weightship.paths import STATE_DIR, resolve_under
 from weightship.verify import deep
 from weightship.verify.digests import sha256_file
@@ -68,6 +69,12 @@ def convert_directory(directory: Path, *, manifest: Manifest | None = None) -> F
     entry = trust.entry(rel)
     if entry is None:
         raise UntrustedFileError(f"{rel} is not listed in the trusted manifest; refusing to unpickle it")
+    if manifest is None and entry.anchor in UNSIGNED_ANCHORS:
+        raise UntrustedFileError(
+            f"{rel}: its only trust anchor is the unsigned manifest its server sent "
+            f"({entry.anchor}); refusing to unpickle it",
+            hint="pass --manifest FILE that you trust, or fetch it again with --trust-key PUB "
+                 "from a signed manifest")
     path = resolve_under(directory, rel)
     size, sha = sha256_file(path)
     if size != entry.size or sha != entry.sha256:
