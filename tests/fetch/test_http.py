@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import Pki
 from tests.fetch.webserver import FileServer, serve
-from weightship.errors import RemoteChangedError
+from weightship.errors import InsecureRedirectError, RemoteChangedError
 from weightship.fetch.download import TransferOptions, download
 from weightship.fetch.http import HttpPool, HttpRemote
 
@@ -102,3 +106,78 @@ def test_a_body_left_unread_never_carries_the_next_request(cdn: FileServer) -> N
     buf = memoryview(bytearray(1000))
     assert b"".join(bytes(v) for v in remote.read_range(5000, 6000, st.validator, buf)) == DATA[5000:6000]
     assert cdn.connections == 2
+
+
+# ---- redirects across schemes (issue 17, item 3) -----------------------------------------------
+
+
+class _DualPort:
+    """One loopback port that speaks TLS and plain HTTP (it peeks at the first byte), so that a
+    redirect can change only the scheme, as ``https://host/`` to ``http://host/`` does on the
+    default ports. Records each request's scheme and ``Authorization``; ``/to-http/X`` and
+    ``/to-https/X`` redirect to ``X`` over the other scheme, anything else answers 200."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.ctx = ctx
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.seen: list[tuple[str, str | None]] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError, ssl.SSLError), conn:
+            tls = conn.recv(1, socket.MSG_PEEK) == b"\x16"  # a TLS handshake record
+            sock = self.ctx.wrap_socket(conn, server_side=True) if tls else conn
+            f = sock.makefile("rb")
+            method, path, _ = f.readline().decode().split(" ", 2)
+            auth = None
+            while (line := f.readline().decode()) not in ("\r\n", "\n", ""):
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "authorization":
+                    auth = value.strip()
+            self.seen.append(("https" if tls else "http", auth))
+            for prefix, scheme in (("/to-http/", "http"), ("/to-https/", "https")):
+                if path.startswith(prefix):
+                    head = (f"HTTP/1.1 302 Found\r\nLocation: {scheme}://127.0.0.1:{self.port}/"
+                            f"{path[len(prefix):]}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    break
+            else:
+                head = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+            sock.sendall(head.encode() + (b"hello" if method == "GET" and " 200 " in head else b""))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def dual(pki: Pki) -> Iterator[_DualPort]:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(pki.cert, pki.key)
+    server = _DualPort(ctx)
+    yield server
+    server.close()
+
+
+def test_a_redirect_from_https_to_http_is_never_followed(dual: _DualPort, pki: Pki) -> None:
+    pool = HttpPool(OPTS, ca_certs=str(pki.ca))
+    remote = HttpRemote(pool, f"https://127.0.0.1:{dual.port}/to-http/w.bin",
+                        headers={"Authorization": "Bearer s3cret"})
+    with pytest.raises(InsecureRedirectError, match="https to http"):
+        remote.stat()
+    assert dual.seen == [("https", "Bearer s3cret")]  # nothing, and no token, went out in clear
+
+
+def test_credentials_are_dropped_when_the_scheme_changes(dual: _DualPort, pki: Pki) -> None:
+    pool = HttpPool(OPTS, ca_certs=str(pki.ca))
+    remote = HttpRemote(pool, f"http://127.0.0.1:{dual.port}/to-https/w.bin",
+                        headers={"Authorization": "Bearer s3cret"})
+    assert remote.stat().size == 5
+    assert dual.seen == [("http", "Bearer s3cret"), ("https", None)]

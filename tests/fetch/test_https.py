@@ -175,3 +175,12 @@ def test_disk_full_is_a_clean_error_and_the_partial_resumes(signed_big_dir: Path
     assert_same_files(big_model_dir, dest)
 
 
+
+
+def test_a_manifest_whose_body_breaks_off_is_fetched_again(server: FileServer, small_dir: Path,
+                                                           tmp_path: Path, fast: dict[str, object]) -> None:
+    """Issue 17, item 7: a small GET that breaks mid-body (IncompleteRead) is retried."""
+    server.lie("short_whole", times=1, paths={".weightship/manifest.json"})
+    fetch(build_request(server.url, options=fast), tmp_path / "m")
+    assert "short_whole" not in server.faults  # the body did break off once
+    assert_same_files(small_dir, tmp_path / "m")

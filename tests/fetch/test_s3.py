@@ -124,3 +124,28 @@ def test_push_refuses_a_damaged_directory(s3_server: S3Server, tiny_copy: Path) 
     r = run_cli("push", tiny_copy, "s3://models/damaged", env=s3_server.env)
     assert_clean_failure(r, 3)
     assert not (s3_server.root / "models" / "damaged").exists()
+
+
+def test_a_remote_manifest_over_the_size_cap_is_refused_unread(
+        s3_env: S3Server, tiny_copy: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Issue 17, item 7: the S3 source caps a remote manifest like the HTTPS one (64 MiB; here
+    the cap is lowered under the tiny model's manifest)."""
+    from weightship.errors import ProtocolViolationError
+    from weightship.fetch import s3
+    from weightship.fetch.s3 import push_directory
+
+    push_directory(tiny_copy, "s3://models/capped")
+    size = (tiny_copy / ".weightship" / "manifest.json").stat().st_size
+    monkeypatch.setattr(s3, "SMALL_LIMIT", size - 1)
+    with pytest.raises(ProtocolViolationError, match=f"larger than {size - 1} bytes"):
+        fetch(build_request("s3://models/capped"), tmp_path / "m")
+
+
+def test_an_unsigned_manifest_over_plain_http_s3_is_refused(s3_server: S3Server, tiny_copy: Path,
+                                                            tmp_path: Path) -> None:
+    """Issue 17, item 2: pushed without a key, over an http:// endpoint: no anchor."""
+    assert run_cli("push", tiny_copy, "s3://models/unsigned", env=s3_server.env).code == 0
+    r = run_cli("fetch", "s3://models/unsigned", "--to", tmp_path / "m", env=s3_server.env)
+    assert_clean_failure(r, 1)
+    assert "unsigned manifest over plain HTTP" in r.stderr and "--trust-key" in r.stderr
+    assert not (tmp_path / "m" / "model.safetensors").exists()

@@ -4,8 +4,9 @@ It serves a directory like any static web server (so ``https://`` fetches of a m
 and its ``.weightship/manifest.json`` work), and can be told to lie: ignore ``Range``, answer
 with the wrong ``Content-Range`` or ``Content-Length``, cut bodies short, answer 416 or 503,
 change its ETag, flip a bit, answer a range with ``200`` (and the right ``Content-Range``, as
-rclone's S3 server does). Each fault applies to the next ``n`` GETs (or forever). It honours
-``If-Match`` (412), records the ``Authorization`` header of every request and counts connections.
+rclone's S3 server does), break off a whole (unranged) body half-way. Each fault applies to
+the next ``n`` GETs (or forever). It honours ``If-Match`` (412), records the ``Authorization``
+header of every request and counts connections.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from urllib.parse import unquote
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 FAULTS = ("ignore_range", "wrong_range", "short", "bad_length", "status_416", "status_503",
-          "etag_change", "flip", "stall", "range_as_200")
+          "etag_change", "flip", "stall", "range_as_200", "short_whole")
 
 
 class FileServer(ThreadingHTTPServer):
@@ -134,7 +135,11 @@ class _Handler(BaseHTTPRequestHandler):
         # a flip is spent only on a reply that carries the damaged (middle) byte
         flip = start <= size // 2 < end and srv.take("flip", rel)
         if whole:
-            self._send(200, _read(p, 0, size, flip), None, size)
+            body = _read(p, 0, size, flip)
+            if srv.take("short_whole", rel):  # Content-Length says all, half arrives
+                self._send(200, body[: len(body) // 2], None, size, close=True)
+                return
+            self._send(200, body, None, size)
             return
         if srv.take("status_416", rel) or start >= size:
             self.send_response(416)

@@ -44,6 +44,11 @@ def test_fetch_a_torrent_file_with_the_cli(tiny_hf_dir: Path, tiny_torrent: Path
         assert sorted(out["fetched"]) == ["config.json", "model.safetensors", "tokenizer.model"]
         assert out["manifest"]["source"]["infohash"] == ready["infohash"]
         assert {f["anchor"] for f in out["manifest"]["files"]} == {"torrent"}
+        # every byte came from the peer (issue 17, item 8: this said 0); a v1+v2 hybrid torrent
+        # pads each file to a piece boundary, and the pads travel too
+        total = Manifest.load(tiny_hf_dir).total_bytes
+        assert total <= out["downloaded_bytes"] <= total + 3 * lt.torrent_info(str(tiny_torrent)).piece_length()
+        assert out["resumed_bytes"] == 0
         _same_files(tiny_hf_dir, dest)
         assert run_cli("verify", dest).code == 0
         assert not (dest / STATE_DIR / "incoming").exists()  # nothing left half-way
@@ -108,6 +113,8 @@ def test_a_torrent_without_digests_is_trusted_by_its_piece_hashes(tiny_hf_dir: P
     dest = tmp_path / "got"
     result = fetch(build_request(str(tmp_path / "bare.torrent"), options={**LOOPBACK, "peers": s.listen}), dest)
     assert {f.anchor for f in result.manifest.files} == {"torrent"}
+    # streamed from the torrent's own store to the engine: counted once, as the peers sent it
+    assert result.downloaded_bytes == Manifest.load(tiny_hf_dir).total_bytes
     _same_files(tiny_hf_dir, dest)
 
 

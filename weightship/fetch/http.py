@@ -199,6 +199,10 @@ def _get_small_once(pool: HttpPool, url: str, *, max_redirects: int, where: str)
             return None
         remote.check_status(r)
         body = r.read(SMALL_LIMIT + 1)
+        length = r.headers.get("content-length") or ""
+        if length.isdigit() and len(body) < min(int(length), SMALL_LIMIT + 1):
+            # urllib3 hands back what arrived before the connection closed without a word
+            raise TransientFetchError(f"{where}: body ended at byte {len(body)} of {length}")
     except (HTTPError, OSError, http.client.HTTPException) as e:
         if isinstance(e, FetchError):
             raise

@@ -198,13 +198,16 @@ class S3Source(RangedSource):
             reply = self.client.get_object(Bucket=bucket, Key=key)
             body = reply["Body"]
             try:
-                if int(reply.get("ContentLength") or 0) > SMALL_LIMIT:
+                declared = int(reply.get("ContentLength") or 0)
+                if declared > SMALL_LIMIT:
                     raise ProtocolViolationError(f"{where}: larger than {SMALL_LIMIT} bytes")
                 data: bytes = body.read(SMALL_LIMIT + 1)  # whatever the header said
+                if len(data) < declared:  # the connection closed early, without an error
+                    raise TransientFetchError(f"{where}: body ended at byte {len(data)} of {declared}")
             finally:
                 body.close()
         except Exception as e:
-            if isinstance(e, ProtocolViolationError):
+            if isinstance(e, FetchError):
                 raise
             err = s3_error(e, where)
             if isinstance(err, RemoteNotFoundError):
