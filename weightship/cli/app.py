@@ -16,6 +16,7 @@ from weightship.cli import (
     manifest,
     mirror,
     models,
+    nodes,
     push,
     seed,
     serve,
@@ -62,6 +63,7 @@ app.command("seed")(seed.seed)
 app.add_typer(torrent.app, name="torrent")
 app.command("serve")(serve.serve)
 app.add_typer(deploy.app, name="deploy")
+app.add_typer(nodes.app, name="nodes")
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ from rich.table import Table
 
 from weightship.cli._common import JsonOption, emit, stderr, stdout, wants_json
 
-app = typer.Typer(help="Deploy models on Kubernetes (Helm chart helm/weightship) and manage "
-                       "the releases.", no_args_is_help=True)
+app = typer.Typer(help="Deploy models on Kubernetes (Helm chart helm/weightship) or on your own "
+                       "servers over SSH (`deploy nodes`), and manage the releases.", no_args_is_help=True)
 
 Namespace = Annotated[str, typer.Option("--namespace", "-n", help="Kubernetes namespace.")]
 Context = Annotated[str | None, typer.Option("--context", help="kubeconfig context "
@@ -196,3 +196,109 @@ def uninstall(
     data = {"release": release, "namespace": namespace, "info": result.get("info", "")}
     emit(data, lambda c: c.print(f"[green]✓[/] release {release} uninstalled from {namespace}",
                                  highlight=False), json_flag=json_flag)
+
+
+@app.command("nodes")
+def nodes(
+    model: Annotated[str, typer.Argument(help="Catalog name (see `weightship models`) or URI.")],
+    inventory: Annotated[Path, typer.Option("--inventory", "-i", help="The nodes inventory (nodes.yaml).")
+                         ] = Path("nodes.yaml"),
+    group: Annotated[str | None, typer.Option("--group", "-g", help="Only this group's hosts.")] = None,
+    hosts: Annotated[str | None, typer.Option("--hosts", help="Only these hosts (comma-separated).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Deployment name: the unit is "
+                                             "weightship-NAME.service [default: from the model].")] = None,
+    port: Annotated[int, typer.Option(help="Port every host serves on.", min=1, max=65535)] = 8000,
+    api_key_file: Annotated[Path | None, typer.Option(help="API keys, one per line (required; they reach "
+                                                      "the nodes only as a 0600 file for systemd's "
+                                                      "LoadCredential=).")] = None,
+    gpus: Annotated[int | None, typer.Option(help="GPUs per host; 0 serves on CPU [default: the "
+                                             "inventory's gpus:].", min=0)] = None,
+    layout: Annotated[str | None, typer.Option(help="hf or original [default: the card's].")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision [default: the card's pin].")] = None,
+    serve_arg: Annotated[list[str] | None, typer.Option("--serve-arg", help="Extra `weightship serve` "
+                                                        "option, e.g. --serve-arg=--max-batch=32 "
+                                                        "(repeatable).")] = None,
+    max_unavailable: Annotated[str, typer.Option(help="Hosts switched at once: N or P%.")] = "1",
+    max_failures: Annotated[int, typer.Option(help="Failed hosts tolerated before the rollout stops.",
+                                              min=0)] = 0,
+    gate_timeout: Annotated[float, typer.Option(help="Seconds a host has to turn ready and answer "
+                                                "(a cold 7B load takes minutes).")] = 900.0,
+    plan: Annotated[bool, typer.Option("--plan", help="Show what would change on each host; change "
+                                       "nothing.")] = False,
+    prepare_only: Annotated[bool, typer.Option("--prepare-only", help="Install, fetch and stage the "
+                                               "release on every host, switch none.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask before changing the hosts.")] = False,
+    json_flag: JsonOption = False,
+) -> None:
+    """Roll a model out to your own GPU servers over SSH, as a hardened systemd service.
+
+    Preflight on every host first; then each host fetches and verifies the model while its old
+    release still serves; then at most --max-unavailable hosts at a time are drained, switched,
+    started and gated (/ready, then a real chat completion). A host that fails its gate goes back
+    to its previous release and the rollout stops there.
+
+    Examples:
+
+    \b
+      weightship nodes trust gpu1 gpu2 -i nodes.yaml          # pin host keys first
+      weightship deploy nodes mistral-7b-v0.1 -i nodes.yaml --group acme --name mistral \\
+          --api-key-file keys.txt --plan
+      weightship deploy nodes mistral-7b-v0.1 -i nodes.yaml --group acme --name mistral \\
+          --api-key-file keys.txt --max-unavailable 25% --yes
+    """
+    import sys
+
+    from weightship.cli.nodes import say, select, show_results
+    from weightship.deploy.nodes import rollout
+    from weightship.deploy.nodes.layout import slug
+    from weightship.deploy.nodes.steps import Want, check_api_keys
+    from weightship.errors import RolloutFailedError, UsageError
+
+    inv, selected = select(inventory, group, hosts)
+    if api_key_file is None:
+        raise UsageError("--api-key-file is required: the nodes serve on the network",
+                         hint="make one: python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > keys.txt")
+    try:
+        keys = check_api_keys(api_key_file.read_text(), str(api_key_file))
+    except OSError as e:
+        raise UsageError(f"cannot read --api-key-file {api_key_file}: {e.strerror or e}") from None
+    want = Want(name=name or slug(model, 50), model=model, layout=layout, revision=revision, port=port,
+                gpus=gpus, serve_args=tuple(serve_arg or ()), api_keys=keys,
+                model_bytes=_model_bytes(model, layout), gate_timeout=gate_timeout)
+    common = {"max_unavailable_": max_unavailable, "max_failures": max_failures, "say": say}
+    if plan or not yes:
+        _, rows = rollout.deploy(inv, selected, want, plan_only=True, **common)  # type: ignore[arg-type]
+        _show_plan(rows, json_flag)
+        if plan or all(r["action"] == "none" for r in rows):
+            return
+        if not sys.stdin.isatty():
+            raise UsageError("deploy nodes asks before changing hosts: pass --yes (or --plan to only look)")
+        typer.confirm(f"Roll {model} out to {len(selected)} host(s) as {want.name}?", abort=True)
+    try:
+        results, _ = rollout.deploy(inv, selected, want, prepare_only=prepare_only, **common)  # type: ignore[arg-type]
+    except RolloutFailedError as e:
+        show_results(e.results, json_flag)
+        raise
+    show_results([r.to_json() for r in results], json_flag)
+
+
+def _model_bytes(model: str, layout: str | None) -> int | None:
+    from weightship.catalog import is_catalog_name, load_card
+
+    return load_card(model).layout(layout).total_bytes() if is_catalog_name(model) else None
+
+
+def _show_plan(rows: list[dict[str, Any]], json_flag: bool) -> None:
+    def human(console: Console) -> None:
+        for r in rows:
+            console.rule(f"{r['host']}: {r['action']}")
+            console.print(f"release  {r['release']['old'] or '-'} → {r['release']['new']}\n"
+                          f"model    {r['model']['old'] or '-'} → {r['model']['new']} "
+                          f"({'on the node' if r['model']['present'] else 'to fetch'})\n"
+                          f"runtime  {r['runtime']['old'] or '-'} → {r['runtime']['new']} "
+                          f"({'installed' if r['runtime']['present'] else 'to install'})", highlight=False,
+                          markup=False)
+            if r["unit_diff"]:
+                console.out(r["unit_diff"], highlight=False)
+
+    emit({"plan": rows}, human, json_flag=json_flag)

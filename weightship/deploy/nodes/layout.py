@@ -1,0 +1,181 @@
+"""What a deployment looks like on a node: paths, names, the release and its systemd unit.
+
+Everything lives under one prefix (default ``/opt/weightship``), plus the unit file::
+
+    PREFIX/runtimes/KEY/              a venv with weightship (KEY: digest of the wheelhouse)
+    PREFIX/wheelhouse/                wheels copied from the operator's machine
+    PREFIX/models/KEY/                a verified model, owned by root, never written again
+    PREFIX/apps/NAME/releases/REV/    immutable: release.json, serve.env, api-keys (0600),
+                                      model -> models/KEY, runtime -> runtimes/KEY, the unit,
+                                      gate.json once the release passed its gate
+    PREFIX/apps/NAME/current          -> releases/REV, switched atomically (rename)
+    PREFIX/apps/NAME/history.json     releases that passed their gate, oldest first
+    PREFIX/.lock                      held (flock) by the one rollout working on this node
+    /etc/systemd/system/weightship-NAME.service
+
+REV is a digest of everything that defines the release, so applying the same thing twice gives
+the same REV and restarts nothing. The unit itself only names ``current``: switching releases is
+one rename, and the unit changes only when the GPUs, the user or the hardening do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+from dataclasses import asdict, dataclass
+
+SERVE_USER_PREFIX = "weightship-"
+STOP_TIMEOUT_S = 120  # in-flight requests drain within this after SIGTERM
+NVIDIA_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """``text`` reduced to [a-z0-9-] for a path component."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "model"
+
+
+def model_key(ref: str, layout: str | None, revision: str | None) -> str:
+    """The directory name of a model on a node: readable, and distinct per ref/layout/revision."""
+    digest = hashlib.sha256(json.dumps([ref, layout, revision]).encode()).hexdigest()[:10]
+    return f"{slug(ref)}-{slug(layout or 'default', 12)}-{digest}"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where one deployment ``name`` lives on a node under ``prefix``."""
+
+    prefix: str
+    name: str
+
+    @property
+    def unit(self) -> str:
+        return f"weightship-{self.name}.service"
+
+    @property
+    def unit_path(self) -> str:
+        return f"/etc/systemd/system/{self.unit}"
+
+    @property
+    def user(self) -> str:
+        return (SERVE_USER_PREFIX + self.name)[:32]  # useradd's limit
+
+    @property
+    def app(self) -> str:
+        return f"{self.prefix}/apps/{self.name}"
+
+    @property
+    def releases(self) -> str:
+        return f"{self.app}/releases"
+
+    @property
+    def current(self) -> str:
+        return f"{self.app}/current"
+
+    @property
+    def history(self) -> str:
+        return f"{self.app}/history.json"
+
+    @property
+    def models(self) -> str:
+        return f"{self.prefix}/models"
+
+    @property
+    def runtimes(self) -> str:
+        return f"{self.prefix}/runtimes"
+
+    @property
+    def wheelhouse(self) -> str:
+        return f"{self.prefix}/wheelhouse"
+
+    @property
+    def lock(self) -> str:
+        return f"{self.prefix}/.lock"
+
+    def release(self, rev: str) -> str:
+        return f"{self.releases}/{rev}"
+
+
+@dataclass(frozen=True)
+class Release:
+    """Everything that defines one release of a deployment on one node."""
+
+    name: str
+    model_ref: str
+    model_key: str
+    layout: str | None
+    runtime: str  # the venv directory on the node
+    runtime_version: str
+    port: int
+    gpus: tuple[int, ...]  # GPU indices given to the service
+    serve_args: tuple[str, ...]  # extra `weightship serve` options
+    api_keys_sha256: str  # of the key file (the keys themselves live only in api-keys, 0600)
+    unit_sha256: str
+
+    @property
+    def rev(self) -> str:
+        body = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(body).hexdigest()[:12]
+
+    def to_json(self) -> dict[str, object]:
+        return {**asdict(self), "rev": self.rev}
+
+    def serve_env(self) -> str:
+        """``serve.env``: the options of ``weightship serve``, read by the unit (nothing secret)."""
+        args = ["--host", "0.0.0.0", "--port", str(self.port), *self.serve_args]
+        if not self.gpus:
+            args += ["--device", "cpu"]
+        return f"WEIGHTSHIP_SERVE_ARGS={shlex.join(args)}\n"
+
+
+def render_unit(paths: Paths, *, gpus: tuple[int, ...], description: str) -> str:
+    """The hardened systemd unit that runs the deployment's current release."""
+    devices = [f"/dev/nvidia{i}" for i in gpus] + list(NVIDIA_DEVICES) if gpus else []
+    lines = [
+        "# Written by weightship deploy nodes; changes here are replaced on the next rollout.",
+        "[Unit]",
+        f"Description=weightship: {description}",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "StartLimitIntervalSec=300",
+        "StartLimitBurst=5",
+        "",
+        "[Service]",
+        "Type=simple",
+        f"User={paths.user}",
+        f"Group={paths.user}",
+        f"EnvironmentFile={paths.current}/serve.env",
+        f"Environment=WEIGHTSHIP_HOME=/var/lib/weightship/{paths.name}",
+        "Environment=HOME=/nonexistent",
+        f"Environment=CUDA_VISIBLE_DEVICES={','.join(map(str, gpus))}",
+        # %d is the credentials directory: the keys reach the service as a file only it can read.
+        f"LoadCredential=api-keys:{paths.current}/api-keys",
+        f"ExecStart={paths.current}/runtime/bin/weightship serve {paths.current}/model "
+        "$WEIGHTSHIP_SERVE_ARGS --api-key-file %d/api-keys",
+        "Restart=on-failure",
+        "RestartSec=5",
+        "KillSignal=SIGTERM",
+        f"TimeoutStopSec={STOP_TIMEOUT_S}",
+        f"StateDirectory=weightship/{paths.name}",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "NoNewPrivileges=yes",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectControlGroups=yes",
+        "RestrictSUIDSGID=yes",
+        "LockPersonality=yes",
+        "RestrictNamespaces=yes",
+        "CapabilityBoundingSet=",
+        "AmbientCapabilities=",
+        f"ReadWritePaths=/var/lib/weightship/{paths.name}",
+        "DevicePolicy=closed",
+        *[f"DeviceAllow={d} rw" for d in devices],
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,366 @@
+"""The steps of a rollout on one node: runtime, model, release, switch, gate, roll back.
+
+Each step is idempotent (a rerun after ``kill -9`` finds its work done and moves on) and has a
+timeout. Systemd is driven only through ``systemctl`` and read through ``journalctl``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import logging
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from weightship.deploy.nodes.inventory import Host, Inventory
+from weightship.deploy.nodes.layout import STOP_TIMEOUT_S, Paths, Release, model_key, render_unit
+from weightship.deploy.nodes.ssh import Node
+from weightship.errors import NodeCommandError, UsageError
+
+log = logging.getLogger(__name__)
+
+GATE_PROMPT = "Name three colours."
+GATE_TOKENS = 12
+MIN_PYTHON = (3, 10)
+HEADROOM = 2 << 30  # free disk kept beyond the model: logs, caches, the next release
+
+
+@dataclass(frozen=True)
+class Want:
+    """What the operator asked for, the same on every host."""
+
+    name: str
+    model: str
+    layout: str | None = None
+    revision: str | None = None
+    port: int = 8000
+    gpus: int | None = None  # per host; None: the inventory's `gpus:`
+    serve_args: tuple[str, ...] = ()
+    api_keys: str = ""  # the key file's text; reaches nodes only on stdin
+    model_bytes: int | None = None  # from the catalog, for the disk check
+    gate_timeout: float = 900.0
+    step_timeout: float = 1800.0
+
+    @property
+    def model_key(self) -> str:
+        return model_key(self.model, self.layout, self.revision)
+
+    def gpu_indices(self, host: Host) -> tuple[int, ...]:
+        return tuple(range(host.gpus if self.gpus is None else self.gpus))
+
+
+@dataclass(frozen=True)
+class RuntimePlan:
+    """The runtime every host gets, as far as this machine knows it before touching a node."""
+
+    kind: str  # venv | wheelhouse | index
+    key: str | None  # runtimes/KEY, or None for an existing venv
+    version: str | None  # weightship's version in it, when known here
+    wheels: tuple[tuple[Path, int, str], ...] = ()  # (file, size, sha256) to copy
+
+    def directory(self, inventory: Inventory) -> str:
+        if self.kind == "venv":
+            assert inventory.runtime.venv is not None
+            return inventory.runtime.venv
+        return f"{inventory.prefix}/runtimes/{self.key}"
+
+
+def plan_runtime(inventory: Inventory) -> RuntimePlan:
+    """Read the wheelhouse (hashing every wheel) or note the venv/index the inventory names."""
+    rt = inventory.runtime
+    if rt.venv is not None:
+        return RuntimePlan("venv", None, None)
+    if rt.index is not None:
+        key = hashlib.sha256(f"{rt.index} {rt.version} {rt.python}".encode()).hexdigest()[:12]
+        return RuntimePlan("index", key, rt.version)
+    assert rt.wheelhouse is not None
+    wheels = sorted(rt.wheelhouse.glob("*.whl"))
+    ours = [w for w in wheels if w.name.startswith("weightship-")]
+    if len(ours) != 1:
+        raise UsageError(f"the wheelhouse {rt.wheelhouse} must hold exactly one weightship wheel, "
+                         f"found {len(ours)}",
+                         hint="make it with: pip wheel --wheel-dir DIR 'weightship[serve]' (see README)")
+    entries = []
+    for wheel in wheels:
+        digest = hashlib.sha256()
+        with wheel.open("rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        entries.append((wheel, wheel.stat().st_size, digest.hexdigest()))
+    key = hashlib.sha256("".join(f"{w.name} {s} {d}\n" for w, s, d in entries).encode()
+                         + rt.python.encode()).hexdigest()[:12]
+    return RuntimePlan("wheelhouse", key, ours[0].name.split("-")[1], tuple(entries))
+
+
+_AGENT = (importlib.resources.files("weightship.deploy.nodes") / "agent.py").read_text()
+
+
+async def agent(node: Node, verb: str, args: dict[str, Any], *, python: str, step: str,
+                timeout: float) -> dict[str, Any]:
+    """Run a verb of :mod:`weightship.deploy.nodes.agent` on the node (arguments on stdin)."""
+    script = f"{_AGENT}\nmain({verb!r}, json.loads({json.dumps(json.dumps(args))}))\n"
+    done = await node.run(f"{shlex.quote(python)} -", input=script, step=step, timeout=timeout)
+    try:
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise NodeCommandError(node.host.name, step, f"unreadable answer: {done.stdout[-200:]!r}") from None
+    return result
+
+
+@dataclass
+class HostRun:
+    """One host's part of a rollout."""
+
+    node: Node
+    inventory: Inventory
+    paths: Paths
+    want: Want
+    runtime: RuntimePlan
+    state: dict[str, Any] = field(default_factory=dict)
+    release: Release | None = None
+    unit_text: str = ""
+    runtime_version: str | None = None
+
+    @property
+    def host(self) -> Host:
+        return self.node.host
+
+    @property
+    def python(self) -> str:
+        return self.inventory.runtime.python
+
+    async def run(self, command: str, step: str, timeout: float | None = None, **kw: Any) -> str:
+        return (await self.node.run(command, step=step, timeout=timeout or self.want.step_timeout, **kw)).stdout
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    async def read_state(self) -> dict[str, Any]:
+        p = self.paths
+        self.state = await agent(self.node, "state", {
+            "app": p.app, "unit_path": p.unit_path, "unit": p.unit, "models": p.models,
+            "runtimes": p.runtimes}, python=self.python, step="read state", timeout=60)
+        return self.state
+
+    async def facts(self) -> dict[str, Any]:
+        return await agent(self.node, "facts", {"prefix": self.paths.prefix, "port": self.want.port,
+                                                "unit": self.paths.unit},
+                           python=self.python, step="preflight", timeout=60)
+
+    def preflight_problems(self, facts: dict[str, Any]) -> list[str]:
+        """What stops this host from taking the release, read from :meth:`facts`."""
+        problems = []
+        if not facts["systemd"]:
+            problems.append("systemd is not running (no /run/systemd/system)")
+        if self.runtime.kind != "venv" and tuple(facts["python"][:2]) < MIN_PYTHON:
+            problems.append(f"{self.python} is Python {'.'.join(map(str, facts['python']))}; "
+                            f"the runtime needs {'.'.join(map(str, MIN_PYTHON))}+")
+        if self.want.model_key not in self.state.get("models", []):
+            need = (self.want.model_bytes or 0) + HEADROOM
+            if facts["free_bytes"] < need:
+                problems.append(f"{facts['free_bytes']:,} bytes free at {facts['free_at']}, need {need:,} "
+                                f"(the model and {HEADROOM >> 30} GiB headroom)")
+        if not facts["prefix_traversable"]:
+            problems.append(f"a parent of {self.paths.prefix} is not searchable by other users: "
+                            f"the service user {self.paths.user} could not read the model")
+        current_port = (self.state.get("release") or {}).get("port")
+        ours = facts["unit_active"] and current_port == self.want.port
+        if facts["port_busy"] and not ours:
+            problems.append(f"port {self.want.port} is in use by another program")
+        gpus = self.want.gpu_indices(self.host)
+        if gpus:
+            if facts["gpus"] is None:
+                problems.append(f"{len(gpus)} GPU(s) asked for, but nvidia-smi is not installed")
+            elif len(facts["gpus"]) < len(gpus):
+                problems.append(f"{len(gpus)} GPU(s) asked for, {len(facts['gpus'])} present")
+            else:
+                per_gpu = (self.want.model_bytes or 0) / len(gpus) / (1 << 20)
+                for g in facts["gpus"][:len(gpus)]:
+                    if g["total_mib"] - g["used_mib"] < per_gpu * 1.2:
+                        problems.append(f"GPU {g['index']}: {g['total_mib'] - g['used_mib']} MiB free, "
+                                        f"the model needs about {per_gpu * 1.2:.0f} MiB")
+        for tool in ("flock", "useradd"):
+            if not facts[tool]:
+                problems.append(f"{tool} is not installed")
+        return problems
+
+    # ---- preparing (the old release keeps serving) ------------------------------------------------
+
+    async def ensure_runtime(self) -> str:
+        """Install (or find) the runtime; returns its directory and sets ``runtime_version``."""
+        directory = self.runtime.directory(self.inventory)
+        q = shlex.quote(directory)
+        if self.runtime.kind != "venv" and self.runtime.key not in self.state.get("runtimes", []):
+            pip = f"PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 {q}/bin/pip install -q --no-cache-dir"
+            if self.runtime.kind == "wheelhouse":
+                wh = self.paths.wheelhouse
+                await self.run(f"mkdir -p {shlex.quote(wh)}", "runtime: wheelhouse")
+                have = await self.run(f"cd {shlex.quote(wh)} && for f in *.whl; do [ -f \"$f\" ] && "
+                                      "stat -c '%n %s' \"$f\"; done; true", "runtime: wheelhouse")
+                present = {tuple(line.rsplit(" ", 1)) for line in have.splitlines()}
+                missing = [w for w, size, _ in self.runtime.wheels if (w.name, str(size)) not in present]
+                if missing:
+                    await self.node.upload(missing, wh, step="runtime: copy wheels", timeout=self.want.step_timeout)
+                sums = "".join(f"{d}  {w.name}\n" for w, _, d in self.runtime.wheels)
+                await self.run(f"cd {shlex.quote(wh)} && sha256sum --quiet -c -", "runtime: check wheels", input=sums)
+                version = self.runtime.version
+                install = f"{pip} --no-index --find-links {shlex.quote(wh)} 'weightship[serve]=={version}'"
+            else:
+                index = shlex.quote(self.inventory.runtime.index or "")
+                spec = f"weightship[serve]=={self.runtime.version}" if self.runtime.version else "weightship[serve]"
+                install = f"{pip} --index-url {index} {shlex.quote(spec)}"
+            await self.run(f"rm -rf {q} && {shlex.quote(self.python)} -m venv {q} && {install} && touch {q}/.complete",
+                           "runtime: install")
+        out = await self.run(f"{q}/bin/weightship --version", "runtime: check", timeout=120)
+        self.runtime_version = out.split()[-1]
+        return directory
+
+    async def ensure_user(self) -> None:
+        user = shlex.quote(self.paths.user)
+        await self.run(f"id -u {user} >/dev/null 2>&1 || useradd --system --user-group --no-create-home "
+                       f"--home-dir /nonexistent --shell /usr/sbin/nologin {user}", "service user")
+
+    async def ensure_model(self, runtime: str) -> None:
+        """Fetch and verify the model on the node (resumable), then make it read-only to all."""
+        key = self.want.model_key
+        if key in self.state.get("models", []):
+            return
+        directory = f"{self.paths.models}/{key}"
+        args = [*(["--layout", self.want.layout] if self.want.layout else []),
+                *(["--revision", self.want.revision] if self.want.revision else []), *self.inventory.fetch_args]
+        result = await agent(self.node, "fetch", {
+            "weightship": f"{runtime}/bin/weightship", "ref": self.want.model, "to": directory,
+            "args": args, "env": self.inventory.fetch_env, "home": f"{self.paths.prefix}/home"},
+            python=self.python, step="fetch model", timeout=self.want.step_timeout)
+        if not result["ok"]:
+            raise NodeCommandError(self.host.name, "fetch model", result["why"])
+        q = shlex.quote(directory)
+        # The runtime loads safetensors only: an original-layout model is converted once, here.
+        await self.run(f"if ls {q}/*.pth >/dev/null 2>&1 && ! ls {q}/*.safetensors >/dev/null 2>&1; then "
+                       f"{shlex.quote(runtime)}/bin/weightship convert {q}; fi", "convert model")
+        await self.run(f"chown -R root:root {q} && chmod -R u+rwX,go+rX,go-w {q}", "model permissions")
+
+    def desired(self, runtime: str, version: str) -> Release:
+        gpus = self.want.gpu_indices(self.host)
+        self.unit_text = render_unit(self.paths, gpus=gpus, description=f"{self.want.name} ({self.want.model})")
+        self.release = Release(
+            name=self.want.name, model_ref=self.want.model, model_key=self.want.model_key, layout=self.want.layout,
+            runtime=runtime, runtime_version=version, port=self.want.port, gpus=gpus,
+            serve_args=self.want.serve_args, api_keys_sha256=hashlib.sha256(self.want.api_keys.encode()).hexdigest(),
+            unit_sha256=hashlib.sha256(self.unit_text.encode()).hexdigest())
+        return self.release
+
+    async def write_release(self) -> None:
+        """Write releases/REV (once; it is never changed afterwards but for gate.json)."""
+        assert self.release is not None
+        rel = self.paths.release(self.release.rev)
+        tmp = f"{rel}.tmp-weightship"
+        if (await self.node.run(f"test -f {shlex.quote(rel)}/release.json", step="release", timeout=30,
+                                check=False)).code == 0:
+            return
+        await self.run(f"rm -rf {shlex.quote(tmp)} && mkdir -p {shlex.quote(tmp)}", "release")
+        await self.node.write(f"{tmp}/release.json", json.dumps(self.release.to_json(), indent=2) + "\n",
+                              step="release")
+        await self.node.write(f"{tmp}/serve.env", self.release.serve_env(), step="release")
+        await self.node.write(f"{tmp}/{self.paths.unit}", self.unit_text, step="release")
+        await self.node.write(f"{tmp}/api-keys", self.want.api_keys, mode=0o600, step="release")
+        model = f"{self.paths.models}/{self.release.model_key}"
+        await self.run(f"ln -s {shlex.quote(model)} {shlex.quote(tmp)}/model && "
+                       f"ln -s {shlex.quote(self.release.runtime)} {shlex.quote(tmp)}/runtime && "
+                       f"chmod 755 {shlex.quote(tmp)} && mv -T {shlex.quote(tmp)} {shlex.quote(rel)}", "release")
+
+    async def prepare(self) -> Release:
+        """Everything up to the switch, while the old release keeps serving."""
+        runtime = await self.ensure_runtime()
+        assert self.runtime_version is not None
+        await self.ensure_user()
+        await self.ensure_model(runtime)
+        release = self.desired(runtime, self.runtime_version)
+        await self.write_release()
+        return release
+
+    # ---- switching -------------------------------------------------------------------------------
+
+    def unchanged(self) -> bool:
+        """Already on the wanted release, active, and that release passed its gate."""
+        assert self.release is not None
+        history = self.state.get("history", [])
+        return (self.state.get("current") == self.release.rev and self.state.get("unit_text") == self.unit_text
+                and self.state.get("active") == "active" and bool(history) and history[-1] == self.release.rev)
+
+    def previous(self) -> str | None:
+        """The release to return to: the newest one that passed its gate, other than the wanted one."""
+        assert self.release is not None
+        return next((r for r in reversed(self.state.get("history", [])) if r != self.release.rev), None)
+
+    async def switch(self, rev: str) -> None:
+        """Drain and stop the unit, point ``current`` at ``rev`` (and its unit), start it."""
+        p = self.paths
+        unit, rel = shlex.quote(p.unit), shlex.quote(p.release(rev))
+        await self.run(f"if [ -e {shlex.quote(p.unit_path)} ]; then systemctl stop {unit}; fi", "drain and stop",
+                       timeout=STOP_TIMEOUT_S + 30)
+        await self.run(f"cmp -s {rel}/{unit} {shlex.quote(p.unit_path)} || "
+                       f"{{ cp {rel}/{unit} {shlex.quote(p.unit_path)}.tmp && mv -f {shlex.quote(p.unit_path)}.tmp "
+                       f"{shlex.quote(p.unit_path)} && systemctl daemon-reload; }}", "install unit")
+        await self.run(f"ln -sfn releases/{shlex.quote(rev)} {shlex.quote(p.current)}.tmp && "
+                       f"mv -Tf {shlex.quote(p.current)}.tmp {shlex.quote(p.current)}", "switch release")
+        await self.run(f"systemctl reset-failed {unit} 2>/dev/null; systemctl enable --quiet {unit} && "
+                       f"systemctl start {unit}", "start")
+
+    async def gate(self, rev: str, expect: str | None) -> str | None:
+        """None if ``rev`` serves (and answers as ``expect`` when given), else why not."""
+        release = await self.read_release(rev)
+        assert release is not None, rev
+        result = await agent(self.node, "gate", {
+            "port": release["port"], "key_file": f"{self.paths.release(rev)}/api-keys", "unit": self.paths.unit,
+            "timeout": self.want.gate_timeout, "prompt": GATE_PROMPT, "max_tokens": GATE_TOKENS},
+            python=self.python, step="health gate", timeout=self.want.gate_timeout + 60)
+        if not result["ok"]:
+            tail = " | ".join(result.get("journal", [])[-3:])
+            return result["why"] + (f"; journal: {tail}" if tail else "")
+        if expect is not None and result["answer"] != expect:
+            return f"answer {result['answer']!r} differs from the previous release's {expect!r}"
+        record = json.dumps({"prompt": GATE_PROMPT, "answer": result["answer"]}) + "\n"
+        await self.node.write(f"{self.paths.release(rev)}/gate.json", record, step="gate record")
+        return None
+
+    async def read_release(self, rev: str, name: str = "release.json") -> dict[str, Any] | None:
+        """A JSON file of release ``rev`` (release.json or gate.json), or None if it has none."""
+        done = await self.node.run(f"cat {shlex.quote(self.paths.release(rev))}/{name}", step="read release",
+                                   timeout=30, check=False)
+        return json.loads(done.stdout) if done.code == 0 else None
+
+    async def expected_answer(self, previous: str | None) -> str | None:
+        """The previous release's gate answer, when it served the same model the same way."""
+        assert self.release is not None
+        if previous is None:
+            return None
+        old_release, old_gate = await self.read_release(previous), await self.read_release(previous, "gate.json")
+        if old_release is None or old_gate is None:
+            return None
+        same = (old_release.get("model_key") == self.release.model_key
+                and _dtype(old_release.get("serve_args", [])) == _dtype(list(self.release.serve_args))
+                and bool(old_release.get("gpus")) == bool(self.release.gpus))
+        return str(old_gate["answer"]) if same else None
+
+    async def record(self, rev: str) -> None:
+        history = [r for r in self.state.get("history", []) if r != rev] + [rev]
+        await self.node.write(self.paths.history, json.dumps(history[-20:]) + "\n", step="record history")
+        self.state["history"] = history
+
+    async def stop(self) -> None:
+        unit = shlex.quote(self.paths.unit)
+        await self.run(f"systemctl disable --now --quiet {unit}", "stop")
+
+
+def _dtype(args: list[str]) -> str | None:
+    return args[args.index("--dtype") + 1] if "--dtype" in args[:-1] else None
+
+
+def check_api_keys(text: str, source: str) -> str:
+    """The key file's text, if it holds at least one key."""
+    if not any(line.strip() and not line.strip().startswith("#") for line in text.splitlines()):
+        raise UsageError(f"{source} holds no API keys")
+    return text
