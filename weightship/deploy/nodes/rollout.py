@@ -20,6 +20,7 @@ hosts that were not done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import logging
 import shlex
@@ -79,17 +80,30 @@ def max_unavailable(value: str, hosts: int) -> int:
     return max(1, n)
 
 
-class _Lock:
-    """The node's rollout lock, held by a process that lives as long as our SSH channel."""
+LOCK_LEASE_S = 30  # a lock whose holder has not been heard from for this long is let go
+_LOCK_HOLDER = ("import select, sys\n"
+                "print('locked', flush=True)\n"
+                f"while select.select([sys.stdin], [], [], {LOCK_LEASE_S})[0] and sys.stdin.readline():\n"
+                "    pass\n")
 
-    def __init__(self, node: Node, path: str) -> None:
-        self.node, self.path = node, path
+
+class _Lock:
+    """The node's rollout lock: ``flock`` held by a process on the node that lives while we do.
+
+    The holder exits when our SSH channel closes (a ``kill -9`` of the deployer closes its
+    connection) or when no heartbeat came for ``LOCK_LEASE_S`` (a network cut), so a lock is never
+    left behind.
+    """
+
+    def __init__(self, node: Node, path: str, python: str) -> None:
+        self.node, self.path, self.python = node, path, python
         self.process: asyncssh.SSHClientProcess[str] | None = None
+        self._beat: asyncio.Task[None] | None = None
 
     async def acquire(self) -> None:
         lock = shlex.quote(self.path)
-        command = self.node.wrap(f"mkdir -p $(dirname {lock}) && exec flock -n -E 75 {lock} "
-                                  "-c 'echo locked; exec cat >/dev/null'")
+        holder = f"{shlex.quote(self.python)} -c {shlex.quote(_LOCK_HOLDER)}"
+        command = self.node.wrap(f"mkdir -p $(dirname {lock}) && exec flock -n -E 75 {lock} {holder}")
         try:
             self.process = await self.node.conn.create_process(command)
             line = await asyncio.wait_for(self.process.stdout.readline(), 30)
@@ -100,10 +114,21 @@ class _Lock:
             if code == 75:
                 raise NodeLockedError(self.node.host.name)
             raise NodeCommandError(self.node.host.name, "lock", f"flock exited {code}")
+        self._beat = asyncio.ensure_future(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        assert self.process is not None
+        with contextlib.suppress(OSError, asyncssh.Error):
+            while True:
+                await asyncio.sleep(LOCK_LEASE_S / 3)
+                self.process.stdin.write("\n")
 
     def release(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
         if self.process is not None:
-            self.process.stdin.write_eof()
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self.process.stdin.write_eof()
 
 
 class Rollout:
@@ -123,7 +148,7 @@ class Rollout:
     async def _open(self, pool: Connections, host: Host, lock: bool) -> None:
         node = await pool.node(host)
         if lock:
-            held = _Lock(node, self.paths.lock)
+            held = _Lock(node, self.paths.lock, self.inventory.runtime.python)
             await held.acquire()
             self._locks.append(held)
         run = HostRun(node, self.inventory, self.paths, self.want, self.runtime)
@@ -409,7 +434,7 @@ def uninstall(inventory: Inventory, hosts: list[Host], name: str, *, purge: bool
 
     async def one(pool: Connections, host: Host) -> dict[str, Any]:
         node = await pool.node(host)
-        lock = _Lock(node, paths.lock)
+        lock = _Lock(node, paths.lock, inventory.runtime.python)
         await lock.acquire()
         try:
             run = HostRun(node, inventory, paths, Want(name=name, model=""), RuntimePlan("venv", None, None))

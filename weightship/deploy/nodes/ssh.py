@@ -168,10 +168,13 @@ class Connections:
         pins = pinned_fingerprints(self.inventory, host)
         client = _PinnedClient(pins)
         keys = pinned_keys(self.inventory, host)
+        # With keys pinned, asyncssh asks for their algorithms; else ed25519 first, so the key
+        # shown for an unknown host is the one `ssh-keygen -lf ssh_host_ed25519_key.pub` prints.
+        algorithms: dict[str, Any] = {} if keys else {"server_host_key_algs": KEY_ALGORITHMS}
         try:
             conn, _ = await asyncio.wait_for(asyncssh.create_connection(
                 lambda: client, host.address, tunnel=tunnel, known_hosts=(keys, [], []),
-                **self._options(host)), CONNECT_TIMEOUT + 5)
+                **algorithms, **self._options(host)), CONNECT_TIMEOUT + 5)
         except asyncssh.HostKeyNotVerifiable:
             presented = client.presented or "a key of another type"
             if pins:
