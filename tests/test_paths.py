@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightship.errors import UnsafePathError
-from weightship.paths import resolve_under, safe_relpath
+from weightship.paths import open_beneath, replace_beneath, resolve_under, safe_relpath
 
 HOSTILE = [
     ("/etc/passwd", "absolute"),
@@ -78,3 +78,44 @@ def test_no_accepted_path_resolves_outside(tmp_path_factory: pytest.TempPathFact
     root = dest.resolve()
     real = Path(os.path.realpath(resolved))
     assert root in real.parents, (name, real)
+
+
+# ---- opening and renaming beneath a directory, refusing links met on the way (issue 17, item 12)
+
+
+def test_open_beneath_refuses_a_symlink_anywhere_below_the_root(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "sub").symlink_to(outside)
+    (root / "file").symlink_to(outside / "secret")
+    for rel in ("sub/x.bin", "file"):
+        with pytest.raises(UnsafePathError, match="symlink"):
+            open_beneath(root, rel, os.O_WRONLY | os.O_CREAT, create_parents=True)
+    assert list(outside.iterdir()) == []
+    fd = open_beneath(root, "new/dir/x.bin", os.O_WRONLY | os.O_CREAT, create_parents=True)
+    os.close(fd)
+    assert (root / "new" / "dir" / "x.bin").is_file()
+
+
+def test_replace_beneath_refuses_a_directory_swapped_for_a_link(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "incoming").mkdir(parents=True)
+    outside.mkdir()
+    (root / "incoming" / "a.part").write_bytes(b"data")
+    resolve_under(root, "sub/a.bin")  # the check: nothing there yet, fine
+    (root / "sub").symlink_to(outside)  # ... and a link swapped in after it
+    with pytest.raises(UnsafePathError, match="symlink"):
+        replace_beneath(root, "incoming/a.part", "sub/a.bin")
+    assert list(outside.iterdir()) == []
+    assert (root / "incoming" / "a.part").read_bytes() == b"data"
+
+
+def test_replace_beneath_never_moves_a_link_planted_for_the_source(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "incoming").mkdir(parents=True)
+    (tmp_path / "secret").write_text("not yours")
+    (root / "incoming" / "a.part").symlink_to(tmp_path / "secret")
+    with pytest.raises(UnsafePathError, match="not a regular file"):
+        replace_beneath(root, "incoming/a.part", "a.bin")
+    assert not (root / "a.bin").exists() and not (root / "a.bin").is_symlink()

@@ -9,11 +9,13 @@ lists has been checked, so a directory with a manifest is complete.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import importlib.resources
 import json
 import os
+import secrets
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ import jsonschema
 
 from weightship import __version__
 from weightship.errors import ManifestError
-from weightship.paths import STATE_DIR, safe_relpath
+from weightship.paths import STATE_DIR, dir_beneath, safe_relpath
 from weightship.progress import Progress
 
 MANIFEST_NAME = "manifest.json"
@@ -162,14 +164,18 @@ class Manifest:
         """
         target = manifest_path(directory)
         data = (json.dumps(self.to_dict(), indent=2) + "\n").encode()
-        signature = target.with_name(SIGNATURE_NAME)
-        try:
-            stale = signature.exists() and target.read_bytes() != data
-        except FileNotFoundError:
-            stale = True
-        atomic_write(target, data)
-        if stale:
-            signature.unlink(missing_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        # By descriptor, refusing a symlink for .weightship/ (a directory in a shared cache).
+        with dir_beneath(directory, STATE_DIR, create=True) as state:
+            try:
+                with os.fdopen(os.open(MANIFEST_NAME, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=state), "rb") as f:
+                    unchanged = f.read(len(data) + 1) == data
+            except OSError:
+                unchanged = False
+            atomic_write_at(state, MANIFEST_NAME, data)
+            if not unchanged:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(SIGNATURE_NAME, dir_fd=state)
         return target
 
 
@@ -197,6 +203,33 @@ def atomic_write(target: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def atomic_write_at(dir_fd: int, name: str, data: bytes) -> None:
+    """:func:`atomic_write` of ``name`` in the directory ``dir_fd``: the temporary file is created
+    there with ``O_EXCL | O_NOFOLLOW`` and renamed over ``name`` (a rename never follows it)."""
+    for _ in range(100):
+        tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644, dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"cannot create a temporary file for {name}")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)
+            os.fsync(f.fileno())
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    os.fsync(dir_fd)
 
 
 def create_for_directory(directory: Path, *, name: str | None = None,

@@ -5,13 +5,25 @@ written or read under a destination directory. Every such name passes :func:`saf
 (its text) and :func:`resolve_under` (where it lands on disk) before anything touches the disk.
 A bad name is rejected with :class:`~weightship.errors.UnsafePathError`, never repaired:
 renaming a file silently would change what the model directory contains.
+
+A check of the disk and a later use of the same path race: in a shared cache (a node's hostPath,
+a shared claim) another pod with the same uid can swap a component for a symlink in between.
+So the writes and renames under a destination do not trust an earlier check: they walk the path
+one component at a time from a descriptor of the destination, each opened with ``O_NOFOLLOW``
+(openat-style, ``os.open(..., dir_fd=...)``), and a symlink met on the way is refused at that
+moment (:func:`open_dir_beneath`, :func:`open_beneath`, :func:`replace_beneath`). The destination
+itself is the user's choice and may be a link.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
-from pathlib import Path, PurePosixPath
+import stat
+from collections.abc import Iterator
+from pathlib import Path, PurePath, PurePosixPath
 
 from weightship.errors import UnsafePathError
 
@@ -74,3 +86,89 @@ def resolve_under(dest: Path, name: str) -> Path:
     if resolved != root and root not in resolved.parents:
         raise UnsafePathError(name, f"resolves outside {root}")
     return resolved
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _refuse(rel: str, part: str, e: OSError) -> UnsafePathError:
+    return UnsafePathError(rel, f"{part} is a symlink or not a directory ({e.strerror})")
+
+
+def open_dir_beneath(root: Path | int, rel: str | PurePath, *, create: bool = False) -> int:
+    """A descriptor of the directory ``root/rel`` reached without following a symlink below
+    ``root`` (``root`` a path or a directory descriptor); with ``create``, missing directories
+    are made on the way. The caller closes it."""
+    rel_path = PurePosixPath(rel)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if not isinstance(root, int) else os.dup(root)
+    try:
+        for part in rel_path.parts:
+            if part in ("", ".", "..", "/"):
+                raise UnsafePathError(str(rel), f"component {part!r} is not allowed")
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+            try:
+                nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise _refuse(str(rel), part, e) from None
+                raise
+            os.close(fd)
+            fd = nxt
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@contextlib.contextmanager
+def dir_beneath(root: Path | int, rel: str | PurePath, *, create: bool = False) -> Iterator[int]:
+    """:func:`open_dir_beneath` as a context manager that closes the descriptor."""
+    fd = open_dir_beneath(root, rel, create=create)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def open_beneath(root: Path | int, rel: str | PurePath, flags: int, mode: int = 0o644, *,
+                 create_parents: bool = False) -> int:
+    """``os.open`` of ``root/rel`` with ``O_NOFOLLOW`` on every component below ``root``: a
+    symlink anywhere on the way is refused (:class:`UnsafePathError`) when the file is opened,
+    not at some earlier check."""
+    rel_path = PurePosixPath(rel)
+    with dir_beneath(root, rel_path.parent, create=create_parents) as parent:
+        try:
+            return os.open(rel_path.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=parent)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafePathError(str(rel), f"{rel_path.name} is a symlink") from None
+            raise
+
+
+def replace_beneath(root: Path | int, src: str | PurePath, dst: str | PurePath, *,
+                    same_as: int | None = None) -> None:
+    """Rename ``root/src`` to ``root/dst`` (atomic, replacing), without following a symlink below
+    ``root``; ``dst``'s missing parents are made, and the rename is made durable.
+
+    A rename never follows its own last components, but it would move a symlink planted in
+    ``src``'s place: ``src`` must be a regular file, and what arrives at ``dst`` must be that
+    same file (if another was swapped in meanwhile, it is removed again and refused). With
+    ``same_as`` (a descriptor), ``src`` must also be the file behind it: the one that was checked.
+    """
+    src_path, dst_path = PurePosixPath(src), PurePosixPath(dst)
+    with dir_beneath(root, src_path.parent) as sdir, dir_beneath(root, dst_path.parent, create=True) as ddir:
+        before = os.stat(src_path.name, dir_fd=sdir, follow_symlinks=False)
+        if not stat.S_ISREG(before.st_mode):
+            raise UnsafePathError(str(src), "is not a regular file")
+        if same_as is not None:
+            checked = os.fstat(same_as)
+            if (checked.st_dev, checked.st_ino) != (before.st_dev, before.st_ino):
+                raise UnsafePathError(str(src), "is not the file that was checked")
+        os.replace(src_path.name, dst_path.name, src_dir_fd=sdir, dst_dir_fd=ddir)
+        after = os.stat(dst_path.name, dir_fd=ddir, follow_symlinks=False)
+        if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino) or not stat.S_ISREG(after.st_mode):
+            os.unlink(dst_path.name, dir_fd=ddir)
+            raise UnsafePathError(str(src), "was replaced while it was being moved into place")
+        os.fsync(ddir)

@@ -195,3 +195,37 @@ def test_default_directory_names(ref: str, name: str) -> None:
 def test_hostile_magnet_names_never_become_paths(dn: str) -> None:
     ref = f"magnet:?xt=urn:btih:208b101a0f51514ecf285885a8b0f6fb1a1e4d7d&dn={dn}"
     assert engine.default_dir_name(engine.build_request(ref)).startswith("model-")
+
+
+# ---- a shared cache: a link swapped in after the check (issue 17, item 12) --------------------
+
+
+def test_a_directory_swapped_for_a_link_after_the_check_is_refused_at_promotion(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another pod with the same uid swaps ``dest/sub`` for a link to a place of its choosing
+    right after the engine checked the name: the promotion must not follow it."""
+    dest, outside = tmp_path / "dest", tmp_path / "outside"
+    outside.mkdir()
+    real_check = engine.resolve_under
+
+    def check_then_swap(root: Path, name: str) -> Path:
+        checked = real_check(root, name)
+        if name == "sub/b.json":
+            (root / "sub").symlink_to(outside)  # the swap, at the worst moment
+        return checked
+
+    monkeypatch.setattr(engine, "resolve_under", check_then_swap)
+    with pytest.raises(UnsafePathError, match="symlink"):
+        fetch(_request(), dest)
+    assert list(outside.iterdir()) == []  # nothing was written through the link
+    assert not (dest / ".weightship" / "manifest.json").exists()
+
+
+def test_a_state_directory_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    dest, outside = tmp_path / "dest", tmp_path / "outside"
+    dest.mkdir()
+    outside.mkdir()
+    (dest / ".weightship").symlink_to(outside)
+    with pytest.raises(UnsafePathError, match="symlink"):
+        fetch(_request(), dest)
+    assert list(outside.iterdir()) == []  # no lock, no staging file, no manifest went there

@@ -143,3 +143,34 @@ def test_unlisted_pth_is_refused(tmp_path: Path, tiny_original_dir: Path) -> Non
     assert_clean_failure(r, 3)
     assert "not listed in the trusted manifest" in r.stderr
     assert not sentinel.exists()
+
+
+def test_the_pth_loaded_is_the_pth_checked(tmp_path: Path, tiny_original_dir: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17, item 12: another writer of a shared cache swaps the .pth right after its digest
+    was checked; what is unpickled must still be the checked file."""
+    from safetensors.torch import load_file
+
+    from weightship.verify import convert
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_original_dir, d)
+    (d / "consolidated.safetensors").unlink()
+    m = Manifest.load(d)
+    m.files = [f for f in m.files if f.path != "consolidated.safetensors"]
+    m.write(d)
+    real = torch.load(d / "consolidated.00.pth", weights_only=True)
+    swapped = tmp_path / "swapped.pth"
+    torch.save({k: torch.zeros_like(v) for k, v in real.items()}, swapped)  # unchecked bytes
+    load = convert._load_trusted_pth
+
+    def swap_then_load(path: object, label: str) -> dict[str, object]:
+        os.replace(swapped, d / "consolidated.00.pth")  # after the check, before the load
+        return load(path, label)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(convert, "_load_trusted_pth", swap_then_load)
+    convert.convert_directory(d)
+    converted = load_file(d / "consolidated.safetensors")
+    assert set(converted) == set(real)
+    for name, tensor in real.items():
+        assert torch.equal(converted[name], tensor), name

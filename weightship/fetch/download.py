@@ -55,9 +55,11 @@ from weightship.errors import (
     RangeNotSupportedError,
     RemoteChangedError,
     TransientFetchError,
+    UnsafePathError,
 )
 from weightship.fetch.journal import Journal, discard, journal_path
 from weightship.fetch.prefixhash import PrefixHasher
+from weightship.paths import open_beneath
 from weightship.progress import NullProgress, Progress
 from weightship.verify.digests import git_blob_hasher
 
@@ -144,8 +146,10 @@ class _ChunkedDownload:
     """State of one file's parallel download; see the module docstring."""
 
     def __init__(self, reader: RangeReader, staging: Path, remote: RemoteStat, digest: str | None,
-                 opts: TransferOptions, progress: Progress, path: str, git_sha1: bool) -> None:
+                 opts: TransferOptions, progress: Progress, path: str, git_sha1: bool,
+                 root: Path) -> None:
         self.reader, self.staging, self.remote, self.opts = reader, staging, remote, opts
+        self.root = root
         self.progress, self.path = progress, path
         self.chunk = opts.chunk_size  # a resumed download keeps the chunk size it started with
         self.chunks = max(1, math.ceil(remote.size / self.chunk))
@@ -178,10 +182,10 @@ class _ChunkedDownload:
         return min((i + 1) * self.chunk, self.remote.size) - i * self.chunk
 
     def run(self) -> DownloadResult:
-        self.staging.parent.mkdir(parents=True, exist_ok=True)
         done = self._resume_state()
         self.buffers = _Buffers(self.opts.connections + 2, min(self.chunk, max(1, self.remote.size)))
-        out = _ChunkFile(self.staging, direct=self.opts.direct_io and self.chunk % _DIRECT_ALIGN == 0)
+        out = _ChunkFile(self.staging, self.root,
+                         direct=self.opts.direct_io and self.chunk % _DIRECT_ALIGN == 0)
         hasher = PrefixHasher(out.fd, self.remote.size, self.chunk, git_sha1=self.git_sha1,
                                enabled=self.opts.verify, on_hashed=self._hashed)
         try:
@@ -301,18 +305,28 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only
 
 class _ChunkFile:
     """The partial file, written a chunk at a time: by ``O_DIRECT`` where the filesystem allows
-    it, else (and for a file's unaligned tail) through the page cache. ``fd`` reads and fsyncs."""
+    it, else (and for a file's unaligned tail) through the page cache. ``fd`` reads and fsyncs.
 
-    def __init__(self, path: Path, *, direct: bool) -> None:
+    Opened without following a symlink below ``root`` (:func:`weightship.paths.open_beneath`); the
+    second, ``O_DIRECT`` descriptor must be of the same file."""
+
+    def __init__(self, path: Path, root: Path, *, direct: bool) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        rel = path.relative_to(root)
+        self.fd = open_beneath(root, rel, os.O_RDWR | os.O_CREAT, 0o644, create_parents=True)
         self._direct: int | None = None
         flag = getattr(os, "O_DIRECT", 0)  # Linux and the BSDs; not macOS or Windows
         if direct and flag:
             try:
-                self._direct = os.open(path, os.O_WRONLY | flag)
+                self._direct = open_beneath(root, rel, os.O_WRONLY | flag)
             except OSError as e:  # EINVAL: tmpfs before Linux 6.6, some FUSE filesystems
+                if isinstance(e, UnsafePathError):
+                    os.close(self.fd)
+                    raise
                 log.debug("%s: no O_DIRECT here (%s); writing through the page cache", path, e)
+            if self._direct is not None and not _same_file(self.fd, self._direct):
+                self.close()
+                raise UnsafePathError(str(rel), "was replaced while it was being opened")
         self._use_direct = self._direct is not None
 
     def write(self, data: memoryview, offset: int) -> None:
@@ -336,6 +350,11 @@ class _ChunkFile:
         os.close(self.fd)
         if self._direct is not None:
             os.close(self._direct)
+
+
+def _same_file(a: int, b: int) -> bool:
+    sa, sb = os.fstat(a), os.fstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 class _Buffers:
@@ -407,14 +426,15 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: Path) -> N
 
 
 def _stream_whole(reader: RangeReader, staging: Path, remote: RemoteStat, opts: TransferOptions,
-                  progress: Progress, path: str, git_sha1: bool) -> DownloadResult:
+                  progress: Progress, path: str, git_sha1: bool, root: Path) -> DownloadResult:
     """Fetch a file from its first byte in one stream (a server that ignores ranges)."""
     discard(staging)
     sha = hashlib.sha256() if opts.verify else None
     git = git_blob_hasher(remote.size) if git_sha1 and opts.verify else None
     pos = 0
     buf = memoryview(bytearray(max(1, min(remote.size, opts.chunk_size))))
-    fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = open_beneath(root, staging.relative_to(root), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644,
+                      create_parents=True)
     try:
         for piece in reader.read_whole(buf):
             if pos + len(piece) > remote.size:
@@ -436,17 +456,21 @@ def _stream_whole(reader: RangeReader, staging: Path, remote: RemoteStat, opts: 
 
 def download(reader: RangeReader, staging: Path, *, expected_size: int | None, sha256: str | None,
              git_sha1: str | None = None, opts: TransferOptions | None = None,
-             progress: Progress | None = None, path: str = "") -> DownloadResult:
+             progress: Progress | None = None, path: str = "", root: Path | None = None) -> DownloadResult:
     """Download ``reader``'s file into ``staging`` (resuming), hashing it on the way.
 
     Checks the remote's size against ``expected_size`` first, and the digests against ``sha256``
     / ``git_sha1`` last; on a digest mismatch the partial and its journal are deleted (which
     chunk was wrong cannot be known) and :class:`DigestMismatchError` is raised. On any other
-    failure the partial and its journal stay, for the next try to resume.
+    failure the partial and its journal stay, for the next try to resume. ``staging`` is opened
+    without following a symlink below ``root`` (default: its own directory).
     """
     opts = opts or TransferOptions()
     progress = progress or NullProgress()
     path = path or staging.name
+    if root is None:
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        root = staging.parent
     remote = stat_with_retries(reader, opts, path)
     if expected_size is not None and remote.size != expected_size:
         raise DigestMismatchError(path, expected=f"{expected_size} bytes",
@@ -454,13 +478,13 @@ def download(reader: RangeReader, staging: Path, *, expected_size: int | None, s
     restarts = 0
     while True:
         job = _ChunkedDownload(reader, staging, remote, sha256 or git_sha1, opts, progress, path,
-                               git_sha1 is not None)
+                               git_sha1 is not None, root)
         try:
             result = job.run()
             break
         except RangeNotSupportedError:
             log.info("%s: server ignores Range; fetching it whole", path)
-            result = _stream_whole(reader, staging, remote, opts, progress, path, git_sha1 is not None)
+            result = _stream_whole(reader, staging, remote, opts, progress, path, git_sha1 is not None, root)
             break
         except RemoteChangedError:
             restarts += 1

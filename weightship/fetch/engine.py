@@ -53,8 +53,8 @@ from weightship.fetch.base import FetchPlan, FetchRequest, PlannedFile, Sink, So
 from weightship.fetch.download import TransferOptions, download, journal_path
 from weightship.fetch.lock import dir_lock
 from weightship.fetch.registry import kind_for_uri, source_class
-from weightship.manifest import FileEntry, Manifest, fsync_dir, utcnow
-from weightship.paths import STATE_DIR, resolve_under, safe_relpath
+from weightship.manifest import FileEntry, Manifest, utcnow
+from weightship.paths import STATE_DIR, open_beneath, replace_beneath, resolve_under, safe_relpath
 from weightship.progress import NullProgress, Progress
 from weightship.verify.digests import hash_files, sha256_and_git_blob
 
@@ -195,15 +195,21 @@ def _check_space(dest: Path, files: list[PlannedFile], staging: dict[str, Path])
 
 
 def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress,
-               result: FetchResult | None = None) -> FileEntry:
-    """Fetch ``f`` from ``source`` into ``staging`` and check it; the entry for the manifest."""
+               result: FetchResult | None = None, root: Path | None = None) -> FileEntry:
+    """Fetch ``f`` from ``source`` into ``staging`` and check it; the entry for the manifest.
+
+    ``staging`` is opened without following a symlink below ``root`` (the destination; without
+    one, below ``staging``'s directory).
+    """
     from weightship.fetch.ranged import RangedSource
 
-    staging.parent.mkdir(parents=True, exist_ok=True)
+    if root is None:
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        root = staging.parent
     if isinstance(source, RangedSource):
         done = download(source.remote(f), staging, expected_size=f.size, sha256=f.sha256,
                         git_sha1=f.git_sha1, opts=source.transfer_options(), progress=progress,
-                        path=f.path)
+                        path=f.path, root=root)
         assert done.sha256 is not None, f.path
         if result is not None:
             with _COUNTERS:  # files finish in parallel threads
@@ -213,7 +219,9 @@ def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress
                          source=source.uri_for(f), anchor=f.anchor)
     journal_path(staging).unlink(missing_ok=True)  # a partial from a ranged source is void now
     try:
-        with open(staging, "wb") as out:
+        fd = open_beneath(root, staging.relative_to(root), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                          create_parents=True)
+        with os.fdopen(fd, "wb") as out:
             sink = Sink(out, expected_size=f.size, git_sha1=f.git_sha1 is not None,
                         progress=progress, path=f.path)
             try:
@@ -287,7 +295,8 @@ def _plan(sources: list[Source], request: FetchRequest) -> FetchPlan:
 
 def _fetch_with_failover(sources: list[Source], f: PlannedFile, staging: Path,
                          progress: Progress, result: FetchResult | None = None,
-                         dead: dict[Source, Exception] | None = None) -> FileEntry:
+                         dead: dict[Source, Exception] | None = None,
+                         root: Path | None = None) -> FileEntry:
     """Fetch ``f`` from the first source that delivers the right bytes.
 
     A source that failed for the whole repository (a gated Hub repo) goes into ``dead``, shared
@@ -300,7 +309,7 @@ def _fetch_with_failover(sources: list[Source], f: PlannedFile, staging: Path,
             last_error = dead[s]
             continue
         try:
-            return _fetch_one(s, f, staging, progress, result)
+            return _fetch_one(s, f, staging, progress, result, root)
         except DiskFullError:
             raise  # another source cannot make room
         except GatedRepoError as e:
@@ -399,16 +408,15 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
     width = 1
     if isinstance(sources[0], RangedSource):
         width = TransferOptions.from_options(request.options).parallel_files
-    for entry in _fetch_all(sources, rest, staging, progress, result, width):
+    for entry in _fetch_all(sources, rest, staging, progress, result, width, dest):
         result.manifest.upsert(entry)
     pins.check_entries(result.manifest.files, pinned)  # once more, before anything is promoted
     for f in plan.files:
         if f.path in present:
             continue
-        target = targets[f.path]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging[f.path], target)
-        fsync_dir(target.parent)
+        # By descriptors, refusing a symlink met on the way: the names were checked at plan
+        # time, but in a shared cache another writer may have swapped a directory since.
+        replace_beneath(dest, staging[f.path].relative_to(dest), f.path)
         result.fetched.append(f.path)
     _remove_empty_dirs(incoming)
     result.manifest.verified_at = utcnow()
@@ -418,7 +426,7 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
 
 
 def _fetch_all(sources: list[Source], files: list[PlannedFile], staging: dict[str, Path],
-               progress: Progress, result: FetchResult, width: int) -> list[FileEntry]:
+               progress: Progress, result: FetchResult, width: int, root: Path) -> list[FileEntry]:
     """Fetch ``files``, ``width`` at a time. A failed file does not stop the others (what they
     fetched stays staged for the next run); the first failure is raised once all have ended."""
 
@@ -426,7 +434,7 @@ def _fetch_all(sources: list[Source], files: list[PlannedFile], staging: dict[st
 
     def one(f: PlannedFile) -> FileEntry:
         progress.file_begin(f.path, f.size)
-        entry = _fetch_with_failover(sources, f, staging[f.path], progress, result, dead)
+        entry = _fetch_with_failover(sources, f, staging[f.path], progress, result, dead, root)
         progress.file_end(f.path, "ok")
         return entry
 

@@ -4,6 +4,11 @@ The lock is a file created with ``O_CREAT | O_EXCL`` (atomic on local filesystem
 where ``flock`` may silently succeed for everyone) that records who holds it. ``flock`` is taken
 on it as well, as a second guard where it works. A lock whose holder is gone (same host, process
 no longer alive) is stale and taken over.
+
+A model directory may sit in a cache other pods share (a node's hostPath, a shared claim), so the
+state directory is reached by descriptor without following a symlink
+(:func:`weightship.paths.open_dir_beneath`), and the lock file is created, read and removed
+relative to that descriptor with ``O_NOFOLLOW``: a link swapped in for either is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from weightship.errors import LockedError
+from weightship.paths import open_dir_beneath
 
 LOCK_NAME = "lock"
 
@@ -37,9 +43,11 @@ def _holder_alive(info: dict[str, object]) -> bool:
     return True
 
 
-def _read(path: Path) -> dict[str, object]:
+def _read(state_fd: int) -> dict[str, object]:
     try:
-        data = json.loads(path.read_text())
+        fd = os.open(LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=state_fd)
+        with os.fdopen(fd, "rb") as f:
+            data = json.loads(f.read(1 << 16))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -51,18 +59,30 @@ def dir_lock(state_dir: Path, *, wait: float = 0.0) -> Iterator[None]:
 
     Waits up to ``wait`` seconds for another holder, then raises :class:`LockedError`.
     """
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / LOCK_NAME
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    state_fd = open_dir_beneath(state_dir.parent, state_dir.name, create=True)
+    try:
+        with _locked(state_dir, state_fd, wait):
+            yield
+    finally:
+        os.close(state_fd)
+
+
+@contextlib.contextmanager
+def _locked(state_dir: Path, state_fd: int, wait: float) -> Iterator[None]:
     deadline = time.monotonic() + wait
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
     while True:
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(LOCK_NAME, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644, dir_fd=state_fd)
             break
         except FileExistsError:
-            info = _read(path)
+            info = _read(state_fd)
             if info and not _holder_alive(info):
-                path.unlink(missing_ok=True)  # stale: its holder died without cleaning up
+                # stale: its holder died without cleaning up (unlink never follows a link)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(LOCK_NAME, dir_fd=state_fd)
                 continue
             if time.monotonic() >= deadline:
                 holder = f"pid {info.get('pid')} on {info.get('host')}" if info else "unknown"
@@ -79,4 +99,5 @@ def dir_lock(state_dir: Path, *, wait: float = 0.0) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(LOCK_NAME, dir_fd=state_fd)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -44,7 +45,7 @@ from weightship.errors import (
 )
 from weightship.fetch.base import FetchPlan, FetchRequest, PlannedFile, Sink, Source
 from weightship.manifest import Manifest, SourceInfo, atomic_write
-from weightship.paths import STATE_DIR, resolve_under
+from weightship.paths import STATE_DIR, open_beneath, open_dir_beneath, replace_beneath, resolve_under
 from weightship.progress import NullProgress, Progress
 from weightship.torrent.metadata import MAX_METADATA_BYTES, TorrentMeta, check_torrent, load_torrent_bytes
 from weightship.torrent.peers import PeerSource, parse_duration
@@ -178,8 +179,9 @@ class TorrentSource(Source):
         first = files[0]
         incoming = Path(str(staging[first.path])[: -len(first.path + ".incomplete")])
         self._incoming = incoming
+        root = incoming.parent.parent  # the model directory (incoming is DIR/.weightship/incoming)
         store = self._store = incoming / f".torrent-{meta.infohash}"
-        store.mkdir(parents=True, exist_ok=True)
+        os.close(open_dir_beneath(root, store.relative_to(root), create=True))  # never a planted link
         by_path = meta.by_path()
         atp = self._resume_params(incoming / f".torrent-{meta.infohash}.resume")
         atp.ti = meta.info
@@ -206,8 +208,8 @@ class TorrentSource(Source):
                       f"{swarm.hash_failures} pieces failed their hash")
         for f in files:
             if f.sha256 is not None:  # trusted digest: the engine checks the moved file
-                staging[f.path].parent.mkdir(parents=True, exist_ok=True)
-                resolve_under(store, f.path).replace(staging[f.path])
+                # by descriptors, refusing a link swapped in since the names were checked
+                replace_beneath(root, (store / f.path).relative_to(root), staging[f.path].relative_to(root))
         self._delivered = True
         self._bulk = (swarm.downloaded_bytes, swarm.resumed_bytes)
         return True
@@ -237,7 +239,7 @@ class TorrentSource(Source):
         if file.sha256 is not None:  # it was delivered, and the engine found the wrong digest
             raise DigestMismatchError(file.path, expected=file.sha256,
                                       actual=f"other bytes in torrent {self._meta.infohash if self._meta else ''}")
-        with open(resolve_under(self._store, file.path), "rb") as f:
+        with os.fdopen(open_beneath(self._store, file.path, os.O_RDONLY), "rb") as f:
             while chunk := f.read(_CHUNK):
                 sink.write(chunk)
 

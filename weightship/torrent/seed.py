@@ -5,11 +5,21 @@ The torrent is the one given (``--torrent FILE``), else the one a torrent fetch 
 Files are mapped by their manifest paths whatever the directory is called. A torrent made here
 from files just hashed is added in seed mode (no second read); any other torrent is checked
 against the files first, so a damaged directory is never served as complete.
+
+The directory may sit in a cache other pods share (a node's hostPath, the P2P seeder's volume),
+and libtorrent opens the files by name, whenever a peer asks: nothing can make it refuse a
+symlink. So each file is opened here first without following a link below the directory
+(:func:`weightship.paths.open_beneath`) and its identity (device, inode) kept, and while seeding
+every file is looked at again each half second: a file that became a link or another file stops
+the seeding with :class:`~weightship.errors.TorrentError`, instead of serving what it now points
+to.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,9 +27,9 @@ from pathlib import Path
 
 import libtorrent as lt
 
-from weightship.errors import TorrentError, UsageError
+from weightship.errors import TorrentError, UnsafePathError, UsageError
 from weightship.manifest import Manifest
-from weightship.paths import STATE_DIR, resolve_under
+from weightship.paths import STATE_DIR, open_beneath, resolve_under
 from weightship.progress import NullProgress, Progress
 from weightship.torrent.create import create_torrent
 from weightship.torrent.metadata import TorrentMeta, load_torrent_bytes
@@ -84,6 +94,7 @@ def seed_directory(directory: Path, *, torrent: bytes | None = None, listen: str
         atp.save_path = str(directory.resolve())
         atp.renamed_files = {f.index: str(resolve_under(directory, f.path).relative_to(directory.resolve()))
                              for f in meta.files}
+        identity = _identities(directory, [f.path for f in meta.files])
         atp.trackers = list(announce or ())
         atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
         if fresh or not check:
@@ -108,10 +119,40 @@ def seed_directory(directory: Path, *, torrent: bytes | None = None, listen: str
         while time.monotonic() < end and not (stop is not None and stop()):
             swarm.poll(500)
             swarm.dial(handle)
+            _check_unchanged(directory, identity)
         uploaded: int = handle.status().total_payload_upload
         return uploaded
     finally:
         swarm.close()
+
+
+def _identity(directory: Path, rel: str) -> tuple[int, int]:
+    """(device, inode) of the regular file ``directory/rel``, reached without following a link."""
+    fd = open_beneath(directory, rel, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafePathError(rel, "is not a regular file")
+    return st.st_dev, st.st_ino
+
+
+def _identities(directory: Path, paths: list[str]) -> dict[str, tuple[int, int]]:
+    return {rel: _identity(directory, rel) for rel in paths}
+
+
+def _check_unchanged(directory: Path, identity: dict[str, tuple[int, int]]) -> None:
+    """Stop seeding when a file was swapped (for a link, or another file) since it was checked."""
+    for rel, was in identity.items():
+        try:
+            now: tuple[int, int] | None = _identity(directory, rel)
+        except (OSError, UnsafePathError):
+            now = None
+        if now != was:
+            raise TorrentError(f"{directory}: {rel} was replaced (or became a link) while seeding; "
+                               "stopped rather than serve what it points to now",
+                               hint="another process writes this directory; verify it, then seed again")
 
 
 def _hosts(listen: str) -> list[str]:
