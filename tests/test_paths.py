@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightship.errors import UnsafePathError
-from weightship.paths import open_beneath, replace_beneath, resolve_under, safe_relpath
+from weightship.paths import resolve_under, safe_relpath
 
 HOSTILE = [
     ("/etc/passwd", "absolute"),
@@ -84,6 +84,8 @@ def test_no_accepted_path_resolves_outside(tmp_path_factory: pytest.TempPathFact
 
 
 def test_open_beneath_refuses_a_symlink_anywhere_below_the_root(tmp_path: Path) -> None:
+    from weightship.paths import open_beneath
+
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()
     outside.mkdir()
@@ -99,6 +101,8 @@ def test_open_beneath_refuses_a_symlink_anywhere_below_the_root(tmp_path: Path) 
 
 
 def test_replace_beneath_refuses_a_directory_swapped_for_a_link(tmp_path: Path) -> None:
+    from weightship.paths import replace_beneath
+
     root, outside = tmp_path / "root", tmp_path / "outside"
     (root / "incoming").mkdir(parents=True)
     outside.mkdir()
@@ -112,6 +116,8 @@ def test_replace_beneath_refuses_a_directory_swapped_for_a_link(tmp_path: Path) 
 
 
 def test_replace_beneath_never_moves_a_link_planted_for_the_source(tmp_path: Path) -> None:
+    from weightship.paths import replace_beneath
+
     root = tmp_path / "root"
     (root / "incoming").mkdir(parents=True)
     (tmp_path / "secret").write_text("not yours")

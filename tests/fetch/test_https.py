@@ -19,7 +19,6 @@ from tests.fetch.webserver import FileServer, serve
 from weightship.errors import DigestMismatchError, FetchError, IntegrityError
 from weightship.fetch import build_request, fetch
 from weightship.manifest import Manifest, create_for_directory
-from weightship.signing import sign_directory
 
 FAST = {"retries": 2, "backoff": 0.01, "backoff_max": 0.05, "stall_timeout": 1.0,
         "chunk_size": 256 << 10, "connections": 3}
@@ -42,6 +41,8 @@ def small_dir(tmp_path_factory: pytest.TempPathFactory, signing_key: KeyPair) ->
     (d / "sub").mkdir()
     (d / "sub" / "b.json").write_bytes(rng.randbytes(700_000))
     create_for_directory(d).write(d)
+    from weightship.signing import sign_directory
+
     sign_directory(d, signing_key.private)
     return d
 

@@ -15,7 +15,6 @@ from tests.fetch.hubstub import HubRepo, HubStub, hub
 from weightship.errors import AccessDeniedError
 from weightship.fetch import build_request, fetch
 from weightship.fetch.download import TransferOptions
-from weightship.fetch.hf import HubRemote
 from weightship.fetch.http import HttpPool, HttpRemote
 
 FAST = {"retries": 3, "backoff": 0.01, "backoff_max": 0.02, "chunk_size": 64 << 10}
@@ -51,7 +50,7 @@ def test_a_refused_head_leaves_its_pooled_connection_usable(stub: HubStub) -> No
     stub.head_403 = {"tokenizer.model"}
     pool = HttpPool(TransferOptions(connections=1, parallel_files=1))
     base = f"{stub.url}/acme/tiny/resolve/{'a' * 40}/"
-    refused = HubRemote(pool, base + "tokenizer.model", repo="acme/tiny", headers={}, where="tok")
+    refused = HttpRemote(pool, base + "tokenizer.model")
     with pytest.raises(AccessDeniedError) as kept:
         refused.stat()
     st = HttpRemote(pool, base + "config.json").stat()

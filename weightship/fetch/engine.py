@@ -24,13 +24,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fnmatch
 import hashlib
 import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from weightship.fetch.base import FetchPlan, FetchRequest, PlannedFile, Sink, So
 from weightship.fetch.download import TransferOptions, download, journal_path
 from weightship.fetch.lock import dir_lock
 from weightship.fetch.registry import kind_for_uri, source_class
+from weightship.fetch.select import select_files, wanted_by
 from weightship.manifest import FileEntry, Manifest, utcnow
 from weightship.paths import STATE_DIR, open_beneath, replace_beneath, resolve_under, safe_relpath
 from weightship.progress import NullProgress, Progress
@@ -325,46 +325,6 @@ def _fetch_with_failover(sources: list[Source], f: PlannedFile, staging: Path,
     progress.file_end(f.path, "failed")
     assert last_error is not None
     raise last_error
-
-
-# Weights in formats other than safetensors are fetched only when asked for by --include
-# (pickles are unsafe to load; the others are for other frameworks).
-DEFAULT_OPTIONAL = ("*.bin", "*.bin.index.json", "*.pth", "*.pt", "*.pth.index.json", "*.h5",
-                    "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.gguf", "*.ckpt")
-
-
-def wanted_by(request: FetchRequest, default_optional: Sequence[str] = ()) -> Callable[[str], bool]:
-    """Whether the user wants a path: ``--include``/``--exclude`` globs, and optional files
-    (the card's ``optional`` globs, else the source's, e.g. :data:`DEFAULT_OPTIONAL` for a Hub
-    repo) only when an ``--include`` glob names them."""
-    if request.card is not None:
-        optional: Sequence[str] = request.card.layout(request.layout).optional
-    else:
-        optional = default_optional
-
-    def match(path: str, globs: Sequence[str]) -> bool:
-        return any(fnmatch.fnmatch(path, g) or fnmatch.fnmatch(path.rsplit("/", 1)[-1], g)
-                   for g in globs)
-
-    def wanted(path: str) -> bool:
-        if request.include and not match(path, request.include):
-            return False
-        if match(path, request.exclude):
-            return False
-        return not (match(path, optional) and not match(path, request.include))
-
-    return wanted
-
-
-def select_files(files: list[PlannedFile], request: FetchRequest,
-                 default_optional: Sequence[str] = ()) -> list[PlannedFile]:
-    """The planned files the user wants (see :func:`wanted_by`)."""
-    wanted = wanted_by(request, default_optional)
-    chosen = [f for f in files if wanted(f.path)]
-    if files and not chosen:
-        raise UnknownSourceError(f"no file of {request.ref} matches the --include/--exclude globs",
-                                 hint="files: " + ", ".join(f.path for f in files[:20]))
-    return chosen
 
 
 def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],

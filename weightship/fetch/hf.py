@@ -39,9 +39,9 @@ from weightship.errors import (
 )
 from weightship.fetch.base import FetchPlan, PlannedFile
 from weightship.fetch.download import RangeReader, sleep_backoff
-from weightship.fetch.engine import DEFAULT_OPTIONAL
 from weightship.fetch.http import HttpPool, HttpRemote, raise_for_status
 from weightship.fetch.ranged import RangedSource
+from weightship.fetch.select import DEFAULT_OPTIONAL
 from weightship.manifest import SourceInfo
 
 log = logging.getLogger(__name__)
