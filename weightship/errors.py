@@ -424,6 +424,98 @@ class RolloutFailedError(DeployError):
 
     def __init__(self, failed: list[str], results: list[dict[str, object]]) -> None:
         super().__init__(f"rollout stopped: {', '.join(failed)} failed",
-                         hint="the table above says why; failed hosts were returned to their previous release")
+                         hint="the table says why for each host: one that failed its gate is back on its "
+                              "previous release, one that could not be reached was left as it was")
         self.failed = failed
         self.results = results
+
+
+# ---- dedicated instances -------------------------------------------------------------------
+
+
+class KeyFileError(UsageError):
+    """An API key file is malformed (``where`` names it)."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}",
+                         hint="a key file is one key per line, or a weightship-api-keys/1 JSON "
+                              "document (written by `weightship instance keys`)")
+        self.where = where
+
+
+class ClusterConflictError(DeployError):
+    """The Kubernetes API refused a write: the object changed meanwhile, or already exists."""
+
+    retryable = True
+
+
+class InstanceError(DeployError):
+    """An instance could not be created, changed, read or removed."""
+
+
+class InvalidInstanceNameError(UsageError):
+    """An instance name is not a DNS label short enough for its objects' names."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"invalid instance name {name!r}: {why}",
+                         hint="use lowercase letters, digits and '-', starting with a letter, at "
+                              "most 40 characters (it becomes the namespace wsi-NAME)")
+        self.name = name
+
+
+class InstanceNotFoundError(InstanceError, LookupError):
+    """No instance of that name exists on the target."""
+
+    def __init__(self, name: str, where: str) -> None:
+        super().__init__(f"no instance {name!r} {where}",
+                         hint="list instances with: weightship instance list")
+        self.name = name
+
+
+class InstanceExistsError(InstanceError):
+    """An instance of that name already exists."""
+
+    def __init__(self, name: str, where: str) -> None:
+        super().__init__(f"instance {name!r} already exists {where}",
+                         hint=f"change it with instance scale/upgrade, or remove it: "
+                              f"weightship instance delete {name} --yes")
+        self.name = name
+
+
+class KeyNameTakenError(UsageError):
+    """An instance already has a key of that name."""
+
+    def __init__(self, instance: str, key_name: str) -> None:
+        super().__init__(f"instance {instance!r} already has a key named {key_name!r}",
+                         hint=f"pick another --key-name, or revoke it first: weightship instance "
+                              f"keys revoke {instance} {key_name}")
+
+
+class KeyNotFoundError(UsageError, LookupError):
+    """An instance has no key of that name."""
+
+    def __init__(self, instance: str, key_name: str) -> None:
+        super().__init__(f"instance {instance!r} has no key named {key_name!r}",
+                         hint=f"see its keys: weightship instance keys list {instance}")
+
+
+class UpgradeRolledBackError(InstanceError):
+    """A change (upgrade, scale, resume) failed its health gate; the instance was returned to
+    its previous version."""
+
+    def __init__(self, name: str, action: str, why: str, revision: object) -> None:
+        super().__init__(f"instance {name!r}: {action} failed ({why}); rolled back to the "
+                         f"previous version (revision {revision})",
+                         hint="see what failed with: weightship instance show " + name)
+        self.name = name
+        self.action = action
+
+
+class InstanceLeftoversError(InstanceError):
+    """``instance delete`` finished but found objects of the instance still there."""
+
+    def __init__(self, name: str, leftovers: list[str]) -> None:
+        super().__init__(f"instance {name!r} was deleted but these remain: {', '.join(leftovers)}",
+                         hint="run the delete again, or remove them by hand")
+        self.name = name
+        self.leftovers = leftovers

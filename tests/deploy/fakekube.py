@@ -11,13 +11,17 @@ It speaks the real wire protocol, generic over resource kinds (``fakekube_store.
   merge, server-side apply) / delete, for any kind, namespaced or not, and ``/status``;
 - watch (chunked event streams, including ``sendInitialEvents``);
 - status that becomes ready ``ready_delay`` seconds after a spec change, by the kind's rule;
-- bearer-token authentication when a token is set.
+- bearer-token authentication when a token is set;
+- the ``proxy`` subresource of Pods (``pods/NAME[:PORT]/proxy/PATH``), forwarded over HTTP to
+  the pod's ``status.podIP`` and the port (default: its first container port), with the
+  ``Authorization`` header dropped as the real API server drops it once it has authenticated.
 
 Nothing in here knows about weightship or about any test.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -260,6 +264,8 @@ def _handler_for(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
                 ns, rest = rest[1], rest[2:]
             kind = store.kind(group, version, rest[0])
             name = rest[1] if len(rest) > 1 else None
+            if kind.kind == "Pod" and ns is not None and len(rest) >= 3 and rest[2] == "proxy":
+                return self._proxy(method, ns, rest[1], "/" + "/".join(rest[3:]))
             sub = rest[2] if len(rest) > 2 else None
             if kind.namespaced and ns is None and name is not None:
                 raise ApiError(404, "NotFound", f"{kind.plural} is namespaced")
@@ -302,6 +308,34 @@ def _handler_for(fake: FakeKube) -> type[BaseHTTPRequestHandler]:
             elif method == "DELETE":
                 return self._send(200, store.delete(kind, scope, name))
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported here")
+
+        def _proxy(self, method: str, ns: str, target: str, path: str) -> None:
+            name, _, port_text = target.partition(":")
+            pod = store.get(store.kind("", "v1", "pods"), ns, name)
+            ip = (pod.get("status") or {}).get("podIP")
+            ports = [p["containerPort"] for c in pod["spec"].get("containers") or []
+                     for p in c.get("ports") or []]
+            if not ip or not (port_text or ports):
+                raise ApiError(503, "ServiceUnavailable", f"pod {name} has no address or port")
+            query = urlsplit(self.path).query
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in ("authorization", "host", "connection",
+                                            "content-length", "transfer-encoding")}
+            connection = http.client.HTTPConnection(ip, int(port_text or ports[0]), timeout=30)
+            try:
+                connection.request(method, path + (f"?{query}" if query else ""),
+                                   body=self._raw_body or None, headers=headers)
+                answer = connection.getresponse()
+                data = answer.read()
+            except OSError as e:
+                raise ApiError(503, "ServiceUnavailable", f"error trying to reach pod: {e}") from None
+            finally:
+                connection.close()
+            self.send_response(answer.status)
+            self.send_header("Content-Type", answer.getheader("Content-Type") or "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
         def _exists(self, kind: Kind, ns: str, name: str) -> bool:
             try:

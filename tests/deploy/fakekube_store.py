@@ -58,6 +58,9 @@ BUILTIN_KINDS = [
     _k("v1", "ServiceAccount", "serviceaccounts", status=False),
     _k("v1", "PersistentVolumeClaim", "persistentvolumeclaims"),
     _k("v1", "Event", "events", status=False),
+    _k("v1", "ResourceQuota", "resourcequotas"),
+    _k("v1", "LimitRange", "limitranges", status=False),
+    _k("v1", "Endpoints", "endpoints", status=False),
     _k("apps/v1", "Deployment", "deployments"),
     _k("apps/v1", "StatefulSet", "statefulsets"),
     _k("apps/v1", "DaemonSet", "daemonsets"),
@@ -371,6 +374,8 @@ class Store:
                 raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {kind.plural} '
                                                 f'"{name}": the object has been modified')
             new = copy.deepcopy(new)
+            if kind.kind == "Secret" and new.get("stringData"):
+                self._defaults(kind, new)  # stringData is written into data on every write
             if status_only:
                 merged = {**old, "status": new.get("status", {})}
             else:

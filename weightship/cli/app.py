@@ -13,6 +13,7 @@ from weightship.cli import (
     convert,
     deploy,
     fetch,
+    instance,
     manifest,
     mirror,
     models,
@@ -64,6 +65,7 @@ app.add_typer(torrent.app, name="torrent")
 app.command("serve")(serve.serve)
 app.add_typer(deploy.app, name="deploy")
 app.add_typer(nodes.app, name="nodes")
+app.add_typer(instance.app, name="instance")
 
 
 def main() -> None:

@@ -27,6 +27,10 @@
     - --api-key-file
     - /etc/weightship/api-key/api-key
     {{- end }}
+    {{- if .Values.usageLog.enabled }}
+    - --usage-log
+    - /var/lib/weightship/volume/.usage/$(POD_NAME).jsonl
+    {{- end }}
     {{- range .Values.serve.extraArgs }}
     - {{ . | quote }}
     {{- end }}
@@ -41,6 +45,12 @@
       value: /cache/triton
     - name: TORCHINDUCTOR_CACHE_DIR
       value: /cache/torchinductor
+    {{- if .Values.usageLog.enabled }}
+    - name: POD_NAME
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.name
+    {{- end }}
     {{- with .Values.serve.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -93,5 +103,10 @@
     - name: api-key
       mountPath: /etc/weightship/api-key
       readOnly: true
+    {{- end }}
+    {{- if .Values.usageLog.enabled }}
+    {{- /* the model volume again, writable, for the usage log beside the weights */}}
+    - name: models
+      mountPath: /var/lib/weightship/volume
     {{- end }}
 {{- end }}

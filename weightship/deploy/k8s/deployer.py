@@ -27,6 +27,7 @@ from weightship.deploy.k8s.values import (
     compose,
     derived_values,
     load_value_files,
+    merge,
     model_shape,
     parse_sets,
 )
@@ -88,8 +89,12 @@ def check_objects(objects: list[dict[str, Any]], effective: Values) -> tuple[lis
 def plan(model: str, *, release: str, namespace: str, value_files: Sequence[Path] = (),
          sets: Sequence[str] = (), chart: Path | None = None, gpus: int | None = None,
          dtype: str | None = None, max_batch: int | None = None,
-         max_model_len: int | None = None, is_upgrade: bool = False) -> Plan:
-    """Derive values, render and check a release of ``model``; see the module docstring."""
+         max_model_len: int | None = None, is_upgrade: bool = False,
+         overrides: Values | None = None) -> Plan:
+    """Derive values, render and check a release of ``model``; see the module docstring.
+
+    ``overrides`` are merged last, over the user's ``-f``/``--set``: values a caller (an
+    instance) must hold whatever the user asks."""
     chart_dir = helm_engine.chart_path(chart)
     files, set_layers = load_value_files(value_files), parse_sets(sets)
     user = compose({}, files, set_layers)
@@ -104,6 +109,8 @@ def plan(model: str, *, release: str, namespace: str, value_files: Sequence[Path
                       _get(asked, "serve", "maxBatch")),
         max_model_len=int(_get(user, "serve", "maxModelLen") or max_model_len or 0) or None)
     values = compose(derived_values(shape, gpus=gpu_count), files, set_layers)
+    if overrides:
+        values = merge(values, overrides)
     rendered = helm_engine.render(chart_dir, values, release=release, namespace=namespace,
                                   is_upgrade=is_upgrade)
     effective = helm_engine.effective_values(chart_dir, values)

@@ -166,9 +166,13 @@ def _secrets(cluster: Cluster, namespace: str, objects: list[Obj]) -> list[str]:
     return failures
 
 
-def check(cluster: Cluster, namespace: str, values: Obj, objects: list[Obj]) -> list[str]:
-    """Every preflight failure, as messages; an empty list means ready to install."""
-    ns = cluster.get(f"/api/v1/namespaces/{namespace}")
+def check(cluster: Cluster, namespace: str, values: Obj, objects: list[Obj], *,
+          new_namespace: Obj | None = None, nodes: list[Obj] | None = None) -> list[str]:
+    """Every preflight failure, as messages; an empty list means ready to install.
+
+    ``new_namespace``: the namespace object the caller will create (checked instead of the
+    cluster's); ``nodes``: the nodes as they will be (default: as the cluster has them)."""
+    ns = new_namespace or cluster.get(f"/api/v1/namespaces/{namespace}")
     if ns is None:
         return [f"namespace {namespace!r} does not exist (create it: kubectl create namespace "
                 f"{namespace})"]
@@ -178,7 +182,8 @@ def check(cluster: Cluster, namespace: str, values: Obj, objects: list[Obj]) -> 
             "baseline", "restricted"):
         failures.append(f"namespace {namespace} enforces the {enforce!r} Pod Security Standard, "
                         "which rejects the hostPath volume of storage.mode=nodeCache")
-    nodes = cluster.items("/api/v1/nodes")
+    if nodes is None:
+        nodes = cluster.items("/api/v1/nodes")
     failures += _nodes_fit(nodes, values)
     failures += _seeders_placed(nodes, values)
     runtime_class = (values.get("gpu") or {}).get("runtimeClassName")

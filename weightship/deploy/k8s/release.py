@@ -107,6 +107,17 @@ class Releases:
         except ReleaseNotFoundError:
             return []
 
+    def values(self, name: str) -> dict[str, Any]:
+        """The values the current revision of ``name`` was installed with (the user's, as
+        ``helm get values`` prints them)."""
+        with self._errors(name):
+            return dict(self.config.get_values(name) or {})
+
+    def list(self) -> list[Release]:
+        """The releases of the namespace, in every state."""
+        with self._errors(""):
+            return [dict(r) for r in self.config.list(all_states=True)]
+
     def status(self, name: str) -> Release:
         """The current revision of ``name``, with its manifest and notes."""
         with self._errors(name):
@@ -115,7 +126,7 @@ class Releases:
     # -- writes ------------------------------------------------------------------------------
 
     def deploy(self, chart: Path, name: str, values: dict[str, Any], *, wait: bool,
-               timeout: float) -> Release:
+               timeout: float, description: str = "weightship deploy k8s") -> Release:
         """Install ``name``, or upgrade it when it exists; wait for the rollout if asked.
 
         A release whose every revision failed is upgraded too (Helm v4 allows it), so a failed
@@ -127,10 +138,10 @@ class Releases:
             if exists:
                 return dict(self.config.upgrade(
                     chart, name, values, context=context, wait=wait_mode, timeout=helm_timeout,
-                    description="weightship deploy k8s"))
+                    description=description))
             return dict(self.config.install(
                 chart, name, values, context=context, wait=wait_mode, timeout=helm_timeout,
-                description="weightship deploy k8s"))
+                description=description))
 
     def rollback(self, name: str, revision: int | None, *, wait: bool, timeout: float) -> Release:
         """Roll ``name`` back to ``revision`` (default: the previous one), as a new revision."""

@@ -1,0 +1,449 @@
+"""Instances on Kubernetes: one namespace, its guard rails and one Helm release per company.
+
+What an instance owns is listed in :mod:`weightship.instances.k8s_objects`. The cluster is the
+record: what ``create`` was asked (model, GPUs, replicas, host, the user's chart values) is kept
+in the namespace's annotations, and every later command plans the release again from them, so
+nothing lives on the operator's machine.
+
+Steps of :meth:`K8sTarget.create`, none of which writes before the checks pass:
+1. render and check the release and the instance's own objects (as ``--dry-run`` prints them);
+2. preflight: the instance does not exist; nodes are tainted ``weightship.io/dedicated=NAME``
+   and none of them is labelled for another instance; the chart's own preflight (GPUs, storage,
+   Secrets) against those nodes;
+3. label the tainted nodes ``weightship.io/dedicated=NAME`` (what the pods' nodeSelector names),
+   create the namespace, LimitRange, ResourceQuota, NetworkPolicy and Secrets;
+4. install the release and wait for its pods to turn ready.
+
+Usage records are read from each running server pod's ``GET /v1/usage`` through the API
+server's pod proxy (``pods/POD:PORT/proxy/v1/usage``), with the instance's operator key in the
+``X-Weightship-Key`` header (the API server consumes ``Authorization`` for itself). This needs
+no exec and no extra pod, and works with any storage mode; a replica that is not running
+(paused, scaled down) keeps its records on its claim and is reported as not reached.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from weightship.deploy.k8s import deployer, policy, preflight
+from weightship.deploy.k8s.cluster import Cluster, connect
+from weightship.deploy.k8s.release import Releases
+from weightship.deploy.k8s.values import Values, compose, load_value_files, parse_sets
+from weightship.errors import (
+    ClusterConflictError,
+    InstanceError,
+    InstanceExistsError,
+    InstanceLeftoversError,
+    InstanceNotFoundError,
+    ManifestRejectedError,
+    PreflightError,
+    ReleaseError,
+    ReleaseNotFoundError,
+    UpgradeRolledBackError,
+    UsageError,
+)
+from weightship.instances import k8s_objects as objs
+from weightship.instances.keys import OPERATOR_KEY
+from weightship.instances.target import Info, InstanceSpec, UsageRead, check_name
+from weightship.runtime.keys import KeyFile, parse_hashed, utc_now
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+Objs = list[Obj]  # (the class below has a method called list)
+SELECTOR = "app.kubernetes.io/managed-by=weightship," + objs.INSTANCE
+
+
+@dataclass
+class Record:
+    """What an instance was asked to be: the namespace's ``weightship.io/*`` annotations."""
+
+    model: str
+    gpus: int = 1
+    replicas: int = 1
+    paused: bool = False
+    host: str | None = None
+    tls_secret: str | None = None
+    version: str | None = None
+    created: str = ""
+    user_values: Values = field(default_factory=dict)  # the user's -f/--set, merged
+    allow_from: list[str] = field(default_factory=list)
+    admin_from: list[str] = field(default_factory=list)
+
+    def annotations(self) -> dict[str, str]:
+        fields = {"model": self.model, "gpus": str(self.gpus), "replicas": str(self.replicas),
+                  "paused": str(self.paused).lower(), "host": self.host or "",
+                  "tls-secret": self.tls_secret or "", "version": self.version or "",
+                  "created": self.created, "values": json.dumps(self.user_values, sort_keys=True),
+                  "allow-from": ",".join(self.allow_from), "admin-from": ",".join(self.admin_from)}
+        return {objs.ANNOTATION + k: v for k, v in fields.items()}
+
+    @classmethod
+    def of(cls, ns: dict[str, Any]) -> Record:
+        a = {k.removeprefix(objs.ANNOTATION): v
+             for k, v in (ns["metadata"].get("annotations") or {}).items()
+             if k.startswith(objs.ANNOTATION)}
+        return cls(model=a.get("model", ""), gpus=int(a.get("gpus") or 1),
+                   replicas=int(a.get("replicas") or 1), paused=a.get("paused") == "true",
+                   host=a.get("host") or None, tls_secret=a.get("tls-secret") or None,
+                   version=a.get("version") or None, created=a.get("created", ""),
+                   user_values=json.loads(a.get("values") or "{}"),
+                   allow_from=[x for x in a.get("allow-from", "").split(",") if x],
+                   admin_from=[x for x in a.get("admin-from", "").split(",") if x])
+
+
+def dedicated_nodes(nodes: list[dict[str, Any]], name: str) -> tuple[list[str], list[str]]:
+    """(the nodes given to instance ``name``, the problems that forbid using them)."""
+    mine, problems = [], []
+    for node in nodes:
+        node_name = node["metadata"]["name"]
+        label = (node["metadata"].get("labels") or {}).get(objs.DEDICATED)
+        tainted = any(t.get("key") == objs.DEDICATED and t.get("value") == name
+                      and t.get("effect") == "NoSchedule"
+                      for t in (node.get("spec") or {}).get("taints") or [])
+        if tainted:
+            mine.append(node_name)
+            if label and label != name:
+                problems.append(f"node {node_name} is tainted for {name} but labelled for "
+                                f"instance {label!r}")
+        elif label == name:
+            problems.append(f"node {node_name} is labelled for {name} but not tainted "
+                            f"{objs.DEDICATED}={name}:NoSchedule, so other work could run on it")
+    if not mine:
+        problems.insert(0, f"no node is tainted {objs.DEDICATED}={name}:NoSchedule: give the "
+                           f"company its GPU nodes first (kubectl taint nodes NODE "
+                           f"{objs.DEDICATED}={name}:NoSchedule)")
+    return mine, problems
+
+
+class K8sTarget:
+    """Instances in the cluster of a kubeconfig context (see the module docstring)."""
+
+    kind = "k8s"
+
+    def __init__(self, *, context: str | None = None, chart: Path | None = None,
+                 value_files: tuple[Path, ...] = (), sets: tuple[str, ...] = (),
+                 allow_from: tuple[str, ...] = ("ingress-nginx",),
+                 admin_from: tuple[str, ...] | None = None) -> None:
+        self.context, self.chart = context, chart
+        self.value_files, self.sets = value_files, sets
+        self.allow_from, self.admin_from = list(allow_from), admin_from
+        self._cluster: Cluster | None = None
+        self._key_versions: dict[str, str] = {}
+
+    @property
+    def cluster(self) -> Cluster:
+        if self._cluster is None:
+            self._cluster = connect(self.context)
+        return self._cluster
+
+    # -- planning (no cluster) ------------------------------------------------------------------
+
+    def _user_values(self) -> Values:
+        return compose({}, load_value_files(self.value_files), parse_sets(self.sets))
+
+    def _plan(self, name: str, record: Record, *, upgrade: bool = False) -> deployer.Plan:
+        user = record.user_values
+        mode = (user.get("storage") or {}).get("mode", "perPodPVC")
+        if mode not in ("perPodPVC", "sharedPVC"):
+            raise UsageError(f"storage.mode={mode} cannot hold an instance's weights across a "
+                             "pause (and nodeCache breaks restricted Pod Security)",
+                             hint="use perPodPVC (the default) or sharedPVC")
+        serve = user.get("serve") or {}
+        overrides = deployer.merge(user, objs.chart_overrides(
+            name, replicas=0 if record.paused else record.replicas, gpus=record.gpus,
+            host=record.host, tls_secret=record.tls_secret, version=record.version,
+            storage_mode=mode, allow_from=record.allow_from, admin_from=record.admin_from))
+        return deployer.plan(record.model, release=name, namespace=objs.namespace_of(name),
+                             chart=self.chart, gpus=record.gpus, dtype=serve.get("dtype"),
+                             max_batch=serve.get("maxBatch"),
+                             max_model_len=serve.get("maxModelLen"), is_upgrade=upgrade,
+                             overrides=overrides)
+
+    def _own_objects(self, name: str, record: Record, p: deployer.Plan, keys_text: str,
+                     operator_key: str, floor: dict[str, Any] | None = None) -> Objs:
+        gpu = (p.effective.get("gpu") or {}).get("resourceName", "nvidia.com/gpu")
+        out = [objs.namespace(name, record.annotations()), objs.limit_range(name),
+               objs.quota(name, p.rendered.objects + p.rendered.hooks, gpu_resource=gpu,
+                          floor=floor),
+               objs.default_deny(name), objs.keys_secret(name, keys_text),
+               objs.operator_secret(name, operator_key)]
+        problems, _ = policy.schema_problems(out, ("1.33.0",))
+        if problems:
+            raise ManifestRejectedError(problems)
+        return out
+
+    def _new_record(self, spec: InstanceSpec, admin_from: list[str]) -> Record:
+        return Record(model=spec.model, gpus=spec.gpus, replicas=spec.replicas, host=spec.host,
+                      tls_secret=spec.tls_secret, version=spec.version, created=utc_now(),
+                      user_values=self._user_values(), allow_from=self.allow_from,
+                      admin_from=admin_from)
+
+    def plan(self, spec: InstanceSpec) -> Objs:
+        record = self._new_record(spec, list(self.admin_from or ()))
+        p = self._plan(spec.name, record)
+        own = self._own_objects(spec.name, record, p, KeyFile(spec.name).to_text(),
+                                "(generated by instance create)")
+        return own + p.rendered.objects + p.rendered.hooks
+
+    # -- reading the cluster --------------------------------------------------------------------
+
+    def _list(self, path: str, selector: str) -> Objs:
+        status, data = self.cluster.request("GET", path, query={"labelSelector": selector})
+        if status == 404:
+            return []
+        if status != 200:
+            raise InstanceError(f"GET {path} failed: {status}")
+        return list(json.loads(data).get("items") or [])
+
+    def _namespace(self, name: str) -> dict[str, Any]:
+        check_name(name)
+        ns = self.cluster.get(f"/api/v1/namespaces/{objs.namespace_of(name)}")
+        labels = (ns or {}).get("metadata", {}).get("labels") or {}
+        if ns is None or labels.get(objs.INSTANCE) != name:
+            raise InstanceNotFoundError(name, f"in the cluster (no namespace {objs.namespace_of(name)})")
+        return ns
+
+    def _api_server_cidrs(self) -> list[str]:
+        endpoints = self.cluster.get("/api/v1/namespaces/default/endpoints/kubernetes") or {}
+        ips = [a["ip"] for s in endpoints.get("subsets") or [] for a in s.get("addresses") or []]
+        if not ips:
+            log.warning("no API server address found (endpoints default/kubernetes): "
+                        "`instance usage` may be refused by the NetworkPolicy; pass --admin-from")
+        return [f"{ip}/128" if ":" in ip else f"{ip}/32" for ip in ips]
+
+    def _info(self, ns: dict[str, Any], name: str) -> Info:
+        record = Record.of(ns)
+        namespace = objs.namespace_of(name)
+        release: dict[str, Any] = {}
+        with Releases(namespace, context=self.context) as releases, contextlib.suppress(ReleaseNotFoundError):
+            release = releases.status(name)
+        ready = sum(w["ready"] for w in deployer.workloads(release.get("manifest", ""), namespace,
+                                                           context=self.context)
+                    if w["kind"] in ("StatefulSet", "Deployment")) if release else 0
+        nodes = [n["metadata"]["name"]
+                 for n in self._list("/api/v1/nodes", f"{objs.DEDICATED}={name}")]
+        scheme = "https" if record.tls_secret else "http"
+        endpoint = (f"{scheme}://{record.host}" if record.host
+                    else f"http://{objs.FULLNAME}.{namespace}.svc")
+        return {"name": name, "target": self.kind, "namespace": namespace, "model": record.model,
+                "version": record.version or release.get("app_version"),
+                "replicas": record.replicas, "ready": ready, "paused": record.paused,
+                "gpus": record.gpus, "endpoint": endpoint, "created": record.created,
+                "release": {"revision": release.get("revision"),
+                            "status": release.get("status") or "missing"},
+                "nodes": nodes}
+
+    def list(self) -> Objs:
+        out = []
+        for ns in self._list("/api/v1/namespaces", SELECTOR):
+            name = ns["metadata"]["labels"][objs.INSTANCE]
+            out.append(self._info(ns, name))
+        return sorted(out, key=lambda i: i["name"])
+
+    def show(self, name: str) -> Info:
+        info = self._info(self._namespace(name), name)
+        info["keys"] = len([k for k in self.read_keys(name).keys if k.name != OPERATOR_KEY])
+        q = self.cluster.get(f"/api/v1/namespaces/{info['namespace']}/resourcequotas/"
+                             "weightship-quota") or {}
+        info["quota"] = (q.get("spec") or {}).get("hard") or {}
+        return info
+
+    # -- changing it ----------------------------------------------------------------------------
+
+    def create(self, spec: InstanceSpec, *, wait: bool, timeout: float) -> Info:
+        namespace = objs.namespace_of(spec.name)
+        existing = self.cluster.get(f"/api/v1/namespaces/{namespace}")
+        if existing is not None:
+            if (existing["metadata"].get("labels") or {}).get(objs.INSTANCE) == spec.name:
+                raise InstanceExistsError(spec.name, "in the cluster")
+            raise InstanceError(f"namespace {namespace} exists and is not a weightship instance",
+                                hint="pick another instance name")
+        admin_from = list(self.admin_from) if self.admin_from is not None else self._api_server_cidrs()
+        record = self._new_record(spec, admin_from)
+        p = self._plan(spec.name, record)
+        keys = KeyFile(spec.name)
+        _, operator_key = keys.add(OPERATOR_KEY, scopes=("usage",))
+        own = self._own_objects(spec.name, record, p, keys.to_text(), operator_key)
+        nodes = self.cluster.items("/api/v1/nodes")
+        mine, failures = dedicated_nodes(nodes, spec.name)
+        planned_nodes = [_labelled(n, spec.name) if n["metadata"]["name"] in mine else n
+                         for n in nodes]
+        failures += preflight.check(self.cluster, namespace, p.effective,
+                                    p.rendered.objects + own, new_namespace=own[0],
+                                    nodes=planned_nodes)
+        if failures:
+            raise PreflightError(failures)
+        for node in mine:
+            self._label_node(node, spec.name)
+        for obj in own:
+            self.cluster.apply(obj)
+        with Releases(namespace, context=self.context) as releases:
+            releases.deploy(p.chart, spec.name, p.values, wait=wait, timeout=timeout,
+                            description="weightship instance create")
+        return self.show(spec.name)
+
+    def _label_node(self, node: str, value: str | None) -> None:
+        self.cluster.write("PATCH", f"/api/v1/nodes/{node}",
+                           {"metadata": {"labels": {objs.DEDICATED: value}}},
+                           content_type="application/merge-patch+json")
+
+    def _roll(self, name: str, record: Record, *, wait: bool, timeout: float,
+              action: str) -> None:
+        """Plan ``record``, widen the quota, upgrade the release (rolling back a failed
+        upgrade), then set the quota and the record to what it now runs."""
+        namespace = objs.namespace_of(name)
+        p = self._plan(name, record, upgrade=True)
+        quota_path = f"/api/v1/namespaces/{namespace}/resourcequotas/weightship-quota"
+        old = self.cluster.get(quota_path) or {"spec": {"hard": {}}}
+        gpu = (p.effective.get("gpu") or {}).get("resourceName", "nvidia.com/gpu")
+        new = objs.quota(name, p.rendered.objects + p.rendered.hooks, gpu_resource=gpu,
+                         floor=old["spec"].get("hard"))
+        self.cluster.apply(objs.widest(new, old) if old["spec"]["hard"] else new)
+        with Releases(namespace, context=self.context) as releases:
+            before = [r for r in releases.history(name) if r.get("status") == "deployed"]
+            try:
+                releases.deploy(p.chart, name, p.values, wait=wait, timeout=timeout,
+                                description=f"weightship instance {action}")
+            except ReleaseError as e:
+                if not before:
+                    raise
+                revision = int(before[-1]["revision"])
+                releases.rollback(name, revision, wait=wait, timeout=timeout)
+                raise UpgradeRolledBackError(name, action, str(e), revision) from None
+        self.cluster.apply(new)
+        self.cluster.write("PATCH", f"/api/v1/namespaces/{namespace}",
+                           {"metadata": {"annotations": record.annotations()}},
+                           content_type="application/merge-patch+json")
+
+    def scale(self, name: str, replicas: int, *, wait: bool, timeout: float) -> Info:
+        if replicas < 1:
+            raise UsageError(f"--replicas must be at least 1, got {replicas}",
+                             hint=f"to run none, pause it: weightship instance pause {name}")
+        record = replace(Record.of(self._namespace(name)), replicas=replicas)
+        self._roll(name, record, wait=wait, timeout=timeout, action="scale")
+        return self.show(name)
+
+    def upgrade(self, name: str, *, model: str | None, version: str | None, wait: bool,
+                timeout: float) -> Info:
+        old = Record.of(self._namespace(name))
+        record = replace(old, model=model or old.model, version=version or old.version)
+        self._roll(name, record, wait=wait, timeout=timeout,
+                   action="upgrade")
+        return self.show(name)
+
+    def pause(self, name: str, *, wait: bool, timeout: float) -> Info:
+        record = replace(Record.of(self._namespace(name)), paused=True)
+        self._roll(name, record, wait=wait, timeout=timeout, action="pause")
+        return self.show(name)
+
+    def resume(self, name: str, *, wait: bool, timeout: float) -> Info:
+        record = replace(Record.of(self._namespace(name)), paused=False)
+        self._roll(name, record, wait=wait, timeout=timeout,
+                   action="resume")
+        return self.show(name)
+
+    def delete(self, name: str, *, timeout: float) -> Info:
+        self._namespace(name)
+        namespace = objs.namespace_of(name)
+        with Releases(namespace, context=self.context) as releases:
+            if releases.history(name):
+                releases.uninstall(name, wait=True, timeout=timeout)
+        self.cluster.delete(f"/api/v1/namespaces/{namespace}")
+        for node in self._list("/api/v1/nodes", f"{objs.DEDICATED}={name}"):
+            self._label_node(node["metadata"]["name"], None)
+        deadline = time.monotonic() + timeout
+        while self.cluster.get(f"/api/v1/namespaces/{namespace}") is not None:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        leftovers = [f"namespace {namespace}"] if self.cluster.get(
+            f"/api/v1/namespaces/{namespace}") is not None else []
+        leftovers += [f"node {n['metadata']['name']} label {objs.DEDICATED}"
+                      for n in self._list("/api/v1/nodes", f"{objs.DEDICATED}={name}")]
+        if leftovers:
+            raise InstanceLeftoversError(name, leftovers)
+        return {"name": name, "target": self.kind, "deleted": True, "namespace": namespace}
+
+    # -- keys and usage -------------------------------------------------------------------------
+
+    def _secret(self, name: str, secret: str, key: str) -> tuple[str, str]:
+        self._namespace(name)
+        path = f"/api/v1/namespaces/{objs.namespace_of(name)}/secrets/{secret}"
+        obj = self.cluster.get(path)
+        data = ((obj or {}).get("data") or {}).get(key)
+        if obj is None or data is None:
+            raise InstanceError(f"instance {name!r} has no Secret {secret} with {key}",
+                                hint="it was not made by weightship instance create; recreate it")
+        return base64.b64decode(data).decode(), obj["metadata"].get("resourceVersion", "")
+
+    def read_keys(self, name: str) -> KeyFile:
+        text, version = self._secret(name, objs.KEYS_SECRET, objs.KEYS_FILE)
+        self._key_versions[name] = version
+        return parse_hashed(text, f"Secret {objs.KEYS_SECRET} of instance {name}")
+
+    def write_keys(self, name: str, keys: KeyFile) -> None:
+        secret = objs.keys_secret(name, keys.to_text())
+        secret["metadata"]["resourceVersion"] = self._key_versions.get(name, "")
+        namespace = objs.namespace_of(name)
+        try:
+            written = self.cluster.write(
+                "PUT", f"/api/v1/namespaces/{namespace}/secrets/{objs.KEYS_SECRET}", secret)
+        except ClusterConflictError:
+            raise ClusterConflictError(f"the keys of instance {name!r} changed meanwhile; "
+                                       "nothing was written", hint="run the command again") from None
+        revision = ((written or {}).get("metadata") or {}).get("resourceVersion", "")
+        # The kubelet refreshes a Secret volume on its periodic sync (about a minute); a change
+        # to the pod makes it sync that pod now, so servers see the new file within seconds.
+        for pod in self._server_pods(name):
+            self.cluster.write("PATCH", f"/api/v1/namespaces/{namespace}/pods/"
+                                        f"{pod['metadata']['name']}",
+                               {"metadata": {"annotations": {"weightship.io/keys-revision": revision}}},
+                               content_type="application/merge-patch+json", missing_ok=True)
+
+    def _server_pods(self, name: str) -> Objs:
+        return self._list(f"/api/v1/namespaces/{objs.namespace_of(name)}/pods",
+                          f"app.kubernetes.io/instance={name},app.kubernetes.io/component=server")
+
+    def usage_records(self, name: str) -> UsageRead:
+        operator_key, _ = self._secret(name, objs.OPERATOR_SECRET, objs.OPERATOR_FILE)
+        namespace = objs.namespace_of(name)
+        with Releases(namespace, context=self.context) as releases:
+            port = int(((releases.values(name).get("serve") or {}).get("port")) or 8000)
+        read = UsageRead()
+        pods = self._server_pods(name)
+        for pod in pods:
+            pod_name = pod["metadata"]["name"]
+            if (pod.get("status") or {}).get("phase") != "Running":
+                read.unreached.append(f"pod {pod_name} ({(pod.get('status') or {}).get('phase')})")
+                continue
+            status, data = self.cluster.request(
+                "GET", f"/api/v1/namespaces/{namespace}/pods/{pod_name}:{port}/proxy/v1/usage",
+                headers={"X-Weightship-Key": operator_key, "Accept": "application/x-ndjson"},
+                timeout=120)
+            if status != 200:
+                read.unreached.append(f"pod {pod_name} (HTTP {status})")
+                continue
+            read.sources.append(f"pod {pod_name}")
+            read.records += [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+        # perPodPVC: a claim models-weightship-N whose pod weightship-N is not running holds
+        # records nobody can read now
+        for claim in self._list(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims",
+                                f"app.kubernetes.io/instance={name}"):
+            owner = claim["metadata"]["name"].removeprefix("models-")
+            if owner.startswith(objs.FULLNAME + "-") and owner not in {
+                    p["metadata"]["name"] for p in pods}:
+                read.unreached.append(f"claim {claim['metadata']['name']} (pod {owner} not running)")
+        return read
+
+
+def _labelled(node: dict[str, Any], name: str) -> dict[str, Any]:
+    meta = {**node["metadata"], "labels": {**(node["metadata"].get("labels") or {}),
+                                            objs.DEDICATED: name}}
+    return {**node, "metadata": meta}
