@@ -274,6 +274,15 @@ class EngineStoppedError(ServeError):
     retryable = True
 
 
+class ModelNotServedError(ServeError, LookupError):
+    """A request names a model this server does not serve (HTTP 404)."""
+
+    def __init__(self, requested: str, served: str) -> None:
+        super().__init__(f"model {requested!a} does not exist; this server serves {served!a}")
+        self.requested = requested
+        self.served = served
+
+
 # ---- deploy (Kubernetes) ---------------------------------------------------------------------
 
 

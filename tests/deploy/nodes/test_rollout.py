@@ -23,6 +23,7 @@ from conftest import KEY
 from nodelab import Lab, Node
 
 from tests.conftest import Result, assert_clean_failure, run_cli
+from weightship.deploy.nodes.rollout import LOCK_LEASE_S
 
 NAME = "tiny"
 PREFIX = "/opt/weightship"
@@ -191,6 +192,11 @@ def test_a_node_lost_mid_rollout_is_reported_unreachable_and_left_as_it_was(flee
     assert (current(nodes[2]), main_pid(nodes[2])) == before["node3"]  # nothing was stopped on it
     assert chat(nodes[2])
     assert (current(nodes[3]), main_pid(nodes[3])) == before["node4"]
+    # The lost deployer's lock on node3 lapses once its heartbeats stop (LOCK_LEASE_S).
+    deadline = time.monotonic() + LOCK_LEASE_S * 2 + 10
+    while nodes[2].sh(f"flock -n {PREFIX}/.lock true && echo free || true").strip() != "free":
+        assert time.monotonic() < deadline, "the lost deployer's lock was never let go"
+        time.sleep(1)
 
 
 def test_a_deployer_killed_mid_rollout_finishes_when_run_again(fleet: Fleet) -> None:
@@ -222,7 +228,7 @@ def test_a_node_locked_by_another_rollout_is_left_alone(fleet: Fleet) -> None:
         assert "another weightship rollout holds this node's lock" in r.stderr + r.stdout
         assert {row["state"] for row in rows(r).values()} <= {"failed", "not started"}
     finally:
-        node.sh("pkill -f 'flock /opt/weightship/.lock' || true")
+        node.sh("pkill -x flock || true")
 
 
 def test_logs_rollback_and_uninstall(fleet: Fleet) -> None:
