@@ -20,10 +20,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def listening(port: int) -> bool:
-    """Whether something accepts TCP connections on loopback ``port``."""
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host`` (loopback) ``port``."""
     with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str,

@@ -228,7 +228,8 @@ def test_a_node_locked_by_another_rollout_is_left_alone(fleet: Fleet) -> None:
         assert "another weightship rollout holds this node's lock" in r.stderr + r.stdout
         assert {row["state"] for row in rows(r).values()} <= {"failed", "not started"}
     finally:
-        node.sh("pkill -x flock || true")
+        node.sh("pkill -x flock; pkill -x sleep; true")  # the sleep holds the lock's fd too
+        node.sh(f"flock -w 10 {PREFIX}/.lock true")
 
 
 def test_logs_rollback_and_uninstall(fleet: Fleet) -> None:
