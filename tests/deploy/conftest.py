@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import typer
 from fakekube import FakeKube, running
+from instance_helpers import prepare_two_pools
 from k8s_helpers import default_storage_class, gpu_node, namespace
 
 from weightship.settings import get_settings
@@ -38,6 +39,13 @@ def cluster(bare_cluster: FakeKube) -> FakeKube:
     bare_cluster.seed(gpu_node("gpu-b"))
     bare_cluster.seed(default_storage_class())
     return bare_cluster
+
+
+@pytest.fixture
+def two_pools(bare_cluster: FakeKube) -> FakeKube:
+    """A cluster for two companies: acme's two tainted GPU nodes, globex's one, a shared GPU
+    node, a default StorageClass and the API server's endpoints."""
+    return prepare_two_pools(bare_cluster)
 
 
 @pytest.fixture

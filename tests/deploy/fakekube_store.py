@@ -516,10 +516,11 @@ def _daemonset(store: Store, obj: Obj) -> Obj:
 
 
 def _pod(store: Store, obj: Obj) -> Obj:
+    kept = {k: v for k, v in (obj.get("status") or {}).items() if k in ("podIP", "podIPs", "hostIP")}
     if obj.get("spec", {}).get("restartPolicy") in ("Never", "OnFailure"):
-        return {"phase": "Succeeded", "conditions": [
+        return {**kept, "phase": "Succeeded", "conditions": [
             {"type": "Ready", "status": "False", "reason": "PodCompleted"}]}
-    return {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+    return {**kept, "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
 
 
 def _pdb(store: Store, obj: Obj) -> Obj:

@@ -93,3 +93,49 @@ def test_watch_streams_the_rollout_becoming_ready(http: httpx.Client) -> None:
                 break
     assert [e["type"] for e in events] == ["ADDED", "MODIFIED"]
     assert events[-1]["object"]["status"]["observedGeneration"] == 1
+
+
+def test_pod_proxy_reaches_the_pod_and_drops_the_api_servers_credentials(
+        fake: FakeKube, http: httpx.Client) -> None:
+    """``pods/NAME:PORT/proxy/PATH`` is forwarded to the pod's IP, with the query and the other
+    headers, but not the ``Authorization`` the API server consumed; the kubelet's status (the
+    pod's IP) survives the fake controller's own status updates."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[tuple[str, str | None, str | None]] = []
+
+    class Pod(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.path, self.headers.get("Authorization"),
+                          self.headers.get("X-Weightship-Key")))
+            body = b'{"ok": true}\n'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    pod_server = ThreadingHTTPServer(("127.0.0.1", 0), Pod)
+    threading.Thread(target=pod_server.serve_forever, daemon=True).start()
+    port = pod_server.server_address[1]
+    try:
+        fake.seed({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "ml"},
+                   "spec": {"containers": [{"name": "c", "image": "x"}]},
+                   "status": {"podIP": "127.0.0.1"}})
+        from tests.net import wait_until
+
+        wait_until(lambda: fake.objects("v1", "Pod", "ml")[0]["status"].get("phase") == "Running",
+                   10, "the pod to run")
+        r = http.get(f"/api/v1/namespaces/ml/pods/p:{port}/proxy/v1/usage", params={"a": "1"},
+                     headers={"Authorization": "Bearer cluster-token", "X-Weightship-Key": "k"})
+        assert r.status_code == 200 and r.json() == {"ok": True}
+        assert r.headers["content-type"] == "application/x-ndjson"
+        assert seen == [("/v1/usage?a=1", None, "k")]
+        assert http.get("/api/v1/namespaces/ml/pods/p/proxy/").status_code == 503  # no port known
+    finally:
+        pod_server.shutdown()
+        pod_server.server_close()

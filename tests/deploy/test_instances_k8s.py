@@ -5,86 +5,27 @@ nothing; pause, resume, scale, an upgrade that rolls back, keys, delete."""
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 from typing import Any
 
 import pytest
 from fakekube import FakeKube
-from k8s_helpers import default_storage_class, gpu_node, namespace
+from instance_helpers import (
+    API_SERVER_IP,
+    DEDICATED,
+    TINY,
+    cluster_state,
+    objects,
+    refused,
+    run_ok,
+    secret_text,
+    tainted_node,
+    the,
+)
 from netpol import Endpoint, admits, nodes_for, pod_of
 
 from tests.net import wait_until
-
-Obj = dict[str, Any]
-DEDICATED = "weightship.io/dedicated"
-TINY = ["--model", "weightship-tiny", "--on", "k8s", "--timeout", "30", "--json"]
-API_SERVER_IP = "10.0.0.2"
-
-
-def tainted_node(name: str, company: str, *, label: str | None = None, gpus: int = 1) -> Obj:
-    """A GPU node as the operator leaves it for a company: tainted (and maybe labelled)."""
-    n = gpu_node(name, gpus=gpus, **({DEDICATED: label} if label else {}))
-    n["spec"] = {"taints": [{"key": DEDICATED, "value": company, "effect": "NoSchedule"}]}
-    return n
-
-
-@pytest.fixture
-def two_pools(bare_cluster: FakeKube) -> FakeKube:
-    """A cluster with acme's two GPU nodes, globex's one, an untainted shared GPU node, a
-    default StorageClass, and the API server's endpoints."""
-    fake = bare_cluster
-    for ns in ("default", "kube-system", "ingress-nginx"):
-        fake.seed(namespace(ns))
-    fake.seed({"apiVersion": "v1", "kind": "Endpoints",
-               "metadata": {"name": "kubernetes", "namespace": "default"},
-               "subsets": [{"addresses": [{"ip": API_SERVER_IP}],
-                            "ports": [{"name": "https", "port": 6443}]}]})
-    fake.seed(tainted_node("acme-1", "acme"))
-    fake.seed(tainted_node("acme-2", "acme"))
-    fake.seed(tainted_node("globex-1", "globex"))
-    fake.seed(gpu_node("shared-1"))
-    fake.seed(default_storage_class())
-    return fake
-
-
-def run_ok(cli: Any, capsys: pytest.CaptureFixture[str], *args: str) -> Any:
-    code, out, err = cli("instance", *args, capsys=capsys)
-    assert code == 0, err
-    return json.loads(out) if "--json" in args else out
-
-
-def refused(cli: Any, capsys: pytest.CaptureFixture[str], *args: str, code: int = 1) -> str:
-    """A one-line error (plus a hint), the given exit code, nothing on stdout."""
-    got, out, err = cli("instance", *args, capsys=capsys)
-    assert got == code, (got, out, err)
-    assert out == "" and "Traceback" not in err
-    assert err.startswith("error: ") and len([line for line in err.splitlines()
-                                              if line.startswith("error:")]) == 1, err
-    return err
-
-
-def objects(fake: FakeKube, api_version: str, kind: str, ns: str) -> list[Obj]:
-    return fake.objects(api_version, kind, ns)
-
-
-def the(fake: FakeKube, api_version: str, kind: str, ns: str, name: str | None = None) -> Obj:
-    found = [o for o in objects(fake, api_version, kind, ns)
-             if name is None or o["metadata"]["name"] == name]
-    assert len(found) == 1, [o["metadata"]["name"] for o in found]
-    return found[0]
-
-
-def secret_text(fake: FakeKube, ns: str, name: str, key: str) -> str:
-    return base64.b64decode(the(fake, "v1", "Secret", ns, name)["data"][key]).decode()
-
-
-def cluster_state(fake: FakeKube) -> Any:
-    """Everything a refused command must leave as it was: namespaces, node labels, releases."""
-    return (sorted(n["metadata"]["name"] for n in fake.objects("v1", "Namespace")),
-            {n["metadata"]["name"]: n["metadata"].get("labels") for n in fake.objects("v1", "Node")},
-            sorted(s["metadata"]["name"] for s in fake.objects("v1", "Secret")))
 
 
 def test_two_companies_each_on_their_own_nodes(two_pools: FakeKube, cli: Any,
@@ -274,7 +215,7 @@ def test_a_failed_upgrade_rolls_back(two_pools: FakeKube, cli: Any,
 
     healer = threading.Thread(target=heal_once_it_failed)
     healer.start()
-    code, out, err = cli("instance", "upgrade", "acme", "--version", "9.9.9", "--timeout", "3",
+    code, _, err = cli("instance", "upgrade", "acme", "--version", "9.9.9", "--timeout", "3",
                          capsys=capsys)
     healer.join(60)
     assert code == 1, err

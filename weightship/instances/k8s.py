@@ -431,7 +431,7 @@ class K8sTarget:
                 read.unreached.append(f"pod {pod_name} (HTTP {status})")
                 continue
             read.sources.append(f"pod {pod_name}")
-            read.records += [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+            read.records += _records(data)
         # perPodPVC: a claim models-weightship-N whose pod weightship-N is not running holds
         # records nobody can read now
         for claim in self._list(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims",
@@ -441,6 +441,18 @@ class K8sTarget:
                     p["metadata"]["name"] for p in pods}:
                 read.unreached.append(f"claim {claim['metadata']['name']} (pod {owner} not running)")
         return read
+
+
+def _records(data: bytes) -> list[dict[str, Any]]:
+    out = []
+    for line in data.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line a crash cut short
+        if isinstance(record, dict):
+            out.append(record)
+    return out
 
 
 def _labelled(node: dict[str, Any], name: str) -> dict[str, Any]:

@@ -173,34 +173,46 @@ def parse(text: str, where: str = "key file") -> list[KeyEntry]:
 
 
 class KeyRing:
-    """The keys a server accepts, from its key file, re-read when the file changes."""
+    """The keys a server accepts: from its key file, re-read when the file changes, or a fixed
+    set (:meth:`of_keys`)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None, entries: Iterable[KeyEntry] = ()) -> None:
         self.path = path
         self._stamp: tuple[int, int, int] | None = None
-        self._entries: tuple[KeyEntry, ...] = ()
+        self._entries: tuple[KeyEntry, ...] = tuple(entries)
         self._failed: str | None = None
         self._stop = threading.Event()
-        try:
-            self._load()
-        except OSError as e:
-            raise KeyFileError(str(path), f"cannot read it: {e.strerror or e}") from None
+        if path is not None:
+            try:
+                self._load()
+            except (OSError, UnicodeDecodeError) as e:
+                raise KeyFileError(str(path), f"cannot read it: {getattr(e, 'strerror', None) or e}"
+                                   ) from None
+
+    @classmethod
+    def of_keys(cls, keys: Iterable[str]) -> KeyRing:
+        """A fixed ring of plain keys (never reloaded)."""
+        return cls(None, parse("\n".join(keys)))
 
     @property
     def entries(self) -> tuple[KeyEntry, ...]:
         return self._entries
 
     def _signature(self) -> tuple[int, int, int]:
+        assert self.path is not None
         st = os.stat(self.path)  # follows links: a Kubernetes Secret volume swaps ..data
         return st.st_ino, st.st_mtime_ns, st.st_size
 
     def _load(self) -> None:
+        assert self.path is not None
         stamp = self._signature()
         entries = tuple(parse(self.path.read_text(encoding="utf-8"), str(self.path)))
         self._entries, self._stamp = entries, stamp  # one assignment: readers see old or new
 
     def reload_if_changed(self) -> bool:
         """Re-read the file if it changed; whether the keys were replaced."""
+        if self.path is None:
+            return False
         try:
             if self._signature() == self._stamp:
                 return False
@@ -229,6 +241,17 @@ class KeyRing:
     def stop(self) -> None:
         self._stop.set()
 
+    def authenticate_headers(self, headers: Iterable[tuple[bytes, bytes]]) -> KeyEntry | None:
+        """The entry of the key a request presents: ``Authorization: Bearer KEY``, or
+        ``X-Weightship-Key: KEY`` (for proxies that consume ``Authorization`` themselves, as
+        the Kubernetes API server's pod proxy does)."""
+        for k, v in headers:
+            if k == b"authorization" and v[:7].lower() == b"bearer ":
+                return self.authenticate(v[7:].strip())
+            if k == b"x-weightship-key":
+                return self.authenticate(v.strip())
+        return None
+
     def authenticate(self, presented: bytes) -> KeyEntry | None:
         """The entry whose hash matches ``presented``, compared with every entry in constant
         time; ``None`` when none does."""
@@ -238,3 +261,12 @@ class KeyRing:
             if hmac.compare_digest(digest, entry.digest):
                 found = entry
         return found
+
+
+def load_key_file(path: Path) -> KeyRing:
+    """The ring of ``serve --api-key-file``: a plain file must hold a key; a hashed file may
+    hold none yet (an instance before its first ``keys add``: every request is refused)."""
+    ring = KeyRing(path)
+    if not ring.entries and not path.read_text(encoding="utf-8").lstrip().startswith("{"):
+        raise KeyFileError(str(path), "holds no keys")
+    return ring

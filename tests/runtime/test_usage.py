@@ -1,0 +1,192 @@
+"""Usage metering through the official ``openai`` client against a real server on loopback: one
+record per finished request with exactly the ``usage`` the client was sent, written before the
+response's last bytes; per-key Prometheus counters that never name a key; ``/v1/usage`` for
+keys of scope "usage" only; a log that a crash cannot garble."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from weightship.runtime.engine import Engine, EngineConfig
+from weightship.runtime.keys import KeyFile, KeyRing
+from weightship.runtime.model import Transformer
+from weightship.runtime.runner import BackgroundServer
+from weightship.runtime.server import ServerState
+from weightship.runtime.tokenizer import Tokenizer
+from weightship.runtime.usage import UsageLog, read_records
+
+NAME = "weightship-tiny"
+
+
+class Metered:
+    """A server with two inference keys, one usage key and a usage log."""
+
+    def __init__(self, srv: BackgroundServer, keys: KeyFile, secrets: dict[str, str], log: Path):
+        self.srv, self.keys, self.secrets, self.log = srv, keys, secrets, log
+
+    def client(self, name: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.srv.url + "/v1", api_key=self.secrets[name],
+                             max_retries=0, timeout=60)
+
+    def key_id(self, name: str) -> str:
+        entry = self.keys.by_name(name)
+        assert entry is not None
+        return entry.id
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        return {r["id"]: r for r in read_records(self.log.parent)}
+
+
+@pytest.fixture(scope="module")
+def metered(tiny_model: Transformer, tokenizer: Tokenizer,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Metered]:
+    keys = KeyFile("acme")
+    secrets = {name: keys.add(name)[1] for name in ("alice", "bob")}
+    secrets["operator"] = keys.add("operator", scopes=("usage",))[1]
+    log = tmp_path_factory.mktemp("usage") / "weightship-0.jsonl"
+    usage_log = UsageLog(log)
+    state = ServerState(NAME, keyring=KeyRing(None, keys.keys), usage_log=usage_log)
+    state.attach(Engine(tiny_model, tokenizer, EngineConfig(max_queue=32)), tokenizer)
+    with BackgroundServer(state) as srv:
+        yield Metered(srv, keys, secrets, log)
+    usage_log.close()
+
+
+def test_each_request_is_one_record_with_the_usage_the_client_got(metered: Metered) -> None:
+    alice, bob = metered.client("alice"), metered.client("bob")
+    raw = alice.completions.with_raw_response.create(model=NAME, prompt="The sky is",
+                                                     max_tokens=7, extra_body={"ignore_eos": True})
+    completion = raw.parse()
+    rid = raw.headers["x-weightship-request-id"]
+    record = metered.records()[rid]  # already there when the client has the answer
+    assert record["key_id"] == metered.key_id("alice") and record["key_name"] == "alice"
+    assert record["status"] == 200 and record["model"] == NAME
+    assert record["route"] == "/v1/completions" and record["duration_s"] >= 0
+    assert completion.usage is not None
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (
+        completion.usage.prompt_tokens, completion.usage.completion_tokens) and \
+        completion.usage.completion_tokens == 7
+
+    raw_chat = bob.chat.completions.with_raw_response.create(
+        model=NAME, messages=[{"role": "user", "content": "Hi there"}], max_tokens=5)
+    chat = raw_chat.parse()
+    record = metered.records()[raw_chat.headers["x-weightship-request-id"]]
+    assert record["key_id"] == metered.key_id("bob") and chat.usage is not None
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (
+        chat.usage.prompt_tokens, chat.usage.completion_tokens)
+
+    # a refused request is a record too, with its status and no tokens
+    with pytest.raises(openai.BadRequestError) as refused:
+        alice.completions.create(model=NAME, prompt="x", max_tokens=2, n=100)
+    record = metered.records()[refused.value.response.headers["x-weightship-request-id"]]
+    assert record["status"] == 400 and record["completion_tokens"] == 0
+
+
+def test_a_streams_record_is_written_before_its_last_chunk(metered: Metered) -> None:
+    body = {"model": NAME, "prompt": "Count with me", "max_tokens": 12, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    headers = {"Authorization": f"Bearer {metered.secrets['bob']}"}
+    seen_before_end: dict[str, Any] | None = None
+    usage = None
+    with httpx.stream("POST", metered.srv.url + "/v1/completions", json=body, headers=headers,
+                      timeout=60) as r:
+        rid = r.headers["x-weightship-request-id"]
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event["choices"] and event["choices"][0]["finish_reason"]:
+                # the chunk that ends the only choice: the record is on disk already
+                seen_before_end = metered.records().get(rid)
+            usage = event.get("usage") or usage
+    assert seen_before_end is not None, "no record before the stream's end"
+    assert usage is not None
+    assert (seen_before_end["prompt_tokens"], seen_before_end["completion_tokens"]) == (
+        usage["prompt_tokens"], usage["completion_tokens"]) == (usage["prompt_tokens"], 12)
+
+
+def test_an_abandoned_stream_is_recorded_as_cut_short(metered: Metered) -> None:
+    body = {"model": NAME, "prompt": "A very long story", "max_tokens": 400, "stream": True,
+            "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {metered.secrets['alice']}"}
+    with httpx.stream("POST", metered.srv.url + "/v1/completions", json=body, headers=headers,
+                      timeout=60) as r:
+        rid = r.headers["x-weightship-request-id"]
+        next(r.iter_lines())  # then hang up
+    from tests.net import wait_until
+
+    wait_until(lambda: rid in metered.records(), 30, "the abandoned stream's record")
+    assert metered.records()[rid]["status"] == 499
+
+
+def test_metrics_count_per_key_id_and_never_name_a_key(metered: Metered) -> None:
+    bob = metered.client("bob")
+    before = _counters(metered)
+    r = bob.completions.create(model=NAME, prompt="One two", max_tokens=3,
+                               extra_body={"ignore_eos": True})
+    after = _counters(metered)
+    bob_id = metered.key_id("bob")
+    assert r.usage is not None
+    assert after[("requests", bob_id, "200")] - before.get(("requests", bob_id, "200"), 0) == 1
+    assert after[("completion", bob_id, "")] - before.get(("completion", bob_id, "")) == 3
+    assert after[("prompt", bob_id, "")] - before.get(("prompt", bob_id, "")) == \
+        r.usage.prompt_tokens
+    text = httpx.get(metered.srv.url + "/metrics", timeout=30,
+                     headers={"Authorization": f"Bearer {metered.secrets['operator']}"}).text
+    assert not any(secret in text for secret in metered.secrets.values())
+
+
+def _counters(metered: Metered) -> dict[tuple[str, str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(metered.srv.url + "/metrics", timeout=30,
+                     headers={"Authorization": f"Bearer {metered.secrets['alice']}"}).text
+    out = {}
+    names = {"weightship_key_requests": "requests", "weightship_key_prompt_tokens": "prompt",
+             "weightship_key_completion_tokens": "completion"}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if family.name in names and sample.name.endswith("_total"):
+                out[(names[family.name], sample.labels["key_id"],
+                     sample.labels.get("status", ""))] = sample.value
+    return out
+
+
+def test_usage_route_is_for_usage_keys_only(metered: Metered) -> None:
+    metered.client("alice").completions.create(model=NAME, prompt="x", max_tokens=1)
+    url = metered.srv.url + "/v1/usage"
+
+    def get(headers: dict[str, str]) -> httpx.Response:
+        return httpx.get(url, headers=headers, timeout=30)
+
+    assert get({}).status_code == 401
+    assert get({"Authorization": f"Bearer {metered.secrets['alice']}"}).status_code == 403
+    r = get({"X-Weightship-Key": metered.secrets["operator"]})  # as through the pod proxy
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+    served = {json.loads(line)["id"] for line in r.text.splitlines()}
+    assert served == set(metered.records())
+    # the operator's key reads usage and nothing else
+    with pytest.raises(openai.PermissionDeniedError):
+        metered.client("operator").completions.create(model=NAME, prompt="x", max_tokens=1)
+
+
+def test_a_line_cut_short_by_a_crash_is_skipped_and_logging_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "usage" / "pod-0.jsonl"
+    log = UsageLog(path)
+    log.append({"id": "req_1", "n": 1})
+    log.close()
+    with open(path, "ab") as f:
+        f.write(b'{"id": "req_2", "n"')  # the machine went down mid-line
+    log = UsageLog(path)
+    log.append({"id": "req_3", "n": 3})
+    log.sync()
+    log.close()
+    assert [r["id"] for r in read_records(path.parent)] == ["req_1", "req_3"]
+    assert path.read_bytes().count(b"\n") == 3

@@ -1,0 +1,235 @@
+"""Usage metering: one record per finished API request, per key id, in a JSON-lines log and in
+Prometheus counters; and ``GET /v1/usage``, which hands the records to the operator.
+
+A record (one line of the log)::
+
+    {"id": "req_3f…", "time": "2026-05-01T10:00:00.123Z", "key_id": "key_5f2c…",
+     "key_name": "ci", "model": "mistral-7b-v0.1", "route": "/v1/chat/completions",
+     "status": 200, "prompt_tokens": 12, "completion_tokens": 200,
+     "duration_s": 1.532}
+
+``prompt_tokens`` and ``completion_tokens`` are the ``usage`` the client was sent. ``id`` is
+unique (128 random bits; the response carries it as ``x-weightship-request-id``), so a reader
+that sums records by id never counts one twice, whatever it reads again after a restart.
+
+Durability: the record is written (one ``write(2)`` on an ``O_APPEND`` descriptor) before the
+response's last bytes are sent — for a stream, before the chunk that ends its last choice — so
+a process that is killed loses none: the bytes are in the kernel. A thread fsyncs the log once
+a second, so a machine that crashes loses at most the last second. A line cut short by a crash
+is skipped by readers, and the next record starts on a line of its own.
+
+Keys hold scopes (:mod:`weightship.runtime.keys`): the API needs ``inference``, ``/v1/usage``
+needs ``usage``, ``/metrics`` either. The key is read from the scope the
+:class:`~weightship.runtime.middleware.Guard` authenticated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+
+from weightship.runtime.middleware import ASGIApp, Message, Receive, Scope, Send, reply
+from weightship.runtime.protocol import error_body
+
+log = logging.getLogger(__name__)
+
+METERED = frozenset({"/v1/completions", "/v1/chat/completions"})
+USAGE_ROUTE = "/v1/usage"
+KEY_SCOPE = "weightship.key"  # scope entries: the authenticated KeyEntry (Guard) ...
+RUN_SCOPE = "weightship.run"  # ... and the engine run whose usage the client is told (server)
+READ_BLOCK = 1 << 20
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class UsageLog:
+    """An append-only JSON-lines file, fsynced once a second (see the module docstring)."""
+
+    def __init__(self, path: Path, *, fsync_every: float = 1.0) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        if os.fstat(self._fd).st_size and not path.read_bytes().endswith(b"\n"):
+            os.write(self._fd, b"\n")  # a line cut short by a crash stays a line of its own
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._flusher = threading.Thread(target=self._flush_loop, args=(fsync_every,),
+                                         name="weightship-usage-fsync", daemon=True)
+        self._flusher.start()
+
+    def append(self, record: dict[str, Any]) -> None:
+        data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            while data:
+                data = data[os.write(self._fd, data):]
+        self._dirty.set()
+
+    def _flush_loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.sync()
+
+    def sync(self) -> None:
+        if self._dirty.is_set():
+            self._dirty.clear()
+            with self._lock:
+                if self._fd >= 0:
+                    os.fsync(self._fd)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._dirty.set()
+        self.sync()
+        with self._lock:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def log_files(directory: Path) -> list[Path]:
+    """The usage logs of a directory (each replica of an instance writes its own)."""
+    return sorted(p for p in directory.glob("*.jsonl") if p.is_file())
+
+
+def complete_lines(path: Path) -> Iterator[bytes]:
+    """The whole lines of ``path`` in blocks of about 1 MiB (a last line still being written,
+    or cut short by a crash, is left out)."""
+    with open(path, "rb") as f:
+        rest = b""
+        while block := f.read(READ_BLOCK):
+            block = rest + block
+            end = block.rfind(b"\n") + 1
+            rest = block[end:]
+            if end:
+                yield block[:end]
+
+
+def read_records(directory: Path) -> Iterator[dict[str, Any]]:
+    """Every record in the usage logs of ``directory`` (lines that do not parse are skipped)."""
+    for path in log_files(directory):
+        for chunk in complete_lines(path):
+            for line in chunk.splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    yield record
+
+
+class Meter:
+    """The ASGI layer inside the Guard: scope checks, usage records and per-key counters."""
+
+    def __init__(self, app: ASGIApp, *, usage_log: UsageLog | None, registry: CollectorRegistry,
+                 model_name: str) -> None:
+        self.app, self.log, self.model_name = app, usage_log, model_name
+        self.requests = Counter("weightship_key_requests", "Metered API requests by key id and "
+                                "status", ["key_id", "status"], registry=registry)
+        self.prompt_tokens = Counter("weightship_key_prompt_tokens", "Prompt tokens of the "
+                                     "requests answered 200, by key id", ["key_id"],
+                                     registry=registry)
+        self.completion_tokens = Counter("weightship_key_completion_tokens", "Completion tokens "
+                                         "of the requests answered 200, by key id", ["key_id"],
+                                         registry=registry)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, key = scope["path"], scope.get(KEY_SCOPE)
+        if key is not None and not self._allowed(path, key.scopes):
+            await reply(send, 403, error_body(f"this key may not use {path}",
+                                              type_="permission_error", code="key_scope"))
+            return
+        if path == USAGE_ROUTE:
+            await self._usage(scope, send)
+            return
+        if path not in METERED:
+            await self.app(scope, receive, send)
+            return
+        await self._metered(scope, receive, send)
+
+    @staticmethod
+    def _allowed(path: str, scopes: tuple[str, ...]) -> bool:
+        if path == USAGE_ROUTE:
+            return "usage" in scopes
+        if path == "/metrics":
+            return True
+        return "inference" in scopes
+
+    async def _metered(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = time.monotonic()
+        rid = "req_" + secrets.token_hex(16)
+        status: list[int] = []
+        recorded = [False]
+
+        async def metered_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-weightship-request-id", rid.encode())]}
+            elif message["type"] == "http.response.body" and not recorded[0]:
+                run = scope.get(RUN_SCOPE)
+                if not message.get("more_body") or (run is not None and run.unfinished == 0):
+                    recorded[0] = True  # before these bytes go out
+                    self._record(scope, rid, status[0] if status else 500, start)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, metered_send)
+        finally:
+            if not recorded[0]:  # cut short: the client went away, or the app failed
+                code = status[0] if status else 500
+                self._record(scope, rid, 499 if code == 200 else code, start)
+
+    def _record(self, scope: Scope, rid: str, status: int, start: float) -> None:
+        key, run = scope.get(KEY_SCOPE), scope.get(RUN_SCOPE)
+        usage = run.usage() if run is not None else {}
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        key_id = key.id if key is not None else None
+        label = key_id or "-"
+        self.requests.labels(label, str(status)).inc()
+        if status == 200:
+            self.prompt_tokens.labels(label).inc(prompt)
+            self.completion_tokens.labels(label).inc(completion)
+        if self.log is None:
+            return
+        record = {"id": rid, "time": _now(), "key_id": key_id,
+                  "key_name": key.name if key is not None else None, "model": self.model_name,
+                  "route": scope["path"], "status": status, "prompt_tokens": prompt,
+                  "completion_tokens": completion,
+                  "duration_s": round(time.monotonic() - start, 3)}
+        try:
+            self.log.append(record)
+        except OSError:  # a full disk must not fail the answer; say so loudly
+            log.exception("cannot write the usage record %s", rid)
+
+    async def _usage(self, scope: Scope, send: Send) -> None:
+        """``GET /v1/usage``: the records of every usage log beside this server's, as JSON
+        lines, streamed from disk."""
+        if scope["method"] != "GET":
+            await reply(send, 405, error_body("use GET"))
+            return
+        if self.log is None:
+            await reply(send, 404, error_body("this server keeps no usage log (--usage-log)",
+                                              code="no_usage_log"))
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/x-ndjson")]})
+        for path in await asyncio.to_thread(log_files, self.log.path.parent):
+            chunks = complete_lines(path)
+            while chunk := await asyncio.to_thread(next, chunks, b""):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
