@@ -14,6 +14,18 @@ from weightship.errors import UsageError
 log = logging.getLogger(__name__)
 
 
+def read_api_keys(path: Path) -> frozenset[str]:
+    """API keys from a file: one per line; blank lines and ``#`` comments are skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise UsageError(f"cannot read --api-key-file {path}: {e.strerror or e}") from e
+    keys = frozenset(s for s in (line.strip() for line in lines) if s and not s.startswith("#"))
+    if not keys:
+        raise UsageError(f"--api-key-file {path} holds no keys")
+    return keys
+
+
 def resolve_model_dir(model: str) -> Path:
     """A directory as given, or a catalog name's default directory ($WEIGHTSHIP_HOME/models/NAME)."""
     path = Path(model)
@@ -45,15 +57,12 @@ def serve(
                                                       "tokens (default: the model's).")] = None,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; more get "
                                            "429.")] = 64,
-    api_key_file: Annotated[Path | None, typer.Option(help="API keys: one per line, or the "
-                                                      "hashed key file of `weightship instance "
-                                                      "keys`; then every route but /health and "
-                                                      "/ready needs 'Authorization: Bearer KEY'. "
-                                                      "Re-read when it changes.")] = None,
-    usage_log: Annotated[Path | None, typer.Option(help="Append one JSON record per finished API "
-                                                   "request (key id, tokens, status) to this "
-                                                   "file; GET /v1/usage returns the records of "
-                                                   "every *.jsonl beside it.")] = None,
+    max_logprobs: Annotated[int, typer.Option(help="Log-probabilities one response may hold "
+                                              "(choices × scored tokens × (1 + alternatives)); a "
+                                              "request asking for more gets 400.")] = 1 << 17,
+    api_key_file: Annotated[Path | None, typer.Option(help="File of API keys, one per line; "
+                                                      "then every route but /health and /ready "
+                                                      "needs 'Authorization: Bearer KEY'.")] = None,
     served_name: Annotated[str | None, typer.Option("--name", help="Model id in the API "
                                                     "(default: the directory's name).")] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Serve even if the manifest is "
@@ -67,6 +76,9 @@ def serve(
 
     The directory must verify against its manifest first (exit 3 if not), unless --no-verify.
     /health answers at once; /ready once the weights are loaded and the engine is warm.
+    A prompt text longer than the context could hold (the context length in tokens × the most
+    bytes one token stands for) is refused before it is tokenized; OpenAI parameters the server
+    does not implement (response_format, tools, tool_choice, …) are refused with 400 naming them.
 
     Examples:
 
@@ -76,12 +88,10 @@ def serve(
       weightship serve ./tiny --device cpu --max-model-len 1024
     """
     from weightship.runtime.engine import Engine, EngineConfig
-    from weightship.runtime.keys import load_key_file
     from weightship.runtime.loader import find_files, load_model
     from weightship.runtime.runner import make_server
     from weightship.runtime.server import ServerState
     from weightship.runtime.tokenizer import Tokenizer
-    from weightship.runtime.usage import UsageLog
 
     directory = resolve_model_dir(model)
     manifest_name: str | None = None
@@ -92,13 +102,11 @@ def serve(
         report.raise_for_problems()
         manifest_name = report.name
     find_files(directory)  # a directory the runtime cannot read fails here, before listening
-    if max_batch < 1 or max_queue < 0:
-        raise UsageError("--max-batch must be at least 1 and --max-queue at least 0")
-    keyring = load_key_file(api_key_file) if api_key_file else None
-    state = ServerState(served_name or manifest_name or directory.resolve().name, keyring=keyring,
-                        usage_log=UsageLog(usage_log) if usage_log else None)
-    if keyring is not None:
-        keyring.watch()  # a revoked key is refused within seconds, with no restart
+    if max_batch < 1 or max_queue < 0 or max_logprobs < 0:
+        raise UsageError("--max-batch must be at least 1, --max-queue and --max-logprobs at least 0")
+    keys = read_api_keys(api_key_file) if api_key_file else frozenset()
+    state = ServerState(served_name or manifest_name or directory.resolve().name, api_keys=keys,
+                        max_logprobs=max_logprobs)
     server = make_server(state, host=host, port=port, log_level="info")
     failure: list[BaseException] = []
 
@@ -115,8 +123,6 @@ def serve(
 
     threading.Thread(target=load, name="weightship-load", daemon=True).start()
     server.run()
-    if state.usage_log is not None:
-        state.usage_log.close()
     if failure:
         raise failure[0]
 

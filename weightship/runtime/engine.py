@@ -120,6 +120,9 @@ class Engine:
         for t in prompt:
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
                 raise InvalidRequestError(f"token id {t!r} is out of range [0, {vocab})", param="prompt")
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise InvalidRequestError(f"logit_bias names a token id out of range [0, {vocab})",
+                                      param="logit_bias")
         if len(prompt) + params.max_tokens > limit:
             raise InvalidRequestError(
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "

@@ -10,7 +10,10 @@ is for (lm-evaluation-harness's loglikelihood), needs exactly these.
   log-probability (nothing predicts it).
 - Chat (``logprobs: true, top_logprobs: k``): ``{"content": [{"token", "logprob", "bytes",
   "top_logprobs"}]}``, where ``bytes`` are the token's exact UTF-8 bytes (a byte-fallback token
-  may hold part of a character).
+  may hold part of a character). The entries are the content's tokens, as the content has them:
+  joined, they are the message's content. So the answer's first token comes without the space
+  SentencePiece puts in front of a text (which decoding drops), as do its alternatives, and the
+  ``</s>`` that ended the answer has no entry (it is not content).
 
 Reference: the OpenAI API reference, "Completions" and "Chat", the ``logprobs`` objects.
 """
@@ -95,12 +98,48 @@ def completion_logprobs(entries: Sequence[TokenLogprob], tokenizer: Tokenizer,
             "text_offset": [offsets(e.token) for e in entries]}
 
 
-def chat_logprobs(entries: Sequence[TokenLogprob], tokenizer: Tokenizer) -> list[dict[str, Any]]:
-    """The chat ``logprobs.content`` list."""
+class ChatLogprobs:
+    """The chat ``logprobs.content`` entries of one answer, chunk after chunk (see the module
+    docstring: the entries' texts, joined, are the content)."""
 
-    def one(token: int, logprob: float | None) -> dict[str, Any]:
-        raw = tokenizer.token_bytes(token)
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.started = False  # the content's first token has had its entry
+
+    def __call__(self, entries: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+        tok = self.tokenizer
+        out = []
+        for e in entries:
+            if tok.is_control(e.token):  # </s>, <s>: not content
+                continue
+            first, self.started = not self.started, True
+            out.append(self._one(e.token, e.logprob, first)
+                       | {"top_logprobs": [self._one(t, lp, first) for t, lp in e.top]})
+        return out
+
+    def _one(self, token: int, logprob: float | None, first: bool) -> dict[str, Any]:
+        raw = self.tokenizer.token_bytes(token)
+        if first and self.tokenizer.drops_leading_space(token):
+            raw = raw.removeprefix(b" ")
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
-    return [one(e.token, e.logprob) | {"top_logprobs": [one(t, lp) for t, lp in e.top]}
-            for e in entries]
+
+class ResponseLogprobs:
+    """A response's ``logprobs`` objects, per choice and chunk after chunk: the chat shape, or
+    the completions shape (whose text offsets carry on from a choice's earlier chunks; with
+    ``echo`` the text starts with the prompt's, without SentencePiece's leading space)."""
+
+    def __init__(self, tokenizer: Tokenizer, chat: bool, echo: bool) -> None:
+        self.tokenizer, self.chat, self.echo = tokenizer, chat, echo
+        self.offsets: dict[int, TextOffsets] = {}
+        self.chats: dict[int, ChatLogprobs] = {}
+
+    def __call__(self, index: int, entries: list[TokenLogprob]) -> dict[str, Any]:
+        if self.chat:
+            if index not in self.chats:
+                self.chats[index] = ChatLogprobs(self.tokenizer)
+            return {"content": self.chats[index](entries)}
+        if index not in self.offsets:
+            self.offsets[index] = TextOffsets(self.tokenizer, skip_dummy_space=self.echo)
+        return completion_logprobs(entries, self.tokenizer, self.offsets[index])
+

@@ -1,19 +1,75 @@
-"""The OpenAI API's request bodies (as pydantic models) and error bodies.
+"""The OpenAI API's request bodies (as pydantic models), error bodies, and the JSON of large
+response bodies.
 
 Numbers that must be integers are strict: ``max_tokens: 1.5`` or ``1e9`` (a JSON float) is
-refused, not truncated. Unknown fields are allowed (clients send ``user``, ``logit_bias``, …)
-and ignored. Reference: the OpenAI API reference, "Completions" and "Chat".
+refused, not truncated. Every string must be text: JSON can spell a lone UTF-16 surrogate
+(``"\\ud800"``), which no UTF-8 text holds, and such a request is refused like any other
+malformed one. Unknown fields are allowed (clients send ``user``, ``store``, …) and ignored,
+but the OpenAI parameters that change what an answer must be (``response_format``, ``tools``,
+``tool_choice``, …) are refused, naming the field, unless they ask for nothing
+(``{"type": "text"}``, ``[]``, ``"none"``): an answer that ignored them would quietly break
+the client's contract. ``logit_bias`` is supported. Reference: the OpenAI API reference,
+"Completions" and "Chat".
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    field_validator,
+)
 
 from weightship.errors import InvalidRequestError
 from weightship.runtime.sampling import MAX_TOP, SamplingParams
 from weightship.runtime.tokenizer import ChatMessage
+
+# Messages a chat request may hold: counted before they are validated, which for a 4 MiB body of
+# tiny messages would hold the event loop (and every other request) for a third of a second.
+MAX_MESSAGES = 4096
+# Tokens a logit_bias may name (also counted before validation).
+MAX_LOGIT_BIAS = 1024
+
+
+def _text(s: str) -> str:
+    if not s.isascii():
+        try:
+            s.encode()
+        except UnicodeEncodeError as e:
+            raise ValueError(f"holds a lone UTF-16 surrogate ({s[e.start]!a}) at character {e.start}, "
+                             "which is not text") from None
+    return s
+
+
+Text = Annotated[str, Strict(), AfterValidator(_text)]
+
+
+def _nothing(value: Any) -> bool:
+    return not value
+
+
+# The parameters this server does not implement: each with the values that ask for nothing,
+# and why any other value is refused.
+_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "response_format": (lambda v: v is None or v == {"type": "text"},
+                        'answers are free text; only {"type": "text"} is accepted'),
+    "tools": (_nothing, "the model is served without tool calling"),
+    "functions": (_nothing, "the model is served without tool calling"),
+    "tool_choice": (lambda v: v in (None, "none"), 'no tool can be called; only "none" is accepted'),
+    "function_call": (lambda v: v in (None, "none"), 'no tool can be called; only "none" is accepted'),
+    "modalities": (lambda v: v in (None, ["text"]), 'answers are text; only ["text"] is accepted'),
+    "audio": (lambda v: v is None, "answers are text"),
+    "best_of": (lambda v: v in (None, 1), "each choice is sampled once; use n for more choices"),
+}
 
 
 class StreamOptions(BaseModel):
@@ -25,7 +81,7 @@ class CommonParams(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: StrictStr | None = None
+    model: Text | None = None
     max_tokens: StrictInt | None = None
     temperature: float = 1.0
     top_p: float = 1.0
@@ -33,11 +89,24 @@ class CommonParams(BaseModel):
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | list[Text] | None = None
     seed: StrictInt | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: StrictBool = False  # an extension, for benchmarks
+    logit_bias: dict[Text, float] | None = None  # token id (a decimal string) → bias
+
+    unsupported: ClassVar[tuple[str, ...]] = ("response_format", "tools", "functions", "tool_choice",
+                                              "function_call", "modalities", "audio")
+
+    def refuse_unsupported(self) -> None:
+        """Refuse (400, naming the field) a parameter this server would otherwise ignore."""
+        extra = self.model_extra or {}
+        for name in self.unsupported:
+            accepts, why = _UNSUPPORTED[name]
+            if not accepts(extra.get(name)):
+                raise InvalidRequestError(f"{name} is not supported: {why}", param=name,
+                                          code="unsupported_parameter")
 
     def token_logprobs(self) -> tuple[int | None, int | None]:
         """Alternatives wanted per generated token and per prompt token (None: no logprobs)."""
@@ -52,7 +121,24 @@ class CommonParams(BaseModel):
                               top_k=self.top_k, seed=seed, stop=stop,
                               presence_penalty=self.presence_penalty,
                               frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos,
-                              logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                              logit_bias=self._logit_bias(), logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs)
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _few_biases(cls, biases: Any) -> Any:
+        if isinstance(biases, dict) and len(biases) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens, got {len(biases)}")
+        return biases
+
+    def _logit_bias(self) -> tuple[tuple[int, float], ...]:
+        out = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 9):
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {key[:20]!a}",
+                                          param="logit_bias")
+            out.append((int(key), bias))
+        return tuple(out)
 
     @property
     def include_usage(self) -> bool:
@@ -62,10 +148,12 @@ class CommonParams(BaseModel):
 class CompletionRequest(CommonParams):
     """``POST /v1/completions``."""
 
-    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    prompt: Text | list[StrictInt] | list[Text] | list[list[StrictInt]]
     echo: StrictBool = False  # the prompt in front of the answer (and its logprobs, if asked)
-    suffix: StrictStr | None = None
+    suffix: Text | None = None
     logprobs: StrictInt | None = None  # log-probabilities with this many alternatives per token
+
+    unsupported: ClassVar[tuple[str, ...]] = (*CommonParams.unsupported, "best_of")
 
     def token_logprobs(self) -> tuple[int | None, int | None]:
         _check_top(self.logprobs, "logprobs")
@@ -74,14 +162,14 @@ class CompletionRequest(CommonParams):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: StrictStr
-    content: StrictStr | list[TextPart] | None = None
+    role: Text
+    content: Text | list[TextPart] | None = None
 
     def to_chat(self) -> ChatMessage:
         if self.content is None:
@@ -97,6 +185,13 @@ class ChatCompletionRequest(CommonParams):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None  # alternatives per token, with logprobs
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _few_enough(cls, messages: Any) -> Any:
+        if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
+            raise ValueError(f"at most {MAX_MESSAGES} messages, got {len(messages)}")
+        return messages
 
     def token_logprobs(self) -> tuple[int | None, int | None]:
         _check_top(self.top_logprobs, "top_logprobs")
@@ -114,3 +209,39 @@ def error_body(message: str, *, type_: str = "invalid_request_error", param: str
                code: str | None = None) -> dict[str, Any]:
     """An OpenAI-style error response body."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# encode_json: list items JSON-encoded per call (a few milliseconds of logprob entries), and
+# the lists short enough to hold big members (a response's choices) that it walks into.
+_SLICE = 256
+_FEW = 16
+
+
+def encode_json(value: Any) -> bytes:
+    """``value`` as compact JSON, encoded a piece at a time: a long list ``_SLICE`` items per
+    call, and the dicts and the few-item lists around such lists member by member. One
+    ``json.dumps`` of a many-megabyte body holds the GIL throughout, so even on another thread
+    it would stall the event loop; in pieces, the loop gets its turn between them."""
+    return "".join(_pieces(value)).encode()
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _pieces(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        out = ["{"]
+        for i, (key, member) in enumerate(value.items()):
+            out += [("," if i else "") + _dumps(str(key)) + ":", *_pieces(member)]
+        return [*out, "}"]
+    if isinstance(value, list) and len(value) > _SLICE:
+        slices = (_dumps(value[i : i + _SLICE])[1:-1] for i in range(0, len(value), _SLICE))
+        return ["[", ",".join(slices), "]"]
+    if isinstance(value, list) and len(value) <= _FEW and any(isinstance(v, dict) for v in value):
+        out = ["["]
+        for i, member in enumerate(value):
+            out += [","] if i else []
+            out += _pieces(member)
+        return [*out, "]"]
+    return [_dumps(value)]

@@ -1,4 +1,5 @@
-"""Choosing the next token: greedy, or temperature / top-k / top-p sampling with penalties.
+"""Choosing the next token: greedy, or temperature / top-k / top-p sampling with penalties
+and logit biases.
 
 Each request samples with its own ``torch.Generator``, seeded from the request's ``seed`` when
 it has one, so a seeded request draws the same tokens whatever else shares its batch. Draws are
@@ -32,6 +33,10 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from a token that has been generated
     frequency_penalty: float = 0.0  # subtracted per time a token has been generated
     ignore_eos: bool = False  # keep going past </s> (benchmarks)
+    # (token, bias) added to the token's logit, with the penalties, before a token is chosen
+    # (OpenAI's logit_bias): -100 bans it, +100 all but forces it. Token ids are checked against
+    # the vocabulary by the engine.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     # Log-probabilities (runtime.logprobs): of each generated token with this many alternatives,
     # and of each prompt token (OpenAI's ``echo``); None = not wanted.
     logprobs: int | None = None
@@ -58,6 +63,8 @@ class SamplingParams:
             n = getattr(self, name)
             if n is not None and (not _is_int(n) or not 0 <= n <= MAX_TOP):
                 raise bad(name, f"must be an integer from 0 to {MAX_TOP}")
+        if any(not _is_int(t) or t < 0 or not -100.0 <= b <= 100.0 for t, b in self.logit_bias):
+            raise bad("logit_bias", "must map token ids to biases from -100 to 100")
         if len(self.stop) > 8 or any(not isinstance(s, str) or not s or len(s) > 256 for s in self.stop):
             raise bad("stop", "must be at most 8 non-empty strings of at most 256 characters")
 
@@ -67,13 +74,13 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """The most likely token, after the penalties: nothing drawn."""
+        """The most likely token, after the penalties and biases: nothing drawn."""
         return self.temperature == 0.0 or self.top_k == 1
 
     @property
     def plain_greedy(self) -> bool:
         """Argmax of the raw logits: batched with every other such row, no per-row work."""
-        return self.greedy and not self.penalized
+        return self.greedy and not self.penalized and not self.logit_bias
 
     @property
     def truncated(self) -> bool:
@@ -97,6 +104,11 @@ class Sampler:
         self.generator = torch.Generator()
         self.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         self.counts = torch.zeros(vocab_size, device=device) if params.penalized else None
+        self.bias: torch.Tensor | None = None  # [V]
+        if params.logit_bias:
+            tokens, biases = zip(*params.logit_bias, strict=True)
+            self.bias = torch.zeros(vocab_size, device=device).index_put_(
+                (torch.tensor(tokens, device=device),), torch.tensor(biases, device=device))
 
     def observe(self, token: int) -> None:
         """Record a generated token (for the penalties)."""
@@ -126,11 +138,13 @@ def sample_rows(logits: torch.Tensor, rows: list[int], samplers: list[Sampler],
     todo = [i for i, s in enumerate(samplers) if not s.params.plain_greedy]
     x = logits[[rows[i] for i in todo]].float()  # [m, V], a copy
     for j, i in enumerate(todo):
-        p, counts = samplers[i].params, samplers[i].counts
+        p, counts, bias = samplers[i].params, samplers[i].counts, samplers[i].bias
         if counts is not None:
             x[j] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        if bias is not None:
+            x[j] += bias
     params = [samplers[i].params for i in todo]
-    drawn = x.argmax(-1)  # [m]: right for greedy rows with penalties
+    drawn = x.argmax(-1)  # [m]: right for greedy rows with penalties or biases
     sampled = [j for j, p in enumerate(params) if not p.greedy]
     if sampled:
         uniforms = [samplers[todo[j]].uniform() for j in sampled]

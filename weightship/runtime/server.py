@@ -1,10 +1,17 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over the engine, run by uvicorn.
 
-Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (streamed
-as server-sent events ending in ``data: [DONE]``), ``GET /health``, ``GET /ready``,
-``GET /metrics``. The engine runs on its own thread; each request's outputs come back through
-an asyncio queue fed with ``call_soon_threadsafe``. A client that disconnects has its requests
-cancelled, which frees their cache slots.
+Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``,
+``POST /v1/chat/completions`` (streamed as server-sent events ending in ``data: [DONE]``),
+``GET /health``, ``GET /ready``, ``GET /metrics``. The engine runs on its own thread; each
+request's outputs come back through an asyncio queue fed with ``call_soon_threadsafe``. A client
+that disconnects has its requests cancelled, which frees their cache slots.
+
+The event loop answers every request, ``/health`` included, so nothing a request asks for may
+hold it long. A prompt's text is measured before it is tokenized (a text longer than
+``ServerState.max_prompt_bytes`` cannot fit in the context, whatever its tokens), and tokenized
+on a worker thread (SentencePiece lets go of the GIL). The log-probabilities a response may
+hold are bounded (``ServerState.max_logprobs``), and a response that holds any is built and
+encoded on a worker thread, in pieces (:func:`~weightship.runtime.protocol.encode_json`).
 
 Shutdown (SIGTERM; see :mod:`weightship.runtime.runner`): uvicorn stops listening and waits
 for the open requests to finish, the :class:`~weightship.runtime.middleware.Guard` answers 503
@@ -15,6 +22,7 @@ last request is done.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import secrets
@@ -30,22 +38,26 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from weightship.errors import EngineOverloadedError, EngineStoppedError, InvalidRequestError
+from weightship.errors import (
+    EngineOverloadedError,
+    EngineStoppedError,
+    InvalidRequestError,
+    ModelNotServedError,
+)
 from weightship.runtime.engine import Engine
-from weightship.runtime.keys import KeyRing
-from weightship.runtime.logprobs import TextOffsets, TokenLogprob, chat_logprobs, completion_logprobs
+from weightship.runtime.logprobs import ResponseLogprobs, TokenLogprob
 from weightship.runtime.metrics import Metrics
 from weightship.runtime.middleware import Guard, Limits
 from weightship.runtime.protocol import (
     ChatCompletionRequest,
     CommonParams,
     CompletionRequest,
+    encode_json,
     error_body,
 )
 from weightship.runtime.request import Output
 from weightship.runtime.sampling import SamplingParams
 from weightship.runtime.tokenizer import Tokenizer
-from weightship.runtime.usage import RUN_SCOPE, Meter, UsageLog
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +68,41 @@ class ServerState:
 
     model_name: str
     api_keys: frozenset[str] = frozenset()
-    keyring: KeyRing | None = None  # wins over api_keys: a key file, reloaded when it changes
-    usage_log: UsageLog | None = None  # one record per finished API request (runtime/usage.py)
     limits: Limits = field(default_factory=Limits)
     max_choices: int = 16  # n × prompts per request; more is refused as absurd
+    # Log-probabilities one response may hold: choices × scored tokens × (1 + alternatives),
+    # counted from what the request asks (echo, max_tokens, n). More is refused (400). This
+    # leaves room for lm-evaluation-harness's scoring requests (echo, logprobs=1, max_tokens=1)
+    # of 16 prompts of 4,095 tokens, about 4 MB of JSON, but not for an 11 KB request (echo,
+    # logprobs=20, n=16, 2,041 prompt tokens) asking for 686,112 of them, 19 MB. A chat request
+    # that asks for log-probabilities without max_tokens gets a default that fits (its
+    # finish_reason says "length" if it runs out).
+    max_logprobs: int = 1 << 17
     engine: Engine | None = None
     tokenizer: Tokenizer | None = None
     ready: bool = False
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    # UTF-8 bytes of prompt text that can fit in the context at all (the context length × the
+    # bytes one token stands for, at most): a longer text is refused before it is tokenized.
+    max_prompt_bytes: int = 0
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: self.engine.stats() if self.engine else None)
 
     def attach(self, engine: Engine, tokenizer: Tokenizer) -> None:
         """Warm ``engine`` (every decode shape, then one short request), start it, turn ready."""
+        self.max_prompt_bytes = engine.args.max_model_len * tokenizer.max_token_bytes
         self.engine, self.tokenizer = engine, tokenizer
         engine.warm_up()
         engine.start()
         engine.generate([tokenizer.bos_id], SamplingParams(max_tokens=2, temperature=0))
+        # The hundreds of thousands of objects of the libraries and the model live as long as the
+        # process: out of the collector's sight, so that a full collection (which the many small
+        # objects of a large response set off) does not walk them all holding the GIL (0.37 s
+        # of stalled event loop, measured on the tiny model).
+        gc.collect()
+        gc.freeze()
         self.ready = True
         log.info("engine warm; serving %s", self.model_name)
 
@@ -130,27 +158,32 @@ class _Run:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
+class _ErrorResponse(JSONResponse):
+    """An error body in ASCII JSON: what it quotes from a request (a field name, a model id)
+    may hold anything, a lone surrogate included, and must not fail to encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
 def _api_error(status: int, message: str, *, type_: str = "invalid_request_error",
                param: str | None = None, code: str | None = None,
                headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_=type_, param=param, code=code), status_code=status,
-                        headers=headers)
+    return _ErrorResponse(error_body(message, type_=type_, param=param, code=code), status_code=status,
+                          headers=headers)
 
 
-class _Logprobs:
-    """A response's ``logprobs`` objects, per choice and chunk after chunk: the chat or the
-    completions shape (whose text offsets carry on from a choice's earlier chunks)."""
+def _utf8_longer_than(texts: list[str], limit: int) -> bool:
+    """Whether ``texts`` are more than ``limit`` bytes of UTF-8 together (their length in
+    characters decides huge ones without encoding them)."""
+    return sum(map(len, texts)) > limit or sum(len(t.encode()) for t in texts) > limit
 
-    def __init__(self, tokenizer: Tokenizer, chat: bool, echo: bool) -> None:
-        self.tokenizer, self.chat, self.echo = tokenizer, chat, echo
-        self.offsets: dict[int, TextOffsets] = {}
 
-    def __call__(self, index: int, entries: list[TokenLogprob]) -> dict[str, Any]:
-        if self.chat:
-            return {"content": chat_logprobs(entries, self.tokenizer)}
-        if index not in self.offsets:
-            self.offsets[index] = TextOffsets(self.tokenizer, skip_dummy_space=self.echo)
-        return completion_logprobs(entries, self.tokenizer, self.offsets[index])
+# Parts of a validation error's location that name no field: the body, the union members tried.
+_NOT_FIELDS = frozenset({"body", "str", "int", "float", "bool", "list", "dict"})
+
+# A streamed chunk with more tokens' log-probabilities than this is built on a worker thread.
+_INLINE_LOGPROBS = 64
 
 
 def _finish_reason(reason: str | None) -> str | None:
@@ -173,9 +206,14 @@ def create_app(state: ServerState) -> Guard:
     @api.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        return _api_error(400, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}",
-                          param=loc[0] if loc else None)
+        if first.get("type") == "json_invalid":
+            return _api_error(400, f"the body is not JSON: {first.get('ctx', {}).get('error')} "
+                                   f"(at character {first.get('loc', ('', '?'))[-1]})")
+        # the fields and indexes, not the union members tried ("str", "function-after[…]")
+        loc = [str(p) for p in first.get("loc", ())
+               if isinstance(p, int) or (p.isidentifier() and p not in _NOT_FIELDS)]
+        why = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        return _api_error(400, f"{'.'.join(loc) or 'body'}: {why}", param=loc[0] if loc else None)
 
     @api.exception_handler(InvalidRequestError)
     async def _refused(_: Request, e: InvalidRequestError) -> JSONResponse:
@@ -185,6 +223,10 @@ def create_app(state: ServerState) -> Guard:
     async def _busy(_: Request, e: EngineOverloadedError) -> JSONResponse:
         return _api_error(429, str(e), type_="server_busy", code="queue_full",
                           headers={"Retry-After": str(e.retry_after)})
+
+    @api.exception_handler(ModelNotServedError)
+    async def _no_model(_: Request, e: ModelNotServedError) -> JSONResponse:
+        return _api_error(404, str(e), param="model", code="model_not_found")
 
     @api.exception_handler(EngineStoppedError)
     async def _stopped(_: Request, e: EngineStoppedError) -> JSONResponse:
@@ -214,12 +256,20 @@ def create_app(state: ServerState) -> Guard:
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card() -> dict[str, Any]:
+        length = state.engine.args.max_model_len if state.engine else None
+        return {"id": state.model_name, "object": "model", "created": state.created,
+                "owned_by": "weightship", "max_model_len": length}
+
     @api.get("/v1/models")
     async def models() -> dict[str, Any]:
-        length = state.engine.args.max_model_len if state.engine else None
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model",
-                                            "created": state.created, "owned_by": "weightship",
-                                            "max_model_len": length}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != state.model_name:
+            raise ModelNotServedError(model_id, state.model_name)
+        return model_card()
 
     @api.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -230,25 +280,37 @@ def create_app(state: ServerState) -> Guard:
         raw = body.prompt
         if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
             raw = [raw]  # type: ignore[assignment]
-        prompts: list[list[int]] = []
-        for p in raw:
-            if isinstance(p, str):
-                if not p:
-                    raise InvalidRequestError("the prompt is empty", param="prompt")
-                prompts.append(tok.encode(p, bos=True))
-            else:
-                prompts.append(list(p))  # type: ignore[arg-type]
-        if not prompts:
+        if not raw:
             raise InvalidRequestError("the prompt is empty", param="prompt")
+        _check_choices(body.n, len(raw))
+        for p in raw:
+            if not p:
+                raise InvalidRequestError("the prompt is empty", param="prompt")
+            if isinstance(p, str):
+                _check_text_size([p], "prompt")
+            elif len(p) > engine.args.max_model_len:  # type: ignore[arg-type]
+                # refused here, before the engine checks each of its tokens on the event loop
+                raise InvalidRequestError(f"the prompt ({len(p)} tokens) is longer than the context "  # type: ignore[arg-type]
+                                          f"({engine.args.max_model_len} tokens)", param="prompt",
+                                          code="context_length_exceeded")
+
+        def tokenize() -> tuple[list[list[int]], list[str] | None]:
+            ids = [tok.encode(p, bos=True) if isinstance(p, str) else list(p) for p in raw]  # type: ignore[arg-type]
+            echo = ([p if isinstance(p, str) else tok.decode(i) for p, i in zip(raw, ids, strict=True)]
+                    if body.echo else None)
+            return ids, echo
+
+        prompts, echo = await asyncio.to_thread(tokenize)
         run = _start(engine, body, prompts, contexts=prompts, default_max=16)
-        echo = ([p if isinstance(p, str) else tok.decode(ids) for p, ids in zip(raw, prompts, strict=True)]
-                if body.echo else None)
         return await _respond(run, body, request, tok, echo)
 
     @api.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         engine, tok = _serving(body)
-        prompt = tok.encode_chat([m.to_chat() for m in body.messages])
+        _check_choices(body.n, 1)
+        messages = [m.to_chat() for m in body.messages]
+        _check_text_size([m.content for m in messages], "messages")
+        prompt = await asyncio.to_thread(tok.encode_chat, messages)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         run = _start(engine, body, [prompt], contexts=[[]], default_max=None)
@@ -258,22 +320,51 @@ def create_app(state: ServerState) -> Guard:
         if not state.ready or state.engine is None or state.tokenizer is None:
             raise EngineStoppedError("the model is still loading")
         if body.model is not None and body.model != state.model_name:
-            raise HTTPException(404, f"model {body.model!r} does not exist; this server serves "
-                                     f"{state.model_name!r}")
+            raise ModelNotServedError(body.model, state.model_name)
+        body.refuse_unsupported()
         return state.engine, state.tokenizer
+
+    def _check_choices(n: int, prompts: int) -> None:
+        if not 1 <= n <= state.max_choices // prompts:
+            raise InvalidRequestError(f"n × prompts must be between 1 and {state.max_choices}, got "
+                                      f"{n} × {prompts}", param="n")
+
+    def _check_text_size(texts: list[str], param: str) -> None:
+        if _utf8_longer_than(texts, state.max_prompt_bytes):
+            assert state.engine is not None and state.tokenizer is not None
+            raise InvalidRequestError(
+                f"the {param} is over {state.max_prompt_bytes} bytes, more than the context "
+                f"({state.engine.args.max_model_len} tokens of at most {state.tokenizer.max_token_bytes} "
+                "bytes each) can hold", param=param, code="context_length_exceeded")
 
     def _start(engine: Engine, body: CommonParams, prompts: list[list[int]], contexts: list[list[int]],
                default_max: int | None) -> _Run:
-        if not 1 <= body.n <= state.max_choices // len(prompts):
-            raise InvalidRequestError(f"n × prompts must be between 1 and {state.max_choices}, got "
-                                      f"{body.n} × {len(prompts)}", param="n")
-        run = _Run(state, engine)
         limit = engine.args.max_model_len
-        for i, (prompt, context) in enumerate(zip(prompts, contexts, strict=True)):
+        logprobs, prompt_logprobs = body.token_logprobs()
+        plan = []
+        wanted = 0  # log-probabilities in the response
+        for prompt, context in zip(prompts, contexts, strict=True):
             if body.max_tokens is not None:
                 max_tokens = body.max_tokens
-            else:  # chat: the rest of the context; completions: OpenAI's 16, if it fits
-                max_tokens = max(1, limit - len(prompt)) if default_max is None else default_max
+            elif default_max is None:  # chat: the rest of the context, and what max_logprobs allows
+                max_tokens = max(1, limit - len(prompt))
+                if logprobs is not None:
+                    max_tokens = max(1, min(max_tokens, state.max_logprobs // (body.n * (1 + logprobs))))
+            else:  # completions: OpenAI's 16, if it fits
+                max_tokens = default_max
+            if logprobs is not None:
+                wanted += body.n * max_tokens * (1 + logprobs)
+            if prompt_logprobs is not None:
+                wanted += body.n * len(prompt) * (1 + prompt_logprobs)
+            plan.append((prompt, context, max_tokens))
+        if wanted > state.max_logprobs:
+            raise InvalidRequestError(
+                f"the response would hold {wanted} log-probabilities (choices × scored tokens × "
+                f"(1 + alternatives)); this server answers at most {state.max_logprobs} in one "
+                "response: ask for fewer choices, tokens or alternatives", param="logprobs",
+                code="too_many_logprobs")
+        run = _Run(state, engine)
+        for i, (prompt, context, max_tokens) in enumerate(plan):
             for j in range(body.n):
                 run.submit(i * body.n + j, prompt, body.sampling(max_tokens, j), context)
             run.prompt_tokens += len(prompt)
@@ -284,10 +375,10 @@ def create_app(state: ServerState) -> Guard:
                        echo: list[str] | None = None) -> Response:
         """The answer to a completions (``echo``: per prompt, the text to put in front of its
         choices) or chat request, whole or streamed."""
-        request.scope[RUN_SCOPE] = run  # the usage the Meter records is the one sent
         chat = isinstance(body, ChatCompletionRequest)
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        logprobs = _Logprobs(tok, chat, echo is not None) if body.token_logprobs()[0] is not None else None
+        logprobs = (ResponseLogprobs(tok, chat, echo is not None)
+                    if body.token_logprobs()[0] is not None else None)
         if body.stream:
             return StreamingResponse(_stream(run, body, ident, logprobs, echo), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -305,30 +396,43 @@ def create_app(state: ServerState) -> Guard:
             watcher.cancel()
         if "error" in reasons.values():
             return _api_error(500, "generation failed", type_="server_error")
-        choices = []
-        for index in sorted(reasons):
-            text = (echo[index // body.n] if echo else "") + "".join(texts[index])
-            choice: dict[str, Any] = {"index": index,
-                                      "logprobs": logprobs(index, entries[index]) if logprobs else None,
-                                      "finish_reason": _finish_reason(reasons[index])}
-            choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-            choices.append(choice)
-        return JSONResponse({"id": ident, "object": "chat.completion" if chat else "text_completion",
-                             "created": int(time.time()), "model": state.model_name,
-                             "choices": choices, "usage": run.usage()})
 
-    async def _stream(run: _Run, body: CommonParams, ident: str, logprobs: _Logprobs | None,
-                      echo: list[str] | None) -> AsyncIterator[str]:
+        def encode() -> bytes:
+            choices = []
+            for index in sorted(reasons):
+                text = (echo[index // body.n] if echo else "") + "".join(texts[index])
+                choice: dict[str, Any] = {"index": index,
+                                          "logprobs": logprobs(index, entries[index]) if logprobs else None,
+                                          "finish_reason": _finish_reason(reasons[index])}
+                choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+                choices.append(choice)
+            return encode_json({"id": ident, "object": "chat.completion" if chat else "text_completion",
+                                "created": int(time.time()), "model": state.model_name,
+                                "choices": choices, "usage": run.usage()})
+
+        # with log-probabilities, up to max_logprobs of them: megabytes, built off the loop
+        content = await asyncio.to_thread(encode) if logprobs else encode()
+        return Response(content, media_type="application/json")
+
+    async def _stream(run: _Run, body: CommonParams, ident: str, logprobs: ResponseLogprobs | None,
+                      echo: list[str] | None) -> AsyncIterator[bytes]:
         chat = isinstance(body, ChatCompletionRequest)
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
         pending: dict[int, list[TokenLogprob]] = {}  # tokens whose text is still held back
         started: set[int] = set()
 
-        def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+        def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
             data = {"id": ident, "object": kind, "created": created, "model": state.model_name,
                     "choices": choices, **extra}
-            return f"data: {json.dumps(data)}\n\n"
+            return b"data: " + encode_json(data) + b"\n\n"
+
+        def choice_event(index: int, text: str, entries: list[TokenLogprob], reason: str | None) -> bytes:
+            lp = logprobs(index, entries) if logprobs is not None else None
+            if chat:
+                delta = {"content": text} if text else {}
+                return event([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}])
+            return event([{"index": index, "text": text, "logprobs": lp, "finish_reason": reason}])
 
         try:
             if chat:
@@ -337,7 +441,7 @@ def create_app(state: ServerState) -> Guard:
                              for i in range(body.n)])
             async for index, out in run.events():
                 if out.finish_reason == "error":
-                    yield f"data: {json.dumps(error_body('generation failed', type_='server_error'))}\n\n"
+                    yield b"data: " + encode_json(error_body("generation failed", type_="server_error")) + b"\n\n"
                     continue
                 text = out.text
                 if index not in started:
@@ -348,23 +452,17 @@ def create_app(state: ServerState) -> Guard:
                 if not text and reason is None:
                     continue
                 entries = pending.pop(index)
-                lp = logprobs(index, entries) if logprobs is not None else None
-                if chat:
-                    delta = {"content": text} if text else {}
-                    choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+                if len(entries) > _INLINE_LOGPROBS:  # an echoed prompt's: built off the loop
+                    yield await asyncio.to_thread(choice_event, index, text, entries, reason)
                 else:
-                    choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
-                yield event([choice])
+                    yield choice_event(index, text, entries, reason)
             if body.include_usage:
                 yield event([], usage=run.usage())
-            yield "data: [DONE]\n\n"
+            yield b"data: [DONE]\n\n"
         finally:  # the client went away (the generator is closed early) or we are done
             run.cancel()
 
-    keys = state.keyring or (KeyRing.of_keys(state.api_keys) if state.api_keys else None)
-    meter = Meter(api, usage_log=state.usage_log, registry=state.metrics.registry,
-                  model_name=state.model_name)
-    return Guard(meter, limits=state.limits, api_keys=keys, metrics=state.metrics,
+    return Guard(api, limits=state.limits, api_keys=state.api_keys, metrics=state.metrics,
                  draining=lambda: state.draining)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import sentencepiece as spm
@@ -22,6 +23,11 @@ from weightship.errors import CatalogError, InvalidRequestError
 _REPLACEMENT = "\ufffd"
 # Prompt tokens decoded in front of a completion, so its first token's leading space survives.
 _CONTEXT_TOKENS = 6
+# A text whose normalisation differs from this probe's may be shortened by it (NFKC composes
+# "b\u0301" into one character; whitespace removal drops runs of spaces): the prompt byte bound
+# (Tokenizer.max_token_bytes) then gets this much room.
+_NORMALISATION_PROBE = "a  b\u0301 \ufb01"
+_SHORTENING_MARGIN = 4
 
 
 @dataclass(frozen=True)
@@ -54,20 +60,55 @@ class Tokenizer:
     def token_bytes(self, token: int) -> bytes:
         """The bytes one token stands for: a piece's text with "▁" as a space, a byte-fallback
         token's byte, a control token's name (``</s>``)."""
+        return self._bytes[token]
+
+    def token_text(self, token: int) -> str:
+        """:meth:`token_bytes` as text (a lone part of a character becomes U+FFFD)."""
+        return self._texts[token]
+
+    @cached_property
+    def _bytes(self) -> list[bytes]:
+        # every token's, once (tens of milliseconds): a response's log-probabilities name
+        # hundreds of thousands of tokens, and each lookup through SentencePiece costs microseconds
+        return [self._piece_bytes(i) for i in range(self.vocab_size)]
+
+    @cached_property
+    def _texts(self) -> list[str]:
+        return [b.decode("utf-8", errors="replace") for b in self._bytes]
+
+    def _piece_bytes(self, token: int) -> bytes:
         piece: str = self.sp.id_to_piece(token)
         if self.sp.is_byte(token):  # "<0xE2>"
             return bytes([int(piece[1:-1], 16)])
-        if self.sp.is_control(token) or self.sp.is_unknown(token):
+        if self.sp.is_unknown(token):  # decoded as " ⁇ ", not as its name
+            return str(self.sp.decode([token])).encode()
+        if self.sp.is_control(token):
             return piece.encode()
         return piece.replace("\u2581", " ").encode()
+
+    def drops_leading_space(self, token: int) -> bool:
+        """Whether decoding drops the space in front of ``token`` when it begins a text (the
+        dummy prefix SentencePiece adds when encoding): true of a piece such as "▁Blue", not of
+        a byte-fallback token or ``<unk>``."""
+        return (not self.sp.is_byte(token) and not self.sp.is_unknown(token)
+                and not self.sp.is_control(token) and self.sp.id_to_piece(token).startswith("\u2581"))
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """Bytes of text one token can stand for, at most: a text of B UTF-8 bytes has at least
+        B / max_token_bytes tokens, so a longer text than ``context × max_token_bytes`` is too
+        long for the context without being tokenized. Exact for a model that normalises nothing
+        away (Mistral's and Llama's: identity normalisation, spaces kept); one whose
+        normalisation can shorten a text gets a margin of ``_SHORTENING_MARGIN``."""
+        longest = max(len(b) for i, b in enumerate(self._bytes) if not self.sp.is_control(i))
+        probe = _NORMALISATION_PROBE
+        if str(self.sp.normalize(probe)) != "\u2581" + probe.replace(" ", "\u2581"):
+            longest *= _SHORTENING_MARGIN
+        return longest
 
     def is_control(self, token: int) -> bool:
         """Whether ``token`` is ``<s>``, ``</s>`` or the like: no text of its own."""
         return bool(self.sp.is_control(token))
-
-    def token_text(self, token: int) -> str:
-        """:meth:`token_bytes` as text (a lone part of a character becomes U+FFFD)."""
-        return self.token_bytes(token).decode("utf-8", errors="replace")
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Prompt tokens of a conversation in the Mistral instruct (v1) format."""
