@@ -14,18 +14,6 @@ from weightship.errors import UsageError
 log = logging.getLogger(__name__)
 
 
-def read_api_keys(path: Path) -> frozenset[str]:
-    """API keys from a file: one per line; blank lines and ``#`` comments are skipped."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise UsageError(f"cannot read --api-key-file {path}: {e.strerror or e}") from e
-    keys = frozenset(s for s in (line.strip() for line in lines) if s and not s.startswith("#"))
-    if not keys:
-        raise UsageError(f"--api-key-file {path} holds no keys")
-    return keys
-
-
 def resolve_model_dir(model: str) -> Path:
     """A directory as given, or a catalog name's default directory ($WEIGHTSHIP_HOME/models/NAME)."""
     path = Path(model)
@@ -60,9 +48,15 @@ def serve(
     max_logprobs: Annotated[int, typer.Option(help="Log-probabilities one response may hold "
                                               "(choices × scored tokens × (1 + alternatives)); a "
                                               "request asking for more gets 400.")] = 1 << 17,
-    api_key_file: Annotated[Path | None, typer.Option(help="File of API keys, one per line; "
-                                                      "then every route but /health and /ready "
-                                                      "needs 'Authorization: Bearer KEY'.")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="API keys: one per line, or the "
+                                                      "hashed key file of `weightship instance "
+                                                      "keys`; then every route but /health and "
+                                                      "/ready needs 'Authorization: Bearer KEY'. "
+                                                      "Re-read when it changes.")] = None,
+    usage_log: Annotated[Path | None, typer.Option(help="Append one JSON record per finished API "
+                                                   "request (key id, tokens, status) to this "
+                                                   "file; GET /v1/usage returns the records of "
+                                                   "every *.jsonl beside it.")] = None,
     served_name: Annotated[str | None, typer.Option("--name", help="Model id in the API "
                                                     "(default: the directory's name).")] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Serve even if the manifest is "
@@ -88,10 +82,12 @@ def serve(
       weightship serve ./tiny --device cpu --max-model-len 1024
     """
     from weightship.runtime.engine import Engine, EngineConfig
+    from weightship.runtime.keys import load_key_file
     from weightship.runtime.loader import find_files, load_model
     from weightship.runtime.runner import make_server
     from weightship.runtime.server import ServerState
     from weightship.runtime.tokenizer import Tokenizer
+    from weightship.runtime.usage import UsageLog
 
     directory = resolve_model_dir(model)
     manifest_name: str | None = None
@@ -104,9 +100,12 @@ def serve(
     find_files(directory)  # a directory the runtime cannot read fails here, before listening
     if max_batch < 1 or max_queue < 0 or max_logprobs < 0:
         raise UsageError("--max-batch must be at least 1, --max-queue and --max-logprobs at least 0")
-    keys = read_api_keys(api_key_file) if api_key_file else frozenset()
-    state = ServerState(served_name or manifest_name or directory.resolve().name, api_keys=keys,
+    keyring = load_key_file(api_key_file) if api_key_file else None
+    state = ServerState(served_name or manifest_name or directory.resolve().name, keyring=keyring,
+                        usage_log=UsageLog(usage_log) if usage_log else None,
                         max_logprobs=max_logprobs)
+    if keyring is not None:
+        keyring.watch()  # a revoked key is refused within seconds, with no restart
     server = make_server(state, host=host, port=port, log_level="info")
     failure: list[BaseException] = []
 
@@ -123,6 +122,8 @@ def serve(
 
     threading.Thread(target=load, name="weightship-load", daemon=True).start()
     server.run()
+    if state.usage_log is not None:
+        state.usage_log.close()
     if failure:
         raise failure[0]
 

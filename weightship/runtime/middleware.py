@@ -3,7 +3,8 @@
 It runs before FastAPI parses anything, so a hostile request is answered from its headers
 alone: too many or too large headers → 431, a declared body over the limit → 413 without
 reading it, a chunked body is read only up to the limit. Every route but ``/health`` and
-``/ready`` needs a valid bearer key when keys are configured (compared in constant time).
+``/ready`` needs a valid key when keys are configured (hashed, compared in constant time;
+see :mod:`weightship.runtime.keys`); the key's entry is left in the scope for the layers inside.
 
 No error answer costs the client its connection: Starlette re-raises an exception after its
 handler has sent the 500, and uvicorn closes a connection whose app raised; here an exception
@@ -13,13 +14,13 @@ Only an answer cut short, or one that leaves a request body unread (413), closes
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from weightship.runtime.keys import KeyRing
 from weightship.runtime.metrics import Metrics
 from weightship.runtime.protocol import error_body
 
@@ -54,10 +55,10 @@ async def reply(send: Send, status: int, body: dict[str, Any],
 class Guard:
     """Wraps the API app; see the module docstring."""
 
-    def __init__(self, app: ASGIApp, *, limits: Limits, api_keys: frozenset[str], metrics: Metrics,
+    def __init__(self, app: ASGIApp, *, limits: Limits, api_keys: KeyRing | None, metrics: Metrics,
                  draining: Callable[[], bool]) -> None:
         self.app, self.limits, self.metrics, self.draining = app, limits, metrics, draining
-        self.api_keys = tuple(k.encode() for k in api_keys)
+        self.api_keys = api_keys  # None: no key needed; an empty ring refuses everyone
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,7 +95,7 @@ class Guard:
                 f"{self.limits.max_header_bytes} bytes)", code="headers_too_large"))
             return
         if scope["path"] not in OPEN_ROUTES:
-            if self.api_keys and not self._authorized(headers):
+            if self.api_keys is not None and not self._authorized(scope, headers):
                 await reply(send, 401, error_body("a valid API key is required (Authorization: "
                                                   "Bearer KEY)", code="invalid_api_key"),
                             [(b"www-authenticate", b"Bearer")])
@@ -122,13 +123,11 @@ class Guard:
             receive = _replay(body, receive)
         await self.app(scope, receive, send)
 
-    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        for k, v in headers:
-            if k == b"authorization" and v[:7].lower() == b"bearer ":
-                given = v[7:].strip()
-                # compare with every key, so the time taken does not say which one was close
-                return sum(hmac.compare_digest(given, key) for key in self.api_keys) > 0
-        return False
+    def _authorized(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> bool:
+        assert self.api_keys is not None
+        # hashed and compared with every key's hash, so the time taken says nothing
+        scope["weightship.key"] = entry = self.api_keys.authenticate_headers(headers)
+        return entry is not None
 
     async def _too_large(self, send: Send) -> None:
         await reply(send, 413, error_body(

@@ -45,6 +45,7 @@ from weightship.errors import (
     ModelNotServedError,
 )
 from weightship.runtime.engine import Engine
+from weightship.runtime.keys import KeyRing
 from weightship.runtime.logprobs import ResponseLogprobs, TokenLogprob
 from weightship.runtime.metrics import Metrics
 from weightship.runtime.middleware import Guard, Limits
@@ -58,6 +59,7 @@ from weightship.runtime.protocol import (
 from weightship.runtime.request import Output
 from weightship.runtime.sampling import SamplingParams
 from weightship.runtime.tokenizer import Tokenizer
+from weightship.runtime.usage import RUN_SCOPE, Meter, UsageLog
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ class ServerState:
 
     model_name: str
     api_keys: frozenset[str] = frozenset()
+    keyring: KeyRing | None = None  # wins over api_keys: a key file, reloaded when it changes
+    usage_log: UsageLog | None = None  # one record per finished API request (runtime/usage.py)
     limits: Limits = field(default_factory=Limits)
     max_choices: int = 16  # n × prompts per request; more is refused as absurd
     # Log-probabilities one response may hold: choices × scored tokens × (1 + alternatives),
@@ -375,6 +379,7 @@ def create_app(state: ServerState) -> Guard:
                        echo: list[str] | None = None) -> Response:
         """The answer to a completions (``echo``: per prompt, the text to put in front of its
         choices) or chat request, whole or streamed."""
+        request.scope[RUN_SCOPE] = run  # the usage the Meter records is the one sent
         chat = isinstance(body, ChatCompletionRequest)
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         logprobs = (ResponseLogprobs(tok, chat, echo is not None)
@@ -462,7 +467,10 @@ def create_app(state: ServerState) -> Guard:
         finally:  # the client went away (the generator is closed early) or we are done
             run.cancel()
 
-    return Guard(api, limits=state.limits, api_keys=state.api_keys, metrics=state.metrics,
+    keys = state.keyring or (KeyRing.of_keys(state.api_keys) if state.api_keys else None)
+    meter = Meter(api, usage_log=state.usage_log, registry=state.metrics.registry,
+                  model_name=state.model_name)
+    return Guard(meter, limits=state.limits, api_keys=keys, metrics=state.metrics,
                  draining=lambda: state.draining)
 
 
