@@ -9,21 +9,26 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import openai
 import pytest
+import yaml
 from conftest import KEY
 from nodelab import Lab, Node
 
 from tests.conftest import Result, assert_clean_failure, run_cli
+from tests.net import free_port, listening, wait_until
 from weightship.deploy.nodes.rollout import LOCK_LEASE_S
+from weightship.fetch import build_request, fetch
 
 NAME = "tiny"
 PREFIX = "/opt/weightship"
@@ -230,6 +235,47 @@ def test_a_node_locked_by_another_rollout_is_left_alone(fleet: Fleet) -> None:
     finally:
         node.sh("pkill -x flock; pkill -x sleep; true")  # the sleep holds the lock's fd too
         node.sh(f"flock -w 10 {PREFIX}/.lock true")
+
+
+@contextmanager
+def http_origin(root: Path, host: str) -> Iterator[str]:
+    """``rclone serve http`` over ``root`` on ``host`` (the lab's gateway): a plain web server."""
+    rclone = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
+    port = free_port()
+    proc = subprocess.Popen([rclone, "serve", "http", "--addr", f"{host}:{port}", "--config", "/dev/null", str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: listening(port, host), 30, "rclone serve http", proc)
+        yield f"http://{host}:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_nodes_fetch_a_signed_model_over_plain_http_with_the_inventory_trust_key(fleet: Fleet, tmp_path: Path) -> None:
+    origin = tmp_path / "origin"
+    fetch(build_request("weightship-tiny"), origin / "tiny")
+    assert run_cli("manifest", "keygen", tmp_path / "acme.pem").code == 0
+    assert run_cli("manifest", "sign", origin / "tiny", "--key", tmp_path / "acme.pem").code == 0
+    signed = fleet.inventory.with_name("signed.yaml")
+    doc = yaml.safe_load(fleet.inventory.read_text())
+    doc["fetch"] = {"trust_keys": [str(tmp_path / "acme.pem.pub")]}
+    signed.write_text(yaml.safe_dump(doc))
+    with http_origin(origin, fleet.lab.gateway) as url:
+        r = run_cli("--json", "deploy", "nodes", f"{url}/tiny/", "-i", signed, "--name", NAME, "--gpus", "0",
+                    "--api-key-file", fleet.keys, "--max-unavailable", "4", "--yes", timeout=900)
+        assert r.code == 0, r.stderr
+        assert {row["state"] for row in rows(r).values()} == {"updated"}
+        unsigned = fleet.inventory.with_name("unsigned.yaml")
+        doc["fetch"] = {}
+        unsigned.write_text(yaml.safe_dump(doc))
+        r = run_cli("--json", "deploy", "nodes", f"{url}/tiny/", "-i", unsigned, "--name", "unsigned", "--port",
+                    "8001", "--gpus", "0", "--api-key-file", fleet.keys, "--yes", timeout=900)
+    assert_clean_failure(r, code=1)  # the same bytes, but no key vouches for them over plain http
+    assert {row["state"] for row in rows(r).values()} == {"failed"}
+    for node in fleet.lab.nodes:
+        assert chat(node)
+        assert node.sh(f"ls {PREFIX}/apps").split() == [NAME]
 
 
 def test_logs_rollback_and_uninstall(fleet: Fleet) -> None:

@@ -73,6 +73,7 @@ class Inventory:
     prefix: str = DEFAULT_PREFIX
     fetch_env: dict[str, str] = field(default_factory=dict)
     fetch_args: tuple[str, ...] = ()
+    fetch_trust_keys: tuple[Path, ...] = ()  # public keys the nodes' fetch trusts (copied there)
 
     def select(self, *, group: str | None = None, hosts: list[str] | None = None) -> list[Host]:
         """The hosts a command acts on: a group, a list of names, or every host."""
@@ -180,4 +181,5 @@ def load(path: Path) -> Inventory:
     return Inventory(path=path, hosts=hosts, groups=groups,
                      known_hosts=base / data.get("known_hosts", "known_hosts"), runtime=runtime,
                      prefix=data.get("prefix", DEFAULT_PREFIX), fetch_env=dict(fetch.get("env", {})),
-                     fetch_args=tuple(fetch.get("args", ())))
+                     fetch_args=tuple(fetch.get("args", ())),
+                     fetch_trust_keys=tuple(base / Path(k).expanduser() for k in fetch.get("trust_keys", ())))

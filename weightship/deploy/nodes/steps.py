@@ -230,6 +230,14 @@ class HostRun:
         directory = f"{self.paths.models}/{key}"
         args = [*(["--layout", self.want.layout] if self.want.layout else []),
                 *(["--revision", self.want.revision] if self.want.revision else []), *self.inventory.fetch_args]
+        for local in self.inventory.fetch_trust_keys:
+            try:
+                text = local.read_text()
+            except OSError as e:
+                raise UsageError(f"cannot read the trust key {local}: {e.strerror or e}") from None
+            remote = f"{self.paths.prefix}/trust/{hashlib.sha256(text.encode()).hexdigest()[:16]}.pub"
+            await self.node.write(remote, text, step="trust key")
+            args += ["--trust-key", remote]
         result = await agent(self.node, "fetch", {
             "weightship": f"{runtime}/bin/weightship", "ref": self.want.model, "to": directory,
             "args": args, "env": self.inventory.fetch_env, "home": f"{self.paths.prefix}/home"},
