@@ -128,6 +128,11 @@ def test_bad_input_is_one_line_and_changes_nothing(two_pools: FakeKube, cli: Any
     assert "no instance 'nope'" in refused(cli, capsys, "keys", "add", "nope", "--key-name", "ci")
     assert "no instance 'nope'" in refused(cli, capsys, "usage", "nope")
     assert "pass --yes" in refused(cli, capsys, "delete", "acme", code=2)
+    assert "upgrade needs --model or --version" in refused(cli, capsys, "upgrade", "acme", code=2)
+    # a model that needs larger volumes than the instance's claims were made with
+    assert "needs volumes of 18Gi, but instance acme's claims hold 2Gi" in refused(
+        cli, capsys, "upgrade", "acme", "--model", "mistral-7b-v0.1", code=2)
+    assert cluster_state(two_pools) == before
     run_ok(cli, capsys, "keys", "add", "acme", "--key-name", "ci", "--json")
     before = cluster_state(two_pools)
     keys_before = secret_text(two_pools, "wsi-acme", "weightship-api-keys", "keys.json")

@@ -75,13 +75,15 @@ class Record:
     user_values: Values = field(default_factory=dict)  # the user's -f/--set, merged
     allow_from: list[str] = field(default_factory=list)
     admin_from: list[str] = field(default_factory=list)
+    volume: str = ""  # the size of each claim, set at create: claims are not resized later
 
     def annotations(self) -> dict[str, str]:
         fields = {"model": self.model, "gpus": str(self.gpus), "replicas": str(self.replicas),
                   "paused": str(self.paused).lower(), "host": self.host or "",
                   "tls-secret": self.tls_secret or "", "version": self.version or "",
                   "created": self.created, "values": json.dumps(self.user_values, sort_keys=True),
-                  "allow-from": ",".join(self.allow_from), "admin-from": ",".join(self.admin_from)}
+                  "allow-from": ",".join(self.allow_from), "admin-from": ",".join(self.admin_from),
+                  "volume": self.volume}
         return {objs.ANNOTATION + k: v for k, v in fields.items()}
 
     @classmethod
@@ -95,7 +97,8 @@ class Record:
                    version=a.get("version") or None, created=a.get("created", ""),
                    user_values=json.loads(a.get("values") or "{}"),
                    allow_from=[x for x in a.get("allow-from", "").split(",") if x],
-                   admin_from=[x for x in a.get("admin-from", "").split(",") if x])
+                   admin_from=[x for x in a.get("admin-from", "").split(",") if x],
+                   volume=a.get("volume", ""))
 
 
 def dedicated_nodes(nodes: list[dict[str, Any]], name: str) -> tuple[list[str], list[str]]:
@@ -160,11 +163,24 @@ class K8sTarget:
             name, replicas=0 if record.paused else record.replicas, gpus=record.gpus,
             host=record.host, tls_secret=record.tls_secret, version=record.version,
             storage_mode=mode, allow_from=record.allow_from, admin_from=record.admin_from))
-        return deployer.plan(record.model, release=name, namespace=objs.namespace_of(name),
-                             chart=self.chart, gpus=record.gpus, dtype=serve.get("dtype"),
-                             max_batch=serve.get("maxBatch"),
-                             max_model_len=serve.get("maxModelLen"), is_upgrade=upgrade,
-                             overrides=overrides)
+
+        def plan(values: Values) -> deployer.Plan:
+            return deployer.plan(record.model, release=name, namespace=objs.namespace_of(name),
+                                 chart=self.chart, gpus=record.gpus, dtype=serve.get("dtype"),
+                                 max_batch=serve.get("maxBatch"),
+                                 max_model_len=serve.get("maxModelLen"), is_upgrade=upgrade,
+                                 overrides=values)
+
+        p = plan(overrides)
+        wanted = str((p.values.get("storage") or {}).get("size") or "")
+        if record.volume and wanted != record.volume:
+            # a StatefulSet's claim templates (and a bound claim) keep the size they were made with
+            if objs.quantity(wanted) > objs.quantity(record.volume):
+                raise UsageError(f"{record.model} needs volumes of {wanted}, but instance {name}'s "
+                                 f"claims hold {record.volume}",
+                                 hint="create a new instance for this model")
+            p = plan(deployer.merge(overrides, {"storage": {"size": record.volume}}))
+        return p
 
     def _own_objects(self, name: str, record: Record, p: deployer.Plan, keys_text: str,
                      operator_key: str, floor: dict[str, Any] | None = None) -> Objs:
@@ -268,6 +284,7 @@ class K8sTarget:
         admin_from = list(self.admin_from) if self.admin_from is not None else self._api_server_cidrs()
         record = self._new_record(spec, admin_from)
         p = self._plan(spec.name, record)
+        record.volume = str((p.values.get("storage") or {}).get("size") or "")
         keys = KeyFile(spec.name)
         _, operator_key = keys.add(OPERATOR_KEY, scopes=("usage",))
         own = self._own_objects(spec.name, record, p, keys.to_text(), operator_key)
