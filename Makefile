@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python bench/fetch.py
 	$(BIN)/python bench/fetch_torrent.py
 	$(BIN)/python bench/runtime.py
+	$(BIN)/python bench/nodes.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

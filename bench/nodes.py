@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests/deploy/nodes"))
 
-from nodelab import Lab, Node  # noqa: E402
+from nodelab import Lab, Node, have_lab  # noqa: E402
 
 from tests.net import free_port, listening, wait_until  # noqa: E402
 from weightship.catalog.architecture import Architecture  # noqa: E402
@@ -192,6 +192,8 @@ def main() -> None:
     parser.add_argument("--nodes", default="1,2,4", help="lab sizes, comma-separated")
     parser.add_argument("--synthetic-mib", type=int, default=256)
     args = parser.parse_args()
+    if reason := have_lab():
+        raise SystemExit(f"bench/nodes.py needs the node lab: {reason}")
     with tempfile.TemporaryDirectory(prefix="bench-nodes-") as tmp:
         base = Path(tmp)
         wheels = wheelhouse(base / "wheels")
