@@ -12,7 +12,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from weightship.cli._common import JsonOption, emit, stdout, wants_json
+from weightship.cli._common import JsonOption, emit, stderr, stdout, wants_json
 
 app = typer.Typer(help="Dedicated instances for companies: one isolated, metered endpoint per "
                        "company, with its own nodes, API keys and usage figures.",
@@ -358,8 +358,6 @@ def usage(name: Name,
     names = {k.id: k.name for k in target.read_keys(name).keys} if by == "key" else {}
     rows = report.summarize(report.select(read.records, start, end), by, names)
     for where in read.unreached:
-        from weightship.cli._common import stderr
-
         stderr.print(f"warning: not read: {where}; its records are not in these sums",
                      highlight=False, markup=False)
     if csv_flag:
