@@ -237,8 +237,7 @@ class Rollout:
         previous = run.previous()
         expect = await run.expected_answer(previous)
         self.say(name, f"switching {previous or '(none)'} -> {rev}")
-        await run.switch(rev)
-        why = await run.gate(rev, expect)
+        why = await _switch_and_gate(run, rev, expect)
         if why is None:
             await run.record(rev)
             row.state = "updated"
@@ -250,8 +249,7 @@ class Rollout:
             await run.stop()
             row.state = "failed"
             return
-        await run.switch(previous)
-        back = await run.gate(previous, None)
+        back = await _switch_and_gate(run, previous, None)
         row.state = "rolled back" if back is None else "failed"
         if back is not None:
             row.why += f"; the previous release {previous} did not come back either: {back}"
@@ -277,6 +275,18 @@ class Rollout:
                             "present": runtime_present},
                 "unit_diff": diff})
         return rows
+
+
+async def _switch_and_gate(run: HostRun, rev: str, expect: str | None) -> str | None:
+    """Switch ``run``'s host to ``rev`` and gate it: None if it serves, else why not. A step that
+    fails on the node counts as a failed gate (the caller rolls back); losing the node does not."""
+    try:
+        await run.switch(rev)
+        return await run.gate(rev, expect)
+    except NodeUnreachableError:
+        raise
+    except DeployError as e:
+        return e.message.split(": ", 1)[-1]
 
 
 async def _planned(rollout: Rollout) -> None:

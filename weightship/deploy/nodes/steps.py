@@ -314,6 +314,9 @@ class HostRun:
                        f"{shlex.quote(p.unit_path)} && systemctl daemon-reload; }}", "install unit")
         await self.run(f"ln -sfn releases/{shlex.quote(rev)} {shlex.quote(p.current)}.tmp && "
                        f"mv -Tf {shlex.quote(p.current)}.tmp {shlex.quote(p.current)}", "switch release")
+        # What systemd will load, checked by systemd itself (where the node has systemd-analyze).
+        await self.run(f"if command -v systemd-analyze >/dev/null; then systemd-analyze verify "
+                       f"{shlex.quote(p.unit_path)}; fi", "systemd-analyze verify", timeout=120)
         await self.run(f"systemctl reset-failed {unit} 2>/dev/null; systemctl enable --quiet {unit} && "
                        f"systemctl start {unit}", "start")
 
