@@ -3,14 +3,22 @@
 Each directory is described the way the Hub describes a repository at a commit: per file its
 size, its git blob id, and for large files (Git LFS on the Hub) the LFS sha256. The sha256 comes
 from the directory's manifest (the directory was verified when it was fetched; ``--verify``
-re-hashes it at start). The commit id is derived from the manifest's paths and digests, so it
-changes exactly when the content does, and a client pinned to it gets the same bytes.
+re-hashes it at start).
+
+The commit id: a directory fetched from the Hub records the commit it was fetched at
+(``source.revision`` of an ``hf`` source, 40 hex digits), and the mirror answers that commit,
+so a client pinned to the upstream commit (a catalog card's pin, ``hf://org/name@COMMIT``) is
+served by a mirror of it; what it then gets is still checked against its own anchors (the
+card's sizes and sha256s, the digests listed here). Any other directory gets an id derived from
+the manifest's paths and digests, so it changes exactly when the content does, and a client
+pinned to it gets the same bytes. ``main`` names the one commit either way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +34,7 @@ log = logging.getLogger(__name__)
 LFS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".model", ".h5", ".msgpack", ".ckpt",
                 ".onnx", ".ot", ".gguf", ".npy", ".npz", ".tar", ".zip", ".gz", ".pkl")
 LFS_MIN_SIZE = 10 << 20
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -88,10 +97,16 @@ def describe(repo_id: str, directory: Path) -> Repo:
             if sha != f.sha256:
                 raise ManifestError(f"{directory}: {f.path} does not match its manifest")
             files[f.path] = RepoFile(f.path, f.size, f.sha256, blob, False)
-    listing = "".join(f"{f.path}\0{f.sha256}\0{f.size}\n" for f in sorted(files.values(), key=lambda f: f.path))
-    commit = hashlib.sha1(b"weightship-mirror\n" + listing.encode(), usedforsecurity=False).hexdigest()
-    return Repo(repo_id=repo_id, directory=directory, commit=commit, files=files,
+    return Repo(repo_id=repo_id, directory=directory, commit=_commit(m, files), files=files,
                 last_modified=m.verified_at or m.created_at)
+
+
+def _commit(m: Manifest, files: dict[str, RepoFile]) -> str:
+    """The Hub commit the directory was fetched at, else an id derived from its listing."""
+    if m.source is not None and m.source.kind == "hf" and _COMMIT.fullmatch(m.source.revision or ""):
+        return str(m.source.revision)
+    listing = "".join(f"{f.path}\0{f.sha256}\0{f.size}\n" for f in sorted(files.values(), key=lambda f: f.path))
+    return hashlib.sha1(b"weightship-mirror\n" + listing.encode(), usedforsecurity=False).hexdigest()
 
 
 class MirrorRoot:
