@@ -261,6 +261,8 @@ def test_nodes_fetch_a_signed_model_over_plain_http_with_the_inventory_trust_key
     doc = yaml.safe_load(fleet.inventory.read_text())
     doc["fetch"] = {"trust_keys": [str(tmp_path / "acme.pem.pub")]}
     signed.write_text(yaml.safe_dump(doc))
+    shutil.copytree(origin / "tiny", origin / "unsigned")
+    (origin / "unsigned/.weightship/manifest.sig").unlink()
     with http_origin(origin, fleet.lab.gateway) as url:
         r = run_cli("--json", "deploy", "nodes", f"{url}/tiny/", "-i", signed, "--name", NAME, "--gpus", "0",
                     "--api-key-file", fleet.keys, "--max-unavailable", "4", "--yes", timeout=900)
@@ -269,7 +271,7 @@ def test_nodes_fetch_a_signed_model_over_plain_http_with_the_inventory_trust_key
         unsigned = fleet.inventory.with_name("unsigned.yaml")
         doc["fetch"] = {}
         unsigned.write_text(yaml.safe_dump(doc))
-        r = run_cli("--json", "deploy", "nodes", f"{url}/tiny/", "-i", unsigned, "--name", "unsigned", "--port",
+        r = run_cli("--json", "deploy", "nodes", f"{url}/unsigned/", "-i", unsigned, "--name", "unsigned", "--port",
                     "8001", "--gpus", "0", "--api-key-file", fleet.keys, "--yes", timeout=900)
     assert_clean_failure(r, code=1)  # the same bytes, but no key vouches for them over plain http
     assert {row["state"] for row in rows(r).values()} == {"failed"}
