@@ -21,6 +21,11 @@ from weightship.deploy.k8s.deployer import plan
 TINY = ["weightship-tiny", "--release", "demo", "-n", "ml", "--timeout", "30"]
 
 
+def config_map(name: str, ns: str, **data: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": ns},
+            "data": data}
+
+
 def release_records(fake: FakeKube, ns: str = "ml") -> list[dict[str, Any]]:
     """Helm's release records, decoded as ``helm`` itself reads them."""
     out = []
@@ -190,6 +195,15 @@ PREFLIGHT = [
      ["fetch.hfToken.existingSecret=hf"], "ml", "Secret 'hf' has no key 'HF_TOKEN'"),
     ("missing-api-key-secret", [gpu_node("g")], TINY_MODEL, ["apiKey.existingSecret=keys"],
      "ml", "Secret 'keys' (needed by Deployment/demo-weightship volume api-key)"),
+    ("missing-trust-key", [gpu_node("g")], TINY_MODEL, ["fetch.trustKey.configMap=models-key"],
+     "ml", "ConfigMap 'models-key' (needed by Deployment/demo-weightship volume trust-key) does "
+           "not exist in namespace ml"),
+    ("trust-key-not-in-config-map", [gpu_node("g"), config_map("models-key", "ml", **{"a.pub": "x"})],
+     TINY_MODEL, ["fetch.trustKey.configMap=models-key"], "ml",
+     "ConfigMap 'models-key' has no key 'trust.pub' (needed by Deployment/demo-weightship volume "
+     "trust-key); it has: a.pub"),
+    ("missing-trust-key-secret", [gpu_node("g")], TINY_MODEL, ["fetch.trustKey.secret=models-key"],
+     "ml", "Secret 'models-key' (needed by Deployment/demo-weightship volume trust-key)"),
     ("storage-class", [gpu_node("g"), default_storage_class()], TINY_MODEL,
      ["storage.mode=sharedPVC", "storage.storageClassName=fast"], "ml",
      "StorageClass 'fast' does not exist (available: standard)"),
@@ -227,9 +241,11 @@ def test_preflight_passes_once_the_cluster_has_what_was_missing(bare_cluster: Fa
     bare_cluster.seed(namespace("ml"))
     bare_cluster.seed(gpu_node("g"))
     p = plan(TINY_MODEL, release="demo", namespace="ml",
-             sets=["metrics.serviceMonitor.enabled=true", "fetch.hfToken.existingSecret=hf"])
-    assert len(preflight.check(connect(), "ml", p.effective, p.rendered.objects)) == 2
+             sets=["metrics.serviceMonitor.enabled=true", "fetch.hfToken.existingSecret=hf",
+                   "fetch.trustKey.configMap=models-key"])
+    assert len(preflight.check(connect(), "ml", p.effective, p.rendered.objects)) == 3
     bare_cluster.seed(secret("hf", "ml", HF_TOKEN="hf_x"))
+    bare_cluster.seed(config_map("models-key", "ml", **{"trust.pub": "-----BEGIN PUBLIC KEY-----"}))
     bare_cluster.seed({  # the Prometheus operator's CRD: the fake then serves the new kind
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
         "metadata": {"name": "servicemonitors.monitoring.coreos.com"},

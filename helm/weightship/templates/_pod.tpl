@@ -70,6 +70,34 @@
 - name: AWS_ENDPOINT_URL
   value: {{ . | quote }}
 {{- end }}
+{{- if include "weightship.trustKeyVolume" . }}
+- name: WEIGHTSHIP_TRUST_KEY
+  value: {{ include "weightship.trustKeyPath" . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The public key that signed the sources' manifests (fetch.trustKey), from an existing
+ConfigMap or Secret, as a read-only volume of the pods that fetch; empty when none is set. */}}
+{{- define "weightship.trustKeyVolume" -}}
+{{- $t := .Values.fetch.trustKey }}
+{{- if and .Values.fetch.enabled (or $t.configMap $t.secret) }}
+- name: trust-key
+  {{- if $t.configMap }}
+  configMap:
+    name: {{ $t.configMap | quote }}
+  {{- else }}
+  secret:
+    secretName: {{ $t.secret | quote }}
+  {{- end }}
+    defaultMode: 0444
+    items:
+      - key: {{ $t.key | quote }}
+        path: trust.pub
+{{- end }}
+{{- end }}
+
+{{- define "weightship.trustKeyPath" -}}
+/etc/weightship/trust-key/trust.pub
 {{- end }}
 
 {{/* Writable scratch: the root filesystem is read-only, so /tmp and caches are emptyDirs. */}}
@@ -152,6 +180,11 @@ only with storage.mode=nodeCache, whose hostPath already needs a privileged name
     - name: models
       mountPath: /models
     {{- include "weightship.scratchMounts" . | nindent 4 }}
+    {{- if include "weightship.trustKeyVolume" . }}
+    - name: trust-key
+      mountPath: {{ include "weightship.trustKeyPath" . | dir }}
+      readOnly: true
+    {{- end }}
 {{- end }}
 {{- end }}
 
@@ -215,6 +248,9 @@ spec:
   volumes:
     {{- include "weightship.modelVolume" . | trim | nindent 4 }}
     {{- include "weightship.scratchVolumes" . | nindent 4 }}
+    {{- with include "weightship.trustKeyVolume" . }}
+    {{- . | nindent 4 }}
+    {{- end }}
     - name: shm
       emptyDir:
         medium: Memory

@@ -44,6 +44,9 @@ Collected first, then reported together in one `fail`, bitnami style. */}}
 {{- if and $v.p2p.followWorkload (or $v.p2p.nodeSelector $v.p2p.affinity) }}
 {{- $messages = append $messages "p2p.nodeSelector and p2p.affinity apply only with p2p.followWorkload=false (the seeders otherwise follow the serving pods' nodeSelector and affinity): set p2p.followWorkload=false, or drop them" }}
 {{- end }}
+{{- if and $v.fetch.trustKey.configMap $v.fetch.trustKey.secret }}
+{{- $messages = append $messages (printf "fetch.trustKey: set configMap (%s) or secret (%s), not both: the fetch trusts one key file" $v.fetch.trustKey.configMap $v.fetch.trustKey.secret) }}
+{{- end }}
 {{- $np := $v.networkPolicy }}
 {{- if and $np.enabled $np.egress.restrict $v.fetch.enabled (not $np.egress.publicSources) (not $np.egress.sourceCIDRs) (not $np.egress.extraRules) }}
 {{- $messages = append $messages "networkPolicy.egress.publicSources=false with no sourceCIDRs or extraRules leaves the fetch no source to reach: list your sources' addresses in networkPolicy.egress.sourceCIDRs (or rules in extraRules), or set networkPolicy.egress.restrict=false" }}

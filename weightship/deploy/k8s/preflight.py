@@ -5,8 +5,8 @@ Checked: the namespace exists (and admits hostPath when nodeCache needs it); nod
 enough allocatable GPUs with enough GPU memory; the P2P seeders, which follow the serving pods
 onto GPU nodes by a node label, find a GPU node with that label; the RuntimeClass exists; the StorageClass (or a
 default one) exists, or the existing claim is ReadWriteMany; every Secret and key the pods
-reference exists; the cluster serves every kind the release creates (ServiceMonitor needs the
-Prometheus operator).
+reference exists, and every ConfigMap and key their volumes mount (fetch.trustKey); the cluster
+serves every kind the release creates (ServiceMonitor needs the Prometheus operator).
 """
 
 from __future__ import annotations
@@ -58,6 +58,24 @@ def secret_refs(objects: Iterable[Obj]) -> list[SecretRef]:
                     refs.append(SecretRef(ref["name"], ref["key"],
                                           f"{where} container {container['name']} env {env['name']}"))
     return [r for r in dict.fromkeys(refs) if r.name not in created]
+
+
+def config_map_refs(objects: Iterable[Obj]) -> list[SecretRef]:
+    """Every ConfigMap key the pods of ``objects`` mount (a missing one holds the pod in
+    ContainerCreating), minus volumes marked optional."""
+    refs: list[SecretRef] = []
+    for obj in objects:
+        spec = pod_spec(obj)
+        if spec is None:
+            continue
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        for volume in spec.get("volumes") or []:
+            config_map = volume.get("configMap")
+            if config_map and not config_map.get("optional"):
+                keys = [i["key"] for i in config_map.get("items") or []] or [None]
+                refs += [SecretRef(config_map["name"], k, f"{where} volume {volume['name']}")
+                         for k in keys]
+    return list(dict.fromkeys(refs))
 
 
 def _nodes_fit(nodes: list[Obj], values: Obj) -> list[str]:
@@ -166,6 +184,24 @@ def _secrets(cluster: Cluster, namespace: str, objects: list[Obj]) -> list[str]:
     return failures
 
 
+def _config_maps(cluster: Cluster, namespace: str, objects: list[Obj]) -> list[str]:
+    failures: list[str] = []
+    missing: set[str] = set()
+    for ref in config_map_refs(objects):
+        if ref.name in missing:
+            continue
+        config_map = cluster.get(f"/api/v1/namespaces/{namespace}/configmaps/{ref.name}")
+        keys = {**((config_map or {}).get("data") or {}), **((config_map or {}).get("binaryData") or {})}
+        if config_map is None:
+            missing.add(ref.name)
+            failures.append(f"ConfigMap {ref.name!r} (needed by {ref.where}) does not exist in "
+                            f"namespace {namespace}")
+        elif ref.key and ref.key not in keys:
+            failures.append(f"ConfigMap {ref.name!r} has no key {ref.key!r} (needed by "
+                            f"{ref.where}); it has: {', '.join(sorted(keys)) or 'no keys'}")
+    return failures
+
+
 def check(cluster: Cluster, namespace: str, values: Obj, objects: list[Obj], *,
           new_namespace: Obj | None = None, nodes: list[Obj] | None = None) -> list[str]:
     """Every preflight failure, as messages; an empty list means ready to install.
@@ -191,6 +227,7 @@ def check(cluster: Cluster, namespace: str, values: Obj, objects: list[Obj], *,
         failures.append(f"RuntimeClass {runtime_class!r} does not exist (gpu.runtimeClassName)")
     failures += _storage(cluster, namespace, values)
     failures += _secrets(cluster, namespace, objects)
+    failures += _config_maps(cluster, namespace, objects)
     for api_version, kind in sorted({(o["apiVersion"], o["kind"]) for o in objects}):
         if not cluster.served(api_version, kind):
             failures.append(f"the cluster does not serve {kind} ({api_version})"
