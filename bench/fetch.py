@@ -1,8 +1,10 @@
 """Benchmark of fetching: weightship beside s5cmd, boto3 and huggingface_hub, same bytes, same run.
 
 A model directory of ``--size`` random bytes (default 1 GiB, in ``--files`` files) is served on
-loopback two ways: by ``rclone serve s3`` (S3) and by ``weightship mirror`` (the Hub protocol,
-in its own process). Each tool fetches it into a fresh directory ``--runs`` times (default 5, round-robin);
+loopback two ways: by ``rclone serve s3`` (S3, stocked by ``weightship push --key``: rclone
+speaks plain HTTP, where weightship trusts a manifest only when it is signed, so the fetch is
+given the public key as ``fetch --trust-key`` would) and by ``weightship mirror`` (the Hub
+protocol, in its own process). Each tool fetches it into a fresh directory ``--runs`` times (default 5, round-robin);
 the table shows medians and each weightship figure as a ratio to its peer (>1 = faster):
 
 - S3 fetch + sha256 (weightship) beside ``s5cmd cp`` and boto3's ``download_file`` (neither
@@ -40,8 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' lo
 from tests.net import free_port, listening, wait_until
 from weightship.fetch import build_request, fetch
 from weightship.fetch.download import TransferOptions, download
-from weightship.fetch.s3 import S3Remote, make_s3_client, make_s3_pool
+from weightship.fetch.s3 import S3Remote, make_s3_client, make_s3_pool, push_directory
 from weightship.manifest import Manifest, create_for_directory
+from weightship.signing import generate_key
 
 KEYS = {"AWS_ACCESS_KEY_ID": "benchKEY", "AWS_SECRET_ACCESS_KEY": "benchSECRET",
         "AWS_REGION": "us-east-1", "AWS_CONFIG_FILE": "/dev/null",
@@ -101,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         base = Path(tmp)
         model = make_model(base / "hub", size, a.files)
         s3_root = base / "s3"
-        (s3_root / "models").mkdir(parents=True)
-        shutil.copytree(model, s3_root / "models" / "bench", copy_function=os.link)
+        (s3_root / "models").mkdir(parents=True)  # the bucket
+        key = base / "bench.pem"
+        public = generate_key(key)
         scratch = base / "out"
         scratch.mkdir()
         s3_port, hub_port = free_port(), free_port()
@@ -112,12 +116,13 @@ def main(argv: list[str] | None = None) -> int:
                   "--auth-key", f"{KEYS['AWS_ACCESS_KEY_ID']},{KEYS['AWS_SECRET_ACCESS_KEY']}", str(s3_root)]
         mirror = [sys.executable, "-m", "weightship", "mirror", str(base / "hub"), "--port", str(hub_port)]
         with _server(rclone, s3_port), _server(mirror, hub_port):
-            rows = run_all(model, scratch, a.runs, s3_port)
+            push_directory(model, "s3://models/bench", key=key)  # what `weightship push --key` runs
+            rows = run_all(model, scratch, a.runs, s3_port, public)
     print_table(rows, size, a.runs)
     return 0
 
 
-def run_all(model: Path, scratch: Path, runs: int, s3_port: int) -> dict[str, float]:
+def run_all(model: Path, scratch: Path, runs: int, s3_port: int, trust_key: Path) -> dict[str, float]:
     from huggingface_hub import snapshot_download
 
     m = Manifest.load(model)
@@ -159,7 +164,8 @@ def run_all(model: Path, scratch: Path, runs: int, s3_port: int) -> dict[str, fl
         ("s5cmd cp (no hash)", s5),
         ("s5cmd cp, then fsync (no hash)", s5_durable),
         ("boto3 download_file (no hash)", boto),
-        ("weightship s3 fetch + sha256", lambda d: fetch(build_request("s3://models/bench"), d)),
+        ("weightship s3 fetch + sha256", lambda d: fetch(build_request(
+            "s3://models/bench", options={"trust_keys": [str(trust_key)]}), d)),
         ("huggingface_hub snapshot_download (no sha256)", hf_hub),
         ("weightship hf fetch + sha256", lambda d: fetch(build_request("hf://bench/model"), d)),
         ("downloader, s3, hashing off", inline(False)),
