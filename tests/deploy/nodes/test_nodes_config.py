@@ -124,3 +124,17 @@ def test_max_unavailable(value: str, hosts: int, want: int) -> None:
 def test_bad_max_unavailable(value: str) -> None:
     with pytest.raises(UsageError):
         max_unavailable(value, 4)
+
+
+def test_an_instance_unit_reads_its_hashed_keys_where_they_are(tmp_path: Path) -> None:
+    paths = Paths(str(tmp_path / "opt"), "acme")
+    unit = render_unit(paths, gpus=(), description="acme", key_mode="instance")
+    assert "LoadCredential" not in unit  # a copy made at start would never see a revoked key
+    assert f"--api-key-file {paths.app}/keys.json --usage-log /var/lib/weightship/acme/usage.jsonl" in unit
+    assert "ReadWritePaths=/var/lib/weightship/acme" in unit and "StateDirectory=weightship/acme" in unit
+    runtime = Path(paths.current) / "runtime/bin"
+    runtime.mkdir(parents=True)
+    shutil.copy("/bin/true", runtime / "weightship")
+    (tmp_path / paths.unit).write_text(unit)
+    r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / paths.unit)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

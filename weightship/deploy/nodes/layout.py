@@ -96,6 +96,31 @@ class Paths:
     def release(self, rev: str) -> str:
         return f"{self.releases}/{rev}"
 
+    # A dedicated instance (weightship instance --on nodes) keeps its keys outside the releases:
+    @property
+    def keys_file(self) -> str:
+        """Hashed key file (no secret in it), re-read by the server when it changes."""
+        return f"{self.app}/keys.json"
+
+    @property
+    def operator_key(self) -> str:
+        """The operator's own key (0600 root), what the health gate sends."""
+        return f"{self.app}/operator-key"
+
+    @property
+    def instance_file(self) -> str:
+        """Marks the host as given to the instance NAME."""
+        return f"{self.app}/instance.json"
+
+    @property
+    def state(self) -> str:
+        """The service's only writable directory (StateDirectory=)."""
+        return f"/var/lib/weightship/{self.name}"
+
+    @property
+    def usage_log(self) -> str:
+        return f"{self.state}/usage.jsonl"
+
 
 @dataclass(frozen=True)
 class Release:
@@ -112,6 +137,7 @@ class Release:
     serve_args: tuple[str, ...]  # extra `weightship serve` options
     api_keys_sha256: str  # of the key file (the keys themselves live only in api-keys, 0600)
     unit_sha256: str
+    key_mode: str = "credential"  # or "instance": Paths.keys_file, reloaded; usage logged
 
     @property
     def rev(self) -> str:
@@ -129,9 +155,22 @@ class Release:
         return f"WEIGHTSHIP_SERVE_ARGS={shlex.join(args)}\n"
 
 
-def render_unit(paths: Paths, *, gpus: tuple[int, ...], description: str) -> str:
-    """The hardened systemd unit that runs the deployment's current release."""
+def render_unit(paths: Paths, *, gpus: tuple[int, ...], description: str, key_mode: str = "credential") -> str:
+    """The hardened systemd unit that runs the deployment's current release.
+
+    ``key_mode`` "credential": the release's key file reaches the service through
+    ``LoadCredential=`` (a copy only it can read; new keys are a new release). "instance": the
+    service reads the instance's hashed key file (no secret in it) where it is, so keys added or
+    revoked take effect without a restart, and it logs usage to its state directory.
+    """
     devices = [f"/dev/nvidia{i}" for i in gpus] + list(NVIDIA_DEVICES) if gpus else []
+    if key_mode == "credential":
+        # %d is the credentials directory: the keys reach the service as a file only it can read.
+        keys = [f"LoadCredential=api-keys:{paths.current}/api-keys"]
+        key_args = "--api-key-file %d/api-keys"
+    else:
+        keys = []
+        key_args = f"--api-key-file {paths.keys_file} --usage-log {paths.usage_log}"
     lines = [
         "# Written by weightship deploy nodes; changes here are replaced on the next rollout.",
         "[Unit]",
@@ -146,18 +185,17 @@ def render_unit(paths: Paths, *, gpus: tuple[int, ...], description: str) -> str
         f"User={paths.user}",
         f"Group={paths.user}",
         f"EnvironmentFile={paths.current}/serve.env",
-        f"Environment=WEIGHTSHIP_HOME=/var/lib/weightship/{paths.name}",
+        f"Environment=WEIGHTSHIP_HOME={paths.state}",
         "Environment=HOME=/nonexistent",
         f"Environment=CUDA_VISIBLE_DEVICES={','.join(map(str, gpus))}",
-        # %d is the credentials directory: the keys reach the service as a file only it can read.
-        f"LoadCredential=api-keys:{paths.current}/api-keys",
+        *keys,
         f"ExecStart={paths.current}/runtime/bin/weightship serve {paths.current}/model "
-        "$WEIGHTSHIP_SERVE_ARGS --api-key-file %d/api-keys",
+        f"$WEIGHTSHIP_SERVE_ARGS {key_args}",
         "Restart=on-failure",
         "RestartSec=5",
         "KillSignal=SIGTERM",
         f"TimeoutStopSec={STOP_TIMEOUT_S}",
-        f"StateDirectory=weightship/{paths.name}",
+        f"StateDirectory={paths.state.removeprefix('/var/lib/')}",
         "ProtectSystem=strict",
         "ProtectHome=yes",
         "PrivateTmp=yes",
@@ -170,7 +208,7 @@ def render_unit(paths: Paths, *, gpus: tuple[int, ...], description: str) -> str
         "RestrictNamespaces=yes",
         "CapabilityBoundingSet=",
         "AmbientCapabilities=",
-        f"ReadWritePaths=/var/lib/weightship/{paths.name}",
+        f"ReadWritePaths={paths.state}",
         "DevicePolicy=closed",
         *[f"DeviceAllow={d} rw" for d in devices],
         "",

@@ -40,6 +40,7 @@ class Want:
     gpus: int | None = None  # per host; None: the inventory's `gpus:`
     serve_args: tuple[str, ...] = ()
     api_keys: str = ""  # the key file's text; reaches nodes only on stdin
+    key_mode: str = "credential"  # "instance": keys in Paths.keys_file (see layout.render_unit)
     model_bytes: int | None = None  # from the catalog, for the disk check
     gate_timeout: float = 900.0
     step_timeout: float = 1800.0
@@ -252,12 +253,15 @@ class HostRun:
 
     def desired(self, runtime: str, version: str) -> Release:
         gpus = self.want.gpu_indices(self.host)
-        self.unit_text = render_unit(self.paths, gpus=gpus, description=f"{self.want.name} ({self.want.model})")
+        self.unit_text = render_unit(self.paths, gpus=gpus, description=f"{self.want.name} ({self.want.model})",
+                                     key_mode=self.want.key_mode)
+        credential = self.want.key_mode == "credential"
         self.release = Release(
             name=self.want.name, model_ref=self.want.model, model_key=self.want.model_key, layout=self.want.layout,
             runtime=runtime, runtime_version=version, port=self.want.port, gpus=gpus,
-            serve_args=self.want.serve_args, api_keys_sha256=hashlib.sha256(self.want.api_keys.encode()).hexdigest(),
-            unit_sha256=hashlib.sha256(self.unit_text.encode()).hexdigest())
+            serve_args=self.want.serve_args,
+            api_keys_sha256=hashlib.sha256(self.want.api_keys.encode()).hexdigest() if credential else "",
+            unit_sha256=hashlib.sha256(self.unit_text.encode()).hexdigest(), key_mode=self.want.key_mode)
         return self.release
 
     async def write_release(self) -> None:
@@ -273,7 +277,8 @@ class HostRun:
                               step="release")
         await self.node.write(f"{tmp}/serve.env", self.release.serve_env(), step="release")
         await self.node.write(f"{tmp}/{self.paths.unit}", self.unit_text, step="release")
-        await self.node.write(f"{tmp}/api-keys", self.want.api_keys, mode=0o600, step="release")
+        if self.release.key_mode == "credential":
+            await self.node.write(f"{tmp}/api-keys", self.want.api_keys, mode=0o600, step="release")
         model = f"{self.paths.models}/{self.release.model_key}"
         await self.run(f"ln -s {shlex.quote(model)} {shlex.quote(tmp)}/model && "
                        f"ln -s {shlex.quote(self.release.runtime)} {shlex.quote(tmp)}/runtime && "
@@ -325,7 +330,9 @@ class HostRun:
         release = await self.read_release(rev)
         assert release is not None, rev
         result = await agent(self.node, "gate", {
-            "port": release["port"], "key_file": f"{self.paths.release(rev)}/api-keys", "unit": self.paths.unit,
+            "port": release["port"], "unit": self.paths.unit,
+            "key_file": f"{self.paths.release(rev)}/api-keys" if release.get("key_mode", "credential") == "credential"
+            else self.paths.operator_key,
             "timeout": self.want.gate_timeout, "prompt": GATE_PROMPT, "max_tokens": GATE_TOKENS},
             python=self.python, step="health gate", timeout=self.want.gate_timeout + 60)
         if not result["ok"]:
