@@ -86,6 +86,8 @@ def create(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print every object the instance "
                                           "would own as YAML; change nothing, need no cluster.")] = False,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask before changing hosts (nodes).")] = False,
+    port: Annotated[int | None, typer.Option(help="Port the hosts serve on (nodes) [default: 8000].",
+                                             min=1, max=65535)] = None,
     wait: Wait = True,
     timeout: Timeout = 1800.0,
     json_flag: JsonOption = False,
@@ -110,7 +112,7 @@ def create(
                         tls_secret=tls_secret, version=version)
     target = _target(on, inventory, context, chart=chart, value_files=tuple(values or ()),
                      sets=tuple(set_ or ()), hosts=tuple(h for h in (hosts or "").split(",") if h),
-                     group=group, yes=yes,
+                     group=group, yes=yes, port=port,
                      allow_from=tuple(allow_from) if allow_from else ("ingress-nginx",),
                      admin_from=tuple(admin_from) if admin_from else None)
     if dry_run:

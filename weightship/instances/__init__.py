@@ -1,5 +1,5 @@
 """Dedicated instances for companies: one isolated, metered endpoint per company, on
-Kubernetes (:mod:`.k8s`) or, to come, on the company's own nodes.
+Kubernetes (:mod:`.k8s`) or on the company's own nodes (:mod:`.nodes`).
 
 - :mod:`.target`: the :class:`~.target.Target` interface every target implements, the instance
   spec and name rules;
@@ -49,7 +49,14 @@ def _k8s(options: TargetOptions) -> Target:
                      allow_from=options.allow_from, admin_from=options.admin_from)
 
 
-TARGETS: dict[str, Callable[[TargetOptions], Target]] = {"k8s": _k8s}
+def _nodes(options: TargetOptions) -> Target:
+    from weightship.instances.nodes import NodesTarget
+
+    return NodesTarget(inventory=options.inventory, hosts=options.hosts, group=options.group,
+                       port=options.port, yes=options.yes)
+
+
+TARGETS: dict[str, Callable[[TargetOptions], Target]] = {"k8s": _k8s, "nodes": _nodes}
 
 
 def target(on: str, options: TargetOptions) -> Target:

@@ -1,7 +1,7 @@
 """What every target of instances implements, and what they share: the instance's spec, its
 name rules, and the shapes the CLI prints.
 
-A target (Kubernetes: :mod:`weightship.instances.k8s`; on-prem nodes: to come) is a class with
+A target (Kubernetes: :mod:`weightship.instances.k8s`; on-prem nodes: :mod:`weightship.instances.nodes`) is a class with
 the methods of :class:`Target`. The generic parts — API keys (:mod:`weightship.instances.keys`)
 and usage reports (:mod:`weightship.instances.usage`) — work on any target through
 :meth:`Target.read_keys`, :meth:`Target.write_keys` and :meth:`Target.usage_records`.

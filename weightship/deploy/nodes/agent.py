@@ -170,13 +170,26 @@ def state(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def apps(args: dict[str, Any]) -> dict[str, Any]:
+    """Every deployment on this node (``PREFIX/apps/NAME``) with its instance marker, if any."""
+    root = args["prefix"] + "/apps"
+    found: dict[str, Any] = {}
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        marker = _read(f"{root}/{name}/instance.json")
+        try:
+            found[name] = json.loads(marker) if marker else None
+        except ValueError:
+            found[name] = {"unreadable": True}
+    return {"apps": found}
+
+
 def _journal(unit: str) -> list[str]:
     r = subprocess.run(["journalctl", "-u", unit, "-n", "15", "--no-pager", "-o", "cat"],
                        capture_output=True, text=True)
     return r.stdout.splitlines()[-15:]
 
 
-VERBS = {"facts": facts, "fetch": fetch, "gate": gate, "ready": ready, "state": state}
+VERBS = {"apps": apps, "facts": facts, "fetch": fetch, "gate": gate, "ready": ready, "state": state}
 
 
 def main(verb: str, args: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import difflib
 import logging
 import shlex
@@ -31,7 +32,7 @@ from typing import Any
 import asyncssh
 
 from weightship.deploy.nodes.inventory import Host, Inventory
-from weightship.deploy.nodes.layout import Paths
+from weightship.deploy.nodes.layout import Paths, Release
 from weightship.deploy.nodes.ssh import Connections, Node, connections
 from weightship.deploy.nodes.steps import HostRun, RuntimePlan, Want, agent, plan_runtime
 from weightship.errors import (
@@ -395,6 +396,25 @@ def status(inventory: Inventory, hosts: list[Host], name: str, *, verify: bool =
 def rollback(inventory: Inventory, hosts: list[Host], name: str, *, max_unavailable_: str = "1",
              max_failures: int = 0, gate_timeout: float = 900.0, say: Say = _quiet) -> list[HostResult]:
     """Return every host to the release before its current one, rolling and gated."""
+    def older(state: dict[str, Any]) -> str | None:
+        return next((r for r in reversed(state.get("history", [])) if r != state.get("current")), None)
+
+    return _return_to(inventory, hosts, name, older, "no earlier release to go back to",
+                      max_unavailable_=max_unavailable_, max_failures=max_failures, gate_timeout=gate_timeout,
+                      say=say)
+
+
+def restart(inventory: Inventory, hosts: list[Host], name: str, *, max_unavailable_: str = "1",
+            gate_timeout: float = 900.0, say: Say = _quiet) -> list[HostResult]:
+    """Start every host's current release again (after a pause), rolling and gated."""
+    return _return_to(inventory, hosts, name, lambda state: state.get("current"), "no release to start",
+                      max_unavailable_=max_unavailable_, max_failures=0, gate_timeout=gate_timeout, say=say)
+
+
+def _return_to(inventory: Inventory, hosts: list[Host], name: str, pick: Callable[[dict[str, Any]], str | None],
+               none: str, *, max_unavailable_: str, max_failures: int, gate_timeout: float,
+               say: Say) -> list[HostResult]:
+    """Switch every host to the release ``pick`` chooses from its state, as a rollout does."""
     limit = max_unavailable(max_unavailable_, len(hosts))
 
     async def main() -> list[HostResult]:
@@ -403,18 +423,14 @@ def rollback(inventory: Inventory, hosts: list[Host], name: str, *, max_unavaila
             try:
                 await rollout.open(pool, lock=True)
                 for host, run in rollout.runs.items():
-                    history = run.state.get("history", [])
-                    current = run.state.get("current")
-                    older = [r for r in history if r != current]
-                    if not older:
-                        rollout._fail(host, "failed", "no earlier release to go back to")
+                    target = pick(run.state)
+                    release = await run.read_release(target) if target else None
+                    if release is None:
+                        rollout._fail(host, "failed", none)
                         continue
-                    target = older[-1]
-                    release = await run.read_release(target)
-                    assert release is not None, target
                     run.want = Want(name=name, model=release["model_ref"], port=release["port"],
                                     gate_timeout=gate_timeout)
-                    run.unit_text = ""  # never "unchanged": the target differs from current
+                    run.unit_text = ""  # never "unchanged": even the current release is restarted
                     run.release = _release_of(release)
                 if len(rollout.failures()) <= max_failures:
                     await rollout.roll(limit, max_failures)
@@ -427,13 +443,18 @@ def rollback(inventory: Inventory, hosts: list[Host], name: str, *, max_unavaila
     return asyncio.run(main())
 
 
-def _release_of(data: dict[str, Any]) -> Any:
-    from weightship.deploy.nodes.layout import Release
-
-    fields = {k: v for k, v in data.items() if k != "rev"}
-    fields["gpus"], fields["serve_args"] = tuple(fields["gpus"]), tuple(fields["serve_args"])
-    release = Release(**fields)
-    assert release.rev == data["rev"], (release.rev, data["rev"])
+def _release_of(data: dict[str, Any]) -> Release:
+    """The release a ``release.json`` describes (refused if it does not name itself)."""
+    known = {f.name for f in dataclasses.fields(Release)}
+    fields = {k: v for k, v in data.items() if k in known}
+    fields["gpus"], fields["serve_args"] = tuple(fields.get("gpus", ())), tuple(fields.get("serve_args", ()))
+    try:
+        release = Release(**fields)
+    except TypeError as e:
+        raise DeployError(f"release {data.get('rev')} was written by another weightship version: {e}") from None
+    if release.rev != data.get("rev"):
+        raise DeployError(f"release {data.get('rev')} was written by another weightship version",
+                          hint="roll out again with this version instead")
     return release
 
 

@@ -1,0 +1,321 @@
+"""Dedicated instances on a company's own servers: hosts of the inventory given to one instance.
+
+An instance NAME on nodes is the on-prem deployment NAME (:mod:`weightship.deploy.nodes`) on
+the hosts it was given, with three things of its own on each host, beside the releases:
+
+- ``apps/NAME/instance.json``: the marker that gives the host to NAME (what it serves, on which
+  port, whether it is paused). A host with any other deployment is refused: a host is never in
+  two instances. ``instance list`` reads these markers from the hosts: nothing is kept on the
+  operator's machine;
+- ``apps/NAME/keys.json``: the hashed key file (:mod:`weightship.runtime.keys`), which the server
+  re-reads when it changes, and ``apps/NAME/operator-key`` (0600 root), the key the health gate
+  sends;
+- ``/var/lib/weightship/NAME/usage.jsonl``: the server's usage log, read over SSH by
+  ``instance usage``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+from weightship.deploy.nodes import rollout
+from weightship.deploy.nodes.inventory import Host, Inventory, load
+from weightship.deploy.nodes.layout import Paths
+from weightship.deploy.nodes.ssh import Node, connections
+from weightship.deploy.nodes.steps import Want, agent, plan_runtime
+from weightship.errors import (
+    DeployError,
+    InstanceError,
+    InstanceExistsError,
+    InstanceLeftoversError,
+    InstanceNotFoundError,
+    RolloutFailedError,
+    UpgradeRolledBackError,
+    UsageError,
+)
+from weightship.instances.keys import OPERATOR_KEY
+from weightship.instances.target import Info, InstanceSpec, UsageRead
+from weightship.runtime.keys import KeyFile, parse_hashed
+
+DEFAULT_PORT = 8000
+T = TypeVar("T")
+Hosts = list[Host]  # (inside the class, `list` is the Target method)
+
+
+class NodesTarget:
+    """Instances on the hosts of one inventory."""
+
+    kind = "nodes"
+
+    def __init__(self, *, inventory: Path | None, hosts: tuple[str, ...] = (), group: str | None = None,
+                 port: int | None = None, yes: bool = False, gate_timeout: float = 900.0) -> None:
+        if inventory is None:
+            raise UsageError("instances on nodes need --inventory FILE (or WEIGHTSHIP_INVENTORY)")
+        self.inventory: Inventory = load(inventory)
+        self.hosts, self.group, self.port = hosts, group, port or DEFAULT_PORT
+        self.gate_timeout, self.yes = gate_timeout, yes
+
+    # ---- reading the hosts ---------------------------------------------------------------------
+
+    def _on_hosts(self, hosts: list[Host], work: Callable[[Node], Awaitable[T]]) -> dict[str, T | Exception]:
+        """``work`` on every host at once; a host's failure is its entry, never the whole call's."""
+        async def main() -> dict[str, T | Exception]:
+            async with connections(self.inventory) as pool:
+                async def one(host: Host) -> T | Exception:
+                    try:
+                        return await work(await pool.node(host))
+                    except (DeployError, OSError) as e:
+                        return e
+                results = await asyncio.gather(*(one(h) for h in hosts))
+            return dict(zip((h.name for h in hosts), results, strict=True))
+
+        return asyncio.run(main())
+
+    def _census(self, hosts: list[Host] | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Per reachable host, its deployments and their instance markers; and why others failed."""
+        async def apps(node: Node) -> dict[str, Any]:
+            found = await agent(node, "apps", {"prefix": self.inventory.prefix}, python=self.inventory.runtime.python,
+                                step="read deployments", timeout=60)
+            return dict(found["apps"])
+
+        read = self._on_hosts(hosts or list(self.inventory.hosts.values()), apps)
+        return ({h: r for h, r in read.items() if not isinstance(r, Exception)},
+                {h: str(r) for h, r in read.items() if isinstance(r, Exception)})
+
+    def _members(self, name: str) -> tuple[list[Host], dict[str, Any]]:
+        """The hosts given to instance ``name`` and its marker (from the first of them)."""
+        census, unreached = self._census()
+        hosts = [self.inventory.hosts[h] for h, apps in census.items()
+                 if (apps.get(name) or {}).get("instance") == name]
+        if not hosts:
+            where = str(self.inventory.path) + (f" (unreachable: {', '.join(unreached)})" if unreached else "")
+            raise InstanceNotFoundError(name, where)
+        marker = census[hosts[0].name][name]
+        # The marker names every host of the instance, those that cannot be reached now too.
+        named = [self.inventory.hosts[h] for h in marker.get("hosts", []) if h in self.inventory.hosts]
+        return named or hosts, marker
+
+    # ---- the Target interface --------------------------------------------------------------------
+
+    def plan(self, spec: InstanceSpec) -> list[dict[str, Any]]:
+        hosts = self._given(spec)
+        paths = Paths(self.inventory.prefix, spec.name)
+        from weightship.deploy.nodes.layout import render_unit
+
+        unit = render_unit(paths, gpus=tuple(range(spec.gpus)), description=f"{spec.name} ({spec.model})",
+                           key_mode="instance")
+        return [{"host": h.name, "address": h.address, "unit": paths.unit_path, "unit_text": unit,
+                 "files": [paths.instance_file, paths.keys_file, paths.operator_key, paths.releases, paths.usage_log],
+                 "endpoint": f"http://{h.address}:{self.port}"} for h in hosts]
+
+    def _given(self, spec: InstanceSpec) -> list[Host]:
+        if not self.hosts and not self.group:
+            raise UsageError("an instance on nodes needs its hosts: --hosts a,b or --group G")
+        hosts = self.inventory.select(group=self.group, hosts=list(self.hosts) or None)
+        if spec.replicas not in (1, len(hosts)):
+            raise UsageError(f"an instance on nodes runs one replica per host: {len(hosts)} host(s) given, "
+                             f"--replicas {spec.replicas}")
+        return hosts
+
+    def create(self, spec: InstanceSpec, *, wait: bool, timeout: float) -> Info:
+        hosts = self._given(spec)
+        runtime = plan_runtime(self.inventory)
+        if spec.version and spec.version != runtime.version:
+            raise UsageError(f"--version {spec.version}: the inventory's runtime has weightship {runtime.version}")
+        census, unreached = self._census()
+        if unreached:
+            raise InstanceError(f"cannot check every host of {self.inventory.path}: "
+                                + "; ".join(f"{h}: {why}" for h, why in unreached.items()))
+        if any(spec.name in apps for apps in census.values()):
+            raise InstanceExistsError(spec.name, str(self.inventory.path))
+        for host in hosts:
+            others = sorted(census[host.name])
+            if others:
+                raise InstanceError(f"host {host.name} already serves {', '.join(others)}: a host is given to one "
+                                    "instance only", hint="give the instance other hosts (--hosts / --group)")
+        if not self.yes:
+            if not sys.stdin.isatty():
+                raise UsageError("instance create asks before changing hosts: pass --yes")
+            if input(f"Give {', '.join(h.name for h in hosts)} to instance {spec.name}? [y/N] ").lower() != "y":
+                raise UsageError("not created")
+        keys = KeyFile(instance=spec.name)
+        _, operator_key = keys.add(OPERATOR_KEY, scopes=("inference", "usage"))
+        marker = {"instance": spec.name, "model": spec.model, "port": self.port, "gpus": spec.gpus,
+                  "hosts": [h.name for h in hosts], "paused": False,
+                  "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        paths = Paths(self.inventory.prefix, spec.name)
+
+        async def claim(node: Node) -> None:
+            await node.write(paths.instance_file, json.dumps(marker, indent=2) + "\n", step="claim host")
+            await node.write(paths.keys_file, keys.to_text(), step="key file")
+            await node.write(paths.operator_key, operator_key + "\n", mode=0o600, step="operator key")
+
+        self._raise_failures(self._on_hosts(hosts, claim))
+        try:
+            rollout.deploy(self.inventory, hosts, self._want(spec.name, spec.model, spec.gpus),
+                           max_unavailable_="100%")
+        except RolloutFailedError as e:
+            raise InstanceError(f"instance {spec.name!r} could not start: {e.message}",
+                                hint=f"see `weightship instance show {spec.name}`; delete it with "
+                                     f"`weightship instance delete {spec.name} --yes`") from None
+        return self.show(spec.name)
+
+    def _want(self, name: str, model: str, gpus: int) -> Want:
+        return Want(name=name, model=model, port=self.port, gpus=gpus, key_mode="instance",
+                    gate_timeout=self.gate_timeout)
+
+    @staticmethod
+    def _raise_failures(results: dict[str, Any]) -> None:
+        failed = {h: r for h, r in results.items() if isinstance(r, Exception)}
+        if failed:
+            raise InstanceError("; ".join(f"{h}: {r}" for h, r in failed.items()))
+
+    def list(self) -> list[Info]:
+        census, _ = self._census()
+        names = sorted({m["instance"] for apps in census.values() for m in apps.values() if m and "instance" in m})
+        return [self.show(n) for n in names]
+
+    def show(self, name: str) -> Info:
+        hosts, marker = self._members(name)
+        status = rollout.status(self.inventory, hosts, name, verify=False)
+        port = marker.get("port", DEFAULT_PORT)
+        return {"name": name, "target": self.kind, "model": marker.get("model"),
+                "version": next((s.get("runtime") for s in status if s.get("runtime")), None),
+                "replicas": len(hosts), "ready": sum(1 for s in status if s.get("ready")),
+                "paused": bool(marker.get("paused")),
+                "endpoint": [f"http://{h.address}:{port}" for h in hosts], "created": marker.get("created"),
+                "hosts": {s["host"]: {"reachable": s["reachable"], "unit": s.get("unit"), "release": s.get("release"),
+                                      "ready": s.get("ready")} for s in status},
+                "gpus": marker.get("gpus")}
+
+    def scale(self, name: str, replicas: int, *, wait: bool, timeout: float) -> Info:
+        raise UsageError("an instance on nodes runs one replica on each host it was given",
+                         hint=f"to change its hosts, delete it and create it on others: "
+                              f"weightship instance delete {name} --yes")
+
+    def upgrade(self, name: str, *, model: str | None, version: str | None, wait: bool, timeout: float) -> Info:
+        hosts, marker = self._members(name)
+        runtime = plan_runtime(self.inventory)
+        if version and version != runtime.version:
+            raise UsageError(f"--version {version}: the inventory's runtime has weightship {runtime.version}",
+                             hint="point the inventory's runtime at a wheelhouse of that version")
+        new_model = model or marker["model"]
+        self.port = marker.get("port", DEFAULT_PORT)
+        try:
+            rollout.deploy(self.inventory, hosts, self._want(name, new_model, marker.get("gpus", 0)))
+        except RolloutFailedError as e:
+            raise UpgradeRolledBackError(name, "upgrade", e.message, "before") from None
+        self._mark(hosts, name, {**marker, "model": new_model})
+        return self.show(name)
+
+    def _mark(self, hosts: Hosts, name: str, marker: dict[str, Any]) -> None:
+        path = Paths(self.inventory.prefix, name).instance_file
+
+        async def write(node: Node) -> None:
+            await node.write(path, json.dumps(marker, indent=2) + "\n", step="instance marker")
+
+        self._raise_failures(self._on_hosts(hosts, write))
+
+    def pause(self, name: str, *, wait: bool, timeout: float) -> Info:
+        hosts, marker = self._members(name)
+        unit = shlex.quote(Paths(self.inventory.prefix, name).unit)
+
+        async def stop(node: Node) -> None:
+            await node.run(f"systemctl disable --now --quiet {unit}", step="pause", timeout=300)
+
+        self._raise_failures(self._on_hosts(hosts, stop))
+        self._mark(hosts, name, {**marker, "paused": True})
+        return self.show(name)
+
+    def resume(self, name: str, *, wait: bool, timeout: float) -> Info:
+        hosts, marker = self._members(name)
+        try:
+            rollout.restart(self.inventory, hosts, name, max_unavailable_="100%", gate_timeout=self.gate_timeout)
+        except RolloutFailedError as e:
+            raise UpgradeRolledBackError(name, "resume", e.message, "before") from None
+        self._mark(hosts, name, {**marker, "paused": False})
+        return self.show(name)
+
+    def delete(self, name: str, *, timeout: float) -> Info:
+        hosts, marker = self._members(name)
+        rollout.uninstall(self.inventory, hosts, name, purge=True)
+        paths = Paths(self.inventory.prefix, name)
+
+        async def leftovers(node: Node) -> list[str]:
+            checks = {paths.app: f"test -e {shlex.quote(paths.app)}",
+                      paths.unit_path: f"test -e {shlex.quote(paths.unit_path)}",
+                      paths.state: f"test -e {shlex.quote(paths.state)}",
+                      f"user {paths.user}": f"id -u {shlex.quote(paths.user)} >/dev/null 2>&1"}
+            found = []
+            for what, check in checks.items():
+                if (await node.run(check, step="check leftovers", timeout=30, check=False)).code == 0:
+                    found.append(f"{node.host.name}:{what}")
+            return found
+
+        left = self._on_hosts(hosts, leftovers)
+        self._raise_failures(left)
+        remaining = [item for items in left.values() if isinstance(items, list) for item in items]
+        if remaining:
+            raise InstanceLeftoversError(name, remaining)
+        return {"name": name, "target": self.kind, "deleted": True, "hosts": [h.name for h in hosts],
+                "model": marker.get("model")}
+
+    def read_keys(self, name: str) -> KeyFile:
+        hosts, _ = self._members(name)
+        path = shlex.quote(Paths(self.inventory.prefix, name).keys_file)
+
+        async def read(node: Node) -> str:
+            return (await node.run(f"cat {path}", step="read keys", timeout=30)).stdout
+
+        for host, text in self._on_hosts(hosts, read).items():
+            if not isinstance(text, Exception):
+                return parse_hashed(text, f"{host}:{path}")
+        raise InstanceError(f"no host of instance {name!r} could be read")
+
+    def write_keys(self, name: str, keys: KeyFile) -> None:
+        hosts, _ = self._members(name)
+        path = Paths(self.inventory.prefix, name).keys_file
+
+        async def write(node: Node) -> None:
+            await node.write(path, keys.to_text(), step="write keys")
+
+        self._raise_failures(self._on_hosts(hosts, write))
+
+    def usage_records(self, name: str) -> UsageRead:
+        hosts, _ = self._members(name)
+        path = shlex.quote(Paths(self.inventory.prefix, name).usage_log)
+
+        async def read(node: Node) -> str:
+            return (await node.run(f"cat {path} 2>/dev/null; true", step="read usage", timeout=300)).stdout
+
+        usage = UsageRead()
+        for host, text in self._on_hosts(hosts, read).items():
+            if isinstance(text, Exception):
+                usage.unreached.append(f"{host}: {text}")
+                continue
+            usage.sources.append(host)
+            usage.records.extend(_records(text))
+        return usage
+
+
+def _records(text: str) -> list[dict[str, Any]]:
+    """The complete JSON lines of a usage log (a last line cut short is left out)."""
+    out = []
+    for line in text.splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
