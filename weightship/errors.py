@@ -238,6 +238,22 @@ class TorrentStalledError(TorrentError, TimeoutError):
     retryable = True
 
 
+# ---- fleet swarm (peers of a fetch) ------------------------------------------------------------
+
+
+class SwarmError(FetchError):
+    """The fetch's peer swarm cannot start (its listening address) or was misconfigured."""
+
+
+class PeerError(TransientFetchError):
+    """One peer could not give a chunk (gone, stalled, or it no longer has it); another source
+    will be asked."""
+
+    def __init__(self, peer: str, message: str) -> None:
+        super().__init__(f"peer {peer}: {message}")
+        self.peer = peer
+
+
 # ---- runtime (serve) -------------------------------------------------------------------------
 
 

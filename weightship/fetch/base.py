@@ -119,6 +119,11 @@ class Source(ABC):
         an earlier run's partial download)."""
         return 0, 0
 
+    def bulk_traffic(self) -> dict[str, tuple[int, int]]:
+        """Per file path, what :meth:`fetch_many` moved in this run: (bytes from the origin, bytes
+        from the fleet's peers). Empty when the source cannot tell."""
+        return {}
+
     def uri_for(self, file: PlannedFile) -> str:
         """Where ``file``'s bytes came from, as recorded in the manifest."""
         return file.locator or f"{self.kind}:{file.path}"

@@ -33,7 +33,6 @@ References: RFC 9110 §14 (range requests), §8.8.3 (ETag); aria2's segmented do
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import math
@@ -43,7 +42,7 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,12 +50,12 @@ from typing import Any
 
 from weightship.errors import (
     DigestMismatchError,
-    DiskFullError,
     RangeNotSupportedError,
     RemoteChangedError,
     TransientFetchError,
-    UnsafePathError,
 )
+from weightship.fetch.chunkfile import DIRECT_ALIGN, Buffers, ChunkFile, pwrite_all
+from weightship.fetch.exchange import ChunkExchange, Stopped
 from weightship.fetch.journal import Journal, discard, journal_path
 from weightship.fetch.prefixhash import PrefixHasher
 from weightship.paths import open_beneath
@@ -147,9 +146,9 @@ class _ChunkedDownload:
 
     def __init__(self, reader: RangeReader, staging: Path, remote: RemoteStat, digest: str | None,
                  opts: TransferOptions, progress: Progress, path: str, git_sha1: bool,
-                 root: Path) -> None:
+                 root: Path, exchange: ChunkExchange | None = None) -> None:
         self.reader, self.staging, self.remote, self.opts = reader, staging, remote, opts
-        self.root = root
+        self.root, self.exchange = root, exchange
         self.progress, self.path = progress, path
         self.chunk = opts.chunk_size  # a resumed download keeps the chunk size it started with
         self.chunks = max(1, math.ceil(remote.size / self.chunk))
@@ -183,9 +182,16 @@ class _ChunkedDownload:
 
     def run(self) -> DownloadResult:
         done = self._resume_state()
-        self.buffers = _Buffers(self.opts.connections + 2, min(self.chunk, max(1, self.remote.size)))
-        out = _ChunkFile(self.staging, self.root,
-                         direct=self.opts.direct_io and self.chunk % _DIRECT_ALIGN == 0)
+        self.buffers = Buffers(self.opts.connections + 2, min(self.chunk, max(1, self.remote.size)))
+        out = ChunkFile(self.staging, self.root,
+                         direct=self.opts.direct_io and self.chunk % DIRECT_ALIGN == 0)
+        if self.exchange is not None:
+            try:  # chunks whose bytes the exchange cannot vouch for are fetched again
+                done -= self.exchange.begin(out.fd, self.remote.size, self.chunk, done, self.stop)
+            except BaseException:
+                out.close()
+                raise
+            self.resumed = sum(self._chunk_len(i) for i in done)
         hasher = PrefixHasher(out.fd, self.remote.size, self.chunk, git_sha1=self.git_sha1,
                                enabled=self.opts.verify, on_hashed=self._hashed)
         try:
@@ -215,7 +221,7 @@ class _ChunkedDownload:
         if data is not None:  # a chunk fetched by this run gives its buffer back
             self.buffers.give(data.obj)  # type: ignore[arg-type]
 
-    def _run_workers(self, out: _ChunkFile, todo: Iterator[int], done: set[int], hasher: PrefixHasher) -> None:
+    def _run_workers(self, out: ChunkFile, todo: Iterator[int], done: set[int], hasher: PrefixHasher) -> None:
         errors: list[BaseException] = []
         todo_lock = threading.Lock()
 
@@ -233,6 +239,8 @@ class _ChunkedDownload:
         def write(index: int, data: memoryview) -> None:
             try:
                 out.write(data, index * self.chunk)
+                if self.exchange is not None:
+                    self.exchange.written(index)
             except BaseException as e:
                 self.buffers.give(data.obj)  # type: ignore[arg-type]
                 fail(e)
@@ -270,12 +278,23 @@ class _ChunkedDownload:
 
     def _fetch_chunk(self, index: int, into: memoryview) -> memoryview:
         """Chunk ``index`` into ``into``; ``into`` when it is complete."""
+        if self.exchange is not None:
+            return self.exchange.fetch(index, into, self.from_origin, self._count)
+        return self.from_origin(index, into)
+
+    def _count(self, n: int) -> None:
+        with self.lock:
+            self.fetched += n
+        self.progress.advance(self.path, n)
+
+    def from_origin(self, index: int, into: memoryview) -> memoryview:
+        """Chunk ``index`` into ``into`` from the reader, retried; ``into`` when it is complete."""
         start = index * self.chunk
         end = start + len(into)
         pos, failures = start, 0
         while pos < end:
             if self.stop.is_set():
-                raise _Stopped()
+                raise Stopped()
             try:
                 for view in self.reader.read_range(pos, end, self.remote.validator, into[pos - start:]):
                     pos += len(view)
@@ -284,7 +303,7 @@ class _ChunkedDownload:
                     self.progress.advance(self.path, len(view))
                     failures = 0
                     if self.stop.is_set():
-                        raise _Stopped()
+                        raise Stopped()
                 if pos < end:
                     raise TransientFetchError(f"{self.path}: body ended at byte {pos}, expected {end}")
             except TransientFetchError as e:
@@ -295,134 +314,13 @@ class _ChunkedDownload:
                 delay *= 0.5 + random.random() / 2
                 log.info("%s: %s; retry %d in %.1fs from byte %d", self.path, e, failures, delay, pos)
                 if self.stop.wait(delay):
-                    raise _Stopped() from None
+                    raise Stopped() from None
         return into
 
 
-_DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffers: a multiple of the block size
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only
-
-
-class _ChunkFile:
-    """The partial file, written a chunk at a time: by ``O_DIRECT`` where the filesystem allows
-    it, else (and for a file's unaligned tail) through the page cache. ``fd`` reads and fsyncs.
-
-    Opened without following a symlink below ``root`` (:func:`weightship.paths.open_beneath`); the
-    second, ``O_DIRECT`` descriptor must be of the same file."""
-
-    def __init__(self, path: Path, root: Path, *, direct: bool) -> None:
-        self.path = path
-        rel = path.relative_to(root)
-        self.fd = open_beneath(root, rel, os.O_RDWR | os.O_CREAT, 0o644, create_parents=True)
-        self._direct: int | None = None
-        flag = getattr(os, "O_DIRECT", 0)  # Linux and the BSDs; not macOS or Windows
-        if direct and flag:
-            try:
-                self._direct = open_beneath(root, rel, os.O_WRONLY | flag)
-            except OSError as e:  # EINVAL: tmpfs before Linux 6.6, some FUSE filesystems
-                if isinstance(e, UnsafePathError):
-                    os.close(self.fd)
-                    raise
-                log.debug("%s: no O_DIRECT here (%s); writing through the page cache", path, e)
-            if self._direct is not None and not _same_file(self.fd, self._direct):
-                self.close()
-                raise UnsafePathError(str(rel), "was replaced while it was being opened")
-        self._use_direct = self._direct is not None
-
-    def write(self, data: memoryview, offset: int) -> None:
-        """Write ``data`` (a chunk buffer's start, so page-aligned) at ``offset``."""
-        aligned = len(data) - len(data) % _DIRECT_ALIGN
-        if self._use_direct and aligned and offset % _DIRECT_ALIGN == 0:
-            try:
-                _pwrite_all(self._direct, data[:aligned], offset, self.path)  # type: ignore[arg-type]
-                data, offset = data[aligned:], offset + aligned
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                # The device wants a larger alignment: the rest of the file goes through the cache.
-                log.debug("%s: O_DIRECT write refused (%s); writing through the page cache", self.path, e)
-                self._use_direct = False
-        if data:
-            _pwrite_all(self.fd, data, offset, self.path)
-            _start_writeback(self.fd, offset, len(data))
-
-    def close(self) -> None:
-        os.close(self.fd)
-        if self._direct is not None:
-            os.close(self._direct)
-
-
-def _same_file(a: int, b: int) -> bool:
-    sa, sb = os.fstat(a), os.fstat(b)
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
-
-
-class _Buffers:
-    """Up to ``count`` chunk buffers of ``size`` bytes, made when first needed and then reused
-    (memory stays flat, and no page is faulted in twice). Anonymous maps: page-aligned, as
-    ``O_DIRECT`` needs."""
-
-    def __init__(self, count: int, size: int) -> None:
-        self._free: list[mmap.mmap] = []
-        self._left, self._size = count, size
-        self._cond = threading.Condition()
-
-    def take(self, timeout: float) -> mmap.mmap | None:
-        """A buffer, or None when none came free within ``timeout`` seconds."""
-        with self._cond:
-            if not self._free and self._left == 0:
-                self._cond.wait(timeout)
-            if self._free:
-                return self._free.pop()
-            if self._left == 0:
-                return None
-            self._left -= 1
-        # Faulted in whole at once (every byte of it will be written): cheaper than page by page.
-        return mmap.mmap(-1, self._size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
-
-    def give(self, buf: mmap.mmap) -> None:
-        """Return a buffer for another chunk."""
-        with self._cond:
-            self._free.append(buf)
-            self._cond.notify()
-
-
-def _writeback_starter() -> Callable[[int, int, int], object]:
-    """Linux's ``sync_file_range(SYNC_FILE_RANGE_WRITE)``, a no-op elsewhere: starts writing a
-    finished chunk to the disk without waiting, so the disk works while the network does and
-    the final ``fsync`` waits only for the last chunks (on 1 GiB, about 0.3 s saved here)."""
-    try:
-        import ctypes
-
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return lambda fd, offset, length: None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return lambda fd, offset, length: fn(fd, offset, length, 2)  # 2: SYNC_FILE_RANGE_WRITE
-
-
-_start_writeback = _writeback_starter()
-
-
-class _Stopped(Exception):
-    """Another worker failed; this one stops without adding an error of its own."""
-
-
 def _most_telling(errors: list[BaseException]) -> BaseException:
-    real = [e for e in errors if not isinstance(e, _Stopped)]
+    real = [e for e in errors if not isinstance(e, Stopped)]
     return (real or errors)[0]
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: Path) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.pwrite(fd, view, offset)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                raise DiskFullError(path, e.strerror or str(e)) from None
-            raise
-        view, offset = view[n:], offset + n
 
 
 def _stream_whole(reader: RangeReader, staging: Path, remote: RemoteStat, opts: TransferOptions,
@@ -439,7 +337,7 @@ def _stream_whole(reader: RangeReader, staging: Path, remote: RemoteStat, opts: 
         for piece in reader.read_whole(buf):
             if pos + len(piece) > remote.size:
                 raise TransientFetchError(f"{path}: server sent more than {remote.size} bytes")
-            _pwrite_all(fd, piece, pos, staging)
+            pwrite_all(fd, piece, pos, staging)
             for h in (sha, git):
                 if h is not None:
                     h.update(piece)
@@ -456,7 +354,8 @@ def _stream_whole(reader: RangeReader, staging: Path, remote: RemoteStat, opts: 
 
 def download(reader: RangeReader, staging: Path, *, expected_size: int | None, sha256: str | None,
              git_sha1: str | None = None, opts: TransferOptions | None = None,
-             progress: Progress | None = None, path: str = "", root: Path | None = None) -> DownloadResult:
+             progress: Progress | None = None, path: str = "", root: Path | None = None,
+             exchange: ChunkExchange | None = None) -> DownloadResult:
     """Download ``reader``'s file into ``staging`` (resuming), hashing it on the way.
 
     Checks the remote's size against ``expected_size`` first, and the digests against ``sha256``
@@ -464,6 +363,10 @@ def download(reader: RangeReader, staging: Path, *, expected_size: int | None, s
     chunk was wrong cannot be known) and :class:`DigestMismatchError` is raised. On any other
     failure the partial and its journal stay, for the next try to resume. ``staging`` is opened
     without following a symlink below ``root`` (default: its own directory).
+
+    With an ``exchange`` (peers; only for a file whose size and sha256 a trust anchor gave) the
+    chunks go through it, the origin is asked for the file's size only when a chunk must come
+    from it, and a digest mismatch first asks the exchange which chunks to fetch again.
     """
     opts = opts or TransferOptions()
     progress = progress or NullProgress()
@@ -471,35 +374,104 @@ def download(reader: RangeReader, staging: Path, *, expected_size: int | None, s
     if root is None:
         staging.parent.mkdir(parents=True, exist_ok=True)
         root = staging.parent
-    remote = stat_with_retries(reader, opts, path)
+    if exchange is not None and (sha256 is None or expected_size is None or not opts.verify):
+        exchange = None
+    if exchange is not None:
+        assert expected_size is not None
+        reader = _StatOnFirstRead(reader, opts, path, expected_size)
+        remote = RemoteStat(size=expected_size, validator=None)  # the content is named by sha256
+    else:
+        remote = stat_with_retries(reader, opts, path)
     if expected_size is not None and remote.size != expected_size:
         raise DigestMismatchError(path, expected=f"{expected_size} bytes",
                                   actual=f"{remote.size} bytes (as the server reports it)", what="size")
-    restarts = 0
-    while True:
-        job = _ChunkedDownload(reader, staging, remote, sha256 or git_sha1, opts, progress, path,
-                               git_sha1 is not None, root)
-        try:
-            result = job.run()
+    restarts = repairs = 0
+    try:
+        while True:
+            job = _ChunkedDownload(reader, staging, remote, sha256 or git_sha1, opts, progress, path,
+                                   git_sha1 is not None, root, exchange)
+            try:
+                result = job.run()
+            except RangeNotSupportedError:
+                log.info("%s: server ignores Range; fetching it whole", path)
+                if exchange is not None:
+                    exchange.end(False)
+                    exchange = None
+                result = _stream_whole(reader, staging, remote, opts, progress, path, git_sha1 is not None, root)
+            except RemoteChangedError:
+                restarts += 1
+                if restarts > 1:
+                    raise
+                log.warning("%s: the remote file changed; starting over", path)
+                discard(staging)
+                remote = stat_with_retries(reader, opts, path)
+                if expected_size is not None and remote.size != expected_size:
+                    raise DigestMismatchError(path, expected=f"{expected_size} bytes",
+                                              actual=f"{remote.size} bytes", what="size") from None
+                continue
+            if exchange is not None and result.sha256 != sha256 and repairs < _MAX_REPAIRS:
+                redo = exchange.suspects(job.from_origin)
+                if redo:  # peers were caught sending wrong chunks: fetch those again, keep the rest
+                    repairs += 1
+                    progress.note(f"{path}: digest mismatch; fetching {len(redo)} chunks again "
+                                  "from elsewhere (their senders are banned)")
+                    _rewind(staging, redo)
+                    continue
             break
-        except RangeNotSupportedError:
-            log.info("%s: server ignores Range; fetching it whole", path)
-            result = _stream_whole(reader, staging, remote, opts, progress, path, git_sha1 is not None, root)
-            break
-        except RemoteChangedError:
-            restarts += 1
-            if restarts > 1:
-                raise
-            log.warning("%s: the remote file changed; starting over", path)
-            discard(staging)
-            remote = stat_with_retries(reader, opts, path)
-            if expected_size is not None and remote.size != expected_size:
-                raise DigestMismatchError(path, expected=f"{expected_size} bytes",
-                                          actual=f"{remote.size} bytes", what="size") from None
-    if opts.verify:
-        _check(result, staging, path, sha256, git_sha1)
+        if opts.verify:
+            _check(result, staging, path, sha256, git_sha1)
+    except BaseException:
+        if exchange is not None:
+            exchange.end(False)
+        raise
     journal_path(staging).unlink(missing_ok=True)
+    if exchange is not None:
+        exchange.end(True)
     return result
+
+
+_MAX_REPAIRS = 8  # each repair bans at least one peer; a swarm with more liars than this fails
+
+
+def _rewind(staging: Path, chunks: set[int]) -> None:
+    """Take ``chunks`` out of the partial's journal, so the next run fetches them again."""
+    jpath = journal_path(staging)
+    journal = Journal.load(jpath)
+    assert journal is not None, jpath
+    journal.done = [i for i in journal.done if i not in chunks]
+    journal.save(jpath)
+
+
+class _StatOnFirstRead(RangeReader):
+    """A reader whose remote is asked for its size (and, for the Hub, its redirect followed) only
+    before the first read: a fetch from peers alone never needs the origin to answer."""
+
+    def __init__(self, inner: RangeReader, opts: TransferOptions, path: str, size: int) -> None:
+        self.inner, self.opts, self.path, self.size = inner, opts, path, size
+        self._lock = threading.Lock()
+        self._stat: RemoteStat | None = None
+
+    def stat(self) -> RemoteStat:
+        with self._lock:
+            if self._stat is None:
+                st = stat_with_retries(self.inner, self.opts, self.path)
+                if st.size != self.size:
+                    raise DigestMismatchError(self.path, expected=f"{self.size} bytes",
+                                              actual=f"{st.size} bytes (as the server reports it)",
+                                              what="size")
+                self._stat = st
+            return self._stat
+
+    def read_range(self, start: int, end: int, validator: str | None, into: memoryview) -> Iterator[memoryview]:
+        self.stat()
+        return self.inner.read_range(start, end, validator, into)
+
+    def read_whole(self, into: memoryview) -> Iterator[memoryview]:
+        self.stat()
+        return self.inner.read_whole(into)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def _check(result: DownloadResult, staging: Path, path: str, sha256: str | None,

@@ -24,18 +24,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import logging
 import os
 import shutil
 import threading
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from typing import TYPE_CHECKING
 
-from weightship.catalog import is_catalog_name, load_card
 from weightship.errors import (
     DigestMismatchError,
     DiskFullError,
@@ -44,19 +41,22 @@ from weightship.errors import (
     GatedRepoError,
     IntegrityError,
     ManifestError,
-    UnknownSourceError,
-    UnsafePathError,
 )
 from weightship.fetch import pins
 from weightship.fetch.base import FetchPlan, FetchRequest, PlannedFile, Sink, Source
 from weightship.fetch.download import TransferOptions, download, journal_path
 from weightship.fetch.lock import dir_lock
-from weightship.fetch.registry import kind_for_uri, source_class
+from weightship.fetch.request import build_request as build_request  # re-exported
+from weightship.fetch.request import default_dir_name as default_dir_name  # re-exported
+from weightship.fetch.request import make_sources
 from weightship.fetch.select import select_files, wanted_by
 from weightship.manifest import FileEntry, Manifest, utcnow
-from weightship.paths import STATE_DIR, open_beneath, replace_beneath, resolve_under, safe_relpath
+from weightship.paths import STATE_DIR, open_beneath, replace_beneath, resolve_under
 from weightship.progress import NullProgress, Progress
 from weightship.verify.digests import hash_files, sha256_and_git_blob
+
+if TYPE_CHECKING:
+    from weightship.swarm import SwarmNode
 
 log = logging.getLogger(__name__)
 
@@ -75,73 +75,30 @@ class FetchResult:
     skipped: list[str] = field(default_factory=list)
     downloaded_bytes: int = 0  # bytes that came over the network in this run
     resumed_bytes: int = 0  # bytes of partial downloads from earlier runs, reused
+    # Where this run's bytes came from, per file path: {"origin": n, "peers": n}. The origin is
+    # the source (Hub, S3, web server, or for a torrent the peers that are not --peer/DNS ones);
+    # peers are the fleet's (--peer, --peers-from-dns).
+    traffic: dict[str, dict[str, int]] = field(default_factory=dict)
+    from_peers: dict[str, int] = field(default_factory=dict)  # bytes per peer endpoint
+    uploaded_bytes: int = 0  # bytes this node served to peers
+    banned_peers: dict[str, str] = field(default_factory=dict)  # peer -> why
 
+    @property
+    def origin_bytes(self) -> int:
+        """Bytes this run took from the origin."""
+        return sum(t["origin"] for t in self.traffic.values())
 
-def make_sources(request: FetchRequest, source: str = "auto") -> list[Source]:
-    """The sources to try for ``request``, in order.
+    @property
+    def peer_bytes(self) -> int:
+        """Bytes this run took from fleet peers."""
+        return sum(t["peers"] for t in self.traffic.values())
 
-    A catalog model uses its card's ``sources:`` list, filtered and ordered by ``source``
-    ("auto" = all, in the card's order; "hf,s3" = those kinds, in that order). A URI uses the
-    source registered for its scheme.
-    """
-    wanted = [s.strip() for s in source.split(",") if s.strip()] or ["auto"]
-    if request.card is None:
-        kind = kind_for_uri(request.ref)
-        if wanted != ["auto"] and kind not in wanted:
-            raise UnknownSourceError(f"{request.ref} is a {kind} URI, but --source is {source}")
-        return [source_class(kind)(request)]
-    specs = list(request.card.sources)
-    if request.layout:
-        specs = [s for s in specs if s.get("layout", request.layout) == request.layout]
-    if wanted != ["auto"]:
-        specs = sorted((s for s in specs if s["kind"] in wanted), key=lambda s: wanted.index(s["kind"]))
-    if not specs:
-        have = ", ".join(s["kind"] for s in request.card.sources)
-        raise UnknownSourceError(
-            f"{request.card.name} has no source matching --source {source}"
-            + (f" and --layout {request.layout}" if request.layout else ""),
-            hint=f"its sources: {have}")
-    return [source_class(s["kind"])(request, s) for s in specs]
-
-
-def build_request(ref: str, *, layout: str | None = None, include: Sequence[str] = (),
-                  exclude: Sequence[str] = (), options: dict[str, object] | None = None) -> FetchRequest:
-    """A :class:`FetchRequest` for a catalog name or a URI."""
-    card = load_card(ref) if is_catalog_name(ref) or not _looks_like_uri(ref) else None
-    if card is not None and layout is not None:
-        card.layout(layout)  # fails early on a layout the card does not have
-    return FetchRequest(ref=ref, card=card, layout=layout, include=tuple(include),
-                        exclude=tuple(exclude), options=options or {})
-
-
-def default_dir_name(request: FetchRequest) -> str:
-    """The directory name a fetch uses under ``$WEIGHTSHIP_HOME/models`` when no --to is given.
-
-    A catalog model's name; else the URI's last meaningful part (a magnet's ``dn``, a repo or
-    prefix name, a .torrent's stem). A name that would not be one safe path component (a hostile
-    ``dn=../x``) falls back to a digest of the reference.
-    """
-    if request.card is not None:
-        return request.card.name
-    ref = request.ref
-    if ref.startswith("magnet:"):
-        query = parse_qs(urlsplit(ref).query)
-        name = (query.get("dn") or query.get("xt") or [""])[0].rsplit(":", 1)[-1]
-    elif ref.endswith(".torrent"):
-        name = Path(ref).stem
-    else:
-        name = urlsplit(ref).path.rstrip("/").rsplit("/", 1)[-1].partition("@")[0]
-    try:
-        if name and "/" not in name:
-            safe_relpath(name)
-            return name
-    except UnsafePathError:
-        pass
-    return "model-" + hashlib.sha256(ref.encode()).hexdigest()[:12]
-
-
-def _looks_like_uri(ref: str) -> bool:
-    return "://" in ref or ref.startswith("magnet:") or ref.endswith(".torrent")
+    def count(self, path: str, *, origin: int = 0, peers: int = 0) -> None:
+        """Add to ``path``'s traffic (files finish in parallel threads)."""
+        with _COUNTERS:
+            t = self.traffic.setdefault(path, {"origin": 0, "peers": 0})
+            t["origin"] += origin
+            t["peers"] += peers
 
 
 def _existing_manifest(dest: Path) -> Manifest | None:
@@ -195,11 +152,13 @@ def _check_space(dest: Path, files: list[PlannedFile], staging: dict[str, Path])
 
 
 def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress,
-               result: FetchResult | None = None, root: Path | None = None) -> FileEntry:
+               result: FetchResult | None = None, root: Path | None = None,
+               swarm: SwarmNode | None = None) -> FileEntry:
     """Fetch ``f`` from ``source`` into ``staging`` and check it; the entry for the manifest.
 
     ``staging`` is opened without following a symlink below ``root`` (the destination; without
-    one, below ``staging``'s directory).
+    one, below ``staging``'s directory). With a ``swarm``, a ranged source's chunks come from
+    peers where they have them.
     """
     from weightship.fetch.ranged import RangedSource
 
@@ -207,14 +166,17 @@ def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress
         staging.parent.mkdir(parents=True, exist_ok=True)
         root = staging.parent
     if isinstance(source, RangedSource):
+        exchange = swarm.exchange_for(f, staging, root) if swarm is not None else None
         done = download(source.remote(f), staging, expected_size=f.size, sha256=f.sha256,
                         git_sha1=f.git_sha1, opts=source.transfer_options(), progress=progress,
-                        path=f.path, root=root)
+                        path=f.path, root=root, exchange=exchange)
         assert done.sha256 is not None, f.path
         if result is not None:
             with _COUNTERS:  # files finish in parallel threads
                 result.downloaded_bytes += done.fetched_bytes
                 result.resumed_bytes += done.resumed_bytes
+            if exchange is None:
+                result.count(f.path, origin=done.fetched_bytes)
         return FileEntry(path=f.path, size=done.size, sha256=done.sha256,
                          source=source.uri_for(f), anchor=f.anchor)
     journal_path(staging).unlink(missing_ok=True)  # a partial from a ranged source is void now
@@ -246,6 +208,7 @@ def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress
     if result is not None and source.network:  # not bytes a generator or a local store made
         with _COUNTERS:
             result.downloaded_bytes += sink.bytes_written
+        result.count(f.path, origin=sink.bytes_written)
     return FileEntry(path=f.path, size=sink.bytes_written, sha256=sink.sha256(),
                      source=source.uri_for(f), anchor=f.anchor)
 
@@ -257,12 +220,42 @@ def fetch(request: FetchRequest, dest: Path, *, source: str = "auto",
     sources = make_sources(request, source)
     dest.mkdir(parents=True, exist_ok=True)
     state = dest / STATE_DIR
+    swarm: SwarmNode | None = None
     try:
         with dir_lock(state, wait=lock_wait):
-            return _fetch_locked(request, dest, sources, progress)
+            swarm = _open_swarm(request, sources, state)
+            result = _fetch_locked(request, dest, sources, progress, swarm)
+        if swarm is not None:  # the lock is free: serving reads only what was verified
+            swarm.linger(progress)
+            _swarm_report(result, swarm)
+        return result
     finally:
+        if swarm is not None:
+            swarm.close()
         for s in sources:
             s.close()
+
+
+def _open_swarm(request: FetchRequest, sources: list[Source], state: Path) -> SwarmNode | None:
+    """The fleet swarm this fetch joins, when its options name peers or a listen address and
+    its first source reads byte ranges (a torrent source is its own swarm: it takes the same
+    options as BitTorrent peers and listen address)."""
+    from weightship.fetch.ranged import RangedSource
+    from weightship.swarm import SwarmNode, SwarmOptions
+
+    opts = SwarmOptions.from_options(request.options)
+    if opts is None or not isinstance(sources[0], RangedSource):
+        return None
+    return SwarmNode(opts, state, TransferOptions.from_options(request.options))
+
+
+def _swarm_report(result: FetchResult, swarm: SwarmNode) -> None:
+    for path, t in swarm.traffic().items():
+        result.count(path, origin=t.origin, peers=t.peers)
+        for peer, n in t.from_peers.items():
+            result.from_peers[peer] = result.from_peers.get(peer, 0) + n
+    result.uploaded_bytes = swarm.uploaded()
+    result.banned_peers = swarm.banned()
 
 
 def _plan(sources: list[Source], request: FetchRequest) -> FetchPlan:
@@ -296,7 +289,7 @@ def _plan(sources: list[Source], request: FetchRequest) -> FetchPlan:
 def _fetch_with_failover(sources: list[Source], f: PlannedFile, staging: Path,
                          progress: Progress, result: FetchResult | None = None,
                          dead: dict[Source, Exception] | None = None,
-                         root: Path | None = None) -> FileEntry:
+                         root: Path | None = None, swarm: SwarmNode | None = None) -> FileEntry:
     """Fetch ``f`` from the first source that delivers the right bytes.
 
     A source that failed for the whole repository (a gated Hub repo) goes into ``dead``, shared
@@ -309,7 +302,7 @@ def _fetch_with_failover(sources: list[Source], f: PlannedFile, staging: Path,
             last_error = dead[s]
             continue
         try:
-            return _fetch_one(s, f, staging, progress, result, root)
+            return _fetch_one(s, f, staging, progress, result, root, swarm)
         except DiskFullError:
             raise  # another source cannot make room
         except GatedRepoError as e:
@@ -328,7 +321,7 @@ def _fetch_with_failover(sources: list[Source], f: PlannedFile, staging: Path,
 
 
 def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
-                  progress: Progress) -> FetchResult:
+                  progress: Progress, swarm: SwarmNode | None = None) -> FetchResult:
     from weightship.fetch.ranged import RangedSource
 
     plan = _plan(sources, request)
@@ -355,6 +348,8 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
         network, resumed = sources[0].bulk_bytes()
         result.downloaded_bytes += network
         result.resumed_bytes += resumed
+        for path, (origin, peers) in sources[0].bulk_traffic().items():
+            result.count(path, origin=origin, peers=peers)
     for f in plan.files:
         if f.path in present:
             earlier = old.entry(f.path) if old else None
@@ -364,11 +359,15 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
         elif f.path in staged:
             result.manifest.upsert(dataclasses.replace(staged[f.path], source=sources[0].uri_for(f)))
             progress.file_end(f.path, "staged")
+    if swarm is not None:  # what this node already has, verified, it serves from the start
+        for f in plan.files:
+            if f.path in present or f.path in staged:
+                swarm.share_verified(f, targets[f.path] if f.path in present else staging[f.path], dest)
     rest = [f for f in plan.files if f.path not in present and f.path not in staged]
     width = 1
     if isinstance(sources[0], RangedSource):
         width = TransferOptions.from_options(request.options).parallel_files
-    for entry in _fetch_all(sources, rest, staging, progress, result, width, dest):
+    for entry in _fetch_all(sources, rest, staging, progress, result, width, dest, swarm):
         result.manifest.upsert(entry)
     pins.check_entries(result.manifest.files, pinned)  # once more, before anything is promoted
     for f in plan.files:
@@ -386,7 +385,8 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
 
 
 def _fetch_all(sources: list[Source], files: list[PlannedFile], staging: dict[str, Path],
-               progress: Progress, result: FetchResult, width: int, root: Path) -> list[FileEntry]:
+               progress: Progress, result: FetchResult, width: int, root: Path,
+               swarm: SwarmNode | None = None) -> list[FileEntry]:
     """Fetch ``files``, ``width`` at a time. A failed file does not stop the others (what they
     fetched stays staged for the next run); the first failure is raised once all have ended."""
 
@@ -394,7 +394,7 @@ def _fetch_all(sources: list[Source], files: list[PlannedFile], staging: dict[st
 
     def one(f: PlannedFile) -> FileEntry:
         progress.file_begin(f.path, f.size)
-        entry = _fetch_with_failover(sources, f, staging[f.path], progress, result, dead, root)
+        entry = _fetch_with_failover(sources, f, staging[f.path], progress, result, dead, root, swarm)
         progress.file_end(f.path, "ok")
         return entry
 

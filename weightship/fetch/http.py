@@ -82,7 +82,7 @@ class HttpPool:
     remote's own headers carry it, and are dropped on a redirect to another host)."""
 
     def __init__(self, opts: TransferOptions, *, headers: Mapping[str, str] | None = None,
-                 ca_certs: str | None = None) -> None:
+                 ca_certs: str | None = None, proxies: bool = True) -> None:
         default = urllib3.HTTPHeaderDict({"Accept-Encoding": "identity", "User-Agent": f"weightship/{__version__}"})
         default.update(headers or {})  # case-insensitive: a caller's User-Agent replaces ours
         self.opts = opts
@@ -92,7 +92,7 @@ class HttpPool:
             "ca_certs": _ca_certs(ca_certs), "headers": default,
         }
         self._direct = urllib3.PoolManager(**self._kw)
-        self._proxies = urllib.request.getproxies()
+        self._proxies = urllib.request.getproxies() if proxies else {}  # peers: never via a proxy
         self._via: dict[str, urllib3.ProxyManager] = {}
 
     def _manager(self, url: str) -> urllib3.PoolManager:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 JOURNAL_SUFFIX = ".journal"
+PROVENANCE_SUFFIX = ".peers"  # which peer sent each chunk (a swarm fetch's; see weightship.swarm)
 _JOURNAL_VERSION = 1
 
 
@@ -61,7 +62,13 @@ def journal_path(staging: Path) -> Path:
     return staging.with_name(staging.name + JOURNAL_SUFFIX)
 
 
+def provenance_path(staging: Path) -> Path:
+    """Where a swarm fetch records, beside ``staging``, which node each chunk came from."""
+    return staging.with_name(staging.name + PROVENANCE_SUFFIX)
+
+
 def discard(staging: Path) -> None:
-    """Remove a partial download and its journal."""
+    """Remove a partial download, its journal and its chunks' provenance."""
     staging.unlink(missing_ok=True)
     journal_path(staging).unlink(missing_ok=True)
+    provenance_path(staging).unlink(missing_ok=True)

@@ -1,0 +1,124 @@
+"""The peer protocol: two HTTP/1.1 GETs, and the checks applied to everything a peer says.
+
+``GET /swarm/v1/events?since=N&wait=S``
+    The node's event log from entry ``N`` on, as JSON: ``{"v": 1, "node": ID, "epoch": E,
+    "next": M, "events": [...]}``. When nothing is new the reply waits up to ``S`` seconds (a
+    long poll), so news of a chunk reaches the peers within a round trip. ``epoch`` changes when
+    the node restarts; a reader that sees a new epoch forgets what it knew and reads from 0.
+
+``GET /swarm/v1/blob/SHA256`` with ``Range: bytes=A-B``
+    Bytes of the file whose trusted sha256 is ``SHA256``, only within chunks the node has. There
+    is no path anywhere in the protocol: a node serves only files it registered by digest (ones
+    it is fetching or has verified against that digest), and never opens a file because a peer
+    named it.
+
+Events are JSON arrays:
+
+- ``["file", SHA, SIZE, CHUNK]``: the node shares this file, cut into chunks of CHUNK bytes;
+- ``["have", SHA, I, PROV, DIGEST]``: chunk I is on its disk; PROV is the node that fetched it
+  from the origin (or verified the whole file), DIGEST the chunk's sha256 as PROV reported it;
+- ``["take", SHA, I, "o"|"p"]``: the node started fetching chunk I from the origin or a peer;
+- ``["drop", SHA, I]``: chunk I is gone (it is being fetched again);
+- ``["done", SHA]``: the whole file matched the trusted digest;
+- ``["gone", SHA]``: the node no longer shares the file (what it said about it is void).
+
+Peers are not trusted: every field is checked here, and an event that does not parse is
+dropped (with the peer's other events; see :mod:`weightship.swarm.mesh`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+VERSION = 1
+EVENTS_PATH = "/swarm/v1/events"
+BLOB_PATH = "/swarm/v1/blob/"
+NODE_HEADER = "X-Weightship-Node"
+MAX_WAIT = 5.0  # seconds a long poll may be held
+MAX_EVENTS = 20_000  # per reply; a reader asks again for the rest
+MAX_REPLY = 32 << 20  # bytes of one events reply a reader accepts
+MAX_SIZE = 1 << 50  # bytes of one file
+MIN_CHUNK, MAX_CHUNK = 4096, 1 << 31
+
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+NODE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+RANGE = re.compile(r"^bytes=(\d{1,16})-(\d{1,16})$")
+
+
+class BadEvent(ValueError):
+    """A peer sent an event that does not parse."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One checked event (see the module docstring)."""
+
+    kind: str
+    sha256: str
+    index: int = -1
+    size: int = 0
+    chunk: int = 0
+    origin: bool = False  # a "take" from the origin
+    provenance: str = ""
+    digest: str = ""
+
+
+def chunks_of(size: int, chunk: int) -> int:
+    """How many chunks of ``chunk`` bytes a file of ``size`` bytes has (at least one)."""
+    return max(1, math.ceil(size / chunk))
+
+
+def _int(value: Any, low: int, high: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BadEvent(f"{what} {value!r} is not an integer in [{low}, {high}]")
+    return value
+
+
+def _str(value: Any, pattern: re.Pattern[str], what: str) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise BadEvent(f"{what} {str(value)[:80]!r} is malformed")
+    return value
+
+
+def parse_event(raw: Any, sizes: dict[str, tuple[int, int]]) -> Event:
+    """Check one raw event; ``sizes`` (sha256 -> (size, chunk)) holds the files the peer
+    announced, so chunk indices can be bounded (updated here when a "file" event arrives)."""
+    if not isinstance(raw, list) or not raw or not isinstance(raw[0], str):
+        raise BadEvent(f"not an event: {str(raw)[:80]}")
+    kind, args = raw[0], raw[1:]
+    arity = {"file": 3, "have": 4, "take": 3, "drop": 2, "done": 1, "gone": 1}
+    if kind not in arity or len(args) != arity[kind]:
+        raise BadEvent(f"unknown event {kind!r} with {len(args)} fields")
+    sha = _str(args[0], SHA256, "sha256")
+    if kind == "file":
+        size = _int(args[1], 0, MAX_SIZE, "size")
+        chunk = _int(args[2], MIN_CHUNK, MAX_CHUNK, "chunk size")
+        sizes[sha] = (size, chunk)
+        return Event("file", sha, size=size, chunk=chunk)
+    if kind in ("done", "gone"):
+        return Event(kind, sha)
+    if sha not in sizes:
+        raise BadEvent(f"{kind} of a file never announced")
+    index = _int(args[1], 0, chunks_of(*sizes[sha]) - 1, "chunk index")
+    if kind == "have":
+        return Event("have", sha, index, provenance=_str(args[2], NODE_ID, "provenance"),
+                     digest=_str(args[3], SHA256, "chunk digest"))
+    if kind == "take":
+        if args[2] not in ("o", "p"):
+            raise BadEvent(f"take from {args[2]!r}")
+        return Event("take", sha, index, origin=args[2] == "o")
+    return Event("drop", sha, index)
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``Range: bytes=A-B`` as the half-open ``(A, B + 1)`` within ``size``; None if malformed."""
+    m = RANGE.match(header or "")
+    if not m:
+        return None
+    start, last = int(m.group(1)), int(m.group(2))
+    if start > last or last >= size:
+        return None
+    return start, last + 1

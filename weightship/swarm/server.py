@@ -1,0 +1,150 @@
+"""The peer server: the two GETs of :mod:`weightship.swarm.protocol`, over this node's board.
+
+The standard library's threaded HTTP server, with bodies sent by ``sendfile`` from the shared
+file's descriptor: measured on this kind of machine (loopback, 512 MiB in 16 MiB ranges, four
+connections), it served about 1 GB/s for 0.27 s of CPU per GiB, where uvicorn + starlette's
+``FileResponse`` served 0.5 GB/s for 2.2 s of CPU per GiB. On a 2-core node that also
+receives, writes and hashes the same bytes, the server's CPU is what matters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from weightship import __version__
+from weightship.errors import SwarmError
+from weightship.swarm.board import Board
+from weightship.swarm.protocol import BLOB_PATH, EVENTS_PATH, MAX_WAIT, NODE_HEADER, SHA256, VERSION, parse_range
+
+log = logging.getLogger(__name__)
+
+_SENDFILE_MAX = 16 << 20  # bytes per sendfile call: a stop is noticed between calls
+
+
+class PeerServer(ThreadingHTTPServer):
+    """Serves ``board`` on ``(host, port)`` (port 0: any free port); see the module docstring."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, board: Board, host: str, port: int) -> None:
+        self.board = board
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            super().__init__((host, port), _Handler)
+        except OSError as e:
+            raise SwarmError(f"cannot listen for peers on {host}:{port}: {e.strerror or e}",
+                             hint="choose another --listen address or port") from None
+        self.port: int = self.server_address[1]
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> PeerServer:
+        """Serve in a background thread."""
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="ws-peer-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("peer %s: connection ended badly", client_address, exc_info=True)
+
+    def stop(self) -> None:
+        """Stop accepting; replies in progress end with their connections."""
+        self.shutdown()
+        self.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: PeerServer
+    protocol_version = "HTTP/1.1"
+    server_version = f"weightship/{__version__}"
+    timeout = 60  # an idle keep-alive connection is closed after this
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("peer %s: " + format, self.client_address[0], *args)
+
+    def _reply(self, status: int, body: bytes = b"", kind: str = "text/plain") -> None:
+        self.send_response(status)
+        self.send_header(NODE_HEADER, self.server.board.node)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        if url.path == EVENTS_PATH:
+            self._events(parse_qs(url.query))
+        elif url.path.startswith(BLOB_PATH) and SHA256.match(url.path[len(BLOB_PATH):]):
+            self._blob(url.path[len(BLOB_PATH):])
+        else:
+            self._reply(404, b"not found\n")
+
+    def _events(self, query: dict[str, list[str]]) -> None:
+        try:
+            since = int(query.get("since", ["0"])[0])
+            wait = min(MAX_WAIT, max(0.0, float(query.get("wait", ["0"])[0])))
+        except ValueError:
+            self._reply(400, b"bad since or wait\n")
+            return
+        board = self.server.board
+        nxt, events = board.events(max(0, since), wait)
+        body = json.dumps({"v": VERSION, "node": board.node, "epoch": board.epoch, "next": nxt,
+                           "events": events}, separators=(",", ":")).encode()
+        self._reply(200, body, "application/json")
+
+    def _blob(self, sha256: str) -> None:
+        board = self.server.board
+        with board.cond:
+            f = board.files.get(sha256)
+            size = f.size if f is not None else None
+        if size is None:
+            self._reply(404, b"not shared here\n")
+            return
+        span = parse_range(self.headers.get("Range"), size)
+        if span is None:
+            self._reply(416, b"one range within the file, bytes=A-B\n")
+            return
+        start, end = span
+        with board.reading(sha256, start, end) as shared:
+            if shared is None:
+                self._reply(416, b"not all of that range is here yet\n")
+                return
+            self.send_response(206)
+            self.send_header(NODE_HEADER, board.node)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+            self.send_header("Content-Length", str(end - start))
+            self.end_headers()
+            self.wfile.flush()
+            sent = 0
+            try:
+                while start + sent < end and not board.closed:
+                    n = _sendfile(self.connection, shared.fd, start + sent, min(_SENDFILE_MAX, end - start - sent))
+                    if n == 0:  # the file is shorter than it should be: end the reply short
+                        break
+                    sent += n
+            finally:
+                with board.cond:
+                    shared.sent += sent
+            if sent < end - start:
+                self.close_connection = True
+
+
+def _sendfile(sock: socket.socket, fd: int, offset: int, count: int) -> int:
+    """``os.sendfile`` on a socket that has a timeout (so is non-blocking underneath): waits
+    for room in the send buffer, up to the timeout."""
+    while True:
+        try:
+            return os.sendfile(sock.fileno(), fd, offset, count)
+        except BlockingIOError:
+            if not select.select([], [sock], [], sock.gettimeout())[1]:
+                raise TimeoutError("peer stopped reading") from None
