@@ -44,14 +44,18 @@ def fetch(
     direct_io: Annotated[bool | None, typer.Option("--direct-io/--no-direct-io", help="Write with "
                                                    "O_DIRECT, bypassing the page cache, where the "
                                                    "filesystem allows [default: on].")] = None,
-    peer: Annotated[list[str] | None, typer.Option(help="BitTorrent peer HOST:PORT to connect to "
-                                                   "(repeatable).")] = None,
-    peers_from_dns: Annotated[str | None, typer.Option(help="BitTorrent peers: every A/AAAA record "
-                                                       "of NAME[:PORT], re-resolved while fetching.")] = None,
+    listen: Annotated[str | None, typer.Option(help="Serve peers on ADDR:PORT while fetching (the "
+                                               "fleet swarm; a torrent's BitTorrent port).")] = None,
+    peer: Annotated[list[str] | None, typer.Option(help="A peer HOST:PORT of the same fetch on "
+                                                   "another node (repeatable): its bytes are taken "
+                                                   "first, the origin's only where no peer has them.")] = None,
+    peers_from_dns: Annotated[str | None, typer.Option(help="Peers: every A/AAAA record of "
+                                                       "NAME[:PORT], re-resolved while fetching.")] = None,
     tracker: Annotated[list[str] | None, typer.Option(help="Extra BitTorrent tracker URL "
                                                       "(repeatable).")] = None,
-    seed_for: Annotated[str | None, typer.Option(help="After a torrent fetch, seed for this long "
-                                                 "(30s, 10m, 2h, forever).")] = None,
+    seed_for: Annotated[str | None, typer.Option(help="After the fetch, serve peers for up to this "
+                                                 "long (30s, 10m, 2h, forever); a swarm fetch stops "
+                                                 "sooner once every peer has verified the model.")] = None,
     json_flag: JsonOption = False,
 ) -> None:
     """Fetch a model, check every file against its trusted digest, and promote it atomically.
@@ -63,12 +67,15 @@ def fetch(
       weightship fetch weightship-tiny --layout original --to ./tiny-orig
       weightship fetch mistral-7b-v0.1 --source hf          # at the card's pinned commit
       weightship fetch s3://models/acme-7b --trust-key acme.pub
+      weightship fetch mistral-7b-v0.1 --to /models/m --listen 0.0.0.0:6881 \\
+          --peer 10.0.0.12:6881 --peer 10.0.0.13:6881 --seed-for 10m
     """
     transfer = {"revision": revision, "manifest": str(manifest) if manifest else None,
                 "trust_keys": [str(k) for k in trust_key] if trust_key else None,
                 "connections": connections, "parallel_files": parallel_files,
                 "chunk_size": chunk_mib << 20 if chunk_mib else None, "stall_timeout": stall_timeout,
-                "direct_io": direct_io, "peers": peer or None, "peers_from_dns": peers_from_dns,
+                "direct_io": direct_io, "listen": listen, "peers": peer or None,
+                "peers_from_dns": peers_from_dns,
                 "trackers": tracker or None, "seed_for": seed_for}
     request = build_request(model, layout=layout, include=include or (), exclude=exclude or (),
                             options={k: v for k, v in transfer.items() if v is not None})
@@ -81,7 +88,16 @@ def fetch(
         console.print(f"[green]✓[/] {m.name} → {result.directory}: {len(m.files)} files, "
                       f"{m.total_bytes:,} bytes verified ({len(result.fetched)} fetched, "
                       f"{len(result.skipped)} already present)", highlight=False)
+        if result.peer_bytes or result.uploaded_bytes or result.banned_peers:
+            console.print(f"  {result.origin_bytes:,} bytes from the origin, {result.peer_bytes:,} "
+                          f"from {len(result.from_peers)} peers, {result.uploaded_bytes:,} sent to "
+                          "peers", highlight=False)
+        for peer, why in result.banned_peers.items():
+            console.print(f"  [yellow]banned peer {peer}[/]: {why}", highlight=False)
 
     emit({"directory": str(result.directory), "name": m.name, "fetched": result.fetched,
           "skipped": result.skipped, "downloaded_bytes": result.downloaded_bytes,
-          "resumed_bytes": result.resumed_bytes, "manifest": m.to_dict()}, human, json_flag=json_flag)
+          "resumed_bytes": result.resumed_bytes, "origin_bytes": result.origin_bytes,
+          "peer_bytes": result.peer_bytes, "uploaded_bytes": result.uploaded_bytes,
+          "files_traffic": result.traffic, "from_peers": result.from_peers,
+          "banned_peers": result.banned_peers, "manifest": m.to_dict()}, human, json_flag=json_flag)
