@@ -57,6 +57,11 @@ class CatalogError(WeightshipError, ValueError):
     """A model card (or a config derived from one) is malformed."""
 
 
+class UnsupportedGgufError(CatalogError):
+    """A well-formed GGUF that weightship does not convert (its architecture, tokenizer or a
+    tensor's quantization type); the message names what, the hint what is supported."""
+
+
 class ManifestError(WeightshipError, ValueError):
     """A manifest is missing, unreadable, or does not follow the schema."""
 
@@ -109,6 +114,11 @@ class MalformedWeightsError(IntegrityError, ValueError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+class MalformedGgufError(MalformedWeightsError):
+    """A GGUF file whose header or tensor table does not hold up against the file's bytes
+    (truncated, out of bounds, overlapping, absurd sizes): refused before its data is read."""
 
 
 class UntrustedFileError(IntegrityError):
@@ -214,6 +224,11 @@ class NoTrustAnchorError(FetchError):
 
 class UnsignedManifestError(NoTrustAnchorError):
     """A manifest sent by the same server as the files, unsigned, over plain HTTP: not an anchor."""
+
+
+class PackageIndexError(FetchError):
+    """``pip download`` could not get a package from the index pip is configured with (no
+    network, no such version, an index or proxy error); the message carries pip's own words."""
 
 
 # ---- torrent -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 from weightship.runtime.engine import Engine, EngineConfig
 from weightship.runtime.loader import load_model
 from weightship.runtime.model import Transformer
-from weightship.runtime.tokenizer import Tokenizer
+from weightship.runtime.tokenizer import SentencePieceTokenizer, Tokenizer
 
 MAX_MODEL_LEN = 512  # keeps the tests' caches small; the tiny model allows 2048
 
@@ -44,7 +44,7 @@ def hf_logprobs(hf_model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_hf_dir: Path) -> Tokenizer:
-    return Tokenizer(tiny_hf_dir / "tokenizer.model")
+    return SentencePieceTokenizer(tiny_hf_dir / "tokenizer.model")
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from weightship.errors import CatalogError
 
 @dataclass(frozen=True)
 class Architecture:
-    """Hyper-parameters of a Mistral-family model, named as in ``params.json``."""
+    """Hyper-parameters of a Mistral- or Llama-family model, named as in ``params.json``."""
 
     dim: int
     n_layers: int
@@ -37,6 +37,9 @@ class Architecture:
     sliding_window: int | None = None
     # Longest sequence the model is meant for (HF's max_position_embeddings).
     max_seq_len: int = 32768
+    # The output projection is the embedding matrix itself (no output.weight / lm_head.weight):
+    # small Llama models such as SmolLM2 save a vocabulary-sized matrix this way.
+    tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
         for field in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads",
@@ -71,7 +74,18 @@ class Architecture:
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any]) -> Architecture:
-        """Build from a Hugging Face ``config.json`` of ``model_type: mistral``."""
+        """Build from a Hugging Face ``config.json`` of ``model_type`` mistral or llama (a Llama
+        is a Mistral without a sliding window, its embeddings possibly tied)."""
+        model_type = config.get("model_type", "mistral")
+        if model_type not in ("mistral", "llama"):
+            raise CatalogError(f"config.json: model_type {model_type!r} is not served",
+                               hint="served: mistral, llama")
+        rope = config.get("rope_parameters") or {}
+        scaling = config.get("rope_scaling") or rope
+        if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            raise CatalogError(f"config.json: rope scaling {scaling!r} is not supported")
+        if config.get("attention_bias") or config.get("mlp_bias"):
+            raise CatalogError("config.json: attention or MLP biases are not supported")
         try:
             n_heads = int(config["num_attention_heads"])
             dim = int(config["hidden_size"])
@@ -84,12 +98,13 @@ class Architecture:
                 n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
                 norm_eps=float(config["rms_norm_eps"]),
                 vocab_size=int(config["vocab_size"]),
-                rope_theta=float(config.get("rope_theta", 10000.0)),
-                sliding_window=config.get("sliding_window"),
+                rope_theta=float(config.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                sliding_window=config.get("sliding_window") if model_type == "mistral" else None,
                 max_seq_len=int(config.get("max_position_embeddings", 32768)),
+                tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise CatalogError(f"config.json is not a Mistral config: {e!r}") from e
+            raise CatalogError(f"config.json is not a {model_type} config: {e!r}") from e
 
     def to_params_json(self) -> dict[str, Any]:
         """The ``params.json`` of the original layout."""
@@ -136,8 +151,9 @@ class Architecture:
         shapes: dict[str, tuple[int, ...]] = {
             "tok_embeddings.weight": (self.vocab_size, self.dim),
             "norm.weight": (self.dim,),
-            "output.weight": (self.vocab_size, self.dim),
         }
+        if not self.tie_embeddings:
+            shapes["output.weight"] = (self.vocab_size, self.dim)
         for i in range(self.n_layers):
             p = f"layers.{i}."
             shapes |= {

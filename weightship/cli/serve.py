@@ -86,7 +86,7 @@ def serve(
     from weightship.runtime.loader import find_files, load_model
     from weightship.runtime.runner import make_server
     from weightship.runtime.server import ServerState
-    from weightship.runtime.tokenizer import Tokenizer
+    from weightship.runtime.tokenizer import load_tokenizer
     from weightship.runtime.usage import UsageLog
 
     directory = resolve_model_dir(model)
@@ -113,7 +113,7 @@ def serve(
         try:
             loaded, files = load_model(directory, device=device, dtype=dtype, max_batch=max_batch,
                                        max_model_len=max_model_len)
-            tokenizer = Tokenizer(files.tokenizer)
+            tokenizer = load_tokenizer(files.tokenizer)
             config = EngineConfig(max_queue=max_queue, compile_step=compile_step)
             state.attach(Engine(loaded, tokenizer, config), tokenizer)
         except BaseException as e:  # reported by the main thread once the server has stopped

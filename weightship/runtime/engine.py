@@ -9,9 +9,10 @@ One thread owns the model. Each :meth:`Engine.step`:
    steps, so running requests keep decoding meanwhile); samples their first tokens;
 4. decodes one token for every running request in one batched forward pass.
 
-A request finishes on ``</s>``, a stop string, ``max_tokens`` or the context length, and frees
-its slot at once, so a short request that arrives during a long one finishes first. Results go
-to a per-request ``sink`` called on the engine thread; the server turns it into an asyncio queue.
+A request finishes on the end of its turn (``</s>``, ``<|im_end|>``), a stop string,
+``max_tokens`` or the context length, and frees its slot at once, so a short request that
+arrives during a long one finishes first. Results go to a per-request ``sink`` called on the
+engine thread; the server turns it into an asyncio queue.
 """
 
 from __future__ import annotations
@@ -399,7 +400,7 @@ class Engine:
         p = self.tokenizer
         reason: str | None = None
         text = ""
-        if p is not None and token == p.eos_id and not r.params.ignore_eos:
+        if p is not None and token in p.stop_ids and not r.params.ignore_eos:
             reason = "stop"
         elif r.decoder is not None:
             text = r.decoder.push(token)

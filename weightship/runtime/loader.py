@@ -1,5 +1,8 @@
 """Load a model directory of either layout into a :class:`Transformer`, safetensors only.
 
+Mistral and Llama models (``config.json``'s ``model_type``) load the same way; a Llama's tied
+embeddings become one tensor that the output projection shares.
+
 Steps:
 1. read the architecture from ``config.json`` (HF layout) or ``params.json`` (original);
 2. list the weight files: ``model.safetensors.index.json``'s shards, ``model*.safetensors``,
@@ -67,9 +70,11 @@ def find_files(directory: Path) -> ModelFiles:
     """Work out the layout, architecture, weight files and tokenizer of a model directory."""
     if not directory.is_dir():
         raise UsageError(f"{directory} is not a directory")
-    tokenizer = directory / "tokenizer.model"
-    if not tokenizer.is_file():
-        raise CatalogError(f"{directory}: no tokenizer.model")
+    # SentencePiece where there is one (Mistral's HF repos carry both), else tokenizer.json
+    tokenizer = next((directory / n for n in ("tokenizer.model", "tokenizer.json") if (directory / n).is_file()),
+                     None)
+    if tokenizer is None:
+        raise CatalogError(f"{directory}: no tokenizer.model or tokenizer.json")
     if (directory / "config.json").is_file():
         layout = "hf"
         arch = Architecture.from_hf_config(_read_json(directory / "config.json"))
@@ -161,6 +166,8 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], *,
     """
     with torch.device("meta"):
         model = Transformer(args)
+    if args.arch.tie_embeddings:  # one tensor under both names: the output reads the embedding
+        state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True, strict=True)
     state.clear()
     model.requires_grad_(False)

@@ -1,6 +1,11 @@
-"""Mistral's SentencePiece tokenizer, the v1 instruct chat format, and streaming detokenization.
+"""Tokenizers: the interface the engine and server use, Mistral's SentencePiece tokenizer with
+the v1 instruct chat format, and streaming detokenization.
 
-The chat format is mistral-common's ``InstructTokenizerV1``: ``<s>[INST] user [/INST]answer</s>``
+:func:`load_tokenizer` picks the implementation from the model directory: ``tokenizer.model``
+(SentencePiece, Mistral) or ``tokenizer.json`` (a ``tokenizers`` BPE with the model's own chat
+template, Llama family: :mod:`weightship.runtime.bpe`).
+
+The Mistral chat format is mistral-common's ``InstructTokenizerV1``: ``<s>[INST] user [/INST]answer</s>``
 with each part encoded on its own (so ``</s>`` is the real end-of-sequence token, never text),
 and a system prompt merged into the first user message.
 
@@ -11,6 +16,7 @@ that ends in an incomplete UTF-8 sequence (U+FFFD) is held back until the next t
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -36,8 +42,67 @@ class ChatMessage:
     content: str
 
 
-class Tokenizer:
-    """Encode and decode with a ``tokenizer.model``."""
+class Tokenizer(ABC):
+    """What the engine, the server and the log-probabilities need of a model's tokenizer."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Tokens that end a completion (the end of the model's turn)."""
+        return frozenset({self.eos_id})
+
+    @abstractmethod
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of ``text``; ``bos``: as the start of a prompt."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids`` (control tokens decode to nothing)."""
+
+    @abstractmethod
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (a control token: its name)."""
+
+    def token_text(self, token: int) -> str:
+        """:meth:`token_bytes` as text (a lone part of a character becomes U+FFFD)."""
+        return self._texts[token]
+
+    @cached_property
+    def _texts(self) -> list[str]:
+        return [self.token_bytes(i).decode("utf-8", errors="replace") for i in range(self.vocab_size)]
+
+    @abstractmethod
+    def drops_leading_space(self, token: int) -> bool:
+        """Whether decoding drops the space in front of ``token`` when it begins a text."""
+
+    @property
+    @abstractmethod
+    def max_token_bytes(self) -> int:
+        """Bytes of prompt text one token can stand for, at most (a bound, see the server)."""
+
+    @abstractmethod
+    def is_control(self, token: int) -> bool:
+        """Whether ``token`` is ``<s>``, ``</s>`` or the like: no text of its own."""
+
+    @abstractmethod
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Prompt tokens of a conversation, in the model's chat format, its reply to come."""
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer of a model directory's ``tokenizer.model`` or ``tokenizer.json``."""
+    if path.name == "tokenizer.json":
+        from weightship.runtime.bpe import BPETokenizer
+
+        return BPETokenizer(path.parent)
+    return SentencePieceTokenizer(path)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """Encode and decode with a ``tokenizer.model``; Mistral's v1 instruct chat format."""
 
     def __init__(self, path: Path) -> None:
         try:
@@ -62,19 +127,11 @@ class Tokenizer:
         token's byte, a control token's name (``</s>``)."""
         return self._bytes[token]
 
-    def token_text(self, token: int) -> str:
-        """:meth:`token_bytes` as text (a lone part of a character becomes U+FFFD)."""
-        return self._texts[token]
-
     @cached_property
     def _bytes(self) -> list[bytes]:
         # every token's, once (tens of milliseconds): a response's log-probabilities name
         # hundreds of thousands of tokens, and each lookup through SentencePiece costs microseconds
         return [self._piece_bytes(i) for i in range(self.vocab_size)]
-
-    @cached_property
-    def _texts(self) -> list[str]:
-        return [b.decode("utf-8", errors="replace") for b in self._bytes]
 
     def _piece_bytes(self, token: int) -> bytes:
         piece: str = self.sp.id_to_piece(token)
