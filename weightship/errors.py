@@ -427,6 +427,14 @@ class HostKeyChangedError(HostKeyError):
         self.presented = presented
 
 
+class NodesPreflightError(PreflightError):
+    """Hosts lack something the deployment needs (systemd, Python, disk, GPUs, the port)."""
+
+    def __init__(self, failures: list[str]) -> None:
+        super().__init__(failures)
+        self.hint = "fix the hosts named above (nothing was changed on any host), then run the command again"
+
+
 class NodeUnreachableError(DeployError, ConnectionError):
     """A node could not be reached (or stopped answering): its state is unknown, not dead."""
 

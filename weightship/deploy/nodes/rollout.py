@@ -40,8 +40,8 @@ from weightship.errors import (
     HostKeyError,
     NodeCommandError,
     NodeLockedError,
+    NodesPreflightError,
     NodeUnreachableError,
-    PreflightError,
     RolloutFailedError,
     UsageError,
 )
@@ -203,7 +203,7 @@ class Rollout:
 
         await asyncio.gather(*(self._guard(name, check(run)) for name, run in self.runs.items()))
         if problems:
-            raise PreflightError(problems)
+            raise NodesPreflightError(problems)
 
     async def prepare(self) -> None:
         async def one(run: HostRun) -> None:

@@ -122,9 +122,10 @@ class Node:
     async def write(self, path: str, data: str, *, mode: int = 0o644, step: str, timeout: float = 60) -> None:
         """Replace ``path`` atomically with ``data`` (sent on stdin), made with ``mode``."""
         tmp = f"{path}.tmp-weightship"
-        await self.run(f"umask 077 && mkdir -p {shlex.quote(str(Path(path).parent))} && "
-                       f"cat > {shlex.quote(tmp)} && chmod {mode:o} {shlex.quote(tmp)} && "
-                       f"mv -f {shlex.quote(tmp)} {shlex.quote(path)}",
+        # Parents get the default mode (the service user must traverse them); the file is made
+        # private first and given ``mode`` only once it is whole.
+        await self.run(f"mkdir -p {shlex.quote(str(Path(path).parent))} && (umask 077 && cat > {shlex.quote(tmp)}) "
+                       f"&& chmod {mode:o} {shlex.quote(tmp)} && mv -f {shlex.quote(tmp)} {shlex.quote(path)}",
                        step=step, timeout=timeout, input=data)
 
     async def upload(self, files: Sequence[Path], directory: str, *, step: str, timeout: float) -> None:
