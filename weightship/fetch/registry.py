@@ -19,6 +19,7 @@ _SOURCES: dict[str, str] = {
     "s3": "weightship.fetch.s3:S3Source",
     "https": "weightship.fetch.https:HttpsSource",
     "torrent": "weightship.fetch.torrent:TorrentSource",
+    "pypi": "weightship.fetch.pypi:PypiSource",
 }
 
 

@@ -212,8 +212,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, dtype: str = "bfloat16", nam
                  progress: Callable[[str], None] | None = None) -> Manifest:
     """Convert ``gguf_path`` into ``out_dir``; see the module docstring. Returns the manifest.
 
-    ``manifest``: add the converted files to this one (a fetched directory holding the GGUF)
-    instead of writing a new one named ``name``; ``source`` names the GGUF in the entries.
+    ``manifest``: add the converted files to this one (a fetched directory holding the GGUF; the
+    caller writes it) instead of writing a new one named ``name``; ``source`` names the GGUF in
+    the entries.
     """
     dtype = DTYPE_ALIASES.get(dtype, dtype)
     if dtype not in DTYPES:
@@ -261,7 +262,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, dtype: str = "bfloat16", nam
         result.upsert(FileEntry(path=rel, size=size, sha256=sha, source=f"convert:{label}@sha256:{gguf_sha}",
                                 anchor="convert"))
     result.verified_at = utcnow()
-    result.write(out_dir)
+    if manifest is None:
+        result.write(out_dir)
     return result
 
 
