@@ -442,8 +442,9 @@ class NodeUnreachableError(DeployError, ConnectionError):
 
     def __init__(self, host: str, why: str) -> None:
         super().__init__(f"{host}: unreachable ({why})",
-                         hint="nothing was stopped on it; check the network and sshd, then run again")
+                         hint="nothing was stopped because of it; check the network and sshd, then run again")
         self.host = host
+        self.why = why
 
 
 class NodeCommandError(DeployError):
@@ -454,6 +455,7 @@ class NodeCommandError(DeployError):
         self.host = host
         self.step = step
         self.detail = detail
+        self.why = f"{step} failed: {detail}"
 
 
 class NodeLockedError(DeployError):
@@ -465,6 +467,7 @@ class NodeLockedError(DeployError):
         super().__init__(f"{host}: another weightship rollout holds this node's lock",
                          hint="wait for it to finish (a killed deployer's lock goes with its SSH connection)")
         self.host = host
+        self.why = "another weightship rollout holds this node's lock"
 
 
 class RolloutFailedError(DeployError):

@@ -250,7 +250,8 @@ def nodes(
 
     from weightship.cli.nodes import say, select, show_results
     from weightship.deploy.nodes import rollout
-    from weightship.deploy.nodes.layout import slug
+    from weightship.deploy.nodes.layout import check_name, check_serve_args, slug
+    from weightship.deploy.nodes.rollout import parse_max_unavailable
     from weightship.deploy.nodes.steps import Want, check_api_keys
     from weightship.errors import RolloutFailedError, UsageError
 
@@ -262,12 +263,12 @@ def nodes(
         keys = check_api_keys(api_key_file.read_text(), str(api_key_file))
     except OSError as e:
         raise UsageError(f"cannot read --api-key-file {api_key_file}: {e.strerror or e}") from None
-    want = Want(name=name or slug(model, 50), model=model, layout=layout, revision=revision, port=port,
-                gpus=gpus, serve_args=tuple(serve_arg or ()), api_keys=keys,
+    want = Want(name=check_name(name or slug(model, 50)), model=model, layout=layout, revision=revision, port=port,
+                gpus=gpus, serve_args=check_serve_args(tuple(serve_arg or ())), api_keys=keys,
                 model_bytes=_model_bytes(model, layout), gate_timeout=gate_timeout)
-    common = {"max_unavailable_": max_unavailable, "max_failures": max_failures, "say": say}
+    parse_max_unavailable(max_unavailable, len(selected))  # a bad value is refused before any connection
     if plan or not yes:
-        _, rows = rollout.deploy(inv, selected, want, plan_only=True, **common)  # type: ignore[arg-type]
+        rows = rollout.plan(inv, selected, want, say=say)
         _show_plan(rows, json_flag)
         if plan or all(r["action"] == "none" for r in rows):
             return
@@ -275,7 +276,8 @@ def nodes(
             raise UsageError("deploy nodes asks before changing hosts: pass --yes (or --plan to only look)")
         typer.confirm(f"Roll {model} out to {len(selected)} host(s) as {want.name}?", abort=True)
     try:
-        results, _ = rollout.deploy(inv, selected, want, prepare_only=prepare_only, **common)  # type: ignore[arg-type]
+        results = rollout.deploy(inv, selected, want, max_unavailable=max_unavailable, max_failures=max_failures,
+                                 prepare_only=prepare_only, say=say)
     except RolloutFailedError as e:
         show_results(e.results, json_flag)
         raise

@@ -118,10 +118,10 @@ def status(
       weightship nodes status -i nodes.yaml --name mistral
       weightship nodes status -i nodes.yaml --name mistral --group acme --json
     """
-    from weightship.deploy.nodes import rollout
+    from weightship.deploy.nodes import manage
 
     inv, selected = select(inventory, group, hosts)
-    rows = rollout.status(inv, selected, name, verify=verify)
+    rows = manage.status(inv, selected, name, verify=verify)
 
     def human(console: Console) -> None:
         table = Table("host", "reachable", "unit", "release", "model", "verified", "ready", "GPUs")
@@ -155,13 +155,13 @@ def rollback(
     \b
       weightship nodes rollback -i nodes.yaml --name mistral
     """
-    from weightship.deploy.nodes import rollout
+    from weightship.deploy.nodes import manage
     from weightship.errors import RolloutFailedError
 
     inv, selected = select(inventory, group, hosts)
     try:
-        rows = [r.to_json() for r in rollout.rollback(inv, selected, name, max_unavailable_=max_unavailable,
-                                                       max_failures=max_failures, gate_timeout=gate_timeout, say=say)]
+        rows = [r.to_json() for r in manage.rollback(inv, selected, name, max_unavailable=max_unavailable,
+                                                      max_failures=max_failures, gate_timeout=gate_timeout, say=say)]
     except RolloutFailedError as e:
         show_results(e.results, json_flag)
         raise
@@ -191,7 +191,7 @@ def uninstall(
     \b
       weightship nodes uninstall -i nodes.yaml --name mistral --yes
     """
-    from weightship.deploy.nodes import rollout
+    from weightship.deploy.nodes import manage
     from weightship.errors import UsageError
 
     inv, selected = select(inventory, group, hosts)
@@ -199,10 +199,16 @@ def uninstall(
         if not sys.stdin.isatty():
             raise UsageError("uninstall asks first: pass --yes")
         typer.confirm(f"Remove {name} from {', '.join(h.name for h in selected)}?", abort=True)
-    rows = rollout.uninstall(inv, selected, name, purge=purge, say=say)
-    emit({"name": name, "hosts": rows},
-         lambda c: c.print(f"[green]✓[/] {name} removed from {len(rows)} host(s)", highlight=False),
-         json_flag=json_flag)
+    rows = manage.uninstall(inv, selected, name, purge=purge, say=say)
+
+    def human(console: Console) -> None:
+        for r in rows:
+            console.print(f"{r['host']}: " + ("removed" if r["removed"] else f"NOT removed: {r['why']}"),
+                          highlight=False, markup=False)
+
+    emit({"name": name, "hosts": rows}, human, json_flag=json_flag)
+    if not all(r["removed"] for r in rows):
+        raise typer.Exit(1)
 
 
 @app.command("logs")
@@ -221,10 +227,10 @@ def logs(
     \b
       weightship nodes logs -i nodes.yaml --name mistral --hosts gpu1 -n 200
     """
-    from weightship.deploy.nodes import rollout
+    from weightship.deploy.nodes import manage
 
     inv, selected = select(inventory, group, hosts)
-    out = rollout.logs(inv, selected, name, lines=lines)
+    out = manage.logs(inv, selected, name, lines=lines)
 
     def human(console: Console) -> None:
         for host, text in out.items():

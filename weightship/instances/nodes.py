@@ -16,7 +16,6 @@ the hosts it was given, with three things of its own on each host, beside the re
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shlex
 import sys
@@ -25,13 +24,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from weightship.deploy.nodes import rollout
+from weightship.deploy.nodes import manage, rollout
 from weightship.deploy.nodes.inventory import Host, Inventory, load
 from weightship.deploy.nodes.layout import Paths
-from weightship.deploy.nodes.ssh import Node, connections
+from weightship.deploy.nodes.ssh import Node, on_hosts
 from weightship.deploy.nodes.steps import Want, agent, plan_runtime
 from weightship.errors import (
-    DeployError,
     InstanceError,
     InstanceExistsError,
     InstanceLeftoversError,
@@ -64,19 +62,8 @@ class NodesTarget:
 
     # ---- reading the hosts ---------------------------------------------------------------------
 
-    def _on_hosts(self, hosts: list[Host], work: Callable[[Node], Awaitable[T]]) -> dict[str, T | Exception]:
-        """``work`` on every host at once; a host's failure is its entry, never the whole call's."""
-        async def main() -> dict[str, T | Exception]:
-            async with connections(self.inventory) as pool:
-                async def one(host: Host) -> T | Exception:
-                    try:
-                        return await work(await pool.node(host))
-                    except (DeployError, OSError) as e:
-                        return e
-                results = await asyncio.gather(*(one(h) for h in hosts))
-            return dict(zip((h.name for h in hosts), results, strict=True))
-
-        return asyncio.run(main())
+    def _on_hosts(self, hosts: Hosts, work: Callable[[Node], Awaitable[T]]) -> dict[str, T | Exception]:
+        return on_hosts(self.inventory, hosts, work)
 
     def _census(self, hosts: list[Host] | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """Per reachable host, its deployments and their instance markers; and why others failed."""
@@ -109,8 +96,7 @@ class NodesTarget:
         paths = Paths(self.inventory.prefix, spec.name)
         from weightship.deploy.nodes.layout import render_unit
 
-        unit = render_unit(paths, gpus=tuple(range(spec.gpus)), description=f"{spec.name} ({spec.model})",
-                           key_mode="instance")
+        unit = render_unit(paths, gpus=tuple(range(spec.gpus)), key_mode="instance")
         return [{"host": h.name, "address": h.address, "unit": paths.unit_path, "unit_text": unit,
                  "files": [paths.instance_file, paths.keys_file, paths.operator_key, paths.releases, paths.usage_log],
                  "endpoint": f"http://{h.address}:{self.port}"} for h in hosts]
@@ -160,7 +146,7 @@ class NodesTarget:
         self._raise_failures(self._on_hosts(hosts, claim))
         try:
             rollout.deploy(self.inventory, hosts, self._want(spec.name, spec.model, spec.gpus),
-                           max_unavailable_="100%")
+                           max_unavailable="100%")
         except RolloutFailedError as e:
             raise InstanceError(f"instance {spec.name!r} could not start: {e.message}",
                                 hint=f"see `weightship instance show {spec.name}`; delete it with "
@@ -184,7 +170,7 @@ class NodesTarget:
 
     def show(self, name: str) -> Info:
         hosts, marker = self._members(name)
-        status = rollout.status(self.inventory, hosts, name, verify=False)
+        status = manage.status(self.inventory, hosts, name, verify=False)
         port = marker.get("port", DEFAULT_PORT)
         return {"name": name, "target": self.kind, "model": marker.get("model"),
                 "version": next((s.get("runtime") for s in status if s.get("runtime")), None),
@@ -237,7 +223,7 @@ class NodesTarget:
     def resume(self, name: str, *, wait: bool, timeout: float) -> Info:
         hosts, marker = self._members(name)
         try:
-            rollout.restart(self.inventory, hosts, name, max_unavailable_="100%", gate_timeout=self.gate_timeout)
+            manage.restart(self.inventory, hosts, name, max_unavailable="100%", gate_timeout=self.gate_timeout)
         except RolloutFailedError as e:
             raise UpgradeRolledBackError(name, "resume", e.message, "before") from None
         self._mark(hosts, name, {**marker, "paused": False})
@@ -245,7 +231,10 @@ class NodesTarget:
 
     def delete(self, name: str, *, timeout: float) -> Info:
         hosts, marker = self._members(name)
-        rollout.uninstall(self.inventory, hosts, name, purge=True)
+        removed = manage.uninstall(self.inventory, hosts, name, purge=True)
+        failed = [f"{r['host']}: {r['why']}" for r in removed if not r["removed"]]
+        if failed:
+            raise InstanceError(f"instance {name!r} could not be removed from every host: {'; '.join(failed)}")
         paths = Paths(self.inventory.prefix, name)
 
         async def leftovers(node: Node) -> list[str]:

@@ -27,7 +27,7 @@ from nodelab import Lab, Node
 
 from tests.conftest import Result, assert_clean_failure, run_cli
 from tests.net import free_port, listening, wait_until
-from weightship.deploy.nodes.rollout import LOCK_LEASE_S
+from weightship.deploy.nodes.lock import LOCK_LEASE_S
 from weightship.fetch import build_request, fetch
 
 NAME = "tiny"
@@ -142,7 +142,7 @@ def test_running_it_again_restarts_nothing(fleet: Fleet) -> None:
 def test_the_api_key_reaches_only_the_credential_file(fleet: Fleet) -> None:
     node = fleet.lab.nodes[0]
     pid = main_pid(node)
-    assert node.sh(f"stat -c '%a %U' {PREFIX}/apps/{NAME}/current/api-keys").split() == ["600", "root"]
+    assert node.sh(f"stat -c '%a %U' {PREFIX}/apps/{NAME}/api-keys").split() == ["600", "root"]
     found = node.sh(f"grep -rl -- '{KEY}' /etc/systemd {PREFIX} /run/systemd/transient /tmp /var/tmp "
                     f"/var/lib/weightship 2>/dev/null; true").split()
     assert all(path.endswith("/api-keys") for path in found), found
@@ -152,7 +152,7 @@ def test_the_api_key_reaches_only_the_credential_file(fleet: Fleet) -> None:
     assert KEY not in node.sh("journalctl --no-pager -n 2000")
     user = node.sh(f"stat -c %U /proc/{pid}").strip()
     assert user == f"weightship-{NAME}"  # the service runs as its own user, which cannot read the file
-    assert node.sh(f"runuser -u {user} -- cat {PREFIX}/apps/{NAME}/current/api-keys 2>&1; true").find(KEY) < 0
+    assert node.sh(f"runuser -u {user} -- cat {PREFIX}/apps/{NAME}/api-keys 2>&1; true").find(KEY) < 0
 
 
 def test_a_release_that_fails_its_gate_is_rolled_back_and_the_rollout_stops(fleet: Fleet) -> None:
@@ -225,15 +225,20 @@ def test_a_deployer_killed_mid_rollout_finishes_when_run_again(fleet: Fleet) -> 
 
 def test_a_node_locked_by_another_rollout_is_left_alone(fleet: Fleet) -> None:
     node = fleet.lab.nodes[1]
-    node.sh(f"setsid flock {PREFIX}/.lock sleep 60 >/dev/null 2>&1 < /dev/null &")
-    time.sleep(0.5)
+    before = {n.name: (current(n), main_pid(n)) for n in fleet.lab.nodes}
+    holder = node.sh(f"setsid flock {PREFIX}/.lock sleep 600 >/dev/null 2>&1 < /dev/null & echo $!").strip()
     try:
+        deadline = time.monotonic() + 10
+        while node.sh(f"flock -n {PREFIX}/.lock true && echo free || true").strip() == "free":
+            assert time.monotonic() < deadline, "the test's own lock holder never took the lock"
+            time.sleep(0.1)
         r = fleet.deploy("--yes", "--serve-arg=--max-batch=3")
         assert_clean_failure(r, code=1)
         assert "another weightship rollout holds this node's lock" in r.stderr + r.stdout
         assert {row["state"] for row in rows(r).values()} <= {"failed", "not started"}
+        assert {n.name: (current(n), main_pid(n)) for n in fleet.lab.nodes} == before  # nobody touched
     finally:
-        node.sh("pkill -x flock; pkill -x sleep; true")  # the sleep holds the lock's fd too
+        node.sh(f"pkill -P {holder}; kill {holder}; true")  # flock and the sleep that holds its fd
         node.sh(f"flock -w 10 {PREFIX}/.lock true")
 
 

@@ -8,6 +8,7 @@ JSON object on stdout.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -50,17 +51,13 @@ def facts(args: dict[str, Any]) -> dict[str, Any]:
         existing = os.path.dirname(existing) or "/"
     usage = shutil.disk_usage(existing)
     traversable = all(os.stat(p).st_mode & 0o001 for p in _parents(prefix) if os.path.isdir(p))
-    gpus = None
-    if shutil.which("nvidia-smi"):
-        r = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.total,memory.used",
-                            "--format=csv,noheader,nounits"], capture_output=True, text=True)
-        rows = [[int(v) for v in line.split(",")] for line in r.stdout.splitlines() if line.strip()]
-        gpus = [{"index": i, "total_mib": total, "used_mib": used} for i, total, used in rows]
-        if r.returncode != 0:
-            gpus = []
+    gpus = _gpus(args["unit"]) if shutil.which("nvidia-smi") else None
     state = _unit_state(args["unit"])
+    version = subprocess.run(["systemctl", "--version"], capture_output=True, text=True).stdout.split()
     return {
         "systemd": os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None,
+        "systemd_version": int(version[1]) if len(version) > 1 and version[1].isdigit() else 0,
+        "prefix_owners": _owners(prefix),
         "python": list(sys.version_info[:3]),
         "free_bytes": usage.free,
         "free_at": existing,
@@ -71,6 +68,41 @@ def facts(args: dict[str, Any]) -> dict[str, Any]:
         "flock": shutil.which("flock") is not None,
         "useradd": shutil.which("useradd") is not None,
     }
+
+
+def _number(text: str) -> int:
+    text = text.strip()
+    return int(text) if text.isdigit() else 0  # "[N/A]" on some boards
+
+
+def _gpus(unit: str) -> list[dict[str, int]]:
+    """Each GPU's memory, counting what this unit's own processes hold as free (a redeploy
+    replaces them)."""
+    def query(what: str) -> list[list[str]]:
+        r = subprocess.run(["nvidia-smi", f"--query-{what}", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True)
+        return [[v.strip() for v in line.split(",")] for line in r.stdout.splitlines() if line.strip()] \
+            if r.returncode == 0 else []
+
+    ours: dict[str, int] = {}
+    for pid, uuid, used in query("compute-apps=pid,gpu_uuid,used_memory"):
+        if unit in (_read(f"/proc/{pid}/cgroup") or ""):
+            ours[uuid] = ours.get(uuid, 0) + _number(used)
+    return [{"index": _number(i), "total_mib": _number(total), "used_mib": _number(used) - ours.get(uuid, 0)}
+            for i, uuid, total, used in query("gpu=index,uuid,memory.total,memory.used")]
+
+
+def _owners(path: str) -> list[str]:
+    """Parents of ``path`` that someone other than root could change (as sshd's StrictModes)."""
+    unsafe = []
+    for p in _parents(path):
+        try:
+            st = os.stat(p)
+        except OSError:
+            break
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            unsafe.append(p)
+    return unsafe
 
 
 def _parents(path: str) -> list[str]:
@@ -150,6 +182,7 @@ def state(args: dict[str, Any]) -> dict[str, Any]:
     """The deployment as this node has it: current release, history, installed unit, activity."""
     app, unit_path = args["app"], args["unit_path"]
     read = _read
+    keys = _read(app + "/api-keys")
     target = os.readlink(app + "/current") if os.path.islink(app + "/current") else None
     current = os.path.basename(target) if target else None
     release = read(f"{app}/releases/{current}/release.json") if current else None
@@ -161,6 +194,7 @@ def state(args: dict[str, Any]) -> dict[str, Any]:
         "release": json.loads(release) if release else None,
         "history": json.loads(history) if history else [],
         "unit_text": read(unit_path),
+        "keys_sha256": hashlib.sha256(keys.encode()).hexdigest() if keys is not None else None,
         "active": unit.get("ActiveState"),
         "sub": unit.get("SubState"),
         "models": sorted(d for d in (os.listdir(models) if os.path.isdir(models) else [])

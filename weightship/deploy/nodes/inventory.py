@@ -118,6 +118,24 @@ def _line_of(root: yaml.Node | None, path: list[str | int]) -> int | None:
     return line
 
 
+def _refuse_duplicate_keys(node: yaml.Node | None, shown: str) -> None:
+    """A key given twice in one mapping (a host listed twice) is an error, not a silent overwrite."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            if key.value in seen:
+                raise InventoryError(shown, f"{key.value!r} is given twice", line=key.start_mark.line + 1)
+            seen.add(key.value)
+            _refuse_duplicate_keys(value, shown)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, shown)
+
+
+# Where a service with ProtectHome=/PrivateTmp= could not see its files.
+_HIDDEN = ("/home", "/root", "/run/user", "/tmp", "/var/tmp")
+
+
 def load(path: Path) -> Inventory:
     """Read and check the inventory at ``path``."""
     import jsonschema
@@ -129,6 +147,7 @@ def load(path: Path) -> Inventory:
         raise InventoryError(shown, f"cannot read: {e.strerror or e}") from None
     try:
         root = yaml.compose(text)
+        _refuse_duplicate_keys(root, shown)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -160,6 +179,12 @@ def load(path: Path) -> Inventory:
         if host.jump is not None and (host.jump not in hosts or host.jump == host.name):
             raise InventoryError(shown, f"hosts/{host.name}/jump: no other host {host.jump!r}",
                                  line=_line_of(root, ["hosts", host.name, "jump"]))
+        chain = [host.name]
+        while hosts[chain[-1]].jump is not None:
+            chain.append(hosts[chain[-1]].jump or "")
+            if chain[-1] in chain[:-1]:
+                raise InventoryError(shown, f"hosts/{host.name}/jump: the jump hosts go round in a circle "
+                                     f"({' -> '.join(chain)})", line=_line_of(root, ["hosts", host.name, "jump"]))
         if host.user != "root" and not host.sudo:
             raise InventoryError(shown, f"hosts/{host.name}: user {host.user!r} needs `sudo: true` "
                                  "(node steps write /etc/systemd/system)",
@@ -177,9 +202,14 @@ def load(path: Path) -> Inventory:
     if runtime.venv is None and runtime.index is None and runtime.wheelhouse is None:
         raise InventoryError(shown, "runtime: say how weightship gets onto the nodes "
                              "({venv: PATH}, {wheelhouse: DIR} or {index: URL})", line=1)
+    prefix = data.get("prefix", DEFAULT_PREFIX)
+    if ".." in prefix.split("/") or any(prefix == d or prefix.startswith(d + "/") for d in _HIDDEN):
+        raise InventoryError(shown, f"prefix {prefix!r}: must be an absolute path without '..', outside "
+                             f"{', '.join(_HIDDEN)} (which the service's sandbox hides)",
+                             line=_line_of(root, ["prefix"]))
     fetch = data.get("fetch") or {}
     return Inventory(path=path, hosts=hosts, groups=groups,
                      known_hosts=base / data.get("known_hosts", "known_hosts"), runtime=runtime,
-                     prefix=data.get("prefix", DEFAULT_PREFIX), fetch_env=dict(fetch.get("env", {})),
+                     prefix=prefix, fetch_env=dict(fetch.get("env", {})),
                      fetch_args=tuple(fetch.get("args", ())),
                      fetch_trust_keys=tuple(base / Path(k).expanduser() for k in fetch.get("trust_keys", ())))

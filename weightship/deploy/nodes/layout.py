@@ -5,9 +5,11 @@ Everything lives under one prefix (default ``/opt/weightship``), plus the unit f
     PREFIX/runtimes/KEY/              a venv with weightship (KEY: digest of the wheelhouse)
     PREFIX/wheelhouse/                wheels copied from the operator's machine
     PREFIX/models/KEY/                a verified model, owned by root, never written again
-    PREFIX/apps/NAME/releases/REV/    immutable: release.json, serve.env, api-keys (0600),
-                                      model -> models/KEY, runtime -> runtimes/KEY, the unit,
-                                      gate.json once the release passed its gate
+    PREFIX/apps/NAME/releases/REV/    immutable: release.json, serve.env, model -> models/KEY,
+                                      runtime -> runtimes/KEY, the unit, gate.json once the
+                                      release passed its gate
+    PREFIX/apps/NAME/api-keys         the keys (0600 root), outside the releases: a rollback never
+                                      brings back a key that was rotated out
     PREFIX/apps/NAME/current          -> releases/REV, switched atomically (rename)
     PREFIX/apps/NAME/history.json     releases that passed their gate, oldest first
     PREFIX/.lock                      held (flock) by the one rollout working on this node
@@ -24,11 +26,35 @@ import hashlib
 import json
 import re
 import shlex
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING as MISSING_DEFAULT
+from dataclasses import asdict, dataclass, fields
+
+from weightship.errors import UsageError
 
 SERVE_USER_PREFIX = "weightship-"
 STOP_TIMEOUT_S = 120  # in-flight requests drain within this after SIGTERM
 NVIDIA_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
+
+
+NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")  # a DNS label, as in the inventory
+SERVE_ARG = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")  # survives systemd's env-file and word splitting
+
+
+def check_name(name: str) -> str:
+    """``name`` if it can name a deployment (it becomes a path, a unit and a user name)."""
+    if not NAME.match(name):
+        raise UsageError(f"invalid deployment name {name!r}",
+                         hint="a DNS label: 1 to 63 lowercase letters, digits and '-', not starting or ending with '-'")
+    return name
+
+
+def check_serve_args(args: tuple[str, ...]) -> tuple[str, ...]:
+    """``args`` if each one reaches ``weightship serve`` intact through the unit's environment file."""
+    for arg in args:
+        if not SERVE_ARG.match(arg):
+            raise UsageError(f"--serve-arg {arg!r}: only letters, digits and _@%+=:,./- are allowed",
+                             hint="write an option and its value as one argument: --serve-arg=--max-batch=32")
+    return args
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -49,6 +75,9 @@ class Paths:
     prefix: str
     name: str
 
+    def __post_init__(self) -> None:
+        check_name(self.name)
+
     @property
     def unit(self) -> str:
         return f"weightship-{self.name}.service"
@@ -59,7 +88,12 @@ class Paths:
 
     @property
     def user(self) -> str:
-        return (SERVE_USER_PREFIX + self.name)[:32]  # useradd's limit
+        """The service's system user: ``weightship-NAME``, or, past useradd's 32 characters, the
+        name's start and a digest of all of it (two long names never share a user)."""
+        user = SERVE_USER_PREFIX + self.name
+        if len(user) <= 32:
+            return user
+        return f"{SERVE_USER_PREFIX}{self.name[:14]}-{hashlib.sha256(self.name.encode()).hexdigest()[:6]}"
 
     @property
     def app(self) -> str:
@@ -96,6 +130,11 @@ class Paths:
     def release(self, rev: str) -> str:
         return f"{self.releases}/{rev}"
 
+    @property
+    def api_keys(self) -> str:
+        """The deployment's key file (0600 root), handed to the service by ``LoadCredential=``."""
+        return f"{self.app}/api-keys"
+
     # A dedicated instance (weightship instance --on nodes) keeps its keys outside the releases:
     @property
     def keys_file(self) -> str:
@@ -118,6 +157,11 @@ class Paths:
         return f"/var/lib/weightship/{self.name}"
 
     @property
+    def cache(self) -> str:
+        """Compile caches (CacheDirectory=): worth keeping, safe to lose."""
+        return f"/var/cache/weightship/{self.name}"
+
+    @property
     def usage_log(self) -> str:
         return f"{self.state}/usage.jsonl"
 
@@ -135,14 +179,16 @@ class Release:
     port: int
     gpus: tuple[int, ...]  # GPU indices given to the service
     serve_args: tuple[str, ...]  # extra `weightship serve` options
-    api_keys_sha256: str  # of the key file (the keys themselves live only in api-keys, 0600)
     unit_sha256: str
     key_mode: str = "credential"  # or "instance": Paths.keys_file, reloaded; usage logged
 
     @property
     def rev(self) -> str:
-        body = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(body).hexdigest()[:12]
+        """A digest of every field; a field at its default is left out, so adding a field with a
+        default in a later version keeps every existing release's name."""
+        body = {f.name: getattr(self, f.name) for f in fields(self)
+                if f.default is MISSING_DEFAULT or getattr(self, f.name) != f.default}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_json(self) -> dict[str, object]:
         return {**asdict(self), "rev": self.rev}
@@ -155,7 +201,7 @@ class Release:
         return f"WEIGHTSHIP_SERVE_ARGS={shlex.join(args)}\n"
 
 
-def render_unit(paths: Paths, *, gpus: tuple[int, ...], description: str, key_mode: str = "credential") -> str:
+def render_unit(paths: Paths, *, gpus: tuple[int, ...], key_mode: str = "credential") -> str:
     """The hardened systemd unit that runs the deployment's current release.
 
     ``key_mode`` "credential": the release's key file reaches the service through
@@ -165,16 +211,16 @@ def render_unit(paths: Paths, *, gpus: tuple[int, ...], description: str, key_mo
     """
     devices = [f"/dev/nvidia{i}" for i in gpus] + list(NVIDIA_DEVICES) if gpus else []
     if key_mode == "credential":
-        # %d is the credentials directory: the keys reach the service as a file only it can read.
-        keys = [f"LoadCredential=api-keys:{paths.current}/api-keys"]
-        key_args = "--api-key-file %d/api-keys"
+        # The keys reach the service as a copy in its credentials directory, which only it can read.
+        keys = [f"LoadCredential=api-keys:{paths.api_keys}"]
+        key_args = "--api-key-file ${CREDENTIALS_DIRECTORY}/api-keys"
     else:
         keys = []
         key_args = f"--api-key-file {paths.keys_file} --usage-log {paths.usage_log}"
     lines = [
         "# Written by weightship deploy nodes; changes here are replaced on the next rollout.",
         "[Unit]",
-        f"Description=weightship: {description}",
+        f"Description=weightship {paths.name}",
         "After=network-online.target",
         "Wants=network-online.target",
         "StartLimitIntervalSec=300",
@@ -187,6 +233,10 @@ def render_unit(paths: Paths, *, gpus: tuple[int, ...], description: str, key_mo
         f"EnvironmentFile={paths.current}/serve.env",
         f"Environment=WEIGHTSHIP_HOME={paths.state}",
         "Environment=HOME=/nonexistent",
+        # torch.compile's and Triton's caches survive restarts here (not in HOME or PrivateTmp).
+        f"Environment=XDG_CACHE_HOME={paths.cache} TRITON_CACHE_DIR={paths.cache}/triton "
+        f"TORCHINDUCTOR_CACHE_DIR={paths.cache}/inductor",
+        "Environment=CUDA_DEVICE_ORDER=PCI_BUS_ID",
         f"Environment=CUDA_VISIBLE_DEVICES={','.join(map(str, gpus))}",
         *keys,
         f"ExecStart={paths.current}/runtime/bin/weightship serve {paths.current}/model "
@@ -196,6 +246,7 @@ def render_unit(paths: Paths, *, gpus: tuple[int, ...], description: str, key_mo
         "KillSignal=SIGTERM",
         f"TimeoutStopSec={STOP_TIMEOUT_S}",
         f"StateDirectory={paths.state.removeprefix('/var/lib/')}",
+        f"CacheDirectory={paths.cache.removeprefix('/var/cache/')}",
         "ProtectSystem=strict",
         "ProtectHome=yes",
         "PrivateTmp=yes",
@@ -208,7 +259,7 @@ def render_unit(paths: Paths, *, gpus: tuple[int, ...], description: str, key_mo
         "RestrictNamespaces=yes",
         "CapabilityBoundingSet=",
         "AmbientCapabilities=",
-        f"ReadWritePaths={paths.state}",
+        f"ReadWritePaths={paths.state} {paths.cache}",
         "DevicePolicy=closed",
         *[f"DeviceAllow={d} rw" for d in devices],
         "",

@@ -17,10 +17,10 @@ import asyncio
 import contextlib
 import logging
 import shlex
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncssh
 
@@ -28,12 +28,14 @@ from weightship.deploy.nodes.inventory import Host, Inventory
 from weightship.errors import (
     DeployError,
     HostKeyChangedError,
+    HostKeyError,
     HostKeyUnknownError,
     NodeCommandError,
     NodeUnreachableError,
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONNECT_TIMEOUT = 15.0
 KEEPALIVE_INTERVAL = 5.0  # a silent node is declared unreachable after 3 missed keepalives
@@ -162,30 +164,41 @@ class Connections:
         return {"port": host.port, "username": host.user, "client_keys": keys,
                 "agent_path": None if keys else (),  # an identity file means no agent
                 "config": None, "connect_timeout": CONNECT_TIMEOUT,
-                "keepalive_interval": KEEPALIVE_INTERVAL, "keepalive_count_max": 3}
+                "keepalive_interval": KEEPALIVE_INTERVAL, "keepalive_count_max": 3,
+                # Only the pins decide: no X.509 host certificate from ~/.ssh is trusted instead.
+                "x509_trusted_certs": None, "x509_trusted_cert_paths": None}
 
     async def _connect(self, host: Host) -> Node:
         tunnel = (await self.node(self.inventory.hosts[host.jump])).conn if host.jump else None
         pins = pinned_fingerprints(self.inventory, host)
-        client = _PinnedClient(pins)
         keys = pinned_keys(self.inventory, host)
-        # With keys pinned, asyncssh asks for their algorithms; else ed25519 first, so the key
-        # shown for an unknown host is the one `ssh-keygen -lf ssh_host_ed25519_key.pub` prints.
-        algorithms: dict[str, Any] = {} if keys else {"server_host_key_algs": KEY_ALGORITHMS}
-        try:
-            conn, _ = await asyncio.wait_for(asyncssh.create_connection(
-                lambda: client, host.address, tunnel=tunnel, known_hosts=(keys, [], []),
-                **algorithms, **self._options(host)), CONNECT_TIMEOUT + 5)
-        except asyncssh.HostKeyNotVerifiable:
-            presented = client.presented or "a key of another type"
+        # With keys pinned, asyncssh asks for their algorithms. With fingerprints only, each
+        # algorithm is asked in turn (a pinned ECDSA key is not "changed" because the server also
+        # has ed25519). Unknown hosts: ed25519 first, the key `ssh-keygen -lf` users compare.
+        attempts: list[dict[str, Any]] = [{}] if keys else \
+            [{"server_host_key_algs": [a]} for a in KEY_ALGORITHMS] if pins else \
+            [{"server_host_key_algs": KEY_ALGORITHMS}]
+        presented: list[str] = []
+        for algorithms in attempts:
+            client = _PinnedClient(pins)
+            try:
+                conn, _ = await asyncio.wait_for(asyncssh.create_connection(
+                    lambda c=client: c, host.address, tunnel=tunnel, known_hosts=(keys, [], []),  # type: ignore[misc]
+                    **algorithms, **self._options(host)), CONNECT_TIMEOUT + 5)
+                break
+            except asyncssh.HostKeyNotVerifiable:
+                presented.append(client.presented or "a key of another type")
+            except asyncssh.KeyExchangeFailed:
+                continue  # the server has no key of this algorithm
+            except asyncssh.PermissionDenied as e:
+                raise DeployError(f"{host.name}: SSH login as {host.user} refused: {e.reason}",
+                                  hint="check `identity:` in the inventory or the ssh-agent's keys") from None
+            except (OSError, asyncio.TimeoutError, asyncssh.Error) as e:
+                raise NodeUnreachableError(host.name, str(e) or type(e).__name__) from None
+        else:
             if pins:
-                raise HostKeyChangedError(host.name, pins, presented) from None
-            raise HostKeyUnknownError(host.name, presented, str(self.inventory.path)) from None
-        except asyncssh.PermissionDenied as e:
-            raise DeployError(f"{host.name}: SSH login as {host.user} refused: {e.reason}",
-                              hint="check `identity:` in the inventory or the ssh-agent's keys") from None
-        except (OSError, asyncio.TimeoutError, asyncssh.Error) as e:
-            raise NodeUnreachableError(host.name, str(e) or type(e).__name__) from None
+                raise HostKeyChangedError(host.name, pins, ", ".join(presented) or "no key of a pinned type")
+            raise HostKeyUnknownError(host.name, presented[0] if presented else "?", str(self.inventory.path))
         return Node(host, conn)
 
     async def close(self) -> None:
@@ -208,6 +221,26 @@ async def connections(inventory: Inventory) -> AsyncIterator[Connections]:
         yield pool
     finally:
         await pool.close()
+
+
+def on_hosts(inventory: Inventory, hosts: Sequence[Host],
+             work: Callable[[Node], Awaitable[T]]) -> dict[str, T | Exception]:
+    """``work`` on every host at once, each over its own connection: a host's result, or the
+    error that stopped it (one host's failure never stops the others). A changed or unknown host
+    key is raised: nothing of the command should run then."""
+    async def main() -> dict[str, T | Exception]:
+        async with connections(inventory) as pool:
+            async def one(host: Host) -> T | Exception:
+                try:
+                    return await work(await pool.node(host))
+                except HostKeyError:
+                    raise
+                except (DeployError, OSError) as e:
+                    return e
+            results = await asyncio.gather(*(one(h) for h in hosts))
+        return dict(zip((h.name for h in hosts), results, strict=True))
+
+    return asyncio.run(main())
 
 
 async def scan(inventory: Inventory, host: Host) -> str:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 GATE_PROMPT = "Name three colours."
 GATE_TOKENS = 12
 MIN_PYTHON = (3, 10)
+MIN_SYSTEMD = 247  # LoadCredential= and $CREDENTIALS_DIRECTORY
 HEADROOM = 2 << 30  # free disk kept beyond the model: logs, caches, the next release
 
 
@@ -39,7 +40,7 @@ class Want:
     port: int = 8000
     gpus: int | None = None  # per host; None: the inventory's `gpus:`
     serve_args: tuple[str, ...] = ()
-    api_keys: str = ""  # the key file's text; reaches nodes only on stdin
+    api_keys: str = field(default="", repr=False)  # the key file's text; reaches nodes only on stdin
     key_mode: str = "credential"  # "instance": keys in Paths.keys_file (see layout.render_unit)
     model_bytes: int | None = None  # from the catalog, for the disk check
     gate_timeout: float = 900.0
@@ -125,6 +126,12 @@ class HostRun:
     unit_text: str = ""
     runtime_version: str | None = None
 
+    @classmethod
+    def reader(cls, node: Node, inventory: Inventory, name: str) -> HostRun:
+        """A run that only reads deployment ``name`` on ``node`` (status, uninstall)."""
+        return cls(node, inventory, Paths(inventory.prefix, name), Want(name=name, model=""),
+                   RuntimePlan("venv", None, None))
+
     @property
     def host(self) -> Host:
         return self.node.host
@@ -155,6 +162,12 @@ class HostRun:
         problems = []
         if not facts["systemd"]:
             problems.append("systemd is not running (no /run/systemd/system)")
+        elif facts["systemd_version"] < MIN_SYSTEMD:
+            problems.append(f"systemd {facts['systemd_version']} is too old: the unit needs {MIN_SYSTEMD}+ "
+                            "(LoadCredential=)")
+        for unsafe in facts["prefix_owners"]:
+            problems.append(f"{unsafe} can be changed by users other than root: it must be owned by root "
+                            "and not group- or world-writable (root writes keys below it)")
         if self.runtime.kind != "venv" and tuple(facts["python"][:2]) < MIN_PYTHON:
             problems.append(f"{self.python} is Python {'.'.join(map(str, facts['python']))}; "
                             f"the runtime needs {'.'.join(map(str, MIN_PYTHON))}+")
@@ -196,18 +209,10 @@ class HostRun:
         if self.runtime.kind != "venv" and self.runtime.key not in self.state.get("runtimes", []):
             pip = f"PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 {q}/bin/pip install -q --no-cache-dir"
             if self.runtime.kind == "wheelhouse":
-                wh = self.paths.wheelhouse
-                await self.run(f"mkdir -p {shlex.quote(wh)}", "runtime: wheelhouse")
-                have = await self.run(f"cd {shlex.quote(wh)} && for f in *.whl; do [ -f \"$f\" ] && "
-                                      "stat -c '%n %s' \"$f\"; done; true", "runtime: wheelhouse")
-                present = {tuple(line.rsplit(" ", 1)) for line in have.splitlines()}
-                missing = [w for w, size, _ in self.runtime.wheels if (w.name, str(size)) not in present]
-                if missing:
-                    await self.node.upload(missing, wh, step="runtime: copy wheels", timeout=self.want.step_timeout)
-                sums = "".join(f"{d}  {w.name}\n" for w, _, d in self.runtime.wheels)
-                await self.run(f"cd {shlex.quote(wh)} && sha256sum --quiet -c -", "runtime: check wheels", input=sums)
-                version = self.runtime.version
-                install = f"{pip} --no-index --find-links {shlex.quote(wh)} 'weightship[serve]=={version}'"
+                wh = f"{self.paths.wheelhouse}/{self.runtime.key}"  # exactly this runtime's wheels
+                await self.copy_wheels(wh)
+                version = shlex.quote(f"weightship[serve]=={self.runtime.version}")
+                install = f"{pip} --no-index --find-links {shlex.quote(wh)} {version}"
             else:
                 index = shlex.quote(self.inventory.runtime.index or "")
                 spec = f"weightship[serve]=={self.runtime.version}" if self.runtime.version else "weightship[serve]"
@@ -217,6 +222,26 @@ class HostRun:
         out = await self.run(f"{q}/bin/weightship --version", "runtime: check", timeout=120)
         self.runtime_version = out.split()[-1]
         return directory
+
+    async def copy_wheels(self, wh: str) -> None:
+        """The runtime's wheels in ``wh`` on the node, each one's sha256 checked there; a wheel
+        that fails its check is copied again, once."""
+        sums = "".join(f"{d}  {w.name}\n" for w, _, d in self.runtime.wheels)
+        await self.run(f"mkdir -p {shlex.quote(wh)}", "runtime: wheelhouse")
+        for attempt in range(2):
+            bad = (await self.node.run(f"cd {shlex.quote(wh)} && sha256sum -c - 2>/dev/null | grep -v ': OK$'; true",
+                                       step="runtime: check wheels", timeout=self.want.step_timeout,
+                                       input=sums)).stdout
+            names = {line.rsplit(":", 1)[0] for line in bad.splitlines() if ":" in line}
+            if not names:
+                return
+            if attempt:
+                raise NodeCommandError(self.host.name, "runtime: check wheels",
+                                       f"{', '.join(sorted(names))} do not match their sha256 after copying")
+            await self.run(f"cd {shlex.quote(wh)} && rm -f -- " + " ".join(shlex.quote(n) for n in sorted(names)),
+                           "runtime: wheelhouse")
+            await self.node.upload([w for w, _, _ in self.runtime.wheels if w.name in names], wh,
+                                   step="runtime: copy wheels", timeout=self.want.step_timeout)
 
     async def ensure_user(self) -> None:
         user = shlex.quote(self.paths.user)
@@ -252,17 +277,25 @@ class HostRun:
         await self.run(f"chown -R root:root {q} && chmod -R u+rwX,go+rX,go-w {q}", "model permissions")
 
     def desired(self, runtime: str, version: str) -> Release:
+        """The release this host should run (also sets the unit text it comes with)."""
         gpus = self.want.gpu_indices(self.host)
-        self.unit_text = render_unit(self.paths, gpus=gpus, description=f"{self.want.name} ({self.want.model})",
-                                     key_mode=self.want.key_mode)
-        credential = self.want.key_mode == "credential"
+        self.unit_text = render_unit(self.paths, gpus=gpus, key_mode=self.want.key_mode)
         self.release = Release(
             name=self.want.name, model_ref=self.want.model, model_key=self.want.model_key, layout=self.want.layout,
             runtime=runtime, runtime_version=version, port=self.want.port, gpus=gpus,
-            serve_args=self.want.serve_args,
-            api_keys_sha256=hashlib.sha256(self.want.api_keys.encode()).hexdigest() if credential else "",
-            unit_sha256=hashlib.sha256(self.unit_text.encode()).hexdigest(), key_mode=self.want.key_mode)
+            serve_args=self.want.serve_args, unit_sha256=hashlib.sha256(self.unit_text.encode()).hexdigest(),
+            key_mode=self.want.key_mode)
         return self.release
+
+    @property
+    def keys_sha256(self) -> str:
+        return hashlib.sha256(self.want.api_keys.encode()).hexdigest()
+
+    async def write_keys(self) -> None:
+        """The deployment's key file (0600 root, outside the releases). The serving process keeps
+        the copy it started with until it restarts, so writing it early changes nothing yet."""
+        if self.want.key_mode == "credential" and self.state.get("keys_sha256") != self.keys_sha256:
+            await self.node.write(self.paths.api_keys, self.want.api_keys, mode=0o600, step="api keys")
 
     async def write_release(self) -> None:
         """Write releases/REV (once; it is never changed afterwards but for gate.json)."""
@@ -277,12 +310,27 @@ class HostRun:
                               step="release")
         await self.node.write(f"{tmp}/serve.env", self.release.serve_env(), step="release")
         await self.node.write(f"{tmp}/{self.paths.unit}", self.unit_text, step="release")
-        if self.release.key_mode == "credential":
-            await self.node.write(f"{tmp}/api-keys", self.want.api_keys, mode=0o600, step="release")
         model = f"{self.paths.models}/{self.release.model_key}"
         await self.run(f"ln -s {shlex.quote(model)} {shlex.quote(tmp)}/model && "
                        f"ln -s {shlex.quote(self.release.runtime)} {shlex.quote(tmp)}/runtime && "
                        f"chmod 755 {shlex.quote(tmp)} && mv -T {shlex.quote(tmp)} {shlex.quote(rel)}", "release")
+
+    async def verify_unit(self) -> None:
+        """``systemd-analyze verify`` the unit as systemd will load it once ``current`` names this
+        release, before anything is stopped. A warning about the unit (a setting this systemd
+        ignores, so the service would run less hardened than written) fails it too."""
+        assert self.release is not None
+        rel = self.paths.release(self.release.rev)
+        check = f"{self.paths.app}/.verify/{self.paths.unit}"
+        await self.node.write(check, self.unit_text.replace(self.paths.current + "/", rel + "/"), step="verify unit")
+        done = await self.node.run(f"command -v systemd-analyze >/dev/null || exit 0; "
+                                   f"systemd-analyze verify {shlex.quote(check)} 2>&1", step="verify unit",
+                                   timeout=120, check=False)
+        await self.run(f"rm -rf {shlex.quote(self.paths.app)}/.verify", "verify unit")
+        complaints = [line for line in done.stdout.splitlines() if self.paths.unit in line]
+        if done.code != 0 or complaints:
+            raise NodeCommandError(self.host.name, "systemd-analyze verify",
+                                   "; ".join(complaints) or done.stdout.strip() or f"exit {done.code}")
 
     async def prepare(self) -> Release:
         """Everything up to the switch, while the old release keeps serving."""
@@ -291,21 +339,29 @@ class HostRun:
         await self.ensure_user()
         await self.ensure_model(runtime)
         release = self.desired(runtime, self.runtime_version)
+        await self.write_keys()
         await self.write_release()
+        await self.verify_unit()
         return release
 
     # ---- switching -------------------------------------------------------------------------------
 
     def unchanged(self) -> bool:
-        """Already on the wanted release, active, and that release passed its gate."""
+        """Already on the wanted release with the wanted keys, active, and that release passed its gate."""
         assert self.release is not None
         history = self.state.get("history", [])
+        keys_same = self.want.key_mode != "credential" or self.state.get("keys_sha256") == self.keys_sha256
         return (self.state.get("current") == self.release.rev and self.state.get("unit_text") == self.unit_text
-                and self.state.get("active") == "active" and bool(history) and history[-1] == self.release.rev)
+                and keys_same and self.state.get("active") == "active" and bool(history)
+                and history[-1] == self.release.rev)
 
     def previous(self) -> str | None:
-        """The release to return to: the newest one that passed its gate, other than the wanted one."""
+        """The release to return to: what the host ran when the rollout found it, unless that is the
+        wanted one; else the newest other release that passed its gate."""
         assert self.release is not None
+        current = self.state.get("current")
+        if current and current != self.release.rev and self.state.get("release"):
+            return str(current)
         return next((r for r in reversed(self.state.get("history", [])) if r != self.release.rev), None)
 
     async def switch(self, rev: str) -> None:
@@ -319,20 +375,18 @@ class HostRun:
                        f"{shlex.quote(p.unit_path)} && systemctl daemon-reload; }}", "install unit")
         await self.run(f"ln -sfn releases/{shlex.quote(rev)} {shlex.quote(p.current)}.tmp && "
                        f"mv -Tf {shlex.quote(p.current)}.tmp {shlex.quote(p.current)}", "switch release")
-        # What systemd will load, checked by systemd itself (where the node has systemd-analyze).
-        await self.run(f"if command -v systemd-analyze >/dev/null; then systemd-analyze verify "
-                       f"{shlex.quote(p.unit_path)}; fi", "systemd-analyze verify", timeout=120)
         await self.run(f"systemctl reset-failed {unit} 2>/dev/null; systemctl enable --quiet {unit} && "
                        f"systemctl start {unit}", "start")
 
     async def gate(self, rev: str, expect: str | None) -> str | None:
         """None if ``rev`` serves (and answers as ``expect`` when given), else why not."""
         release = await self.read_release(rev)
-        assert release is not None, rev
+        if release is None:
+            return f"release {rev} has no release.json"
+        key_file = self.paths.api_keys if release.get("key_mode", "credential") == "credential" \
+            else self.paths.operator_key
         result = await agent(self.node, "gate", {
-            "port": release["port"], "unit": self.paths.unit,
-            "key_file": f"{self.paths.release(rev)}/api-keys" if release.get("key_mode", "credential") == "credential"
-            else self.paths.operator_key,
+            "port": release["port"], "unit": self.paths.unit, "key_file": key_file,
             "timeout": self.want.gate_timeout, "prompt": GATE_PROMPT, "max_tokens": GATE_TOKENS},
             python=self.python, step="health gate", timeout=self.want.gate_timeout + 60)
         if not result["ok"]:
@@ -348,7 +402,13 @@ class HostRun:
         """A JSON file of release ``rev`` (release.json or gate.json), or None if it has none."""
         done = await self.node.run(f"cat {shlex.quote(self.paths.release(rev))}/{name}", step="read release",
                                    timeout=30, check=False)
-        return json.loads(done.stdout) if done.code == 0 else None
+        if done.code != 0:
+            return None
+        try:
+            data = json.loads(done.stdout)
+        except ValueError:
+            raise NodeCommandError(self.host.name, "read release", f"releases/{rev}/{name} is not JSON") from None
+        return data if isinstance(data, dict) else None
 
     async def expected_answer(self, previous: str | None) -> str | None:
         """The previous release's gate answer, when it served the same model the same way."""
@@ -361,20 +421,28 @@ class HostRun:
         same = (old_release.get("model_key") == self.release.model_key
                 and _dtype(old_release.get("serve_args", [])) == _dtype(list(self.release.serve_args))
                 and bool(old_release.get("gpus")) == bool(self.release.gpus))
-        return str(old_gate["answer"]) if same else None
+        return str(old_gate.get("answer")) if same else None
 
     async def record(self, rev: str) -> None:
+        """Add ``rev`` to the host's history of releases that passed their gate."""
         history = [r for r in self.state.get("history", []) if r != rev] + [rev]
         await self.node.write(self.paths.history, json.dumps(history[-20:]) + "\n", step="record history")
         self.state["history"] = history
 
     async def stop(self) -> None:
+        """Stop and disable the unit (a first release that failed its gate)."""
         unit = shlex.quote(self.paths.unit)
         await self.run(f"systemctl disable --now --quiet {unit}", "stop")
 
 
 def _dtype(args: list[str]) -> str | None:
-    return args[args.index("--dtype") + 1] if "--dtype" in args[:-1] else None
+    """The ``--dtype`` among serve options (``--dtype=X`` or ``--dtype X``), if any."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--dtype="):
+            return arg.split("=", 1)[1]
+        if arg == "--dtype" and i + 1 < len(args):
+            return args[i + 1]
+    return None
 
 
 def check_api_keys(text: str, source: str) -> str:
