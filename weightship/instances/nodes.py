@@ -16,6 +16,7 @@ the hosts it was given, with three things of its own on each host, beside the re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import sys
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 from weightship.deploy.nodes import manage, rollout
 from weightship.deploy.nodes.inventory import Host, Inventory, load
 from weightship.deploy.nodes.layout import Paths
+from weightship.deploy.nodes.lock import HostLock
 from weightship.deploy.nodes.ssh import Node, on_hosts
 from weightship.deploy.nodes.steps import Want, agent, plan_runtime
 from weightship.errors import (
@@ -39,7 +41,7 @@ from weightship.errors import (
     UsageError,
 )
 from weightship.instances.keys import OPERATOR_KEY
-from weightship.instances.target import Info, InstanceSpec, UsageRead
+from weightship.instances.target import Info, InstanceSpec, UsageRead, check_name
 from weightship.runtime.keys import KeyFile, parse_hashed
 
 DEFAULT_PORT = 8000
@@ -59,6 +61,7 @@ class NodesTarget:
         self.inventory: Inventory = load(inventory)
         self.hosts, self.group, self.port = hosts, group, port or DEFAULT_PORT
         self.gate_timeout, self.yes = gate_timeout, yes
+        self._keys_read: dict[str, str] = {}  # instance -> sha256 of the key file read_keys saw
 
     # ---- reading the hosts ---------------------------------------------------------------------
 
@@ -78,6 +81,7 @@ class NodesTarget:
 
     def _members(self, name: str) -> tuple[list[Host], dict[str, Any]]:
         """The hosts given to instance ``name`` and its marker (from the first of them)."""
+        check_name(name)
         census, unreached = self._census()
         hosts = [self.inventory.hosts[h] for h, apps in census.items()
                  if (apps.get(name) or {}).get("instance") == name]
@@ -139,9 +143,20 @@ class NodesTarget:
         paths = Paths(self.inventory.prefix, spec.name)
 
         async def claim(node: Node) -> None:
-            await node.write(paths.instance_file, json.dumps(marker, indent=2) + "\n", step="claim host")
-            await node.write(paths.keys_file, keys.to_text(), step="key file")
-            await node.write(paths.operator_key, operator_key + "\n", mode=0o600, step="operator key")
+            # Checked again under the host's lock: two creates at once cannot both take it.
+            lock = HostLock(node, self.inventory.prefix, self.inventory.runtime.python)
+            await lock.acquire()
+            try:
+                found = await agent(node, "apps", {"prefix": self.inventory.prefix},
+                                    python=self.inventory.runtime.python, step="read deployments", timeout=60)
+                if found["apps"]:
+                    raise InstanceError(f"host {node.host.name} already serves {', '.join(sorted(found['apps']))}: "
+                                        "a host is given to one instance only")
+                await node.write(paths.keys_file, keys.to_text(), step="key file")
+                await node.write(paths.operator_key, operator_key + "\n", mode=0o600, step="operator key")
+                await node.write(paths.instance_file, json.dumps(marker, indent=2) + "\n", step="claim host")
+            finally:
+                lock.release()
 
         self._raise_failures(self._on_hosts(hosts, claim))
         try:
@@ -238,9 +253,12 @@ class NodesTarget:
         paths = Paths(self.inventory.prefix, name)
 
         async def leftovers(node: Node) -> list[str]:
+            model = f"{paths.models}/{shlex.quote(Want(name=name, model=marker['model']).model_key)}"
             checks = {paths.app: f"test -e {shlex.quote(paths.app)}",
                       paths.unit_path: f"test -e {shlex.quote(paths.unit_path)}",
                       paths.state: f"test -e {shlex.quote(paths.state)}",
+                      paths.cache: f"test -e {shlex.quote(paths.cache)}",
+                      model: f"test -e {model}",
                       f"user {paths.user}": f"id -u {shlex.quote(paths.user)} >/dev/null 2>&1"}
             found = []
             for what, check in checks.items():
@@ -257,23 +275,40 @@ class NodesTarget:
                 "model": marker.get("model")}
 
     def read_keys(self, name: str) -> KeyFile:
-        hosts, _ = self._members(name)
-        path = shlex.quote(Paths(self.inventory.prefix, name).keys_file)
-
-        async def read(node: Node) -> str:
-            return (await node.run(f"cat {path}", step="read keys", timeout=30)).stdout
-
-        for host, text in self._on_hosts(hosts, read).items():
-            if not isinstance(text, Exception):
-                return parse_hashed(text, f"{host}:{path}")
-        raise InstanceError(f"no host of instance {name!r} could be read")
-
-    def write_keys(self, name: str, keys: KeyFile) -> None:
+        """The instance's key file, the same on every host (else an error: see :meth:`write_keys`)."""
         hosts, _ = self._members(name)
         path = Paths(self.inventory.prefix, name).keys_file
 
+        async def read(node: Node) -> str:
+            return (await node.run(f"cat {shlex.quote(path)}", step="read keys", timeout=30)).stdout
+
+        texts = self._on_hosts(hosts, read)
+        self._raise_failures(texts)
+        if len(set(texts.values())) > 1:
+            raise InstanceError(f"the hosts of instance {name!r} hold different key files (a change that did "
+                                "not reach every host)", hint="repeat the last `instance keys` command")
+        text = str(next(iter(texts.values())))
+        self._keys_read[name] = hashlib.sha256(text.encode()).hexdigest()
+        return parse_hashed(text, f"{hosts[0].name}:{path}")
+
+    def write_keys(self, name: str, keys: KeyFile) -> None:
+        """Write the key file on every host, under each host's lock, only where it is still the
+        file :meth:`read_keys` read (two `keys` commands at once cannot lose a revoke)."""
+        hosts, _ = self._members(name)
+        path = Paths(self.inventory.prefix, name).keys_file
+        base = self._keys_read.get(name)
+
         async def write(node: Node) -> None:
-            await node.write(path, keys.to_text(), step="write keys")
+            lock = HostLock(node, self.inventory.prefix, self.inventory.runtime.python)
+            await lock.acquire()
+            try:
+                now = (await node.run(f"cat {shlex.quote(path)}", step="read keys", timeout=30)).stdout
+                if base is not None and hashlib.sha256(now.encode()).hexdigest() != base:
+                    raise InstanceError(f"the keys of {name!r} changed on {node.host.name} meanwhile",
+                                        hint="run the command again")
+                await node.write(path, keys.to_text(), step="write keys")
+            finally:
+                lock.release()
 
         self._raise_failures(self._on_hosts(hosts, write))
 
