@@ -6,6 +6,9 @@ keys of scope "usage" only; a log that a crash cannot garble."""
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from tests.net import wait_until
 from weightship.runtime.engine import Engine, EngineConfig
 from weightship.runtime.keys import KeyFile, KeyRing
 from weightship.runtime.model import Transformer
@@ -120,10 +124,97 @@ def test_an_abandoned_stream_is_recorded_as_cut_short(metered: Metered) -> None:
                       timeout=60) as r:
         rid = r.headers["x-weightship-request-id"]
         next(r.iter_lines())  # then hang up
-    from tests.net import wait_until
-
     wait_until(lambda: rid in metered.records(), 30, "the abandoned stream's record")
     assert metered.records()[rid]["status"] == 499
+
+
+def _slow_engine(metered: Metered, monkeypatch: pytest.MonkeyPatch) -> Engine:
+    """The fixture's engine, each step 10 ms slower (a long answer takes seconds)."""
+    engine = metered.srv.state.engine
+    assert engine is not None
+    step = engine.step
+
+    def slow_step() -> bool:
+        time.sleep(0.01)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    return engine
+
+
+def test_a_whole_answer_whose_client_hung_up_is_recorded_as_cut_short(
+        metered: Metered, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not streamed: the client sends its request and hangs up while the answer is generated.
+    The generation stops, no answer is made, and the record says 499 (never a 200 with tokens)."""
+    engine = _slow_engine(metered, monkeypatch)
+    before = set(metered.records())
+    body = json.dumps({"model": NAME, "prompt": "A very long story", "max_tokens": 400,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", metered.srv.port), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + metered.secrets["alice"].encode() +
+                  b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        wait_until(lambda: engine.stats().running == 1, 30, "the request to be generating")
+    # hung up without reading anything
+    wait_until(lambda: set(metered.records()) - before, 30, "the abandoned request's record")
+    (record,) = [metered.records()[rid] for rid in set(metered.records()) - before]
+    assert record["status"] == 499 and record["key_name"] == "alice"
+    assert record["completion_tokens"] < 400
+    wait_until(lambda: engine.stats().running == 0, 30, "the generation to stop")
+
+
+def test_a_stream_that_ends_with_an_engine_error_is_recorded_as_500(
+        metered: Metered, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _slow_engine(metered, monkeypatch)
+    step, fail = engine.step, threading.Event()
+
+    def failing_step() -> bool:
+        if fail.is_set():
+            fail.clear()
+            raise RuntimeError("simulated device failure")
+        return step()
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    body = {"model": NAME, "prompt": "Go on", "max_tokens": 300, "stream": True,
+            "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {metered.secrets['bob']}"}
+    events = []
+    with httpx.stream("POST", metered.srv.url + "/v1/completions", json=body, headers=headers,
+                      timeout=60) as r:
+        rid = r.headers["x-weightship-request-id"]
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+                fail.set()  # the engine's next step fails
+    assert events[-1]["error"]["type"] == "server_error"  # the client was told it failed
+    assert metered.records()[rid]["status"] == 500
+
+
+def test_a_stream_whose_server_fails_after_the_headers_is_recorded_as_500(
+        metered: Metered, monkeypatch: pytest.MonkeyPatch) -> None:
+    from weightship.runtime import server
+
+    real, calls = server.encode_json, [0]
+
+    def failing_after_the_first_chunk(data: Any) -> bytes:
+        calls[0] += 1
+        if calls[0] > 1:
+            raise RuntimeError("simulated bug")
+        return real(data)
+
+    monkeypatch.setattr(server, "encode_json", failing_after_the_first_chunk)
+    body = {"model": NAME, "prompt": "Go on", "max_tokens": 20, "stream": True,
+            "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {metered.secrets['bob']}"}
+    with httpx.stream("POST", metered.srv.url + "/v1/completions", json=body, headers=headers,
+                      timeout=60) as r:
+        rid = r.headers["x-weightship-request-id"]
+        with pytest.raises(httpx.RemoteProtocolError):  # the answer is cut short
+            for _ in r.iter_lines():
+                pass
+    wait_until(lambda: rid in metered.records(), 30, "the failed stream's record")
+    assert metered.records()[rid]["status"] == 500
 
 
 def test_metrics_count_per_key_id_and_never_name_a_key(metered: Metered) -> None:

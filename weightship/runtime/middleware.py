@@ -33,6 +33,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 log = logging.getLogger(__name__)
 
 OPEN_ROUTES = frozenset({"/health", "/ready"})
+KEY_SCOPE = "weightship.key"  # scope entry: the KeyEntry of the key the request presented
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class Guard:
     def _authorized(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> bool:
         assert self.api_keys is not None
         # hashed and compared with every key's hash, so the time taken says nothing
-        scope["weightship.key"] = entry = self.api_keys.authenticate_headers(headers)
+        scope[KEY_SCOPE] = entry = self.api_keys.authenticate_headers(headers)
         return entry is not None
 
     async def _too_large(self, send: Send) -> None:

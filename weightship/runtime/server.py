@@ -124,6 +124,8 @@ class _Run:
         self.unfinished = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.disconnected = False  # the client hung up: the answer is not sent (recorded 499)
+        self.failed = False  # a choice ended with an engine error (recorded 500)
 
     def submit(self, index: int, prompt: list[int], params: SamplingParams, context: list[int]) -> None:
         def sink(out: Output) -> None:
@@ -153,6 +155,7 @@ class _Run:
             if out.finished:
                 self.unfinished -= 1
                 self.completion_tokens += out.completion_tokens
+                self.failed |= out.finish_reason == "error"
                 if out.completion_tokens > 1 and index in self.first:
                     m.time_per_output_token.observe((now - self.first[index]) / (out.completion_tokens - 1))
             yield index, out
@@ -399,6 +402,8 @@ def create_app(state: ServerState) -> Guard:
                     reasons[index] = out.finish_reason
         finally:
             watcher.cancel()
+        if run.disconnected:
+            return _Unanswered()
         if "error" in reasons.values():
             return _api_error(500, "generation failed", type_="server_error")
 
@@ -475,9 +480,22 @@ def create_app(state: ServerState) -> Guard:
 
 
 async def _cancel_on_disconnect(request: Request, run: _Run) -> None:
-    """Cancel ``run`` if the client hangs up before its response is sent."""
+    """Cancel ``run`` if the client hangs up before its response is sent, and mark it so that
+    no answer is made (the Meter records the request as cut short, 499)."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
+            run.disconnected = True
             run.cancel()
             return
+
+
+class _Unanswered(Response):
+    """The "response" to a request whose client hung up: nothing is sent (uvicorn expects
+    nothing on a closed connection), and the Meter sees that no answer started."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=499)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        return

@@ -21,6 +21,10 @@ is skipped by readers, and the next record starts on a line of its own.
 Keys hold scopes (:mod:`weightship.runtime.keys`): the API needs ``inference``, ``/v1/usage``
 needs ``usage``, ``/metrics`` either. The key is read from the scope the
 :class:`~weightship.runtime.middleware.Guard` authenticated.
+
+Status: what the client was answered; 499 when the client hung up before the answer ended (a
+whole answer is then not sent at all); 500 when the server failed, also after a stream's
+headers went out (an exception, or a choice that ended with an engine error).
 """
 
 from __future__ import annotations
@@ -35,20 +39,38 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
-from weightship.runtime.middleware import ASGIApp, Message, Receive, Scope, Send, reply
+from weightship.runtime.middleware import (
+    KEY_SCOPE,
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    reply,
+)
 from weightship.runtime.protocol import error_body
 
 log = logging.getLogger(__name__)
 
 METERED = frozenset({"/v1/completions", "/v1/chat/completions"})
 USAGE_ROUTE = "/v1/usage"
-KEY_SCOPE = "weightship.key"  # scope entries: the authenticated KeyEntry (Guard) ...
-RUN_SCOPE = "weightship.run"  # ... and the engine run whose usage the client is told (server)
+RUN_SCOPE = "weightship.run"  # scope entry: the engine run whose usage the client is told
 READ_BLOCK = 1 << 20
+CLIENT_GONE = 499  # the status of a request whose client hung up before its answer ended
+
+
+class MeteredRun(Protocol):
+    """What the Meter reads of the run behind a request (the server's ``_Run``)."""
+
+    unfinished: int  # choices still generating
+    disconnected: bool  # the client hung up: nothing more is sent
+    failed: bool  # a choice ended with an engine error
+
+    def usage(self) -> dict[str, int]: ...
 
 
 def _now() -> str:
@@ -181,21 +203,36 @@ class Meter:
                 message = {**message, "headers": [*message.get("headers", []),
                                                   (b"x-weightship-request-id", rid.encode())]}
             elif message["type"] == "http.response.body" and not recorded[0]:
-                run = scope.get(RUN_SCOPE)
+                run: MeteredRun | None = scope.get(RUN_SCOPE)
                 if not message.get("more_body") or (run is not None and run.unfinished == 0):
                     recorded[0] = True  # before these bytes go out
                     self._record(scope, rid, status[0] if status else 500, start)
             await send(message)
 
+        failed = False
         try:
             await self.app(scope, receive, metered_send)
+        except Exception:
+            failed = True  # the app failed, maybe after the headers went out: a 500, never 499
+            raise
         finally:
-            if not recorded[0]:  # cut short: the client went away, or the app failed
-                code = status[0] if status else 500
-                self._record(scope, rid, 499 if code == 200 else code, start)
+            if not recorded[0]:  # cut short: the app failed, or the client went away
+                run: MeteredRun | None = scope.get(RUN_SCOPE)
+                if failed:
+                    code = 500
+                elif run is not None and run.disconnected:
+                    code = CLIENT_GONE  # nothing was sent (a whole answer, on a closed connection)
+                elif status:
+                    code = CLIENT_GONE if status[0] == 200 else status[0]  # a stream left early
+                else:
+                    code = 500
+                self._record(scope, rid, code, start)
 
     def _record(self, scope: Scope, rid: str, status: int, start: float) -> None:
-        key, run = scope.get(KEY_SCOPE), scope.get(RUN_SCOPE)
+        key = scope.get(KEY_SCOPE)
+        run: MeteredRun | None = scope.get(RUN_SCOPE)
+        if status == 200 and run is not None and run.failed:
+            status = 500  # a stream that ended with an error event went out as 200 all the same
         usage = run.usage() if run is not None else {}
         prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
         key_id = key.id if key is not None else None
