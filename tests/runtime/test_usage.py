@@ -6,6 +6,7 @@ keys of scope "usage" only; a log that a crash cannot garble."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -281,3 +282,71 @@ def test_a_line_cut_short_by_a_crash_is_skipped_and_logging_goes_on(tmp_path: Pa
     log.close()
     assert [r["id"] for r in read_records(path.parent)] == ["req_1", "req_3"]
     assert path.read_bytes().count(b"\n") == 3
+
+
+def test_an_append_never_waits_for_a_slow_fsync(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """append() runs on the event loop: a disk that takes its time to fsync must not hold it
+    (nor, through it, every request of the server)."""
+    from weightship.runtime import usage
+
+    entered, release, errors = threading.Event(), threading.Event(), []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        entered.set()
+        release.wait(30)
+        try:
+            real_fsync(fd)  # still the log's descriptor: close() waited for this flush
+        except OSError as e:
+            errors.append(e)
+
+    monkeypatch.setattr(usage.os, "fsync", slow_fsync)
+    log = UsageLog(tmp_path / "pod-0.jsonl", fsync_every=3600)
+    log.append({"id": "req_1"})
+    syncing = threading.Thread(target=log.sync)
+    syncing.start()
+    assert entered.wait(10)
+    appending = threading.Thread(target=log.append, args=({"id": "req_2"},))
+    appending.start()
+    appending.join(10)
+    appended_during_the_fsync = not appending.is_alive()
+    release.set()
+    syncing.join(30)
+    appending.join(30)
+    assert appended_during_the_fsync, "append waited for the fsync"
+
+    # close() while the flusher is in an fsync: it waits for it, then closes
+    entered.clear()
+    release.clear()
+    log = UsageLog(tmp_path / "pod-1.jsonl", fsync_every=0.01)
+    log.append({"id": "req_3"})
+    assert entered.wait(10)
+    closing = threading.Thread(target=log.close)
+    closing.start()
+    release.set()
+    closing.join(30)
+    assert not closing.is_alive() and errors == []
+    assert [r["id"] for r in read_records(tmp_path)] == ["req_1", "req_2", "req_3"]
+
+
+def test_opening_a_long_log_reads_only_its_last_byte(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = tmp_path / "pod-0.jsonl"
+    with open(path, "wb") as f:  # 256 MiB of history (sparse), cut short at the end
+        f.truncate(256 << 20)
+        f.seek(0, os.SEEK_END)
+        f.write(b'{"id": "req_cut", "n"')
+    tracemalloc.start()
+    try:
+        log = UsageLog(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    log.append({"id": "req_next"})
+    log.close()
+    assert peak < 1 << 20, f"opening the log allocated {peak} bytes"
+    with open(path, "rb") as f:
+        f.seek(-24, os.SEEK_END)
+        assert f.read() == b'"n"\n{"id":"req_next"}\n'  # the cut line stays a line of its own

@@ -84,16 +84,18 @@ class UsageLog:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        if os.fstat(self._fd).st_size and not path.read_bytes().endswith(b"\n"):
+        if not _ends_a_line(path):
             os.write(self._fd, b"\n")  # a line cut short by a crash stays a line of its own
         self._dirty = threading.Event()
         self._stop = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one writer at a time: a record is one write(2)
         self._flusher = threading.Thread(target=self._flush_loop, args=(fsync_every,),
                                          name="weightship-usage-fsync", daemon=True)
         self._flusher.start()
 
     def append(self, record: dict[str, Any]) -> None:
+        """Write ``record`` as one line (called on the event loop: it never waits for a disk
+        flush, only for another append's write)."""
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         with self._lock:
             while data:
@@ -105,19 +107,32 @@ class UsageLog:
             self.sync()
 
     def sync(self) -> None:
+        """fsync what was appended. Outside the lock: a slow disk (an fsync can take hundreds
+        of milliseconds) must not hold up :meth:`append`, which runs on the event loop."""
         if self._dirty.is_set():
             self._dirty.clear()
-            with self._lock:
-                if self._fd >= 0:
-                    os.fsync(self._fd)
+            fd = self._fd
+            if fd >= 0:
+                os.fsync(fd)
 
     def close(self) -> None:
+        """Stop the flusher (waiting for an fsync it is in), flush, close."""
         self._stop.set()
+        self._flusher.join()
         self._dirty.set()
         self.sync()
         with self._lock:
             os.close(self._fd)
             self._fd = -1
+
+
+def _ends_a_line(path: Path) -> bool:
+    """Whether ``path`` is empty or ends with a newline (only its last byte is read)."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def log_files(directory: Path) -> list[Path]:
