@@ -348,5 +348,5 @@ def test_opening_a_long_log_reads_only_its_last_byte(tmp_path: Path) -> None:
     log.close()
     assert peak < 1 << 20, f"opening the log allocated {peak} bytes"
     with open(path, "rb") as f:
-        f.seek(-24, os.SEEK_END)
+        f.seek(-22, os.SEEK_END)
         assert f.read() == b'"n"\n{"id":"req_next"}\n'  # the cut line stays a line of its own
