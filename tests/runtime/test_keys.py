@@ -175,3 +175,54 @@ def test_revoked_while_eight_streams_run(tiny_hf_dir: Path, tmp_path: Path) -> N
             assert r["finish"] == "length" and r["usage"].completion_tokens == 200
         # the streams were still running when the key was already refused
         assert max(r["done_at"] for r in results) > refused_at
+
+
+def test_a_hashed_file_that_comes_back_empty_keeps_the_last_good_keys(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    keys = KeyFile("acme")
+    _, key = keys.add("ci")
+    write_atomically(path, keys.to_text())
+    ring = load_key_file(path)
+    for text in ("", "\n", "sk-plain-key\n"):  # empty, or suddenly the other form
+        write_atomically(path, text)
+        assert ring.reload_if_changed() is False, repr(text)
+        assert ring.authenticate(key.encode()) is not None, repr(text)
+    plain = tmp_path / "keys.txt"
+    write_atomically(plain, "sk-one\n")
+    ring = load_key_file(plain)
+    write_atomically(plain, "")  # a plain file that loses its last key is not "no keys" either
+    assert ring.reload_if_changed() is False and ring.authenticate(b"sk-one") is not None
+
+
+def test_valid_keys_keep_working_while_the_file_is_rewritten_in_place(tmp_path: Path) -> None:
+    """An editor (or a tool) that truncates the file and writes it again: a server that reloads
+    between the steps answers every valid key, never a transient 401."""
+    from weightship.runtime.runner import BackgroundServer
+    from weightship.runtime.server import ServerState
+
+    path = tmp_path / "keys.json"
+    keys = KeyFile("acme")
+    _, kept = keys.add("ci")
+    write_atomically(path, keys.to_text())
+    ring = load_key_file(path)
+    _, added = keys.add("deploy")
+    new_text = keys.to_text().encode()
+    with BackgroundServer(ServerState(NAME, keyring=ring)) as srv:
+        def status(key: str) -> int:
+            return httpx.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {key}"},
+                             timeout=30).status_code
+
+        assert status(kept) == 200 and status(added) == 401
+        with open(path, "r+b") as f:
+            f.truncate(0)  # step 1: empty
+            f.flush()
+            ring.reload_if_changed()
+            assert status(kept) == 200, "the empty file replaced the keys"
+            f.write(new_text[:len(new_text) // 2])  # step 2: half of it
+            f.flush()
+            ring.reload_if_changed()
+            assert status(kept) == 200, "the half-written file replaced the keys"
+            f.write(new_text[len(new_text) // 2:])  # step 3: all of it
+        assert ring.reload_if_changed() is True
+        assert status(kept) == 200 and status(added) == 200
+        assert ring.digest == "sha256:" + hashlib.sha256(new_text).hexdigest()

@@ -27,7 +27,13 @@ instance because its hash is in one instance's file only.
 :class:`KeyRing` re-reads the file when it changes (checked every second by :meth:`KeyRing.watch`),
 so a revoked key is refused within seconds and nobody restarts anything; requests in flight
 keep going. A file that cannot be read or parsed on reload leaves the last good keys in place
-(and says so in the log): a half-written file must not lock every client out.
+(and says so in the log): a half-written file must not lock every client out. So does a file
+that changed form: a hashed file that comes back empty, or as anything but JSON, is a file
+being rewritten in place (or cut short), never "no keys"; nor may a plain file lose its last
+key on reload (it could not start that way).
+
+:attr:`KeyRing.digest` is the SHA-256 of the file the keys were loaded from: a server reports it
+(``GET /v1/keys``) so that ``instance keys`` can tell when every server has the new keys.
 """
 
 from __future__ import annotations
@@ -159,9 +165,17 @@ def parse_hashed(text: str, where: str = "key file") -> KeyFile:
     return KeyFile(str(data.get("instance") or ""), entries)
 
 
+HASHED, PLAIN = "hashed", "plain"
+
+
+def form_of(text: str) -> str:
+    """Which form of key file ``text`` is: :data:`HASHED` (JSON) or :data:`PLAIN`."""
+    return HASHED if text.lstrip().startswith("{") else PLAIN
+
+
 def parse(text: str, where: str = "key file") -> list[KeyEntry]:
     """The keys of either form of key file (see the module docstring)."""
-    if text.lstrip().startswith("{"):
+    if form_of(text) == HASHED:
         return parse_hashed(text, where).keys
     entries = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -180,6 +194,8 @@ class KeyRing:
         self.path = path
         self._stamp: tuple[int, int, int] | None = None
         self._entries: tuple[KeyEntry, ...] = tuple(entries)
+        self._form: str | None = None  # of the file loaded last (HASHED or PLAIN)
+        self._digest = ""
         self._failed: str | None = None
         self._stop = threading.Event()
         if path is not None:
@@ -198,6 +214,16 @@ class KeyRing:
     def entries(self) -> tuple[KeyEntry, ...]:
         return self._entries
 
+    @property
+    def form(self) -> str | None:
+        """:data:`HASHED` or :data:`PLAIN`: the form of the file loaded (``None``: no file)."""
+        return self._form
+
+    @property
+    def digest(self) -> str:
+        """``sha256:<hex>`` of the key file the keys were loaded from ("" for a fixed ring)."""
+        return self._digest
+
     def _signature(self) -> tuple[int, int, int]:
         assert self.path is not None
         st = os.stat(self.path)  # follows links: a Kubernetes Secret volume swaps ..data
@@ -206,8 +232,18 @@ class KeyRing:
     def _load(self) -> None:
         assert self.path is not None
         stamp = self._signature()
-        entries = tuple(parse(self.path.read_text(encoding="utf-8"), str(self.path)))
-        self._entries, self._stamp = entries, stamp  # one assignment: readers see old or new
+        raw = self.path.read_bytes()
+        text, where = raw.decode("utf-8"), str(self.path)
+        form = form_of(text)
+        if self._form == HASHED and form != HASHED:
+            raise KeyFileError(where, "was a hashed key file and now is not (empty, or being "
+                                      "rewritten in place?)")
+        entries = tuple(parse(text, where))
+        if self._form == PLAIN and form == PLAIN and not entries:
+            raise KeyFileError(where, "holds no keys (a plain key file needs one)")
+        self._entries = entries  # one assignment: readers see the old keys or the new
+        self._stamp, self._form = stamp, form
+        self._digest = key_hash(raw)
 
     def reload_if_changed(self) -> bool:
         """Re-read the file if it changed; whether the keys were replaced."""
@@ -267,6 +303,6 @@ def load_key_file(path: Path) -> KeyRing:
     """The ring of ``serve --api-key-file``: a plain file must hold a key; a hashed file may
     hold none yet (an instance before its first ``keys add``: every request is refused)."""
     ring = KeyRing(path)
-    if not ring.entries and not path.read_text(encoding="utf-8").lstrip().startswith("{"):
+    if not ring.entries and ring.form == PLAIN:
         raise KeyFileError(str(path), "holds no keys")
     return ring
