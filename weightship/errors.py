@@ -570,3 +570,55 @@ class InstanceLeftoversError(InstanceError):
                          hint="run the delete again, or remove them by hand")
         self.name = name
         self.leftovers = leftovers
+
+
+class InstanceRecordError(InstanceError, ValueError):
+    """A namespace annotation that holds an instance's record does not parse (edited by hand)."""
+
+    def __init__(self, namespace: str, field: str, why: str) -> None:
+        super().__init__(f"namespace {namespace}: annotation weightship.io/{field} {why}",
+                         hint="the weightship.io/* annotations hold what the instance was created "
+                              "with; restore the value (kubectl annotate --overwrite namespace "
+                              f"{namespace} weightship.io/{field}=…)")
+        self.namespace = namespace
+        self.field = field
+
+
+class KeysNotLoadedError(InstanceError):
+    """``instance keys`` stored the new key file, but some servers did not report loading it
+    in time (they still accept the keys of the previous file)."""
+
+    retryable = True
+
+    def __init__(self, name: str, servers: list[str], waited: float, *, namespace: str) -> None:
+        super().__init__(f"the keys of instance {name!r} were stored, but {', '.join(servers)} "
+                         f"still served the previous keys after {waited:g} s",
+                         hint="the kubelet updates a Secret volume within about a minute; to be "
+                              f"sure now, restart them: kubectl -n {namespace} delete pod "
+                              + " ".join(s.removeprefix("pod ") for s in servers))
+        self.name = name
+        self.servers = servers
+        self.result: dict[str, object] | None = None  # what the command did (a new key, once)
+
+
+class UsageIncompleteError(InstanceError):
+    """``instance usage`` could not read the records of every replica or host."""
+
+    def __init__(self, name: str, unreached: list[str]) -> None:
+        super().__init__(f"could not read the usage records of instance {name!r} from: "
+                         + "; ".join(unreached),
+                         hint="a paused or scaled-down replica keeps its records on its claim: "
+                              "resume or scale up the instance, or pass --partial for the sums of "
+                              "what was read")
+        self.name = name
+        self.unreached = unreached
+
+
+class UsageRecordError(InstanceError, ValueError):
+    """A usage record read from a server holds a value that is not what a record holds."""
+
+    def __init__(self, record_id: object, field: str, value: object) -> None:
+        super().__init__(f"usage record {record_id!r}: {field} is not a whole number: {value!r}",
+                         hint="the usage log was changed by something other than weightship serve")
+        self.record_id = record_id
+        self.field = field

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from weightship.errors import InvalidInstanceNameError, UsageError
 from weightship.instances import TARGETS, TargetOptions, check_name, target
 from weightship.instances import k8s_objects as objs
-from weightship.instances.k8s import dedicated_nodes
+from weightship.instances.k8s_record import dedicated_nodes
 
 LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
@@ -94,3 +94,22 @@ def test_an_unknown_target_is_a_usage_error_naming_the_known_ones() -> None:
     with pytest.raises(UsageError, match="cannot run on 'mars'") as e:
         target("mars", TargetOptions())
     assert e.value.hint is not None and "k8s" in e.value.hint
+
+
+@pytest.mark.parametrize("field,value,why", [
+    ("gpus", "two", "is not a whole number"), ("replicas", "0", "is not a whole number of at least 1"),
+    ("values", "{not json", "is not JSON"), ("values", "[1, 2]", "is not a JSON object"),
+    ("model", "", "is missing")])
+def test_a_record_edited_by_hand_is_a_typed_error_naming_the_annotation(
+        field: str, value: str, why: str) -> None:
+    from weightship.errors import InstanceRecordError
+    from weightship.instances.k8s_record import Record
+
+    good = Record(model="weightship-tiny", gpus=1, replicas=2).annotations()
+    ns = {"metadata": {"name": "wsi-acme",
+                       "annotations": {**good, f"weightship.io/{field}": value}}}
+    with pytest.raises(InstanceRecordError) as e:
+        Record.of(ns)
+    assert f"annotation weightship.io/{field} {why}" in str(e.value) and e.value.exit_code == 1
+    assert "kubectl annotate" in (e.value.hint or "")
+    assert Record.of({"metadata": {"name": "wsi-acme", "annotations": good}}).replicas == 2

@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.net import wait_until
 from weightship.runtime.engine import Engine, EngineConfig
@@ -25,7 +27,7 @@ from weightship.runtime.model import Transformer
 from weightship.runtime.runner import BackgroundServer
 from weightship.runtime.server import ServerState
 from weightship.runtime.tokenizer import Tokenizer
-from weightship.runtime.usage import UsageLog, read_records
+from weightship.runtime.usage import UsageLog, parse_records, read_records
 
 NAME = "weightship-tiny"
 
@@ -350,3 +352,15 @@ def test_opening_a_long_log_reads_only_its_last_byte(tmp_path: Path) -> None:
     with open(path, "rb") as f:
         f.seek(-22, os.SEEK_END)
         assert f.read() == b'"n"\n{"id":"req_next"}\n'  # the cut line stays a line of its own
+
+
+@given(st.lists(st.fixed_dictionaries({"id": st.text(max_size=8), "n": st.integers()}),
+                max_size=8),
+       st.lists(st.integers(0, 400), max_size=6))
+def test_records_are_the_same_however_the_text_is_cut_into_pieces(
+        records: list[dict[str, Any]], cuts: list[int]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in records).encode() + b'{"id": "cut sh'
+    at = sorted({min(c, len(text)) for c in cuts})
+    pieces = [text[a:b] for a, b in zip([0, *at], [*at, len(text)], strict=True)]
+    assert list(parse_records(pieces)) == list(parse_records([text])) == records
+    assert list(parse_records([text.decode()])) == records

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -13,6 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from weightship.cli._common import JsonOption, emit, stderr, stdout, wants_json
+
+if TYPE_CHECKING:
+    from weightship.instances import Target
 
 app = typer.Typer(help="Dedicated instances for companies: one isolated, metered endpoint per "
                        "company, with its own nodes, API keys and usage figures.",
@@ -33,7 +36,7 @@ Timeout = Annotated[float, typer.Option(help="Seconds to wait (a cold 14.5 GB fe
                                         "takes many minutes).")]
 
 
-def _target(on: str | None, inventory: Path | None, context: str | None, **more: Any) -> Any:
+def _target(on: str | None, inventory: Path | None, context: str | None, **more: Any) -> Target:
     from weightship.instances import TargetOptions, target
 
     chosen = on or ("nodes" if inventory else "k8s")

@@ -14,21 +14,16 @@ Steps of :meth:`K8sTarget.create`, none of which writes before the checks pass:
    create the namespace, LimitRange, ResourceQuota, NetworkPolicy and Secrets;
 4. install the release and wait for its pods to turn ready.
 
-Usage records are read from each running server pod's ``GET /v1/usage`` through the API
-server's pod proxy (``pods/POD:PORT/proxy/v1/usage``), with the instance's operator key in the
-``X-Weightship-Key`` header (the API server consumes ``Authorization`` for itself). This needs
-no exec and no extra pod, and works with any storage mode; a replica that is not running
-(paused, scaled down) keeps its records on its claim and is reported as not reached.
+The record (:mod:`.k8s_record`) and the instance's Secrets and server pods (keys, usage:
+:mod:`.k8s_servers`) live in modules of their own.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +32,6 @@ from weightship.deploy.k8s.cluster import Cluster, connect
 from weightship.deploy.k8s.release import Releases
 from weightship.deploy.k8s.values import Values, compose, load_value_files, parse_sets
 from weightship.errors import (
-    ClusterConflictError,
     InstanceError,
     InstanceExistsError,
     InstanceLeftoversError,
@@ -50,79 +44,16 @@ from weightship.errors import (
     UsageError,
 )
 from weightship.instances import k8s_objects as objs
+from weightship.instances import k8s_servers as servers
+from weightship.instances.k8s_record import Record, dedicated_nodes, labelled
 from weightship.instances.keys import OPERATOR_KEY
 from weightship.instances.target import Info, InstanceSpec, UsageRead, check_name
-from weightship.runtime.keys import KeyFile, parse_hashed, utc_now
+from weightship.runtime.keys import KeyFile, utc_now
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 Objs = list[Obj]  # (the class below has a method called list)
 SELECTOR = "app.kubernetes.io/managed-by=weightship," + objs.INSTANCE
-
-
-@dataclass
-class Record:
-    """What an instance was asked to be: the namespace's ``weightship.io/*`` annotations."""
-
-    model: str
-    gpus: int = 1
-    replicas: int = 1
-    paused: bool = False
-    host: str | None = None
-    tls_secret: str | None = None
-    version: str | None = None
-    created: str = ""
-    user_values: Values = field(default_factory=dict)  # the user's -f/--set, merged
-    allow_from: list[str] = field(default_factory=list)
-    admin_from: list[str] = field(default_factory=list)
-    volume: str = ""  # the size of each claim, set at create: claims are not resized later
-
-    def annotations(self) -> dict[str, str]:
-        fields = {"model": self.model, "gpus": str(self.gpus), "replicas": str(self.replicas),
-                  "paused": str(self.paused).lower(), "host": self.host or "",
-                  "tls-secret": self.tls_secret or "", "version": self.version or "",
-                  "created": self.created, "values": json.dumps(self.user_values, sort_keys=True),
-                  "allow-from": ",".join(self.allow_from), "admin-from": ",".join(self.admin_from),
-                  "volume": self.volume}
-        return {objs.ANNOTATION + k: v for k, v in fields.items()}
-
-    @classmethod
-    def of(cls, ns: dict[str, Any]) -> Record:
-        a = {k.removeprefix(objs.ANNOTATION): v
-             for k, v in (ns["metadata"].get("annotations") or {}).items()
-             if k.startswith(objs.ANNOTATION)}
-        return cls(model=a.get("model", ""), gpus=int(a.get("gpus") or 1),
-                   replicas=int(a.get("replicas") or 1), paused=a.get("paused") == "true",
-                   host=a.get("host") or None, tls_secret=a.get("tls-secret") or None,
-                   version=a.get("version") or None, created=a.get("created", ""),
-                   user_values=json.loads(a.get("values") or "{}"),
-                   allow_from=[x for x in a.get("allow-from", "").split(",") if x],
-                   admin_from=[x for x in a.get("admin-from", "").split(",") if x],
-                   volume=a.get("volume", ""))
-
-
-def dedicated_nodes(nodes: list[dict[str, Any]], name: str) -> tuple[list[str], list[str]]:
-    """(the nodes given to instance ``name``, the problems that forbid using them)."""
-    mine, problems = [], []
-    for node in nodes:
-        node_name = node["metadata"]["name"]
-        label = (node["metadata"].get("labels") or {}).get(objs.DEDICATED)
-        tainted = any(t.get("key") == objs.DEDICATED and t.get("value") == name
-                      and t.get("effect") == "NoSchedule"
-                      for t in (node.get("spec") or {}).get("taints") or [])
-        if tainted:
-            mine.append(node_name)
-            if label and label != name:
-                problems.append(f"node {node_name} is tainted for {name} but labelled for "
-                                f"instance {label!r}")
-        elif label == name:
-            problems.append(f"node {node_name} is labelled for {name} but not tainted "
-                            f"{objs.DEDICATED}={name}:NoSchedule, so other work could run on it")
-    if not mine:
-        problems.insert(0, f"no node is tainted {objs.DEDICATED}={name}:NoSchedule: give the "
-                           f"company its GPU nodes first (kubectl taint nodes NODE "
-                           f"{objs.DEDICATED}={name}:NoSchedule)")
-    return mine, problems
 
 
 class K8sTarget:
@@ -210,14 +141,6 @@ class K8sTarget:
 
     # -- reading the cluster --------------------------------------------------------------------
 
-    def _list(self, path: str, selector: str) -> Objs:
-        status, data = self.cluster.request("GET", path, query={"labelSelector": selector})
-        if status == 404:
-            return []
-        if status != 200:
-            raise InstanceError(f"GET {path} failed: {status}")
-        return list(json.loads(data).get("items") or [])
-
     def _namespace(self, name: str) -> dict[str, Any]:
         check_name(name)
         ns = self.cluster.get(f"/api/v1/namespaces/{objs.namespace_of(name)}")
@@ -244,7 +167,7 @@ class K8sTarget:
                                                            context=self.context)
                     if w["kind"] in ("StatefulSet", "Deployment")) if release else 0
         nodes = [n["metadata"]["name"]
-                 for n in self._list("/api/v1/nodes", f"{objs.DEDICATED}={name}")]
+                 for n in self.cluster.items("/api/v1/nodes", selector=f"{objs.DEDICATED}={name}")]
         scheme = "https" if record.tls_secret else "http"
         endpoint = (f"{scheme}://{record.host}" if record.host
                     else f"http://{objs.FULLNAME}.{namespace}.svc")
@@ -258,7 +181,7 @@ class K8sTarget:
 
     def list(self) -> Objs:
         out = []
-        for ns in self._list("/api/v1/namespaces", SELECTOR):
+        for ns in self.cluster.items("/api/v1/namespaces", selector=SELECTOR):
             name = ns["metadata"]["labels"][objs.INSTANCE]
             out.append(self._info(ns, name))
         return sorted(out, key=lambda i: i["name"])
@@ -290,7 +213,7 @@ class K8sTarget:
         own = self._own_objects(spec.name, record, p, keys.to_text(), operator_key)
         nodes = self.cluster.items("/api/v1/nodes")
         mine, failures = dedicated_nodes(nodes, spec.name)
-        planned_nodes = [_labelled(n, spec.name) if n["metadata"]["name"] in mine else n
+        planned_nodes = [labelled(n, spec.name) if n["metadata"]["name"] in mine else n
                          for n in nodes]
         failures += preflight.check(self.cluster, namespace, p.effective,
                                     p.rendered.objects + own, new_namespace=own[0],
@@ -373,7 +296,7 @@ class K8sTarget:
             if releases.history(name):
                 releases.uninstall(name, wait=True, timeout=timeout)
         self.cluster.delete(f"/api/v1/namespaces/{namespace}")
-        for node in self._list("/api/v1/nodes", f"{objs.DEDICATED}={name}"):
+        for node in self.cluster.items("/api/v1/nodes", selector=f"{objs.DEDICATED}={name}"):
             self._label_node(node["metadata"]["name"], None)
         deadline = time.monotonic() + timeout
         while self.cluster.get(f"/api/v1/namespaces/{namespace}") is not None:
@@ -383,96 +306,21 @@ class K8sTarget:
         leftovers = [f"namespace {namespace}"] if self.cluster.get(
             f"/api/v1/namespaces/{namespace}") is not None else []
         leftovers += [f"node {n['metadata']['name']} label {objs.DEDICATED}"
-                      for n in self._list("/api/v1/nodes", f"{objs.DEDICATED}={name}")]
+                      for n in self.cluster.items("/api/v1/nodes", selector=f"{objs.DEDICATED}={name}")]
         if leftovers:
             raise InstanceLeftoversError(name, leftovers)
         return {"name": name, "target": self.kind, "deleted": True, "namespace": namespace}
 
-    # -- keys and usage -------------------------------------------------------------------------
-
-    def _secret(self, name: str, secret: str, key: str) -> tuple[str, str]:
-        self._namespace(name)
-        path = f"/api/v1/namespaces/{objs.namespace_of(name)}/secrets/{secret}"
-        obj = self.cluster.get(path)
-        data = ((obj or {}).get("data") or {}).get(key)
-        if obj is None or data is None:
-            raise InstanceError(f"instance {name!r} has no Secret {secret} with {key}",
-                                hint="it was not made by weightship instance create; recreate it")
-        return base64.b64decode(data).decode(), obj["metadata"].get("resourceVersion", "")
+    # -- keys and usage (k8s_servers.py) --------------------------------------------------------
 
     def read_keys(self, name: str) -> KeyFile:
-        text, version = self._secret(name, objs.KEYS_SECRET, objs.KEYS_FILE)
-        self._key_versions[name] = version
-        return parse_hashed(text, f"Secret {objs.KEYS_SECRET} of instance {name}")
+        self._namespace(name)
+        keys, self._key_versions[name] = servers.read_keys(self.cluster, name)
+        return keys
 
     def write_keys(self, name: str, keys: KeyFile) -> None:
-        secret = objs.keys_secret(name, keys.to_text())
-        secret["metadata"]["resourceVersion"] = self._key_versions.get(name, "")
-        namespace = objs.namespace_of(name)
-        try:
-            written = self.cluster.write(
-                "PUT", f"/api/v1/namespaces/{namespace}/secrets/{objs.KEYS_SECRET}", secret)
-        except ClusterConflictError:
-            raise ClusterConflictError(f"the keys of instance {name!r} changed meanwhile; "
-                                       "nothing was written", hint="run the command again") from None
-        revision = ((written or {}).get("metadata") or {}).get("resourceVersion", "")
-        # The kubelet refreshes a Secret volume on its periodic sync (about a minute); a change
-        # to the pod makes it sync that pod now, so servers see the new file within seconds.
-        for pod in self._server_pods(name):
-            self.cluster.write("PATCH", f"/api/v1/namespaces/{namespace}/pods/"
-                                        f"{pod['metadata']['name']}",
-                               {"metadata": {"annotations": {"weightship.io/keys-revision": revision}}},
-                               content_type="application/merge-patch+json", missing_ok=True)
-
-    def _server_pods(self, name: str) -> Objs:
-        return self._list(f"/api/v1/namespaces/{objs.namespace_of(name)}/pods",
-                          f"app.kubernetes.io/instance={name},app.kubernetes.io/component=server")
+        servers.write_keys(self.cluster, name, keys, self._key_versions.get(name, ""))
 
     def usage_records(self, name: str) -> UsageRead:
-        operator_key, _ = self._secret(name, objs.OPERATOR_SECRET, objs.OPERATOR_FILE)
-        namespace = objs.namespace_of(name)
-        with Releases(namespace, context=self.context) as releases:
-            port = int(((releases.values(name).get("serve") or {}).get("port")) or 8000)
-        read = UsageRead()
-        pods = self._server_pods(name)
-        for pod in pods:
-            pod_name = pod["metadata"]["name"]
-            if (pod.get("status") or {}).get("phase") != "Running":
-                read.unreached.append(f"pod {pod_name} ({(pod.get('status') or {}).get('phase')})")
-                continue
-            status, data = self.cluster.request(
-                "GET", f"/api/v1/namespaces/{namespace}/pods/{pod_name}:{port}/proxy/v1/usage",
-                headers={"X-Weightship-Key": operator_key, "Accept": "application/x-ndjson"},
-                timeout=120)
-            if status != 200:
-                read.unreached.append(f"pod {pod_name} (HTTP {status})")
-                continue
-            read.sources.append(f"pod {pod_name}")
-            read.records += _records(data)
-        # perPodPVC: a claim models-weightship-N whose pod weightship-N is not running holds
-        # records nobody can read now
-        for claim in self._list(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims",
-                                f"app.kubernetes.io/instance={name}"):
-            owner = claim["metadata"]["name"].removeprefix("models-")
-            if owner.startswith(objs.FULLNAME + "-") and owner not in {
-                    p["metadata"]["name"] for p in pods}:
-                read.unreached.append(f"claim {claim['metadata']['name']} (pod {owner} not running)")
-        return read
-
-
-def _records(data: bytes) -> list[dict[str, Any]]:
-    out = []
-    for line in data.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line a crash cut short
-        if isinstance(record, dict):
-            out.append(record)
-    return out
-
-
-def _labelled(node: dict[str, Any], name: str) -> dict[str, Any]:
-    meta = {**node["metadata"], "labels": {**(node["metadata"].get("labels") or {}),
-                                            objs.DEDICATED: name}}
-    return {**node, "metadata": meta}
+        self._namespace(name)
+        return servers.usage_records(self.cluster, name, context=self.context)

@@ -43,6 +43,7 @@ from weightship.errors import (
 from weightship.instances.keys import OPERATOR_KEY
 from weightship.instances.target import Info, InstanceSpec, UsageRead, check_name
 from weightship.runtime.keys import KeyFile, parse_hashed
+from weightship.runtime.usage import parse_records
 
 DEFAULT_PORT = 8000
 T = TypeVar("T")
@@ -325,21 +326,6 @@ class NodesTarget:
                 usage.unreached.append(f"{host}: {text}")
                 continue
             usage.sources.append(host)
-            usage.records.extend(_records(text))
+            usage.records.extend(parse_records([text]))
         return usage
-
-
-def _records(text: str) -> list[dict[str, Any]]:
-    """The complete JSON lines of a usage log (a last line cut short is left out)."""
-    out = []
-    for line in text.splitlines(keepends=True):
-        if not line.endswith("\n"):
-            break
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
 

@@ -19,7 +19,9 @@ a second, so a machine that crashes loses at most the last second. A line cut sh
 is skipped by readers, and the next record starts on a line of its own.
 
 Keys hold scopes (:mod:`weightship.runtime.keys`): the API needs ``inference``, ``/v1/usage``
-needs ``usage``, ``/metrics`` either. The key is read from the scope the
+and ``/v1/keys`` need ``usage``, ``/metrics`` either. ``GET /v1/keys`` answers
+``{"digest": "sha256:…", "keys": N}``: the SHA-256 of the key file the server has loaded, so that
+``instance keys add/revoke`` can wait until every server has the new file. The key is read from the scope the
 :class:`~weightship.runtime.middleware.Guard` authenticated.
 
 Status: what the client was answered; 499 when the client hung up before the answer ended (a
@@ -36,13 +38,14 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
+from weightship.runtime.keys import KeyRing
 from weightship.runtime.middleware import (
     KEY_SCOPE,
     ASGIApp,
@@ -58,6 +61,7 @@ log = logging.getLogger(__name__)
 
 METERED = frozenset({"/v1/completions", "/v1/chat/completions"})
 USAGE_ROUTE = "/v1/usage"
+KEYS_ROUTE = "/v1/keys"  # which key file this server has loaded (its digest), for the operator
 RUN_SCOPE = "weightship.run"  # scope entry: the engine run whose usage the client is told
 READ_BLOCK = 1 << 20
 CLIENT_GONE = 499  # the status of a request whose client hung up before its answer ended
@@ -153,25 +157,39 @@ def complete_lines(path: Path) -> Iterator[bytes]:
                 yield block[:end]
 
 
+def parse_records(pieces: Iterable[bytes | str]) -> Iterator[dict[str, Any]]:
+    """The records in usage-log text that comes in pieces (a file's blocks, a response's
+    chunks, or one whole text), as they complete: one JSON object per line. A last line without
+    its newline (still being written, or cut short by a crash) and a line that does not parse
+    are skipped. The one parser of usage logs: the server's ``/v1/usage``, and ``instance
+    usage`` on every target, read records through it."""
+    rest = b""
+    for piece in pieces:
+        data = rest + (piece.encode() if isinstance(piece, str) else piece)
+        end = data.rfind(b"\n") + 1
+        rest = data[end:]
+        for line in data[:end].splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield record
+
+
 def read_records(directory: Path) -> Iterator[dict[str, Any]]:
-    """Every record in the usage logs of ``directory`` (lines that do not parse are skipped)."""
+    """Every record in the usage logs of ``directory`` (see :func:`parse_records`)."""
     for path in log_files(directory):
-        for chunk in complete_lines(path):
-            for line in chunk.splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict):
-                    yield record
+        yield from parse_records(complete_lines(path))
 
 
 class Meter:
     """The ASGI layer inside the Guard: scope checks, usage records and per-key counters."""
 
     def __init__(self, app: ASGIApp, *, usage_log: UsageLog | None, registry: CollectorRegistry,
-                 model_name: str) -> None:
+                 model_name: str, keyring: KeyRing | None = None) -> None:
         self.app, self.log, self.model_name = app, usage_log, model_name
+        self.keyring = keyring
         self.requests = Counter("weightship_key_requests", "Metered API requests by key id and "
                                 "status", ["key_id", "status"], registry=registry)
         self.prompt_tokens = Counter("weightship_key_prompt_tokens", "Prompt tokens of the "
@@ -193,6 +211,9 @@ class Meter:
         if path == USAGE_ROUTE:
             await self._usage(scope, send)
             return
+        if path == KEYS_ROUTE:
+            await self._keys(scope, send)
+            return
         if path not in METERED:
             await self.app(scope, receive, send)
             return
@@ -200,7 +221,7 @@ class Meter:
 
     @staticmethod
     def _allowed(path: str, scopes: tuple[str, ...]) -> bool:
-        if path == USAGE_ROUTE:
+        if path in (USAGE_ROUTE, KEYS_ROUTE):
             return "usage" in scopes
         if path == "/metrics":
             return True
@@ -267,6 +288,15 @@ class Meter:
             self.log.append(record)
         except OSError:  # a full disk must not fail the answer; say so loudly
             log.exception("cannot write the usage record %s", rid)
+
+    async def _keys(self, scope: Scope, send: Send) -> None:
+        """``GET /v1/keys``: the digest of the key file loaded (see the module docstring)."""
+        if scope["method"] != "GET":
+            await reply(send, 405, error_body("use GET"))
+            return
+        ring = self.keyring
+        await reply(send, 200, {"digest": ring.digest if ring else "",
+                                "keys": len(ring.entries) if ring else 0})
 
     async def _usage(self, scope: Scope, send: Send) -> None:
         """``GET /v1/usage``: the records of every usage log beside this server's, as JSON

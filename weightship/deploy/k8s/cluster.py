@@ -26,9 +26,9 @@ class Cluster:
     api: Any  # kubernetes.client.ApiClient
     context: str | None = None
 
-    def get(self, path: str) -> dict[str, Any] | None:
+    def get(self, path: str, *, query: dict[str, str] | None = None) -> dict[str, Any] | None:
         """GET ``path`` as JSON; ``None`` when the API answers 404."""
-        status, data = self.request("GET", path)
+        status, data = self.request("GET", path, query=query)
         if status == 404:
             return None
         if not 200 <= status <= 299:
@@ -103,9 +103,10 @@ class Cluster:
         return self.write("DELETE", path, {"propagationPolicy": "Background"},
                           missing_ok=True) is not None
 
-    def items(self, path: str) -> list[dict[str, Any]]:
-        """The items of a list path (empty when the resource is not served)."""
-        data = self.get(path)
+    def items(self, path: str, *, selector: str | None = None) -> list[dict[str, Any]]:
+        """The items of a list path (empty when the resource is not served), only those whose
+        labels match ``selector`` when one is given."""
+        data = self.get(path, query={"labelSelector": selector} if selector else None)
         return list((data or {}).get("items") or [])
 
     def served(self, api_version: str, kind: str) -> bool:
