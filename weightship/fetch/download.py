@@ -411,10 +411,10 @@ def download(reader: RangeReader, staging: Path, *, expected_size: int | None, s
                 continue
             if exchange is not None and result.sha256 != sha256 and repairs < _MAX_REPAIRS:
                 redo = exchange.suspects(job.from_origin)
-                if redo:  # peers were caught sending wrong chunks: fetch those again, keep the rest
+                if redo is not None:  # peers were caught sending wrong chunks: fetch those again
                     repairs += 1
-                    progress.note(f"{path}: digest mismatch; fetching {len(redo)} chunks again "
-                                  "from elsewhere (their senders are banned)")
+                    progress.note(f"{path}: digest mismatch; a peer sent wrong chunks and is banned; "
+                                  f"fetching {len(redo)} chunks again from elsewhere")
                     _rewind(staging, redo)
                     continue
             break

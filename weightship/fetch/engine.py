@@ -244,8 +244,10 @@ def _open_swarm(request: FetchRequest, sources: list[Source], state: Path) -> Sw
     from weightship.fetch.ranged import RangedSource
     from weightship.swarm import SwarmNode, SwarmOptions
 
+    if not isinstance(sources[0], RangedSource):
+        return None
     opts = SwarmOptions.from_options(request.options)
-    if opts is None or not isinstance(sources[0], RangedSource):
+    if opts is None:
         return None
     return SwarmNode(opts, state, TransferOptions.from_options(request.options))
 

@@ -45,9 +45,10 @@ class ChunkExchange(ABC):
         """Chunk ``index`` is in the partial file (before the journal records it)."""
 
     @abstractmethod
-    def suspects(self, origin: OriginRead) -> set[int]:
-        """The file's digest did not match: chunks to fetch again, having banned the peers
-        that sent wrong bytes. Empty when no peer is to blame (the origin's bytes are wrong)."""
+    def suspects(self, origin: OriginRead) -> set[int] | None:
+        """The file's digest did not match: chunks to fetch again (possibly none, when the
+        exchange put right what it found), having banned the peers that sent wrong bytes. None
+        when no peer is to blame (the origin's bytes are wrong)."""
 
     @abstractmethod
     def end(self, verified: bool) -> None:

@@ -14,7 +14,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ class SharedFile:
     have: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (provenance, digest)
     done: bool = False
     readers: int = 0  # replies reading ``fd`` now
+    busy: dict[int, int] = field(default_factory=dict)  # chunk -> replies reading it now
     retired: bool = False  # unshared: close ``fd`` when the last reader is done
     sent: int = 0  # bytes served to peers
 
@@ -52,6 +53,7 @@ class Board:
         self.log: list[list[Any]] = []
         self.files: dict[str, SharedFile] = {}
         self.retired: list[SharedFile] = []
+        self.seen: dict[str, int] = {}  # reader node id -> how much of the log it has read
         self.closed = False
 
     def _emit(self, *event: Any) -> None:
@@ -112,22 +114,43 @@ class Board:
         return True
 
     @contextlib.contextmanager
-    def reading(self, sha256: str, start: int, end: int) -> Iterator[SharedFile | None]:
-        """The shared file when it holds bytes ``[start, end)``, kept open while in use."""
+    def reading(self, sha256: str, start: int,
+                end: int) -> Iterator[tuple[SharedFile, tuple[str, str] | None] | None]:
+        """The shared file when it holds bytes ``[start, end)``, kept open (and those chunks
+        unchanged) while in use; with the (provenance, digest) it publishes for that chunk when
+        the range is one chunk."""
         with self.cond:
             f = self.files.get(sha256)
             if f is None or not f.covers(start, end):
                 f = None
             else:
                 f.readers += 1
+                chunks = range(start // f.chunk, (end - 1) // f.chunk + 1)
+                for i in chunks:
+                    f.busy[i] = f.busy.get(i, 0) + 1
+                claim = f.have.get(chunks[0]) if len(chunks) == 1 else None
         try:
-            yield f
+            yield (f, claim) if f is not None else None
         finally:
             if f is not None:
                 with self.cond:
                     f.readers -= 1
+                    for i in chunks:
+                        f.busy[i] -= 1
+                    self.cond.notify_all()
                     if f.retired and f.readers == 0:
                         os.close(f.fd)
+
+    def rewrite(self, sha256: str, index: int, write: Callable[[], None]) -> None:
+        """Run ``write`` (which changes chunk ``index`` on disk) once no reply reads the chunk
+        and none can start to: the chunk is dropped first (published again by the caller)."""
+        with self.cond:
+            f = self.files.get(sha256)
+            if f is not None and f.have.pop(index, None) is not None:
+                self._emit("drop", sha256, index)
+            while f is not None and f.busy.get(index, 0) > 0:
+                self.cond.wait(1.0)
+        write()
 
     def events(self, since: int, wait: float) -> tuple[int, list[list[Any]]]:
         """Events from ``since`` on (all of them when ``since`` is past the end: a reader of an
@@ -142,6 +165,24 @@ class Board:
                     break
                 self.cond.wait(left)
             return min(len(self.log), since + MAX_EVENTS), self.log[since:since + MAX_EVENTS]
+
+    def seen_by(self, reader: str, count: int) -> None:
+        """The node ``reader`` has read the first ``count`` events (it asks for the next)."""
+        with self.cond:
+            self.seen[reader] = max(self.seen.get(reader, 0), min(count, len(self.log)))
+            self.cond.notify_all()
+
+    def wait_seen(self, readers: set[str], timeout: float) -> bool:
+        """Wait until each of ``readers`` has read every event logged so far (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            end = len(self.log)
+            while any(self.seen.get(r, 0) < end for r in readers):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+        return True
 
     def sent(self) -> int:
         """Bytes served to peers so far."""

@@ -42,13 +42,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import urllib3
+
 from weightship.errors import FetchError, PeerError, TransientFetchError
 from weightship.fetch.exchange import ChunkExchange, OriginRead, Stopped
 from weightship.fetch.http import HttpRemote
 from weightship.fetch.journal import provenance_path
 from weightship.paths import open_beneath
 from weightship.swarm.mesh import Peer
-from weightship.swarm.protocol import BLOB_PATH, NODE_ID, SHA256, chunks_of
+from weightship.swarm.protocol import BLOB_PATH, CHUNK_HEADER, NODE_ID, SHA256, chunks_of
 
 if TYPE_CHECKING:
     from weightship.swarm.node import SwarmNode
@@ -58,6 +60,9 @@ log = logging.getLogger(__name__)
 ORIGIN = "origin"
 GRACE = 1.0  # seconds to wait for an owner that took the chunk from somewhere else
 TICK = 0.25  # seconds between looks at the peers while waiting (a change wakes us sooner)
+# Seconds a claim on an origin chunk waits for a rival claim: well above the time an event takes
+# to reach a peer (a long poll's round trip on a LAN, a few ms), well below a chunk's transfer.
+CLAIM_WAIT = 0.1
 
 
 @dataclass(frozen=True)
@@ -102,16 +107,21 @@ class PeerExchange(ChunkExchange):
         self.board.share(self.sha256, self.size, chunk, self._fd)
         for i, rec in sorted(kept.items()):
             self.board.have(self.sha256, i, rec.provenance, rec.digest)
-        self.mesh.wait_for_contact(self.swarm.opts.first_contact)
+        self.mesh.wait_for_contact(self.swarm.opts.first_contact, self.sha256)
         return done - set(kept)
 
     def fetch(self, index: int, into: memoryview, origin: OriginRead,
               advance: Callable[[int], None]) -> memoryview:
         tried: set[str] = set()
         while True:
+            asked = time.monotonic()
             choice = self._choose(index, tried)
+            log.debug("%s: chunk %d from %s (decided in %.2f s)", self.path, index,
+                      choice[0].name if choice else "the origin", time.monotonic() - asked)
             if choice is None:
                 self.board.take(self.sha256, index, origin=True)
+                if self._yield_claim(index):
+                    continue  # another node claimed it too, and goes first: wait for it
                 data = origin(index, into)
                 with self.lock:
                     self.pending[index] = Record(self.node, _sha256(data), ORIGIN)
@@ -120,7 +130,7 @@ class PeerExchange(ChunkExchange):
             peer, provenance, said = choice
             self.board.take(self.sha256, index, origin=False)
             try:
-                self._read(peer, index, into)
+                claim = self._read(peer, index, into)
             except FetchError as e:
                 tried.add(peer.name)
                 log.info("%s: chunk %d from %s failed: %s", self.path, index, peer.name, e)
@@ -131,13 +141,14 @@ class PeerExchange(ChunkExchange):
                 with self.mesh.cond:
                     peer.inflight -= 1
             got = _sha256(into)
+            provenance, said = claim or (provenance, said)  # what it vouched for in the reply
             if got != said:
                 self.mesh.ban(peer, f"chunk {index} of {self.path} hashes to {got[:16]}…, "
-                                    f"not the {said[:16]}… it published")
+                                    f"not the {said[:16]}… it vouched for")
                 tried.add(peer.name)
                 continue
-            if self._provenance_says(provenance, index) not in (None, said):
-                tried.add(peer.name)  # stale: the provenance node has other bytes for it now
+            if provenance in self.mesh.banned or self._provenance_says(provenance, index) not in (None, said):
+                tried.add(peer.name)  # not (any more) what the node it came from has
                 continue
             with self.lock:
                 self.pending[index] = Record(provenance, got, peer.name)
@@ -153,7 +164,7 @@ class PeerExchange(ChunkExchange):
         self._append_record(index, rec)
         self.board.have(self.sha256, index, rec.provenance, rec.digest)
 
-    def suspects(self, origin: OriginRead) -> set[int]:
+    def suspects(self, origin: OriginRead) -> set[int] | None:
         with self.lock:
             records = dict(self.records)
         # Bytes on disk that are not what arrived (a torn write), and chunks vouched for by a
@@ -162,13 +173,15 @@ class PeerExchange(ChunkExchange):
                 if rec.provenance in self.mesh.banned or rec.sender in self.mesh.banned
                 or self._on_disk(i) != rec.digest}
         if not redo:
-            redo = self._compare_with_origin(records, origin)
-        if redo:
-            with self.lock:
-                for i in redo:
-                    self.records.pop(i, None)
-            self.board.drop(self.sha256, redo)
-            self._rewrite_records()
+            caught = self._compare_with_origin(records, origin)
+            if caught is None:
+                return None
+            redo = caught
+        with self.lock:
+            for i in redo:
+                self.records.pop(i, None)
+        self.board.drop(self.sha256, redo)
+        self._rewrite_records()
         return redo
 
     def end(self, verified: bool) -> None:
@@ -220,15 +233,39 @@ class PeerExchange(ChunkExchange):
                         return None
                     op = owners[owner]
                     rf = op.files[self.sha256]
-                    if op.name in tried or index in rf.have:
+                    held = rf.have.get(index)
+                    if op.name in tried or (held is not None and held[0] not in self.mesh.banned):
                         return None  # it has it, but not for us
-                    if index in rf.taken:  # it is getting it from elsewhere: views differ
+                    if held is not None:  # vouched for by a node we banned: the owner will find
+                        if now - op.last_event > self.swarm.opts.stall:  # out and fetch it again
+                            return None
+                    elif index in rf.taken:  # it is getting it from elsewhere: views differ
                         odd_since = odd_since or now
                         if now - odd_since > GRACE:
                             return None
                     elif now - op.last_event > self.swarm.opts.stall:
                         return None  # the owner is up but stuck
                 cond.wait(TICK)
+
+    def _yield_claim(self, index: int) -> bool:
+        """After announcing that this node takes chunk ``index`` from the origin, whether to let
+        another node have it: two nodes whose views of the members differed for a moment (one
+        just joined) may both think they own it. Each waits :data:`CLAIM_WAIT` for the other's
+        claim to arrive, and the smaller node id goes first."""
+        deadline = time.monotonic() + CLAIM_WAIT
+        cond = self.mesh.cond
+        with cond:
+            while (left := deadline - time.monotonic()) > 0:
+                cond.wait(left)
+            for p in self.mesh.usable():
+                rf = p.files.get(self.sha256)
+                if rf is None or (rf.size, rf.chunk) != (self.size, self.chunk):
+                    continue
+                held = rf.have.get(index)
+                if (held is not None and held[0] not in self.mesh.banned) or (
+                        held is None and rf.taken.get(index) and p.node is not None and p.node < self.node):
+                    return True
+        return False
 
     def _provenance_says(self, provenance: str, index: int) -> str | None:
         """The digest the provenance node itself publishes for chunk ``index``, if we hear it."""
@@ -240,10 +277,12 @@ class PeerExchange(ChunkExchange):
                     return got[1] if got is not None else None
         return None
 
-    def _read(self, peer: Peer, index: int, into: memoryview) -> None:
+    def _read(self, peer: Peer, index: int, into: memoryview) -> tuple[str, str] | None:
+        """Chunk ``index`` from ``peer`` into ``into``; the (provenance, digest) its reply
+        vouched for."""
         start = index * self.chunk
-        remote = HttpRemote(self.swarm.peer_pool, f"{peer.url}{BLOB_PATH}{self.sha256}",
-                            where=f"peer {peer.name}")
+        remote = _PeerRemote(self.swarm.peer_pool, f"{peer.url}{BLOB_PATH}{self.sha256}",
+                             where=f"peer {peer.name}")
         pos = 0
         for view in remote.read_range(start, start + len(into), None, into):
             pos += len(view)
@@ -251,21 +290,28 @@ class PeerExchange(ChunkExchange):
                 raise Stopped()
         if pos != len(into):
             raise PeerError(peer.name, f"chunk {index} ended at byte {pos} of {len(into)}")
+        return remote.claim
 
     # ---- after a digest mismatch ---------------------------------------------------------------
 
-    def _compare_with_origin(self, records: dict[int, Record], origin: OriginRead) -> set[int]:
-        """Chunks of the provenance nodes whose chunks differ from the origin's (those nodes
-        banned): one chunk of each first, then every one."""
+    def _compare_with_origin(self, records: dict[int, Record], origin: OriginRead) -> set[int] | None:
+        """The other chunks of the first provenance node found with a chunk that differs from the
+        origin's (banned): one chunk of each node first, then every one; None when none differs.
+        The origin's chunk replaces the one on disk, so it is not fetched again."""
         by_node: dict[str, list[int]] = defaultdict(list)
         for i, rec in sorted(records.items()):
             if rec.provenance != self.node:
                 by_node[rec.provenance].append(i)
-        redo: set[int] = set()
+        redo: set[int] | None = None
         buf = memoryview(bytearray(self.chunk))
         checked: set[int] = set()
+        # the nodes that vouched for most of the file first; the first one caught ends the search
+        # (if the file still does not match, the next call goes on with the others)
+        suspects = sorted(by_node.items(), key=lambda kv: -len(kv[1]))
         for sample in (True, False):
-            for node, indices in by_node.items():
+            for node, indices in suspects:
+                if redo is not None:
+                    break
                 for i in ([random.choice(indices)] if sample else indices):
                     if i in checked:
                         continue
@@ -273,13 +319,34 @@ class PeerExchange(ChunkExchange):
                     theirs = origin(i, buf[:self._chunk_len(i)])
                     with self.lock:
                         self.origin_bytes += len(theirs)
-                    if _sha256(theirs) != records[i].digest:
+                    digest = _sha256(theirs)
+                    if digest != records[i].digest:
                         self.mesh.ban_node(node, f"its chunk {i} of {self.path} is not the origin's")
-                        redo.update(indices)
+                        self._replace(i, theirs, digest)
+                        redo = {j for j in indices if j != i}
                         break
-            if redo:
+            if redo is not None:
                 break
         return redo
+
+    def _replace(self, index: int, data: memoryview, digest: str) -> None:
+        """Write the origin's bytes of chunk ``index`` over the ones on disk (no reply reading
+        them meanwhile), and say so."""
+        fd = self._fd
+        assert fd is not None
+
+        def write() -> None:
+            view, offset = data, index * self.chunk
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+
+        self.board.rewrite(self.sha256, index, write)
+        rec = Record(self.node, digest, ORIGIN)
+        with self.lock:
+            self.records[index] = rec
+        self._append_record(index, rec)
+        self.board.have(self.sha256, index, rec.provenance, rec.digest)
 
     # ---- the provenance file ---------------------------------------------------------------
 
@@ -323,6 +390,18 @@ class PeerExchange(ChunkExchange):
             lines = "".join(f"{i} {r.provenance} {r.digest} {r.sender}\n" for i, r in sorted(self.records.items()))
             self._log = self._open_log(os.O_TRUNC | os.O_APPEND)
             os.write(self._log, lines.encode())
+
+
+class _PeerRemote(HttpRemote):
+    """A peer's blob: an HTTP range reader that keeps what the reply vouched for."""
+
+    claim: tuple[str, str] | None = None
+
+    def _check_range_reply(self, r: urllib3.BaseHTTPResponse, start: int, end: int,
+                           validator: str | None) -> None:
+        super()._check_range_reply(r, start, end, validator)
+        prov, _, digest = (r.headers.get(CHUNK_HEADER) or "").partition(" ")
+        self.claim = (prov, digest) if NODE_ID.match(prov) and SHA256.match(digest) else None
 
 
 def _sha256(data: bytes | memoryview) -> str:

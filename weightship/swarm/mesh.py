@@ -121,7 +121,8 @@ class Mesh:
                 self._closed.wait(RETRY_EVERY)
 
     def _poll(self, peer: Peer) -> dict[str, object]:
-        r = self._http.request("GET", f"{peer.url}{EVENTS_PATH}?since={peer.since}&wait={POLL_WAIT}",
+        r = self._http.request("GET", f"{peer.url}{EVENTS_PATH}?since={peer.since}&wait={POLL_WAIT}"
+                                      f"&epoch={peer.epoch or ''}&node={self.node}",
                                preload_content=False, redirect=False)
         try:
             if r.status != 200:
@@ -147,13 +148,11 @@ class Mesh:
             return False
         with self.cond:
             if peer.epoch != epoch or peer.node != node:
+                # a first answer, or the peer restarted: the server answered from its log's start
                 if peer.epoch is not None:
                     log.info("peer %s restarted; reading its news from the start", peer.name)
-                    peer.node, peer.epoch, peer.since = node, epoch, 0
-                    peer.files, peer.sizes = {}, {}
-                    self.cond.notify_all()
-                    return True  # this reply was an answer to the old since
                 peer.node, peer.epoch = node, epoch
+                peer.files, peer.sizes = {}, {}
             events = reply["events"]
             assert isinstance(events, list)
             parsed = [parse_event(raw, peer.sizes) for raw in events]  # all or none
@@ -199,12 +198,14 @@ class Mesh:
 
     # ---- what the chunk scheduler asks ------------------------------------------------------------
 
-    def wait_for_contact(self, timeout: float) -> None:
-        """Wait until every known peer answered (or ``timeout`` seconds): peers started at about
-        the same time then split the origin's chunks from the first one."""
+    def wait_for_contact(self, timeout: float, sha256: str) -> None:
+        """Wait until every known peer answered and shares the file ``sha256`` (or ``timeout``
+        seconds): nodes started at about the same time then agree on who the members are, and
+        split the origin's chunks from the first one."""
         deadline = time.monotonic() + timeout
         with self.cond:
-            while not all(p.alive or p.stopped for p in self.peers.values()):
+            while not all((p.alive and sha256 in p.files) or p.stopped or self.is_banned(p)
+                          for p in self.peers.values()):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
@@ -243,6 +244,12 @@ class Mesh:
         """A chunk request to ``peer`` failed at the connection: treat it as down until its
         events answer again."""
         self._down(peer, why)
+
+    def nodes(self) -> set[str]:
+        """The ids of the peers that answered and are not banned."""
+        with self.cond:
+            return {p.node for p in self.peers.values()
+                    if p.node is not None and not p.stopped and not self.is_banned(p)}
 
     def not_done(self, digests: set[str]) -> list[str]:
         """The known peers that have not said they verified every one of ``digests`` (one that

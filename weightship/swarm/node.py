@@ -64,7 +64,7 @@ class SwarmOptions:
         for p in peers:
             parse_endpoint(p)  # fail early on a malformed one
         seed = options.get("seed_for")
-        return cls(listen=parse_endpoint(str(listen), default_port=DEFAULT_PORT) if listen else None,
+        return cls(listen=_listen_address(str(listen)) if listen else None,
                    peers=peers, peers_from_dns=str(dns) if dns else None,
                    seed_for=parse_duration(str(seed)) if seed else 0.0,
                    stall=float(options.get("peer_stall") or 10.0))
@@ -187,6 +187,9 @@ class SwarmNode:
         while time.monotonic() < deadline:
             waiting = self.mesh.not_done(digests)
             if seconds != float("inf") and self.mesh.peers and not waiting:
+                # before going, let every peer read that this node is done too: a peer that
+                # never hears it would wait for this node until its own --seed-for ends
+                self.board.wait_seen(self.mesh.nodes(), timeout=min(5.0, max(0.0, deadline - time.monotonic())))
                 log.info("every peer has verified the model; no longer serving")
                 return
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
@@ -199,6 +202,15 @@ class SwarmNode:
             self.server.stop()
         self.mesh.close()
         self.peer_pool.close()
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    """``ADDR:PORT`` to listen on (port 0: any free port; no port: 6881)."""
+    host, sep, port = text.rpartition(":")
+    if sep and port == "0" and host:
+        return host.strip("[]"), 0
+    host, number = parse_endpoint(text, default_port=DEFAULT_PORT)
+    return host.strip("[]"), number
 
 
 def _node_id(state_dir: Path) -> str:

@@ -10,7 +10,8 @@
     Bytes of the file whose trusted sha256 is ``SHA256``, only within chunks the node has. There
     is no path anywhere in the protocol: a node serves only files it registered by digest (ones
     it is fetching or has verified against that digest), and never opens a file because a peer
-    named it.
+    named it. A reply for exactly one chunk carries ``X-Weightship-Chunk: PROV DIGEST``, what
+    the node vouches for in that very reply: bytes that do not hash to it prove the node lied.
 
 Events are JSON arrays:
 
@@ -37,6 +38,7 @@ VERSION = 1
 EVENTS_PATH = "/swarm/v1/events"
 BLOB_PATH = "/swarm/v1/blob/"
 NODE_HEADER = "X-Weightship-Node"
+CHUNK_HEADER = "X-Weightship-Chunk"
 MAX_WAIT = 5.0  # seconds a long poll may be held
 MAX_EVENTS = 20_000  # per reply; a reader asks again for the rest
 MAX_REPLY = 32 << 20  # bytes of one events reply a reader accepts

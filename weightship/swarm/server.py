@@ -22,7 +22,17 @@ from urllib.parse import parse_qs, urlsplit
 from weightship import __version__
 from weightship.errors import SwarmError
 from weightship.swarm.board import Board
-from weightship.swarm.protocol import BLOB_PATH, EVENTS_PATH, MAX_WAIT, NODE_HEADER, SHA256, VERSION, parse_range
+from weightship.swarm.protocol import (
+    BLOB_PATH,
+    CHUNK_HEADER,
+    EVENTS_PATH,
+    MAX_WAIT,
+    NODE_HEADER,
+    NODE_ID,
+    SHA256,
+    VERSION,
+    parse_range,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +106,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(400, b"bad since or wait\n")
             return
         board = self.server.board
+        reader, epoch = query.get("node", [""])[0], query.get("epoch", [""])[0]
+        if epoch != board.epoch:
+            since = 0  # a reader of an earlier run of this node (or a first read)
+        elif NODE_ID.match(reader):
+            board.seen_by(reader, since)
         nxt, events = board.events(max(0, since), wait)
         body = json.dumps({"v": VERSION, "node": board.node, "epoch": board.epoch, "next": nxt,
                            "events": events}, separators=(",", ":")).encode()
@@ -114,12 +129,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(416, b"one range within the file, bytes=A-B\n")
             return
         start, end = span
-        with board.reading(sha256, start, end) as shared:
-            if shared is None:
+        with board.reading(sha256, start, end) as reading:
+            if reading is None:
                 self._reply(416, b"not all of that range is here yet\n")
                 return
+            shared, claim = reading
             self.send_response(206)
             self.send_header(NODE_HEADER, board.node)
+            if claim is not None:  # what this reply vouches for: checked against its bytes
+                self.send_header(CHUNK_HEADER, f"{claim[0]} {claim[1]}")
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
             self.send_header("Content-Length", str(end - start))
