@@ -82,6 +82,7 @@ class TorrentSource(Source):
         self._incoming: Path | None = None
         self._delivered = False
         self._bulk = (0, 0)
+        self._traffic: dict[str, tuple[int, int]] = {}
 
     # ---- plan --------------------------------------------------------------------------------
 
@@ -212,12 +213,19 @@ class TorrentSource(Source):
                 replace_beneath(root, (store / f.path).relative_to(root), staging[f.path].relative_to(root))
         self._delivered = True
         self._bulk = (swarm.downloaded_bytes, swarm.resumed_bytes)
+        self._traffic = {f.path: (t[0], t[1]) for f in files
+                         if (t := swarm.file_traffic.get(by_path[f.path].index)) is not None}
         return True
 
     def bulk_bytes(self) -> tuple[int, int]:
         """The payload that came from peers (and web seeds) in this run, and what an earlier
         run had already verified."""
         return self._bulk
+
+    def bulk_traffic(self) -> dict[str, tuple[int, int]]:
+        """Per file, the payload from the origin (seeders and web seeds that are not the fleet's)
+        and from the fleet's peers (--peer, --peers-from-dns), in this run."""
+        return self._traffic
 
     def _resume_params(self, path: Path) -> lt.add_torrent_params:
         try:

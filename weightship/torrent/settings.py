@@ -22,9 +22,12 @@ from weightship import __version__
 # A 14.5 GB model with 16 MiB pieces needs ~18 KB of piece hashes; 8 MiB is generous.
 MAX_METADATA_BYTES = 8 << 20
 
+# block_progress: one alert per 16 KiB block received, naming the peer that sent it: how a fetch
+# tells the bytes of the fleet's peers (--peer, --peers-from-dns) from the origin's, per file.
 ALERTS = (lt.alert.category_t.error_notification | lt.alert.category_t.status_notification
           | lt.alert.category_t.storage_notification | lt.alert.category_t.peer_notification
-          | lt.alert.category_t.tracker_notification | lt.alert.category_t.ip_block_notification)
+          | lt.alert.category_t.tracker_notification | lt.alert.category_t.ip_block_notification
+          | lt.alert.category_t.block_progress_notification)
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,8 @@ def settings_pack(opts: SessionOptions) -> dict[str, Any]:
         "user_agent": f"weightship/{__version__} libtorrent/{lt.__version__}",
         "listen_interfaces": opts.listen,
         "alert_mask": ALERTS,
-        "alert_queue_size": 10000,  # bursts of per-piece alerts must not drop a ban alert
+        # bursts of per-block alerts (~64k per GB) must not drop a ban alert between two polls
+        "alert_queue_size": 200_000,
         # -- transports ------------------------------------------------------------------------
         # uTP's delay-based congestion control backs off at the first queueing delay and its
         # user-space packet handling costs CPU per 1.4 KB packet; TCP is the right transport on

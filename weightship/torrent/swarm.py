@@ -23,13 +23,14 @@ import libtorrent as lt
 from weightship.errors import TorrentError, TorrentMetadataError, TorrentStalledError
 from weightship.manifest import atomic_write
 from weightship.progress import Progress
-from weightship.torrent.peers import PeerSource
+from weightship.torrent.peers import PeerSource, resolve_all
 from weightship.torrent.settings import SessionOptions, open_session
 
 log = logging.getLogger(__name__)
 
 REDIAL_EVERY = 5.0  # seconds between re-dialling the known peers (and re-resolving DNS)
 REPORT_EVERY = 5.0  # seconds between peers/rates notes
+_BLOCK = 16 << 10  # libtorrent's block: the unit of a request, and of a block_finished_alert
 
 
 class Swarm:
@@ -44,6 +45,10 @@ class Swarm:
         self._resume_path: Path | None = None
         self.resumed_bytes = 0  # wanted bytes already verified when the download (re)started
         self.downloaded_bytes = 0  # payload bytes that came from peers in this run
+        # per file index: [bytes from the origin, bytes from the fleet's peers] (block alerts)
+        self.file_traffic: dict[int, list[int]] = {}
+        self._fleet_ips: set[str] = set()
+        self._ti: lt.torrent_info | None = None
         self._last_dial = 0.0
 
     # ---- alerts ------------------------------------------------------------------------------
@@ -62,6 +67,8 @@ class Swarm:
             elif isinstance(a, lt.hash_failed_alert):
                 self.hash_failures += 1
                 log.info("piece %s failed its hash check", a.piece_index)
+            elif isinstance(a, lt.block_finished_alert):
+                self._count_block(a)
             elif isinstance(a, lt.save_resume_data_alert) and self._resume_path is not None:
                 atomic_write(self._resume_path, lt.write_resume_data_buf(a.params))
             elif isinstance(a, (lt.torrent_error_alert, lt.file_error_alert)):
@@ -75,6 +82,20 @@ class Swarm:
                 log.info("%s", a.message())
         return alerts
 
+    def _count_block(self, a: lt.block_finished_alert) -> None:
+        """Count a received block against the files it belongs to, as the fleet's or the origin's
+        (a peer is the fleet's when its address is one of --peer / --peers-from-dns: the port of
+        a connection it opened to us is not its listening port)."""
+        ti = self._ti
+        if ti is None:
+            return
+        start = a.block_index * _BLOCK
+        length = min(_BLOCK, ti.piece_size(a.piece_index) - start)
+        fleet = str(a.endpoint[0]) in self._fleet_ips
+        for part in ti.map_block(a.piece_index, start, length):
+            counts = self.file_traffic.setdefault(part.file_index, [0, 0])
+            counts[1 if fleet else 0] += part.size
+
     def dial(self, handle: lt.torrent_handle, *, force: bool = False) -> None:
         """Connect ``handle`` to the known peers (again), at most every :data:`REDIAL_EVERY` s."""
         now = time.monotonic()
@@ -82,6 +103,7 @@ class Swarm:
             return
         self._last_dial = now
         for endpoint in self.peers.endpoints():
+            self._fleet_ips |= {ip for ip, _ in resolve_all(*endpoint)} or {endpoint[0]}
             if endpoint not in self.banned:
                 handle.connect_peer(endpoint)
 
@@ -123,6 +145,7 @@ class Swarm:
         stops arriving for ``stall_timeout`` seconds raises :class:`TorrentStalledError`.
         """
         self._resume_path = resume_path
+        self._ti = atp.ti
         atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
         handle = self.session.add_torrent(atp)
         try:
