@@ -1,0 +1,167 @@
+"""The peer server hands out bytes of registered files only, by digest, within the chunks the
+node has: no path a peer sends can reach any other file. A fetch registers only the files of
+its plan, by their trusted digests."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.fetch.webserver import FileServer
+from tests.net import free_port, listening, wait_until
+from weightship.manifest import Manifest
+from weightship.swarm.board import Board
+from weightship.swarm.protocol import BLOB_PATH, CHUNK_HEADER, EVENTS_PATH
+from weightship.swarm.server import PeerServer
+
+CHUNK = 4096
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[PeerServer, bytes, str]]:
+    """A node sharing a partial file: chunks 0 and 2 of 4 are there, 1 and 3 are not."""
+    data = os.urandom(4 * CHUNK)
+    f = tmp_path / "partial"
+    f.write_bytes(data)
+    (tmp_path / "secret").write_bytes(b"not shared")
+    sha = hashlib.sha256(data).hexdigest()
+    board = Board("node-a")
+    board.share(sha, len(data), CHUNK, os.open(f, os.O_RDONLY))
+    for i in (0, 2):
+        board.have(sha, i, "node-a", hashlib.sha256(data[i * CHUNK:(i + 1) * CHUNK]).hexdigest())
+    server = PeerServer(board, "127.0.0.1", 0).start()
+    try:
+        yield server, data, sha
+    finally:
+        board.close()
+        server.stop()
+
+
+def _get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, http.client.HTTPMessage]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("GET", path, skip_host=False, skip_accept_encoding=True)
+        for k, v in (headers or {}).items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        r = conn.getresponse()
+        return r.status, r.read(), r.headers
+    finally:
+        conn.close()
+
+
+def test_chunks_it_has_are_served_with_what_it_vouches_for(served: tuple[PeerServer, bytes, str]) -> None:
+    server, data, sha = served
+    status, body, headers = _get(server.port, BLOB_PATH + sha, {"Range": f"bytes={2 * CHUNK}-{3 * CHUNK - 1}"})
+    assert status == 206 and body == data[2 * CHUNK:3 * CHUNK]
+    assert headers[CHUNK_HEADER] == f"node-a {hashlib.sha256(body).hexdigest()}"
+    # a range within a chunk it has, too
+    assert _get(server.port, BLOB_PATH + sha, {"Range": "bytes=10-19"})[1] == data[10:20]
+
+
+@pytest.mark.parametrize("span", [f"bytes={CHUNK}-{2 * CHUNK - 1}", f"bytes=0-{2 * CHUNK}", "bytes=0-0,8-9",
+                                  f"bytes=0-{4 * CHUNK}", "bytes=-10", ""])
+def test_chunks_it_lacks_and_odd_ranges_are_refused(served: tuple[PeerServer, bytes, str], span: str) -> None:
+    server, _, sha = served
+    status, body, _ = _get(server.port, BLOB_PATH + sha, {"Range": span} if span else {})
+    assert status == 416 and len(body) < 100
+
+
+def test_a_file_it_did_not_register_is_not_served_whatever_it_holds(served: tuple[PeerServer, bytes, str],
+                                                                    tmp_path: Path) -> None:
+    server, _, _ = served
+    other = hashlib.sha256((tmp_path / "secret").read_bytes()).hexdigest()
+    assert _get(server.port, BLOB_PATH + other, {"Range": "bytes=0-3"})[0] == 404
+
+
+@pytest.mark.parametrize("path", [
+    "/etc/passwd", BLOB_PATH + "../../../etc/passwd", BLOB_PATH + "%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "/swarm/v1/blob/..%2f..%2fsecret", "//etc/passwd", "/swarm/v1/blob/secret", "/swarm/v1/blob/",
+    "/swarm/v1/../v1/blob/x", "/./secret", "/secret", "/partial",
+])
+def test_no_path_reaches_a_file(served: tuple[PeerServer, bytes, str], path: str) -> None:
+    server, _, _ = served
+    status, body, _ = _get(server.port, path, {"Range": "bytes=0-3"})
+    assert status == 404 and b"not shared" not in body
+
+
+@settings(max_examples=200, deadline=None)
+@given(path=st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=120))
+def test_any_path_but_a_registered_digest_gets_no_bytes(path: str) -> None:
+    # the server built once for all examples (hypothesis and function fixtures do not mix)
+    server, data, sha = _SHARED
+    target = "/" + path.lstrip("/")
+    status, body, _ = _get(server.port, target, {"Range": "bytes=0-15"})
+    if urlsplit(target).path == BLOB_PATH + sha:
+        assert status == 206
+    else:
+        assert status in (400, 404) or (status == 200 and path.startswith(EVENTS_PATH[1:]))
+        assert data[:16] not in body
+
+
+def _shared_server() -> tuple[PeerServer, bytes, str]:
+    data = os.urandom(CHUNK)
+    with tempfile.NamedTemporaryFile(delete=False) as f:
+        f.write(data)
+    sha = hashlib.sha256(data).hexdigest()
+    board = Board("node-h")
+    board.share(sha, len(data), CHUNK, os.open(f.name, os.O_RDONLY))
+    os.unlink(f.name)
+    board.done(sha)
+    return PeerServer(board, "127.0.0.1", 0).start(), data, sha
+
+
+_SHARED = _shared_server()
+
+
+def test_a_fetch_shares_only_the_files_of_its_plan(tmp_path: Path) -> None:
+    """A node fetching one file of a model (``--include``) into a directory that holds other
+    files shares that file's digest only: not the model's other file, not the manifest, not a
+    file that was in the directory before."""
+    from weightship.manifest import create_for_directory
+
+    model = tmp_path / "origin" / "m"
+    model.mkdir(parents=True)
+    (model / "a.safetensors").write_bytes(os.urandom(3 << 20))
+    (model / "b.safetensors").write_bytes(os.urandom(1 << 20))
+    create_for_directory(model, name="m").write(model)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "notes.txt").write_bytes(b"private notes")
+    origin = FileServer(tmp_path / "origin")
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "weightship", "--json", "fetch", origin.url + "m/", "--to", dest,
+                             "--manifest", model / ".weightship/manifest.json", "--include", "a.safetensors",
+                             "--chunk-mib", "1", "--listen", f"127.0.0.1:{port}", "--seed-for", "60s"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        wait_until(lambda: (dest / ".weightship/manifest.json").exists(), 60, "the fetch to verify", proc)  # type: ignore[arg-type]
+        wait_until(lambda: listening(port), 10, "the peer server")
+        status, body, _ = _get(port, f"{EVENTS_PATH}?since=0&wait=0")
+        shared = {e[1] for e in json.loads(body)["events"] if e[0] == "file"}
+        digests = {f.path: f.sha256 for f in Manifest.load(model).files}
+        assert shared == {digests["a.safetensors"]}
+        for other in (hashlib.sha256((model / "b.safetensors").read_bytes()).hexdigest(),
+                      hashlib.sha256((dest / ".weightship/manifest.json").read_bytes()).hexdigest(),
+                      hashlib.sha256(b"private notes").hexdigest()):
+            assert _get(port, BLOB_PATH + other, {"Range": "bytes=0-3"})[0] == 404
+        status, body, _ = _get(port, BLOB_PATH + digests["a.safetensors"], {"Range": "bytes=0-1023"})
+        assert status == 206 and body == (model / "a.safetensors").read_bytes()[:1024]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        origin.shutdown()
