@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -77,3 +80,46 @@ def cluster_state(fake: FakeKube) -> Any:
     return (sorted(n["metadata"]["name"] for n in fake.objects("v1", "Namespace")),
             {n["metadata"]["name"]: n["metadata"].get("labels") for n in fake.objects("v1", "Node")},
             sorted(s["metadata"]["name"] for s in fake.objects("v1", "Secret")))
+
+
+def seed_server_pod(fake: FakeKube, instance: str, name: str, port: int) -> None:
+    """A ready server pod of ``instance`` at 127.0.0.1:``port``, as the StatefulSet controller
+    and the kubelet leave it."""
+    fake.seed({"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": name, "namespace": f"wsi-{instance}", "labels": {
+            "app.kubernetes.io/instance": instance, "app.kubernetes.io/component": "server"}},
+        "spec": {"containers": [{"name": "serve", "image": "x",
+                                 "ports": [{"name": "http", "containerPort": port}]}]},
+        "status": {"phase": "Running", "podIP": "127.0.0.1",
+                   "conditions": [{"type": "Ready", "status": "True"}]}})
+
+
+class SecretVolume:
+    """What the kubelet does for one pod's Secret volume: the file ``path`` holds the Secret's
+    ``key`` as it is in the cluster, replaced atomically when it changes (``synced`` cleared: a
+    kubelet that has not synced that pod yet)."""
+
+    def __init__(self, fake: FakeKube, namespace: str, secret: str, key: str, path: Path) -> None:
+        self.fake, self.namespace, self.secret, self.key, self.path = fake, namespace, secret, key, path
+        self.synced = threading.Event()
+        self.synced.set()
+        self._stop = threading.Event()
+        self._sync()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _sync(self) -> None:
+        text = secret_text(self.fake, self.namespace, self.secret, self.key)
+        if not self.path.exists() or self.path.read_text() != text:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.path)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            if self.synced.is_set():
+                self._sync()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)

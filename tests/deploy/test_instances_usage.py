@@ -16,22 +16,12 @@ from typing import Any
 import openai
 import pytest
 from fakekube import FakeKube
-from instance_helpers import TINY, run_ok, the
+from instance_helpers import TINY, run_ok, seed_server_pod, the
 
 from tests.net import free_port
 from tests.runtime.serving import start
 
 NAME = "weightship-tiny"
-
-
-def seed_pod(fake: FakeKube, name: str, port: int) -> None:
-    """A running server pod at 127.0.0.1, as the StatefulSet controller and kubelet leave it."""
-    fake.seed({"apiVersion": "v1", "kind": "Pod", "metadata": {
-        "name": name, "namespace": "wsi-acme", "labels": {
-            "app.kubernetes.io/instance": "acme", "app.kubernetes.io/component": "server"}},
-        "spec": {"containers": [{"name": "serve", "image": "x",
-                                 "ports": [{"name": "http", "containerPort": port}]}]},
-        "status": {"phase": "Running", "podIP": "127.0.0.1"}})
 
 
 class Clients:
@@ -88,8 +78,8 @@ def test_usage_sums_equal_the_usage_clients_were_told_across_restarts(
                                              "weightship-api-keys")["data"]["keys.json"]).decode())
     # two replicas that read the same usage directory (as with storage.mode=sharedPVC): every
     # record comes back twice, and must be counted once
-    seed_pod(two_pools, "weightship-0", port)
-    seed_pod(two_pools, "weightship-1", port)
+    seed_server_pod(two_pools, "acme", "weightship-0", port)
+    seed_server_pod(two_pools, "acme", "weightship-1", port)
     serve = ("--api-key-file", key_file, "--usage-log", tmp_path / "usage" / "weightship-0.jsonl")
     url = f"http://127.0.0.1:{port}"
     clients = Clients(url, keys)

@@ -4,6 +4,7 @@ upgrade, pause, resume, delete), their API keys and their usage."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -267,13 +268,34 @@ def delete(name: Name,
 # ---- keys ------------------------------------------------------------------------------------
 
 
+KeysWait = Annotated[float, typer.Option("--timeout", help="Seconds to wait for every running "
+                                         "server to load the new keys (k8s); then the command "
+                                         "names the servers that did not, and exits 1.")]
+
+
+def _keys_change(change: Callable[[], dict[str, Any]], human: Callable[[dict[str, Any]], Any],
+                 json_flag: bool) -> None:
+    """Run a key change and print its result; when some servers did not load it in time, a
+    new key is printed all the same (it is stored, and shown this once), then the error."""
+    from weightship.errors import KeysNotLoadedError
+
+    try:
+        result = change()
+    except KeysNotLoadedError as e:
+        if e.result is not None and "key" in e.result:
+            emit(e.result, human(e.result), json_flag=json_flag)
+        raise
+    emit(result, human(result), json_flag=json_flag)
+
+
 @keys_app.command("add")
 def keys_add(name: Name,
              key_name: Annotated[str, typer.Option("--key-name", help="What the key is for "
                                                    "(unique within the instance).")],
              on: On = None, inventory: Inventory = None, context: Context = None,
-             json_flag: JsonOption = False) -> None:
-    """Make a new API key and print it, this once: only its hash is stored.
+             timeout: KeysWait = 10.0, json_flag: JsonOption = False) -> None:
+    """Make a new API key and print it, this once: only its hash is stored. Returns once every
+    running server accepts it.
 
     Examples:
 
@@ -283,10 +305,12 @@ def keys_add(name: Name,
     """
     from weightship.instances import keys
 
-    added = keys.add(_target(on, inventory, context), name, key_name)
-    emit(added, lambda c: c.print(f"key {added['name']} ({added['id']}) for {name}, shown once:\n"
-                                  f"{added['key']}", highlight=False, markup=False),
-         json_flag=json_flag)
+    def human(added: dict[str, Any]) -> Callable[[Console], None]:
+        return lambda c: c.print(f"key {added['name']} ({added['id']}) for {name}, shown once:\n"
+                                 f"{added['key']}", highlight=False, markup=False)
+
+    _keys_change(lambda: keys.add(_target(on, inventory, context, keys_wait=timeout), name,
+                                  key_name), human, json_flag)
 
 
 @keys_app.command("list")
@@ -315,8 +339,9 @@ def keys_list(name: Name, on: On = None, inventory: Inventory = None, context: C
 @keys_app.command("revoke")
 def keys_revoke(name: Name, key_name: Annotated[str, typer.Argument(help="The key's name.")],
                 on: On = None, inventory: Inventory = None, context: Context = None,
-                json_flag: JsonOption = False) -> None:
-    """Revoke a key: the instance's servers refuse it within seconds, without a restart.
+                timeout: KeysWait = 10.0, json_flag: JsonOption = False) -> None:
+    """Revoke a key: the instance's servers refuse it within seconds, without a restart. Returns
+    once every running server refuses it.
 
     Examples:
 
@@ -325,9 +350,12 @@ def keys_revoke(name: Name, key_name: Annotated[str, typer.Argument(help="The ke
     """
     from weightship.instances import keys
 
-    result = keys.revoke(_target(on, inventory, context), name, key_name)
-    emit(result, lambda c: c.print(f"[green]✓[/] key {key_name} ({result['id']}) of {name} "
-                                   "revoked", highlight=False), json_flag=json_flag)
+    def human(result: dict[str, Any]) -> Callable[[Console], None]:
+        return lambda c: c.print(f"[green]✓[/] key {key_name} ({result['id']}) of {name} "
+                                 "revoked", highlight=False)
+
+    _keys_change(lambda: keys.revoke(_target(on, inventory, context, keys_wait=timeout), name,
+                                     key_name), human, json_flag)
 
 
 # ---- usage -----------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ class TargetOptions:
     sets: tuple[str, ...] = ()
     allow_from: tuple[str, ...] = ("ingress-nginx",)  # namespaces that may reach the API port
     admin_from: tuple[str, ...] | None = None  # CIDRs of the API server (None: look them up)
+    keys_wait: float = 10.0  # seconds for every server to load a new key file
     # on-prem nodes
     inventory: Path | None = None
     hosts: tuple[str, ...] = ()
@@ -46,7 +47,8 @@ def _k8s(options: TargetOptions) -> Target:
 
     return K8sTarget(context=options.context, chart=options.chart,
                      value_files=options.value_files, sets=options.sets,
-                     allow_from=options.allow_from, admin_from=options.admin_from)
+                     allow_from=options.allow_from, admin_from=options.admin_from,
+                     keys_wait=options.keys_wait)
 
 
 def _nodes(options: TargetOptions) -> Target:

@@ -64,8 +64,10 @@ class K8sTarget:
     def __init__(self, *, context: str | None = None, chart: Path | None = None,
                  value_files: tuple[Path, ...] = (), sets: tuple[str, ...] = (),
                  allow_from: tuple[str, ...] = ("ingress-nginx",),
-                 admin_from: tuple[str, ...] | None = None) -> None:
+                 admin_from: tuple[str, ...] | None = None,
+                 keys_wait: float = servers.KEYS_WAIT) -> None:
         self.context, self.chart = context, chart
+        self.keys_wait = keys_wait  # seconds for every server to load a new key file
         self.value_files, self.sets = value_files, sets
         self.allow_from, self.admin_from = list(allow_from), admin_from
         self._cluster: Cluster | None = None
@@ -319,8 +321,9 @@ class K8sTarget:
         return keys
 
     def write_keys(self, name: str, keys: KeyFile) -> None:
-        servers.write_keys(self.cluster, name, keys, self._key_versions.get(name, ""))
+        servers.write_keys(self.cluster, name, keys, self._key_versions.get(name, ""),
+                           wait=self.keys_wait)
 
     def usage_records(self, name: str) -> UsageRead:
         self._namespace(name)
-        return servers.usage_records(self.cluster, name, context=self.context)
+        return servers.usage_records(self.cluster, name)

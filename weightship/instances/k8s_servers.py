@@ -1,6 +1,12 @@
 """A Kubernetes instance's Secrets and its server pods: the key file written where the servers
 reload it, and the usage records read from each server.
 
+Each server reloads its key file when the kubelet updates the Secret's volume (and reports the
+SHA-256 of the file it loaded at ``GET /v1/keys``); after writing the Secret, ``keys add`` and
+``keys revoke`` ask every ready server pod, through the pod proxy, until each reports the new
+file's digest, for at most :data:`KEYS_WAIT` seconds: a revoked key is then refused by every
+server that takes traffic, or the command says which servers still accept it.
+
 Usage records are read from each running server pod's ``GET /v1/usage`` through the API
 server's pod proxy (``pods/POD:PORT/proxy/v1/usage``), with the instance's operator key in the
 ``X-Weightship-Key`` header (the API server consumes ``Authorization`` for itself). This needs
@@ -11,17 +17,19 @@ no exec and no extra pod, and works with any storage mode; a replica that is not
 from __future__ import annotations
 
 import base64
+import json
+import time
 from typing import Any
 
 from weightship.deploy.k8s.cluster import Cluster
-from weightship.deploy.k8s.release import Releases
-from weightship.errors import ClusterConflictError, InstanceError
+from weightship.errors import ClusterConflictError, InstanceError, KeysNotLoadedError
 from weightship.instances import k8s_objects as objs
 from weightship.instances.target import UsageRead
-from weightship.runtime.keys import KeyFile, parse_hashed
-from weightship.runtime.usage import parse_records
+from weightship.runtime.keys import KeyFile, key_hash, parse_hashed
+from weightship.runtime.usage import KEYS_ROUTE, USAGE_ROUTE, parse_records
 
 Obj = dict[str, Any]
+KEYS_WAIT = 10.0  # seconds for every server to load a new key file (issue 14: "within 10 s")
 
 
 def secret_text(cluster: Cluster, name: str, secret: str, key: str) -> tuple[str, str]:
@@ -47,9 +55,40 @@ def server_pods(cluster: Cluster, name: str) -> list[Obj]:
                                   "app.kubernetes.io/component=server")
 
 
-def write_keys(cluster: Cluster, name: str, keys: KeyFile, version: str) -> None:
-    """Store ``keys`` in the instance's Secret, if it is still at ``version`` (the one read)."""
-    secret = objs.keys_secret(name, keys.to_text())
+def _port(pod: Obj) -> int:
+    """The API port of a server pod (its container port named ``http``)."""
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == "http" and isinstance(port.get("containerPort"), int):
+                return int(port["containerPort"])
+    return 8000
+
+
+def _ready(pod: Obj) -> bool:
+    """Whether ``pod`` runs and takes traffic (its Ready condition holds)."""
+    status = pod.get("status") or {}
+    return status.get("phase") == "Running" and any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or [])
+
+
+def _ask(cluster: Cluster, pod: Obj, route: str, operator_key: str, *,
+         query: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, bytes]:
+    """GET ``route`` of a server pod through the API server's pod proxy, with the operator key."""
+    meta = pod["metadata"]
+    return cluster.request(
+        "GET", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}:{_port(pod)}/proxy"
+               f"{route}", query=query, timeout=timeout,
+        headers={"X-Weightship-Key": operator_key, "Accept": "application/json"})
+
+
+def write_keys(cluster: Cluster, name: str, keys: KeyFile, version: str, *,
+               wait: float = KEYS_WAIT) -> None:
+    """Store ``keys`` in the instance's Secret, if it is still at ``version`` (the one read),
+    then wait up to ``wait`` seconds for every ready server to load them (raises
+    :class:`KeysNotLoadedError` naming those that did not)."""
+    text = keys.to_text()
+    secret = objs.keys_secret(name, text)
     secret["metadata"]["resourceVersion"] = version
     namespace = objs.namespace_of(name)
     try:
@@ -65,14 +104,37 @@ def write_keys(cluster: Cluster, name: str, keys: KeyFile, version: str) -> None
         cluster.write("PATCH", f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}",
                       {"metadata": {"annotations": {"weightship.io/keys-revision": revision}}},
                       content_type="application/merge-patch+json", missing_ok=True)
+    wait_for_keys(cluster, name, key_hash(text), wait)
 
 
-def usage_records(cluster: Cluster, name: str, *, context: str | None) -> UsageRead:
+def wait_for_keys(cluster: Cluster, name: str, digest: str, wait: float) -> None:
+    """Ask every ready server pod for the digest of its key file until each reports ``digest``,
+    for at most ``wait`` seconds."""
+    operator_key, _ = secret_text(cluster, name, objs.OPERATOR_SECRET, objs.OPERATOR_FILE)
+    pending = {p["metadata"]["name"]: p for p in server_pods(cluster, name) if _ready(p)}
+    deadline = time.monotonic() + wait
+    while True:
+        for pod_name, pod in list(pending.items()):
+            status, data = _ask(cluster, pod, KEYS_ROUTE, operator_key,
+                                timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+            try:
+                loaded = json.loads(data).get("digest") if status == 200 else None
+            except (ValueError, AttributeError):
+                loaded = None
+            if loaded == digest:
+                del pending[pod_name]
+        if not pending:
+            return
+        if time.monotonic() >= deadline:
+            raise KeysNotLoadedError(name, [f"pod {p}" for p in sorted(pending)], wait,
+                                     namespace=objs.namespace_of(name))
+        time.sleep(0.2)
+
+
+def usage_records(cluster: Cluster, name: str) -> UsageRead:
     """Every usage record of every running server pod (see the module docstring)."""
     operator_key, _ = secret_text(cluster, name, objs.OPERATOR_SECRET, objs.OPERATOR_FILE)
     namespace = objs.namespace_of(name)
-    with Releases(namespace, context=context) as releases:
-        port = int(((releases.values(name).get("serve") or {}).get("port")) or 8000)
     read = UsageRead()
     pods = server_pods(cluster, name)
     for pod in pods:
@@ -80,10 +142,7 @@ def usage_records(cluster: Cluster, name: str, *, context: str | None) -> UsageR
         if (pod.get("status") or {}).get("phase") != "Running":
             read.unreached.append(f"pod {pod_name} ({(pod.get('status') or {}).get('phase')})")
             continue
-        status, data = cluster.request(
-            "GET", f"/api/v1/namespaces/{namespace}/pods/{pod_name}:{port}/proxy/v1/usage",
-            headers={"X-Weightship-Key": operator_key, "Accept": "application/x-ndjson"},
-            timeout=120)
+        status, data = _ask(cluster, pod, USAGE_ROUTE, operator_key, timeout=120)
         if status != 200:
             read.unreached.append(f"pod {pod_name} (HTTP {status})")
             continue

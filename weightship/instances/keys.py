@@ -1,7 +1,10 @@
 """API keys of an instance, on any target: add (the key is shown once), list, revoke.
 
 Only hashes are stored (the format is :mod:`weightship.runtime.keys`); each instance's servers
-reload their key file when it changes, so a revoked key is refused within seconds.
+reload their key file when it changes, so a revoked key is refused within seconds. A target whose
+servers did not all load the new file in time raises
+:class:`~weightship.errors.KeysNotLoadedError` after storing it, with :attr:`result` set to
+what the command did (a new key is then still shown, once).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from weightship.errors import KeyNameTakenError, KeyNotFoundError, UsageError
+from weightship.errors import KeyNameTakenError, KeyNotFoundError, KeysNotLoadedError, UsageError
 from weightship.instances.target import Target
 
 # Names that fit in logs, metrics labels and CSV columns without quoting.
@@ -32,8 +35,13 @@ def add(target: Target, instance: str, key_name: str) -> dict[str, Any]:
     if keys.by_name(key_name) is not None:
         raise KeyNameTakenError(instance, key_name)
     entry, key = keys.add(key_name)
-    target.write_keys(instance, keys)
-    return {"name": entry.name, "id": entry.id, "key": key, "created": entry.created}
+    added: dict[str, Any] = {"name": entry.name, "id": entry.id, "key": key, "created": entry.created}
+    try:
+        target.write_keys(instance, keys)
+    except KeysNotLoadedError as e:
+        e.result = added  # stored: the key must still be shown, this once
+        raise
+    return added
 
 
 def listing(target: Target, instance: str) -> list[dict[str, Any]]:
@@ -48,5 +56,10 @@ def revoke(target: Target, instance: str, key_name: str) -> dict[str, Any]:
         raise KeyNotFoundError(instance, key_name)
     entry = keys.remove(key_name)
     assert entry is not None, key_name
-    target.write_keys(instance, keys)
-    return {"name": entry.name, "id": entry.id, "revoked": True}
+    revoked: dict[str, Any] = {"name": entry.name, "id": entry.id, "revoked": True}
+    try:
+        target.write_keys(instance, keys)
+    except KeysNotLoadedError as e:
+        e.result = revoked
+        raise
+    return revoked

@@ -474,7 +474,7 @@ def create_app(state: ServerState) -> Guard:
 
     keys = state.keyring or (KeyRing.of_keys(state.api_keys) if state.api_keys else None)
     meter = Meter(api, usage_log=state.usage_log, registry=state.metrics.registry,
-                  model_name=state.model_name)
+                  model_name=state.model_name, keyring=keys)
     return Guard(meter, limits=state.limits, api_keys=keys, metrics=state.metrics,
                  draining=lambda: state.draining)
 
