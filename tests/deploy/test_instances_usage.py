@@ -5,6 +5,7 @@ killed with ``kill -9`` in the middle, and the per-key sums equal what the clien
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import signal
 import threading
@@ -16,10 +17,14 @@ from typing import Any
 import openai
 import pytest
 from fakekube import FakeKube
-from instance_helpers import TINY, run_ok, seed_server_pod, the
+from instance_helpers import TINY, run_ok, secret_text, seed_server_pod, the
 
 from tests.net import free_port
 from tests.runtime.serving import start
+from weightship.runtime.keys import load_key_file
+from weightship.runtime.runner import BackgroundServer
+from weightship.runtime.server import ServerState
+from weightship.runtime.usage import UsageLog
 
 NAME = "weightship-tiny"
 
@@ -143,3 +148,87 @@ def test_usage_sums_equal_the_usage_clients_were_told_across_restarts(
         "key_name,key_id,requests,prompt_tokens,completion_tokens,errors"
     lines = (tmp_path / "usage" / "weightship-0.jsonl").read_text().splitlines()
     assert len({json.loads(line)["id"] for line in lines}) == len(lines) == 200
+
+
+def _server_pod_with_claim(fake: FakeKube, name: str, port: int, claim: str,
+                           phase: str = "Running") -> None:
+    seed_server_pod(fake, "acme", name, port)
+    fake.store.patch(fake.store.kind("", "v1", "pods"), "wsi-acme", name,
+                     "application/merge-patch+json",
+                     {"spec": {"volumes": [{"name": "models",
+                                            "persistentVolumeClaim": {"claimName": claim}}]}})
+    if phase != "Running":
+        fake.store.stalled_kinds.add("Pod")  # the kubelet has not started it
+        fake.store.patch(fake.store.kind("", "v1", "pods"), "wsi-acme", name,
+                         "application/merge-patch+json",
+                         {"status": {"phase": phase, "conditions": []}}, status_only=True)
+
+
+def _log_server(stack: contextlib.ExitStack, fake: FakeKube, tmp_path: Path) -> tuple[str, str]:
+    """A server (no model needed) with the instance's key file and a usage log holding one
+    request of key "ci" on 2026-05-01 and two on 2026-05-02; (its port, ci's key id)."""
+    key_file = tmp_path / "keys.json"
+    key_file.write_text(secret_text(fake, "wsi-acme", "weightship-api-keys", "keys.json"))
+    (ci,) = [k for k in json.loads(key_file.read_text())["keys"] if k["name"] == "ci"]
+    log = UsageLog(tmp_path / "usage" / "weightship-0.jsonl")
+    stack.callback(log.close)
+    for rid, when, tokens in (("req_1", "2026-05-01T23:59:59.999Z", 5),
+                              ("req_2", "2026-05-02T00:00:00.000Z", 7),
+                              ("req_3", "2026-05-02T10:00:00.000Z", 11)):
+        log.append({"id": rid, "time": when, "key_id": ci["id"], "key_name": "ci",
+                    "model": NAME, "route": "/v1/completions", "status": 200,
+                    "prompt_tokens": 1, "completion_tokens": tokens, "duration_s": 0.1})
+    srv = stack.enter_context(BackgroundServer(ServerState(
+        NAME, keyring=load_key_file(key_file), usage_log=log)))
+    return str(srv.port), ci["id"]
+
+
+def test_usage_fails_naming_the_replicas_it_could_not_read_unless_partial(
+        two_pools: FakeKube, cli: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    run_ok(cli, capsys, "create", "acme", *TINY)
+    run_ok(cli, capsys, "keys", "add", "acme", "--key-name", "ci", "--json")
+    with contextlib.ExitStack() as stack:
+        port, ci = _log_server(stack, two_pools, tmp_path)
+        _server_pod_with_claim(two_pools, "weightship-0", int(port), "models-weightship-0")
+        for i in range(2):  # replica 1 was scaled down: its claim and its records stay
+            two_pools.seed({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {
+                "name": f"models-weightship-{i}", "namespace": "wsi-acme",
+                "labels": {"app.kubernetes.io/instance": "acme"}},
+                "spec": {"resources": {"requests": {"storage": "2Gi"}}}})
+        code, out, err = cli("instance", "usage", "acme", "--json", capsys=capsys)
+        assert code == 1 and out == "", (code, out, err)
+        assert "claim models-weightship-1 (no running pod mounts it)" in err.splitlines()[0]
+        assert "models-weightship-0" not in err and "--partial" in err
+
+        partial = run_ok(cli, capsys, "usage", "acme", "--json", "--partial")
+        assert partial["unreached"] == ["claim models-weightship-1 (no running pod mounts it)"]
+        assert partial["rows"] == [{"key_name": "ci", "key_id": ci, "requests": 3,
+                                    "prompt_tokens": 3, "completion_tokens": 23, "errors": 0}]
+
+        # the window is applied by the server: only day 2 crosses the pod proxy
+        two_pools.store.requests.clear()
+        (day,) = run_ok(cli, capsys, "usage", "acme", "--by", "day", "--since", "2026-05-02",
+                        "--json", "--partial")["rows"]
+        assert (day["day"], day["requests"], day["completion_tokens"]) == ("2026-05-02", 2, 18)
+        asked = [p for _, p in two_pools.store.requests if "/proxy/v1/usage" in p]
+        assert len(asked) == 1 and "since=2026-05-02T00%3A00%3A00%2B00%3A00" in asked[0], asked
+
+
+def test_usage_with_shared_storage_reads_the_shared_claim_once(
+        two_pools: FakeKube, cli: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """storage.mode=sharedPVC: every replica writes to the claim weightship-models, which is
+    not a replica that could not be read, even with a replica that is not running."""
+    run_ok(cli, capsys, "create", "acme", *TINY, "--replicas", "2", "--set",
+           "storage.mode=sharedPVC")
+    run_ok(cli, capsys, "keys", "add", "acme", "--key-name", "ci", "--json")
+    assert the(two_pools, "v1", "PersistentVolumeClaim", "wsi-acme", "weightship-models")
+    with contextlib.ExitStack() as stack:
+        port, _ = _log_server(stack, two_pools, tmp_path)
+        _server_pod_with_claim(two_pools, "weightship-0", int(port), "weightship-models")
+        code, out, err = cli("instance", "usage", "acme", "--json", capsys=capsys)
+        assert code == 0 and "not read" not in err, err
+        assert [r["requests"] for r in json.loads(out)] == [3]
+        _server_pod_with_claim(two_pools, "weightship-1", int(port), "weightship-models",
+                               phase="Pending")
+        code, out, err = cli("instance", "usage", "acme", "--json", capsys=capsys)
+        assert code == 0 and "not read" not in err, err

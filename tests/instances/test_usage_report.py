@@ -29,7 +29,7 @@ RECORDS = [rec("r1", "key_a", "2026-05-01T10:00:00.000Z"),
 
 
 def test_by_key_counts_answered_requests_and_their_tokens_and_the_rest_as_errors() -> None:
-    rows = usage.summarize(usage.select(RECORDS + RECORDS[:2]), "key", {"key_a": "ci"})
+    rows = usage.summarize(RECORDS + RECORDS[:2], "key", {"key_a": "ci"})
     assert rows == [
         {"key_name": "b", "key_id": "key_b", "requests": 1, "prompt_tokens": 1,
          "completion_tokens": 1, "errors": 1},
@@ -40,16 +40,21 @@ def test_by_key_counts_answered_requests_and_their_tokens_and_the_rest_as_errors
 def test_the_window_and_days_are_utc_and_an_until_date_includes_its_day() -> None:
     since, until = usage.parse_when("2026-05-01"), usage.parse_when("2026-05-01", end=True)
     assert since == datetime(2026, 5, 1, tzinfo=timezone.utc)
-    assert [r["id"] for r in usage.select(RECORDS, since, until)] == ["r1", "r2"]
-    later = usage.parse_when("2026-05-02T04:00:00+02:00")  # 02:00 UTC
-    assert [r["id"] for r in usage.select(RECORDS, later)] == ["r4", "r5"]
-    days = usage.summarize(usage.select(RECORDS), "day")
+    (day,) = usage.summarize(RECORDS, "day", since=since, until=until)
+    assert (day["day"], day["requests"], day["completion_tokens"]) == ("2026-05-01", 2, 10)
+    later = usage.parse_when("2026-05-02T04:00:00+02:00")  # 02:00 UTC: r4 and r5
+    assert [(d["day"], d["requests"], d["errors"]) for d in usage.summarize(
+        RECORDS, "day", since=later)] == [("2026-05-02", 0, 1), ("2026-05-03", 0, 1)]
+    days = usage.summarize(RECORDS, "day")
     assert [(d["day"], d["requests"], d["errors"]) for d in days] == [
         ("2026-05-01", 2, 0), ("2026-05-02", 1, 1), ("2026-05-03", 0, 1)]
+    # a record's day is its UTC day, whatever offset its time was written with
+    assert usage.summarize([rec("r9", "key_a", "2026-05-02T01:00:00+02:00")], "day")[0][
+        "day"] == "2026-05-01"
 
 
 def test_csv_has_the_columns_of_the_json() -> None:
-    rows = usage.summarize(usage.select(RECORDS), "key")
+    rows = usage.summarize(RECORDS, "key")
     parsed = list(csv.DictReader(io.StringIO(usage.to_csv(rows, "key"))))
     assert [{k: str(v) for k, v in r.items()} for r in rows] == parsed
 
@@ -68,7 +73,29 @@ def test_sums_are_the_sums_of_the_records_whatever_is_read_twice(
     records = [rec(f"r{i}", f"key_{k}", "2026-05-01T00:00:00Z", s, p, c)
                for i, (k, p, c, s, _) in enumerate(made)]
     read = [r for r, (*_, times) in zip(records, made, strict=True) for _ in range(times)]
-    rows = usage.summarize(usage.select(read), "key")
+    rows = usage.summarize(read, "key")
     assert sum(r["requests"] + r["errors"] for r in rows) == len(records)
     assert sum(r["completion_tokens"] for r in rows) == sum(
         r["completion_tokens"] for r in records if r["status"] == 200)
+
+
+def test_the_operators_own_requests_are_not_the_companys_usage() -> None:
+    """The operator key (health gates, usage reads) is hidden by `keys list`; its requests
+    must not appear in the sums either, by name or by the id the key file gives it."""
+    records = [*RECORDS, rec("g1", "key_op", "2026-05-01T11:00:00Z"),
+               {**rec("g2", "key_gate", "2026-05-01T12:00:00Z"), "key_name": "weightship-operator"}]
+    rows = usage.summarize(records, "key", {"key_op": "weightship-operator"})
+    assert [r["key_id"] for r in rows] == ["key_a", "key_b"]
+    assert sum(d["requests"] + d["errors"] for d in usage.summarize(records, "day",
+                                                                      {"key_op": "weightship-operator"})) == 5
+
+
+@pytest.mark.parametrize("field,value", [("prompt_tokens", "12"), ("completion_tokens", -1),
+                                         ("status", "200"), ("completion_tokens", True),
+                                         ("status", None)])
+def test_a_record_holding_something_else_is_a_typed_error(field: str, value: Any) -> None:
+    from weightship.errors import UsageRecordError
+
+    with pytest.raises(UsageRecordError) as e:
+        usage.summarize([{**rec("r1", "key_a", "2026-05-01T10:00:00Z"), field: value}], "key")
+    assert f"'r1': {field} is not a whole number" in str(e.value) and e.value.exit_code == 1

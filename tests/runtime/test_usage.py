@@ -266,6 +266,26 @@ def test_usage_route_is_for_usage_keys_only(metered: Metered) -> None:
     assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
     served = {json.loads(line)["id"] for line in r.text.splitlines()}
     assert served == set(metered.records())
+    # ... only those that finished in [since, until), picked by the server
+    times = sorted(r["time"] for r in metered.records().values())
+    middle = times[len(times) // 2]
+    r = httpx.get(url, params={"since": middle}, timeout=30,
+                  headers={"X-Weightship-Key": metered.secrets["operator"]})
+    assert r.status_code == 200
+    assert sorted(json.loads(line)["time"] for line in r.text.splitlines()) == [
+        t for t in times if t >= middle]
+    r = httpx.get(url, params={"since": times[0], "until": middle}, timeout=30,
+                  headers={"X-Weightship-Key": metered.secrets["operator"]})
+    assert sorted(json.loads(line)["time"] for line in r.text.splitlines()) == [
+        t for t in times if t < middle]
+    r = httpx.get(url, params={"since": "yesterday"}, timeout=30,
+                  headers={"X-Weightship-Key": metered.secrets["operator"]})
+    assert r.status_code == 400 and "since='yesterday'" in r.json()["error"]["message"]
+    # which key file the server loaded: for the operator only
+    assert httpx.get(metered.srv.url + "/v1/keys", timeout=30, headers={
+        "Authorization": f"Bearer {metered.secrets['alice']}"}).status_code == 403
+    assert set(httpx.get(metered.srv.url + "/v1/keys", timeout=30, headers={
+        "X-Weightship-Key": metered.secrets["operator"]}).json()) == {"digest", "keys"}
     # the operator's key reads usage and nothing else
     with pytest.raises(openai.PermissionDeniedError):
         metered.client("operator").completions.create(model=NAME, prompt="x", max_tokens=1)

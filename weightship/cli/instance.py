@@ -369,27 +369,35 @@ def usage(name: Name,
                                                     "time (exclusive).")] = None,
           by: Annotated[str, typer.Option("--by", help="key or day.")] = "key",
           csv_flag: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+          partial: Annotated[bool, typer.Option(
+              "--partial", help="Sum what could be read when some replicas or hosts could not "
+              "be (named on stderr; with --json the output is {\"rows\", \"unreached\"}) "
+              "instead of failing.")] = False,
           on: On = None, inventory: Inventory = None, context: Context = None,
           json_flag: JsonOption = False) -> None:
     """Sum the usage records of every replica of an instance: requests, prompt and completion
-    tokens (of the requests answered 200) and errors, per key or per day.
+    tokens (of the requests answered 200) and errors, per key or per day. Exits 1 when some
+    replica or host holds records that could not be read, unless --partial.
 
     Examples:
 
     \b
       weightship instance usage acme --since 2026-05-01 --until 2026-05-31
       weightship instance usage acme --by day --csv > acme-may.csv
+      weightship instance usage acme --partial --json | jq .unreached
     """
-    from weightship.errors import UsageError
+    from weightship.errors import UsageError, UsageIncompleteError
     from weightship.instances import usage as report
 
     if by not in report.FIELDS:
         raise UsageError(f"--by must be key or day, not {by!r}")
     start, end = report.parse_when(since), report.parse_when(until, end=True)
-    target = _target(on, inventory, context)
+    target = _target(on, inventory, context, since=start, until=end)
+    names = {k.id: k.name for k in target.read_keys(name).keys}
     read = target.usage_records(name)
-    names = {k.id: k.name for k in target.read_keys(name).keys} if by == "key" else {}
-    rows = report.summarize(report.select(read.records, start, end), by, names)
+    rows = report.summarize(read.all(), by, names, since=start, until=end)
+    if read.unreached and not partial:
+        raise UsageIncompleteError(name, read.unreached)
     for where in read.unreached:
         stderr.print(f"warning: not read: {where}; its records are not in these sums",
                      highlight=False, markup=False)
@@ -403,4 +411,5 @@ def usage(name: Name,
             table.add_row(*(str(r[f]) for f in report.FIELDS[by]))
         console.print(table)
 
-    emit(rows, human, json_flag=json_flag)
+    emit({"rows": rows, "unreached": read.unreached} if partial else rows, human,
+         json_flag=json_flag)

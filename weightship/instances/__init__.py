@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from weightship.errors import UsageError
@@ -34,6 +35,8 @@ class TargetOptions:
     allow_from: tuple[str, ...] = ("ingress-nginx",)  # namespaces that may reach the API port
     admin_from: tuple[str, ...] | None = None  # CIDRs of the API server (None: look them up)
     keys_wait: float = 10.0  # seconds for every server to load a new key file
+    since: datetime | None = None  # the usage records to read: those finished in [since, until)
+    until: datetime | None = None
     # on-prem nodes
     inventory: Path | None = None
     hosts: tuple[str, ...] = ()
@@ -48,7 +51,7 @@ def _k8s(options: TargetOptions) -> Target:
     return K8sTarget(context=options.context, chart=options.chart,
                      value_files=options.value_files, sets=options.sets,
                      allow_from=options.allow_from, admin_from=options.admin_from,
-                     keys_wait=options.keys_wait)
+                     keys_wait=options.keys_wait, usage_window=(options.since, options.until))
 
 
 def _nodes(options: TargetOptions) -> Target:

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import time
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,10 @@ class K8sTarget:
                  value_files: tuple[Path, ...] = (), sets: tuple[str, ...] = (),
                  allow_from: tuple[str, ...] = ("ingress-nginx",),
                  admin_from: tuple[str, ...] | None = None,
-                 keys_wait: float = servers.KEYS_WAIT) -> None:
+                 keys_wait: float = servers.KEYS_WAIT,
+                 usage_window: tuple[datetime | None, datetime | None] = (None, None)) -> None:
         self.context, self.chart = context, chart
+        self.usage_window = usage_window  # [since, until) of the usage records to read
         self.keys_wait = keys_wait  # seconds for every server to load a new key file
         self.value_files, self.sets = value_files, sets
         self.allow_from, self.admin_from = list(allow_from), admin_from
@@ -326,4 +329,5 @@ class K8sTarget:
 
     def usage_records(self, name: str) -> UsageRead:
         self._namespace(name)
-        return servers.usage_records(self.cluster, name)
+        since, until = self.usage_window
+        return servers.usage_records(self.cluster, name, since=since, until=until)

@@ -19,10 +19,17 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 from weightship.deploy.k8s.cluster import Cluster
-from weightship.errors import ClusterConflictError, InstanceError, KeysNotLoadedError
+from weightship.errors import (
+    ClusterConflictError,
+    ClusterUnreachableError,
+    InstanceError,
+    KeysNotLoadedError,
+)
 from weightship.instances import k8s_objects as objs
 from weightship.instances.target import UsageRead
 from weightship.runtime.keys import KeyFile, key_hash, parse_hashed
@@ -131,29 +138,63 @@ def wait_for_keys(cluster: Cluster, name: str, digest: str, wait: float) -> None
         time.sleep(0.2)
 
 
-def usage_records(cluster: Cluster, name: str) -> UsageRead:
-    """Every usage record of every running server pod (see the module docstring)."""
+def _claim(pod: Obj) -> str | None:
+    """The claim a server pod keeps its weights and usage log on (its ``models`` volume)."""
+    for volume in (pod.get("spec") or {}).get("volumes") or []:
+        if volume.get("name") == "models":
+            return (volume.get("persistentVolumeClaim") or {}).get("claimName")
+    return None
+
+
+def usage_records(cluster: Cluster, name: str, *, since: datetime | None = None,
+                  until: datetime | None = None) -> UsageRead:
+    """The usage records of every running server pod that finished in [since, until) (the
+    window is applied by each server), read while they arrive (see the module docstring).
+
+    Once they are consumed, ``unreached`` names what holds records that were not read: a pod
+    that did not answer (or whose answer was cut short), and each of the instance's claims
+    that no pod read mounts (a paused or scaled-down replica's, or a shared claim while no
+    pod runs); a pod that is not running but shares a claim that was read is not missing."""
     operator_key, _ = secret_text(cluster, name, objs.OPERATOR_SECRET, objs.OPERATOR_FILE)
     namespace = objs.namespace_of(name)
-    read = UsageRead()
     pods = server_pods(cluster, name)
-    for pod in pods:
-        pod_name = pod["metadata"]["name"]
-        if (pod.get("status") or {}).get("phase") != "Running":
-            read.unreached.append(f"pod {pod_name} ({(pod.get('status') or {}).get('phase')})")
-            continue
-        status, data = _ask(cluster, pod, USAGE_ROUTE, operator_key, timeout=120)
-        if status != 200:
-            read.unreached.append(f"pod {pod_name} (HTTP {status})")
-            continue
-        read.sources.append(f"pod {pod_name}")
-        read.records += parse_records([data])
-    # perPodPVC: a claim models-weightship-N whose pod weightship-N is not running holds
-    # records nobody can read now
-    for claim in cluster.items(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims",
-                               selector=f"app.kubernetes.io/instance={name}"):
-        owner = claim["metadata"]["name"].removeprefix("models-")
-        if owner.startswith(objs.FULLNAME + "-") and owner not in {
-                p["metadata"]["name"] for p in pods}:
-            read.unreached.append(f"claim {claim['metadata']['name']} (pod {owner} not running)")
+    claims = [c["metadata"]["name"] for c in cluster.items(
+        f"/api/v1/namespaces/{namespace}/persistentvolumeclaims",
+        selector=f"app.kubernetes.io/instance={name}")]
+    window = {k: v.isoformat() for k, v in (("since", since), ("until", until)) if v}
+    read = UsageRead()
+
+    def stream() -> Iterator[Obj]:
+        read_claims: set[str | None] = set()
+        missing: list[tuple[Obj, str]] = []
+        for pod in pods:
+            phase = (pod.get("status") or {}).get("phase")
+            if phase != "Running":
+                missing.append((pod, str(phase)))
+                continue
+            meta = pod["metadata"]
+            path = (f"/api/v1/namespaces/{namespace}/pods/{meta['name']}:{_port(pod)}"
+                    f"/proxy{USAGE_ROUTE}")
+            try:
+                with cluster.stream(path, query=window, timeout=120, headers={
+                        "X-Weightship-Key": operator_key,
+                        "Accept": "application/x-ndjson"}) as (status, pieces):
+                    if status != 200:
+                        missing.append((pod, f"HTTP {status}"))
+                        continue
+                    yield from parse_records(pieces)
+            except ClusterUnreachableError as e:
+                missing.append((pod, f"cut short: {e}"))
+                continue
+            read.sources.append(f"pod {meta['name']}")
+            read_claims.add(_claim(pod))
+        for pod, why in missing:
+            claim = _claim(pod)
+            if claim is None or claim not in read_claims:
+                read.unreached.append(f"pod {pod['metadata']['name']} ({why})")
+                read_claims.add(claim)  # named once, by its pod
+        read.unreached += [f"claim {c} (no running pod mounts it)" for c in claims
+                           if c not in read_claims]
+
+    read.stream = stream()
     return read

@@ -10,6 +10,7 @@ and usage reports (:mod:`weightship.instances.usage`) — work on any target thr
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -57,12 +58,21 @@ class InstanceSpec:
 
 @dataclass
 class UsageRead:
-    """The usage records of an instance, from every replica or host that answered."""
+    """The usage records of an instance, from every replica or host that answered.
+
+    A target gives the records it read whole in ``records``, or those it reads as they arrive
+    in ``stream`` (an iterator, consumed once, by :meth:`all`); ``sources`` and ``unreached``
+    are complete once the records have all been consumed."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # replicas/hosts read
     unreached: list[str] = field(default_factory=list)  # replicas/hosts that hold records but
     # could not be read now (a paused or scaled-down replica's volume), with why
+    stream: Iterable[dict[str, Any]] = ()
+
+    def all(self) -> Iterator[dict[str, Any]]:
+        yield from self.records
+        yield from self.stream
 
 
 class Target(Protocol):

@@ -42,6 +42,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -299,8 +300,9 @@ class Meter:
                                 "keys": len(ring.entries) if ring else 0})
 
     async def _usage(self, scope: Scope, send: Send) -> None:
-        """``GET /v1/usage``: the records of every usage log beside this server's, as JSON
-        lines, streamed from disk."""
+        """``GET /v1/usage[?since=ISO&until=ISO]``: the records of every usage log beside this
+        server's that finished in [since, until), as JSON lines, streamed from disk (the
+        lines are picked on a worker thread, a block at a time)."""
         if scope["method"] != "GET":
             await reply(send, 405, error_body("use GET"))
             return
@@ -308,10 +310,56 @@ class Meter:
             await reply(send, 404, error_body("this server keeps no usage log (--usage-log)",
                                               code="no_usage_log"))
             return
+        try:
+            since, until = window_of(scope.get("query_string", b""))
+        except ValueError as e:
+            await reply(send, 400, error_body(str(e), param="since"))
+            return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/x-ndjson")]})
         for path in await asyncio.to_thread(log_files, self.log.path.parent):
-            chunks = complete_lines(path)
-            while chunk := await asyncio.to_thread(next, chunks, b""):
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            blocks = (select_lines(block, since, until) for block in complete_lines(path))
+            while (block := await asyncio.to_thread(next, blocks, None)) is not None:
+                if block:
+                    await send({"type": "http.response.body", "body": block, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def record_time(record: dict[str, Any]) -> datetime | None:
+    """When ``record`` finished (UTC), or ``None`` when its ``time`` does not parse."""
+    try:
+        parsed = datetime.fromisoformat(str(record["time"]))
+    except (KeyError, ValueError):
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def window_of(query_string: bytes) -> tuple[datetime | None, datetime | None]:
+    """``since`` and ``until`` of a ``/v1/usage`` query (ISO 8601; UTC unless they say)."""
+    out: list[datetime | None] = []
+    params = parse_qs(query_string.decode("latin-1"))
+    for name in ("since", "until"):
+        text = (params.get(name) or [""])[-1]
+        try:
+            when = datetime.fromisoformat(text) if text else None
+        except ValueError:
+            raise ValueError(f"{name}={text!r} is not an ISO 8601 date-time") from None
+        out.append(when.replace(tzinfo=timezone.utc) if when and not when.tzinfo else when)
+    return out[0], out[1]
+
+
+def select_lines(block: bytes, since: datetime | None, until: datetime | None) -> bytes:
+    """The lines of ``block`` (whole lines of a usage log) whose records finished in
+    [since, until); all of them when there is no window."""
+    if since is None and until is None:
+        return block
+    kept = []
+    for line in block.splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        when = record_time(record) if isinstance(record, dict) else None
+        if when is not None and (since is None or when >= since) and (until is None or when < until):
+            kept.append(line)
+    return b"".join(kept)

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +59,47 @@ class Cluster:
         except HTTPError as e:
             raise ClusterUnreachableError(f"cannot reach the Kubernetes API: {e}",
                                           hint="check KUBECONFIG / --context") from None
+
+    @contextlib.contextmanager
+    def stream(self, path: str, *, headers: dict[str, str] | None = None,
+               query: dict[str, str] | None = None, timeout: float | None = None,
+               ) -> Iterator[tuple[int, Iterator[bytes]]]:
+        """GET ``path`` with its body read a piece at a time, as it arrives: (HTTP status, the
+        pieces). A network failure, also midway, raises :class:`ClusterUnreachableError`."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        header_params = {"Accept": "application/json", **(headers or {})}
+        params = list((query or {}).items())
+        try:
+            if hasattr(self.api, "param_serialize"):  # kubernetes >= 37 (see _call)
+                method_, url, headers_, body_, post = self.api.param_serialize(
+                    method="GET", resource_path=path, query_params=params,
+                    header_params=header_params, auth_settings=["BearerToken"])
+                raw = self.api.call_api(method_, url, header_params=headers_, body=body_,
+                                        post_params=post, _request_timeout=timeout).response
+            else:
+                raw = self.api.call_api(path, "GET", query_params=params,
+                                        header_params=header_params, auth_settings=["BearerToken"],
+                                        _return_http_data_only=True, _preload_content=False,
+                                        _request_timeout=timeout)
+        except ApiException as e:
+            yield int(e.status or 0), iter(())
+            return
+        except HTTPError as e:
+            raise ClusterUnreachableError(f"cannot reach the Kubernetes API: {e}",
+                                          hint="check KUBECONFIG / --context") from None
+
+        def pieces() -> Iterator[bytes]:
+            try:
+                yield from raw.stream(1 << 16)
+            except HTTPError as e:
+                raise ClusterUnreachableError(f"GET {path} was cut short: {e}") from None
+
+        try:
+            yield int(raw.status), pieces()
+        finally:
+            raw.release_conn()
 
     def _call(self, method: str, path: str, body: Any, headers: dict[str, str],
               query: list[tuple[str, str]], timeout: float | None) -> tuple[int, bytes]:
