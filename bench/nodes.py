@@ -77,7 +77,7 @@ def synthetic_model(hub: Path, mib: int) -> str:
     repo.mkdir(parents=True, exist_ok=True)
     for name, data in tiny_files(arch, seed=7, layout="hf").items():
         (repo / name).write_bytes(data)
-    create_for_directory(repo, name="bench-synth")
+    create_for_directory(repo, name="bench-synth").write(repo)
     return "hf://bench/synth"
 
 
