@@ -5,9 +5,14 @@ machines (no container engine, no server binaries in any registry). It is generi
 resource kinds: a table of built-in kinds plus any kind a CustomResourceDefinition adds, each
 stored the same way (uid, resourceVersion, generation, namespaces, label and field selectors,
 merge / JSON / strategic-merge patches and server-side apply with field pruning per manager,
-garbage collection by ownerReferences). A small "controller" gives workloads the status the
-real controllers would, after a delay: the same rule for every object of a kind, never
-scripted per test.
+garbage collection by ownerReferences, ``metadata.finalizers``). A small "controller" gives
+workloads the status the real controllers would, after a delay: the same rule for every object
+of a kind, never scripted per test.
+
+Finalizers, for every kind: deleting an object whose ``metadata.finalizers`` is not empty only
+marks it (``deletionTimestamp``; a Namespace's phase turns ``Terminating``, its contents are
+deleted as the namespace controller would, and nothing new may be created in it); the object
+goes once a write leaves its finalizers empty.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ BUILTIN_KINDS = [
     _k("v1", "ConfigMap", "configmaps", status=False),
     _k("v1", "ServiceAccount", "serviceaccounts", status=False),
     _k("v1", "PersistentVolumeClaim", "persistentvolumeclaims"),
+    _k("v1", "PersistentVolume", "persistentvolumes", namespaced=False),
     _k("v1", "Event", "events", status=False),
     _k("v1", "ResourceQuota", "resourcequotas"),
     _k("v1", "LimitRange", "limitranges", status=False),
@@ -344,8 +350,12 @@ class Store:
                 raise ApiError(422, "Invalid", f"{kind.kind}: metadata.name: Required value")
             if kind.namespaced:
                 meta["namespace"] = ns = meta.get("namespace") or ns
-                if ("", ns) not in self._bucket(self.kinds[("", "v1", "namespaces")]):
+                namespace = self._bucket(self.kinds[("", "v1", "namespaces")]).get(("", ns))
+                if namespace is None:
                     raise ApiError(404, "NotFound", f'namespaces "{ns}" not found')
+                if namespace["metadata"].get("deletionTimestamp"):
+                    raise ApiError(403, "Forbidden", f'unable to create new content in namespace '
+                                                     f'{ns} because it is being terminated')
             else:
                 ns = ""
                 meta.pop("namespace", None)
@@ -387,11 +397,15 @@ class Store:
                 if k in old["metadata"]:
                     meta[k] = old["metadata"][k]
             merged["apiVersion"], merged["kind"] = kind.api_version, kind.kind
+            if old["metadata"].get("deletionTimestamp"):
+                meta["deletionTimestamp"] = old["metadata"]["deletionTimestamp"]
             if self._spec(merged) != self._spec(old):
                 meta["generation"] = old["metadata"].get("generation", 1) + 1
                 self.changed_at[meta["uid"]] = time.monotonic()
             self._bucket(kind)[key] = merged
             self._record("MODIFIED", kind, merged)
+            if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+                self._remove(kind, key[0], name)  # the last finalizer is gone
             return copy.deepcopy(merged)
 
     def patch(self, kind: Kind, ns: str, name: str, content_type: str, body: Any,
@@ -421,20 +435,39 @@ class Store:
 
     def delete(self, kind: Kind, ns: str, name: str) -> Obj:
         with self.cond:
-            obj = self._bucket(kind).pop((ns if kind.namespaced else "", name), None)
+            key = (ns if kind.namespaced else "", name)
+            obj = self._bucket(kind).get(key)
             if obj is None:
                 raise ApiError(404, "NotFound", f'{kind.plural} "{name}" not found')
+            if not obj["metadata"].get("finalizers"):
+                return self._remove(kind, ns, name)
+            if not obj["metadata"].get("deletionTimestamp"):  # marked, kept for its finalizers
+                obj["metadata"]["deletionTimestamp"] = _now()
+                if kind.kind == "Namespace":
+                    obj["status"] = {"phase": "Terminating"}
+                self._record("MODIFIED", kind, obj)
+                self._collect(kind, obj)
+            return copy.deepcopy(obj)
+
+    def _remove(self, kind: Kind, ns: str, name: str) -> Obj:
+        with self.cond:
+            obj = self._bucket(kind).pop((ns if kind.namespaced else "", name))
             self._record("DELETED", kind, obj)
             self.applied = {k: v for k, v in self.applied.items()
                             if not (k[0] == kind.plural and k[1] == (ns, name))}
-            uid = obj["metadata"]["uid"]
-            for other_kind in list(self.kinds.values()):  # garbage collection
-                for (o_ns, o_name), other in list(self._bucket(other_kind).items()):
-                    owners = other["metadata"].get("ownerReferences") or []
-                    in_ns = kind.kind == "Namespace" and o_ns == name
-                    if in_ns or any(o.get("uid") == uid for o in owners):
-                        self.delete(other_kind, o_ns, o_name)
+            self._collect(kind, obj)
             return obj
+
+    def _collect(self, kind: Kind, obj: Obj) -> None:
+        """Garbage collection: delete what ``obj`` owns (and, for a namespace, holds)."""
+        uid, name = obj["metadata"]["uid"], obj["metadata"]["name"]
+        for other_kind in list(self.kinds.values()):
+            for (o_ns, o_name), other in list(self._bucket(other_kind).items()):
+                owners = other["metadata"].get("ownerReferences") or []
+                in_ns = kind.kind == "Namespace" and o_ns == name
+                if (in_ns or any(o.get("uid") == uid for o in owners)) and \
+                        (o_ns, o_name) in self._bucket(other_kind):
+                    self.delete(other_kind, o_ns, o_name)
 
     # -- kind-specific behaviour of the real control plane -----------------------------------
 

@@ -139,3 +139,28 @@ def test_pod_proxy_reaches_the_pod_and_drops_the_api_servers_credentials(
     finally:
         pod_server.shutdown()
         pod_server.server_close()
+
+
+def test_finalizers_hold_any_object_and_a_terminating_namespace(http: httpx.Client) -> None:
+    merge = {"Content-Type": "application/merge-patch+json"}
+    cm = {"apiVersion": "v1", "kind": "ConfigMap",
+          "metadata": {"name": "held", "finalizers": ["example.com/backup"]}}
+    assert http.post(CM, json=cm).status_code == 201
+    assert http.delete(f"{CM}/held").status_code == 200
+    held = http.get(f"{CM}/held").json()
+    assert held["metadata"]["deletionTimestamp"]  # marked, still there
+    assert http.patch(f"{CM}/held", json={"metadata": {"finalizers": None}},
+                      headers=merge).is_success
+    assert http.get(f"{CM}/held").status_code == 404  # gone with its last finalizer
+
+    assert http.post(CM, json={**cm, "metadata": {"name": "inside"}}).status_code == 201
+    assert http.patch("/api/v1/namespaces/ml", json={"metadata": {"finalizers": ["x/y"]}},
+                      headers=merge).is_success
+    assert http.delete("/api/v1/namespaces/ml").status_code == 200
+    ns = http.get("/api/v1/namespaces/ml").json()
+    assert ns["status"]["phase"] == "Terminating"
+    assert http.get(f"{CM}/inside").status_code == 404  # its content is deleted meanwhile
+    assert http.post(CM, json={**cm, "metadata": {"name": "late"}}).status_code == 403
+    assert http.patch("/api/v1/namespaces/ml", json={"metadata": {"finalizers": []}},
+                      headers=merge).is_success
+    assert http.get("/api/v1/namespaces/ml").status_code == 404

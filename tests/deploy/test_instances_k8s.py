@@ -271,3 +271,74 @@ def test_dry_run_prints_every_object_and_needs_no_cluster(
     for d in docs:
         assert d["kind"] == "Namespace" or d["metadata"]["namespace"] == "wsi-acme"
         kubernetes_validate.validate(d, "1.33.0", strict=True)
+
+
+def test_create_refuses_a_host_that_another_instance_serves(
+        two_pools: FakeKube, cli: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    run_ok(cli, capsys, "create", "acme", *TINY, "--host", "api.acme.example")
+    before = cluster_state(two_pools)
+    err = refused(cli, capsys, "create", "globex", *TINY, "--host", "API.acme.example")
+    assert "host API.acme.example is already the endpoint of instance 'acme' " \
+           "(Ingress wsi-acme/weightship)" in err
+    assert cluster_state(two_pools) == before
+    run_ok(cli, capsys, "create", "globex", *TINY, "--host", "api.globex.example")
+
+
+def test_what_may_reach_the_api_port_is_checked_before_anything_is_rendered(
+        two_pools: FakeKube, cli: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    before = cluster_state(two_pools)
+    for flags, why in ((["--allow-from", ""], "--allow-from '' is not a namespace name"),
+                       (["--allow-from", "Ingress_NGINX"], "is not a namespace name"),
+                       (["--admin-from", "10.0.0.0/33"], "'10.0.0.0/33' is not a CIDR"),
+                       (["--admin-from", "10.0.0.2"], "add its prefix length (10.0.0.2/32)")):
+        assert why in refused(cli, capsys, "create", "acme", *TINY, *flags, code=2)
+        assert why in refused(cli, capsys, "create", "acme", *TINY, *flags, "--dry-run", code=2)
+    assert cluster_state(two_pools) == before
+    # a record that lost every peer (edited by hand) is never rendered as "admit anyone"
+    run_ok(cli, capsys, "create", "acme", *TINY)
+    two_pools.store.patch(two_pools.store.kind("", "v1", "namespaces"), "", "wsi-acme",
+                          "application/merge-patch+json", {"metadata": {"annotations": {
+                              "weightship.io/allow-from": "", "weightship.io/admin-from": ""}}})
+    policy = the(two_pools, "networking.k8s.io/v1", "NetworkPolicy", "wsi-acme", "weightship")
+    assert "admit anyone" in refused(cli, capsys, "scale", "acme", "--replicas", "2", code=2)
+    assert the(two_pools, "networking.k8s.io/v1", "NetworkPolicy", "wsi-acme",
+               "weightship") == policy
+
+
+def test_a_failed_first_install_leaves_nothing_and_can_be_run_again(
+        two_pools: FakeKube, cli: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    before = cluster_state(two_pools)
+    two_pools.store.stalled_kinds.add("StatefulSet")  # the pods never turn ready
+    code, out, err = cli("instance", "create", "acme", *TINY[:-3], "--timeout", "3",
+                         capsys=capsys)
+    assert code == 1 and out == "", err
+    assert cluster_state(two_pools) == before  # no namespace, Secret or node label is left
+    two_pools.store.stalled_kinds.discard("StatefulSet")
+    assert run_ok(cli, capsys, "create", "acme", *TINY)["ready"] == 1
+
+
+def test_delete_names_what_it_could_not_remove(two_pools: FakeKube, cli: Any,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    run_ok(cli, capsys, "create", "acme", *TINY)
+    # replica 0's claim is bound to a volume whose class retains it (weights, usage log)
+    two_pools.seed({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "pv-0"},
+                    "spec": {"persistentVolumeReclaimPolicy": "Retain",
+                             "capacity": {"storage": "2Gi"}}})
+    two_pools.seed({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {
+        "name": "models-weightship-0", "namespace": "wsi-acme"}, "spec": {"volumeName": "pv-0"}})
+    code, out, err = cli("instance", "delete", "acme", "--yes", capsys=capsys)
+    assert code == 1 and out == "", err
+    assert "PersistentVolume pv-0 (Retain: it holds the weights and the usage log)" in err
+    assert "wsi-acme" not in {n["metadata"]["name"] for n in two_pools.objects("v1", "Namespace")}
+
+    # a namespace that a finalizer holds (a backup tool's, say) is still there after the wait
+    run_ok(cli, capsys, "create", "globex", *TINY)
+    two_pools.store.patch(two_pools.store.kind("", "v1", "namespaces"), "", "wsi-globex",
+                          "application/merge-patch+json",
+                          {"metadata": {"finalizers": ["backup.example.com/snapshot"]}})
+    code, out, err = cli("instance", "delete", "globex", "--yes", "--timeout", "2",
+                         capsys=capsys)
+    assert code == 1 and out == "", err
+    assert "namespace wsi-globex (Terminating, held by backup.example.com/snapshot)" in err
+    assert not [n for n in two_pools.objects("v1", "Node")
+                if (n["metadata"].get("labels") or {}).get(DEDICATED) == "globex"]

@@ -54,6 +54,7 @@ from weightship.runtime.keys import KeyFile, utc_now
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 Objs = list[Obj]  # (the class below has a method called list)
+Lines = list[str]
 SELECTOR = "app.kubernetes.io/managed-by=weightship," + objs.INSTANCE
 
 
@@ -220,19 +221,56 @@ class K8sTarget:
         mine, failures = dedicated_nodes(nodes, spec.name)
         planned_nodes = [labelled(n, spec.name) if n["metadata"]["name"] in mine else n
                          for n in nodes]
+        failures += self._host_taken(spec.host)
         failures += preflight.check(self.cluster, namespace, p.effective,
                                     p.rendered.objects + own, new_namespace=own[0],
                                     nodes=planned_nodes)
         if failures:
             raise PreflightError(failures)
-        for node in mine:
-            self._label_node(node, spec.name)
-        for obj in own:
-            self.cluster.apply(obj)
-        with Releases(namespace, context=self.context) as releases:
-            releases.deploy(p.chart, spec.name, p.values, wait=wait, timeout=timeout,
-                            description="weightship instance create")
+        try:
+            for node in mine:
+                self._label_node(node, spec.name)
+            for obj in own:
+                self.cluster.apply(obj)
+            with Releases(namespace, context=self.context) as releases:
+                releases.deploy(p.chart, spec.name, p.values, wait=wait, timeout=timeout,
+                                description="weightship instance create")
+        except (Exception, KeyboardInterrupt) as e:
+            self._undo_create(spec.name, e)
+            raise
         return self.show(spec.name)
+
+    def _host_taken(self, host: str | None) -> Lines:
+        """Why ``host`` cannot be this instance's: an Ingress of another instance serves it."""
+        if not host:
+            return []
+        problems = []
+        for ns in self.cluster.items("/api/v1/namespaces", selector=SELECTOR):
+            other = ns["metadata"]["labels"][objs.INSTANCE]
+            for ingress in self.cluster.items(f"/apis/networking.k8s.io/v1/namespaces/"
+                                              f"{ns['metadata']['name']}/ingresses"):
+                hosts = {str(rule.get("host") or "").lower()
+                         for rule in (ingress.get("spec") or {}).get("rules") or []}
+                if host.lower() in hosts:
+                    problems.append(f"host {host} is already the endpoint of instance {other!r} "
+                                    f"(Ingress {ns['metadata']['name']}/"
+                                    f"{ingress['metadata']['name']}): pick another --host")
+        return problems
+
+    def _undo_create(self, name: str, failure: BaseException) -> None:
+        """Remove what a create that failed had made, so that running it again works."""
+        log.error("creating instance %s failed (%s); removing what it made", name, failure)
+        try:
+            leftovers = self._teardown(name, timeout=120)
+        except Exception as e:
+            raise InstanceError(f"creating instance {name!r} failed ({failure}), and removing "
+                                f"what it made failed too ({e})",
+                                hint=f"remove it: weightship instance delete {name} --yes") from e
+        if leftovers:
+            raise InstanceError(f"creating instance {name!r} failed ({failure}); these remain: "
+                                + ", ".join(leftovers),
+                                hint=f"remove them: weightship instance delete {name} --yes, or "
+                                     "by hand") from failure
 
     def _label_node(self, node: str, value: str | None) -> None:
         self.cluster.write("PATCH", f"/api/v1/nodes/{node}",
@@ -296,7 +334,21 @@ class K8sTarget:
 
     def delete(self, name: str, *, timeout: float) -> Info:
         self._namespace(name)
+        leftovers = self._teardown(name, timeout=timeout)
+        if leftovers:
+            raise InstanceLeftoversError(name, leftovers)
+        return {"name": name, "target": self.kind, "deleted": True,
+                "namespace": objs.namespace_of(name)}
+
+    def _teardown(self, name: str, *, timeout: float) -> Lines:
+        """Remove the release, the namespace and the node labels of instance ``name``, wait up
+        to ``timeout`` seconds for them to go, and return what is left: the namespace (held by
+        a finalizer), a node label, or a PersistentVolume of one of its claims (a ``Retain``
+        volume keeps the weights and the usage log; one that is deleted is waited for)."""
         namespace = objs.namespace_of(name)
+        volumes = sorted({str((c.get("spec") or {}).get("volumeName") or "") for c in
+                          self.cluster.items(f"/api/v1/namespaces/{namespace}/"
+                                             "persistentvolumeclaims")} - {""})
         with Releases(namespace, context=self.context) as releases:
             if releases.history(name):
                 releases.uninstall(name, wait=True, timeout=timeout)
@@ -304,17 +356,28 @@ class K8sTarget:
         for node in self.cluster.items("/api/v1/nodes", selector=f"{objs.DEDICATED}={name}"):
             self._label_node(node["metadata"]["name"], None)
         deadline = time.monotonic() + timeout
-        while self.cluster.get(f"/api/v1/namespaces/{namespace}") is not None:
-            if time.monotonic() > deadline:
+        while True:
+            ns = self.cluster.get(f"/api/v1/namespaces/{namespace}")
+            kept = {v: pv for v in volumes
+                    if (pv := self.cluster.get(f"/api/v1/persistentvolumes/{v}")) is not None}
+            going = [v for v, pv in kept.items()
+                     if (pv.get("spec") or {}).get("persistentVolumeReclaimPolicy") != "Retain"]
+            if (ns is None and not going) or time.monotonic() > deadline:
                 break
             time.sleep(1)
-        leftovers = [f"namespace {namespace}"] if self.cluster.get(
-            f"/api/v1/namespaces/{namespace}") is not None else []
+        leftovers = []
+        if ns is not None:
+            held = ", ".join(ns["metadata"].get("finalizers") or []) or "its contents"
+            leftovers.append(f"namespace {namespace} ({(ns.get('status') or {}).get('phase')}, "
+                             f"held by {held})")
         leftovers += [f"node {n['metadata']['name']} label {objs.DEDICATED}"
-                      for n in self.cluster.items("/api/v1/nodes", selector=f"{objs.DEDICATED}={name}")]
-        if leftovers:
-            raise InstanceLeftoversError(name, leftovers)
-        return {"name": name, "target": self.kind, "deleted": True, "namespace": namespace}
+                      for n in self.cluster.items("/api/v1/nodes",
+                                                  selector=f"{objs.DEDICATED}={name}")]
+        for volume, pv in kept.items():
+            policy = (pv.get("spec") or {}).get("persistentVolumeReclaimPolicy")
+            leftovers.append(f"PersistentVolume {volume} ({policy}: it holds the weights and "
+                             "the usage log)")
+        return leftovers
 
     # -- keys and usage (k8s_servers.py) --------------------------------------------------------
 

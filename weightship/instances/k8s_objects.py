@@ -20,11 +20,14 @@ An instance ``NAME`` owns:
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 from fractions import Fraction
 from typing import Any
 
 from weightship.deploy.k8s.policy import pod_spec
+from weightship.errors import UsageError
 
 Obj = dict[str, Any]
 
@@ -94,10 +97,37 @@ def toleration(name: str) -> Obj:
     return {"key": DEDICATED, "operator": "Equal", "value": name, "effect": "NoSchedule"}
 
 
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def check_peers(allow_from: list[str], admin_from: list[str]) -> None:
+    """Refuse what may reach an instance's API port unless it is namespace names
+    (``--allow-from``) and CIDRs (``--admin-from``), at least one of them: the chart's
+    NetworkPolicy with no peer at all admits anyone."""
+    bad = [f"--allow-from {ns!r} is not a namespace name" for ns in allow_from
+           if not _NAMESPACE.match(ns)]
+    for cidr in admin_from:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            bad.append(f"--admin-from {cidr!r} is not a CIDR (like 10.0.0.2/32)")
+        else:
+            if "/" not in cidr:
+                bad.append(f"--admin-from {cidr!r} is not a CIDR: add its prefix length "
+                           f"({cidr}/{128 if ':' in cidr else 32})")
+    if bad:
+        raise UsageError("; ".join(bad))
+    if not allow_from and not admin_from:
+        raise UsageError("nothing may reach the instance's API port: an empty --allow-from "
+                         "would make its NetworkPolicy admit anyone",
+                         hint="name the ingress controller's namespace: --allow-from NS")
+
+
 def chart_overrides(name: str, *, replicas: int, gpus: int, host: str | None,
                     tls_secret: str | None, version: str | None, storage_mode: str,
                     allow_from: list[str], admin_from: list[str]) -> Obj:
     """The values an instance holds over the user's -f/--set (see the module docstring)."""
+    check_peers(allow_from, admin_from)
     peers: list[Obj] = [{"namespaceSelector": {"matchLabels": {
         "kubernetes.io/metadata.name": ns}}} for ns in allow_from]
     peers += [{"ipBlock": {"cidr": cidr}} for cidr in admin_from]
