@@ -145,6 +145,8 @@ def chart_overrides(name: str, *, replicas: int, gpus: int, host: str | None,
         "serviceAccount": {"automountToken": False},
         "networkPolicy": {"enabled": True, "allowedFrom": peers},
         "commonLabels": {INSTANCE: name},
+        # Prometheus scrapes /metrics with the operator key: the hashed key file has none to send
+        "metrics": {"serviceMonitor": {"keySecret": {"name": OPERATOR_SECRET, "key": OPERATOR_FILE}}},
         "ingress": {"enabled": bool(host), "hosts": [host] if host else [],
                     "tls": [{"secretName": tls_secret, "hosts": [host]}] if tls_secret else []},
     }

@@ -188,6 +188,26 @@ only with storage.mode=nodeCache, whose hostPath already needs a privileged name
 {{- end }}
 {{- end }}
 
+{{/* With usageLog.enabled: an init container that makes .usage on the model volume, as the
+chart's uid, so that the server can mount that directory alone, writable (the kubelet would
+make a missing subPath as root, where the server could not write). */}}
+{{- define "weightship.usageDir" -}}
+{{- if .Values.usageLog.enabled }}
+- name: usage-dir
+  image: {{ include "weightship.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["mkdir", "-p", "/models/.usage"]
+  securityContext:
+    {{- include "weightship.containerSecurityContext" . | nindent 4 }}
+  resources:
+    requests: {cpu: 10m, memory: 16Mi}
+    limits: {memory: 64Mi}
+  volumeMounts:
+    - name: models
+      mountPath: /models
+{{- end }}
+{{- end }}
+
 {{/* The serving pod template (metadata + spec). */}}
 {{- define "weightship.serverPodTemplate" -}}
 metadata:
@@ -238,7 +258,7 @@ spec:
         matchLabels:
           {{- include "weightship.serverSelectorLabels" . | nindent 10 }}
   {{- end }}
-  {{- $init := printf "%s\n%s" (include "weightship.prepareNodeCache" .) (include "weightship.fetchContainer" .) | trim }}
+  {{- $init := printf "%s\n%s\n%s" (include "weightship.prepareNodeCache" .) (include "weightship.fetchContainer" .) (include "weightship.usageDir" .) | trim }}
   {{- with $init }}
   initContainers:
     {{- . | nindent 4 }}

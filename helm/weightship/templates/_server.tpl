@@ -29,7 +29,7 @@
     {{- end }}
     {{- if .Values.usageLog.enabled }}
     - --usage-log
-    - /var/lib/weightship/volume/.usage/$(POD_NAME).jsonl
+    - /var/lib/weightship/usage/$(POD_NAME).jsonl
     {{- end }}
     {{- range .Values.serve.extraArgs }}
     - {{ . | quote }}
@@ -105,8 +105,9 @@
       readOnly: true
     {{- end }}
     {{- if .Values.usageLog.enabled }}
-    {{- /* the model volume again, writable, for the usage log beside the weights */}}
+    {{- /* only the usage directory of the model volume is writable (see weightship.usageDir) */}}
     - name: models
-      mountPath: /var/lib/weightship/volume
+      mountPath: /var/lib/weightship/usage
+      subPath: .usage
     {{- end }}
 {{- end }}
