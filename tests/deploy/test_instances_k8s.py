@@ -89,9 +89,11 @@ def test_two_companies_each_on_their_own_nodes(two_pools: FakeKube, cli: Any,
     ingress = Endpoint("10.244.9.1", "ingress-nginx", {"app": "ingress-nginx"})
     assert admits(policies, ingress, acme_pod, port)
     assert admits(policies, Endpoint(API_SERVER_IP), acme_pod, port)  # /v1/usage via pod proxy
-    assert not admits(policies, globex_pod, acme_pod, port)
-    assert not admits(policies, globex_pod, acme_pod, 53, "UDP")
-    assert not admits(policies, acme_pod, globex_pod, globex_pod.ports["http"])
+    # nothing of one company reaches the other's pods, on any port of any protocol
+    for protocol in ("TCP", "UDP", "SCTP"):
+        for src, dst in ((globex_pod, acme_pod), (acme_pod, globex_pod)):
+            open_ports = [p for p in range(1, 65536) if admits(policies, src, dst, p, protocol)]
+            assert open_ports == [], (src.namespace, dst.namespace, protocol, open_ports[:10])
     ingress_obj = the(two_pools, "networking.k8s.io/v1", "Ingress", "wsi-acme")
     assert ingress_obj["spec"]["rules"][0]["host"] == "api.acme.example"
     assert ingress_obj["spec"]["tls"] == [{"secretName": "acme-tls", "hosts": ["api.acme.example"]}]
@@ -124,9 +126,16 @@ def test_bad_input_is_one_line_and_changes_nothing(two_pools: FakeKube, cli: Any
     assert "DNS label" in refused(cli, capsys, "create", "Acme_Corp", *TINY, code=2)
     assert "at most 40" in refused(cli, capsys, "create", "a" * 41, *TINY, code=2)
     assert "already exists" in refused(cli, capsys, "create", "acme", *TINY)
-    assert "no instance 'nope'" in refused(cli, capsys, "show", "nope")
-    assert "no instance 'nope'" in refused(cli, capsys, "keys", "add", "nope", "--key-name", "ci")
-    assert "no instance 'nope'" in refused(cli, capsys, "usage", "nope")
+    # every command that names an instance: an unknown one, and a name that is not a DNS label
+    for command in (["show"], ["scale", "--replicas", "2"], ["upgrade", "--version", "9.9.9"],
+                    ["pause"], ["resume"], ["delete", "--yes"], ["keys", "add", "--key-name", "ci"],
+                    ["keys", "list"], ["keys", "revoke", "ci"], ["usage"]):
+        at = 2 if command[0] == "keys" else 1  # where the instance's name goes
+        for name, why, code in (("nope", "no instance 'nope'", 1),
+                                ("Bad_Name", "must be a DNS label", 2),
+                                ("../wsi-acme", "must be a DNS label", 2)):
+            args = [*command[:at], name, *command[at:]]
+            assert why in refused(cli, capsys, *args, code=code), args
     assert "pass --yes" in refused(cli, capsys, "delete", "acme", code=2)
     assert "upgrade needs --model or --version" in refused(cli, capsys, "upgrade", "acme", code=2)
     # a model that needs larger volumes than the instance's claims were made with

@@ -1,6 +1,8 @@
 """``weightship instance usage`` against a real ``weightship serve`` behind the fake API server's
-pod proxy: 200 requests over three keys, the server stopped with SIGTERM while streams run and
-killed with ``kill -9`` in the middle, and the per-key sums equal what the clients were told."""
+pod proxy: over 200 requests over three keys, the server stopped with SIGTERM while streams run
+and killed with ``kill -9`` while others do: every answer a client received whole is in the log
+with the usage it was told, and the per-key sums equal what the clients were told (plus what
+the server counted of the streams the kill cut short)."""
 
 from __future__ import annotations
 
@@ -14,60 +16,88 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from fakekube import FakeKube
 from instance_helpers import TINY, run_ok, secret_text, seed_server_pod, the
 
-from tests.net import free_port
+from tests.net import free_port, wait_until
 from tests.runtime.serving import start
 from weightship.runtime.keys import load_key_file
 from weightship.runtime.runner import BackgroundServer
 from weightship.runtime.server import ServerState
-from weightship.runtime.usage import UsageLog
+from weightship.runtime.usage import UsageLog, parse_records
 
 NAME = "weightship-tiny"
 
 
 class Clients:
-    """Requests of three keys, and the sums of what each key's answers said."""
+    """Requests of three keys, and what each answer told its client: by request id
+    (``x-weightship-request-id``), the key and the ``usage`` of every answer received whole,
+    the refused ones, and the streams a killed server cut short."""
 
     def __init__(self, url: str, keys: dict[str, str]) -> None:
         self.keys = keys
         self.clients = {name: openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0,
                                             timeout=120) for name, key in keys.items()}
-        self.told: Counter[tuple[str, str]] = Counter()
+        self.received: dict[str, tuple[str, int, int]] = {}  # rid -> key, prompt, completion
+        self.refused: dict[str, str] = {}  # rid -> key
+        self.cut: set[str] = set()
         self.lock = threading.Lock()
 
-    def count(self, key: str, **amounts: int) -> None:
+    def got(self, rid: str, key: str, usage: Any) -> None:
+        assert usage is not None
         with self.lock:
-            for field, n in amounts.items():
-                self.told[(key, field)] += n
+            self.received[rid] = (key, usage.prompt_tokens, usage.completion_tokens)
+
+    def stream(self, key: str, **body: Any) -> None:
+        """A streamed completion, whose request id is known from its headers even when the
+        stream is cut short (then recorded in ``cut`` and re-raised)."""
+        rid = None
+        try:
+            with self.clients[key].completions.with_streaming_response.create(
+                    model=NAME, stream=True, stream_options={"include_usage": True},
+                    **body) as response:
+                rid = response.headers["x-weightship-request-id"]
+                usage = None
+                for chunk in response.parse():
+                    usage = chunk.usage or usage
+        except (openai.APIError, httpx.HTTPError):
+            if rid is not None:
+                with self.lock:
+                    self.cut.add(rid)
+            raise
+        self.got(rid, key, usage)
 
     def one(self, i: int) -> None:
         key = list(self.keys)[i % 3]
         client = self.clients[key]
         if i % 23 == 0:
-            with pytest.raises(openai.BadRequestError):
+            with pytest.raises(openai.BadRequestError) as refused:
                 client.completions.create(model=NAME, prompt="x", max_tokens=1, n=100)
-            self.count(key, errors=1)
-            return
-        if i % 4 == 0:
-            usage = None
-            for chunk in client.chat.completions.create(
-                    model=NAME, messages=[{"role": "user", "content": f"Question {i}?"}],
-                    max_tokens=3 + i % 5, stream=True, stream_options={"include_usage": True}):
-                usage = chunk.usage or usage
+            with self.lock:
+                self.refused[refused.value.response.headers["x-weightship-request-id"]] = key
+        elif i % 4 == 0:
+            self.stream(key, prompt=f"Question {i}?", max_tokens=3 + i % 5)
         else:
-            usage = client.completions.create(model=NAME, prompt=f"Item {i} of the list is",
-                                              max_tokens=2 + i % 7).usage
-        assert usage is not None
-        self.count(key, requests=1, prompt_tokens=usage.prompt_tokens,
-                   completion_tokens=usage.completion_tokens)
+            raw = client.completions.with_raw_response.create(
+                model=NAME, prompt=f"Item {i} of the list is", max_tokens=2 + i % 7)
+            self.got(raw.headers["x-weightship-request-id"], key, raw.parse().usage)
 
     def many(self, indexes: range) -> None:
         with ThreadPoolExecutor(6) as pool:
             list(pool.map(self.one, indexes))
+
+    def until_killed(self, worker: int, stop: threading.Event) -> None:
+        """Streams, one after another, until the server goes away under one of them."""
+        key = list(self.keys)[worker % 3]
+        while not stop.is_set():
+            try:
+                self.stream(key, prompt=f"Worker {worker} goes on", max_tokens=4 + worker,
+                            extra_body={"ignore_eos": True})
+            except (openai.APIError, httpx.HTTPError):
+                return
 
 
 def test_usage_sums_equal_the_usage_clients_were_told_across_restarts(
@@ -85,7 +115,8 @@ def test_usage_sums_equal_the_usage_clients_were_told_across_restarts(
     # record comes back twice, and must be counted once
     seed_server_pod(two_pools, "acme", "weightship-0", port)
     seed_server_pod(two_pools, "acme", "weightship-1", port)
-    serve = ("--api-key-file", key_file, "--usage-log", tmp_path / "usage" / "weightship-0.jsonl")
+    log = tmp_path / "usage" / "weightship-0.jsonl"
+    serve = ("--api-key-file", key_file, "--usage-log", log)
     url = f"http://127.0.0.1:{port}"
     clients = Clients(url, keys)
 
@@ -95,20 +126,21 @@ def test_usage_sums_equal_the_usage_clients_were_told_across_restarts(
         # SIGTERM while eight streams run: they finish (drain), and are counted once
         started = threading.Barrier(9)
 
-        def stream(i: int) -> None:
+        def drained(i: int) -> None:
             key = list(keys)[i % 3]
-            usage = None
-            for n, chunk in enumerate(clients.clients[key].completions.create(
+            with clients.clients[key].completions.with_streaming_response.create(
                     model=NAME, prompt="Drain me", max_tokens=40, stream=True,
-                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True})):
-                if n == 0:
-                    started.wait(60)
-                usage = chunk.usage or usage
+                    stream_options={"include_usage": True},
+                    extra_body={"ignore_eos": True}) as response:
+                usage = None
+                for n, chunk in enumerate(response.parse()):
+                    if n == 0:
+                        started.wait(60)
+                    usage = chunk.usage or usage
             assert usage is not None and usage.completion_tokens == 40
-            clients.count(key, requests=1, prompt_tokens=usage.prompt_tokens,
-                          completion_tokens=usage.completion_tokens)
+            clients.got(response.headers["x-weightship-request-id"], key, usage)
 
-        streams = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+        streams = [threading.Thread(target=drained, args=(i,)) for i in range(8)]
         for t in streams:
             t.start()
         started.wait(60)
@@ -116,11 +148,22 @@ def test_usage_sums_equal_the_usage_clients_were_told_across_restarts(
         for t in streams:
             t.join(120)
         assert proc.wait(60) == 0
+        assert len(clients.received) + len(clients.refused) == 68
 
+        # kill -9 while six clients stream, one stream after another: no chance to flush
         proc = start(tiny_hf_dir, port, *serve)
-        clients.many(range(60, 130))
-        proc.kill()  # kill -9: no chance to flush anything of its own
+        clients.many(range(60, 100))
+        before, stop = len(clients.received), threading.Event()
+        workers = [threading.Thread(target=clients.until_killed, args=(w, stop)) for w in range(6)]
+        for t in workers:
+            t.start()
+        wait_until(lambda: len(clients.received) >= before + 30, 120, "streams to complete")
+        proc.kill()
         proc.wait(30)
+        stop.set()
+        for t in workers:
+            t.join(60)
+        assert clients.cut, "no stream was running when the server was killed"
 
         proc = start(tiny_hf_dir, port, *serve)
         clients.many(range(130, 192))
@@ -132,22 +175,48 @@ def test_usage_sums_equal_the_usage_clients_were_told_across_restarts(
         proc.wait(30)
     assert code == 0, err
     assert "not read" not in err
+    logged = list(parse_records([log.read_bytes()]))
+    records = {r["id"]: r for r in logged}
+    assert len(records) == len(logged)  # nothing twice
+    # every answer a client received whole is in the log, with the usage it was told
+    for rid, (key, prompt, completion) in clients.received.items():
+        r = records.get(rid)
+        assert r is not None, f"{rid} was answered but is not in the log"
+        assert (r["key_name"], r["status"], r["prompt_tokens"], r["completion_tokens"]) == (
+            key, 200, prompt, completion)
+    assert all(records[rid]["status"] == 400 for rid in clients.refused)
+    # and nothing else: a stream the kill cut short may be in it (its record is written before
+    # its last chunk), never a request nobody made
+    assert set(records) - set(clients.received) - set(clients.refused) <= clients.cut
+    assert len(clients.received) + len(clients.refused) >= 200
+
+    told: Counter[tuple[str, str]] = Counter()
+    for key, prompt, completion in clients.received.values():
+        told.update({(key, "requests"): 1, (key, "prompt_tokens"): prompt,
+                     (key, "completion_tokens"): completion})
+    for key in clients.refused.values():
+        told[(key, "errors")] += 1
+    for rid in clients.cut & set(records):  # counted by the server, cut short for the client
+        r = records[rid]
+        if r["status"] == 200:
+            told.update({(r["key_name"], "requests"): 1,
+                         (r["key_name"], "prompt_tokens"): r["prompt_tokens"],
+                         (r["key_name"], "completion_tokens"): r["completion_tokens"]})
+        else:
+            told[(r["key_name"], "errors")] += 1
     rows = json.loads(out)
-    assert sum(clients.told[(k, "requests")] + clients.told[(k, "errors")] for k in keys) == 200
     assert [r["key_name"] for r in rows] == ["alice", "bob", "carol"]
     for row in rows:
         assert set(row) == {"key_name", "key_id", "requests", "prompt_tokens",
                             "completion_tokens", "errors"}
         for field in ("requests", "prompt_tokens", "completion_tokens", "errors"):
-            assert row[field] == clients.told[(row["key_name"], field)], (row, field)
+            assert row[field] == told[(row["key_name"], field)], (row, field)
     assert by_day[0] == 0
     (day,) = json.loads(by_day[1])
     assert day["requests"] == sum(r["requests"] for r in rows)
     assert day["completion_tokens"] == sum(r["completion_tokens"] for r in rows)
     assert csv_out[0] == 0 and csv_out[1].splitlines()[0] == \
         "key_name,key_id,requests,prompt_tokens,completion_tokens,errors"
-    lines = (tmp_path / "usage" / "weightship-0.jsonl").read_text().splitlines()
-    assert len({json.loads(line)["id"] for line in lines}) == len(lines) == 200
 
 
 def _server_pod_with_claim(fake: FakeKube, name: str, port: int, claim: str,
