@@ -50,7 +50,10 @@ class BackgroundServer:
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY only on accepted sockets whose
+        # proto says TCP, and without it every answer after a connection's first waited 40 ms
+        # (its body sent by Nagle's algorithm only once the client's delayed ACK came).
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
