@@ -16,10 +16,12 @@ the hosts it was given, with three things of its own on each host, beside the re
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import shlex
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,7 +32,7 @@ from weightship.deploy.nodes.inventory import Host, Inventory, load
 from weightship.deploy.nodes.layout import Paths
 from weightship.deploy.nodes.lock import HostLock
 from weightship.deploy.nodes.ssh import Node, on_hosts
-from weightship.deploy.nodes.steps import Want, agent, plan_runtime
+from weightship.deploy.nodes.steps import HostRun, Want, agent, plan_runtime
 from weightship.errors import (
     InstanceError,
     InstanceExistsError,
@@ -46,6 +48,7 @@ from weightship.runtime.keys import KeyFile, parse_hashed
 from weightship.runtime.usage import parse_records
 
 DEFAULT_PORT = 8000
+KEYS_WAIT = 10.0  # seconds: what issue 14 promises for a revoke
 T = TypeVar("T")
 Hosts = list[Host]  # (inside the class, `list` is the Target method)
 
@@ -312,6 +315,34 @@ class NodesTarget:
                 lock.release()
 
         self._raise_failures(self._on_hosts(hosts, write))
+        self._wait_for_keys(name, hosts, "sha256:" + hashlib.sha256(keys.to_text().encode()).hexdigest())
+
+    def _wait_for_keys(self, name: str, hosts: Hosts, digest: str) -> None:
+        """Until every serving host reports ``digest`` as its loaded key file (at most
+        :data:`KEYS_WAIT` seconds): a revoked key is then refused everywhere, or we say where not."""
+        paths = Paths(self.inventory.prefix, name)
+
+        async def wait(node: Node) -> bool:
+            deadline = time.monotonic() + KEYS_WAIT
+            state = await HostRun.reader(node, self.inventory, name).read_state()
+            if state.get("active") != "active":
+                return True  # paused: it reads the file when it starts
+            port = (state.get("release") or {}).get("port", DEFAULT_PORT)
+            while True:
+                loaded = await agent(node, "keys_loaded", {"port": port, "key_file": paths.operator_key},
+                                     python=self.inventory.runtime.python, step="keys loaded", timeout=30)
+                if loaded["digest"] == digest:
+                    return True
+                if time.monotonic() > deadline:
+                    return False
+                await asyncio.sleep(0.25)
+
+        lagging = [h for h, ok in self._on_hosts(hosts, wait).items() if ok is not True]
+        if lagging:
+            raise InstanceError(f"the keys of instance {name!r} were stored, but {', '.join(lagging)} did not "
+                                f"report loading them within {KEYS_WAIT:g} s",
+                                hint=f"check those hosts: weightship nodes status -i {self.inventory.path} "
+                                     f"--name {name}")
 
     def usage_records(self, name: str) -> UsageRead:
         hosts, _ = self._members(name)

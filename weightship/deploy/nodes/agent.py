@@ -173,6 +173,13 @@ def gate(args: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True, "answer": answer["choices"][0]["message"]["content"], "model": body["model"]}
 
 
+def keys_loaded(args: dict[str, Any]) -> dict[str, Any]:
+    """The digest of the key file the server has loaded (``GET /v1/keys``, asked with the
+    operator's key), or None when it does not answer."""
+    status, body = _get(f"http://127.0.0.1:{args['port']}/v1/keys", 3, _first_key(args["key_file"]))
+    return {"digest": body.get("digest") if status == 200 and isinstance(body, dict) else None}
+
+
 def ready(args: dict[str, Any]) -> dict[str, Any]:
     status, _ = _get(f"http://127.0.0.1:{args['port']}/ready", 3)
     return {"ready": status == 200}
@@ -223,7 +230,8 @@ def _journal(unit: str) -> list[str]:
     return r.stdout.splitlines()[-15:]
 
 
-VERBS = {"apps": apps, "facts": facts, "fetch": fetch, "gate": gate, "ready": ready, "state": state}
+VERBS = {"apps": apps, "facts": facts, "fetch": fetch, "gate": gate, "keys_loaded": keys_loaded, "ready": ready,
+         "state": state}
 
 
 def main(verb: str, args: dict[str, Any]) -> None:
