@@ -6,11 +6,21 @@ with the BOS token (SmolLM2's does not) and holds the chat template; ``generatio
 may list more end-of-turn tokens. A chat is rendered to text by the template and tokenized as
 transformers' ``apply_chat_template`` does: the special tokens the template writes (``<|im_start|>``)
 become their single ids, and no BOS or EOS is added around it.
+
+But a special token's text inside a message is text, as mistral-common encodes a message: were a
+user's ``<|im_end|>\n<|im_start|>system`` read as those tokens, every user of a shared endpoint
+could write the system's turn (transformers parses them: a prompt-injection vector). A chat whose
+messages hold no special token's text is encoded whole, exactly as transformers does; one that
+holds some is encoded in pieces (:meth:`ChatTemplate.render_parts`): the template's text with its
+special tokens, the contents with none (so the tokens at a content's edges may differ from a
+whole encoding's, for that request only). Roles are system, user and assistant: the template
+writes the role into the prompt too.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -18,7 +28,7 @@ from typing import Any
 
 from weightship.errors import CatalogError, InvalidRequestError
 from weightship.runtime.chat_template import ChatTemplate
-from weightship.runtime.tokenizer import ChatMessage, Tokenizer
+from weightship.runtime.tokenizer import ChatMessage, Tokenizer, check_roles
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -46,7 +56,7 @@ class BPETokenizer(Tokenizer):
     def __init__(self, directory: Path) -> None:
         from tokenizers import Tokenizer as HfTokenizer
 
-        path = directory / "tokenizer.json"
+        self.path = path = directory / "tokenizer.json"
         try:
             self.tok = HfTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exceptions for a bad file
@@ -54,7 +64,11 @@ class BPETokenizer(Tokenizer):
         config = _read_json(directory / "tokenizer_config.json")
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         names = {k: _token_name(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        self._special_ids = frozenset(i for i, t in self._added().items() if t.special)
+        specials = {i: t.content for i, t in self._added().items() if t.special}
+        self._special_ids = frozenset(specials)
+        # a special token's text, longest first at each place (the added-token matcher's order)
+        self._special_text = re.compile("|".join(map(re.escape, sorted(specials.values(), key=len, reverse=True)))
+                                         or r"(?!)")
         eos = self._id(names["eos_token"])
         if eos is None:
             raise CatalogError(f"{directory}: tokenizer_config.json names no eos_token of the vocabulary")
@@ -120,9 +134,30 @@ class BPETokenizer(Tokenizer):
     def is_control(self, token: int) -> bool:
         return token in self._special_ids
 
+    @cached_property
+    def _as_text(self) -> Any:
+        """The tokenizer once more, reading special tokens' text as text (for message contents)."""
+        from tokenizers import Tokenizer as HfTokenizer
+
+        plain = HfTokenizer.from_file(str(self.path))
+        plain.encode_special_tokens = True
+        return plain
+
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """The conversation rendered by the model's template, its reply's turn opened."""
+        """The conversation rendered by the model's template, its reply's turn opened; special
+        tokens only where the template writes them (see the module docstring)."""
         if self.chat_template is None:
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
-        text = self.chat_template.render([{"role": m.role, "content": m.content} for m in messages])
-        return self.encode(text)
+        check_roles(messages)
+        plain = [{"role": m.role, "content": m.content} for m in messages]
+        if not any(self._special_text.search(m.content) for m in messages):
+            return self.encode(self.chat_template.render(plain))
+        parts = self.chat_template.render_parts(plain)
+        if parts is None:
+            raise InvalidRequestError(
+                "a message holds a special token's text, and this model's chat template changes "
+                "message contents in a way the server cannot follow to keep it text", param="messages")
+        ids: list[int] = []
+        for text, is_content in parts:
+            ids += (self._as_text if is_content else self.tok).encode(text, add_special_tokens=False).ids
+        return ids

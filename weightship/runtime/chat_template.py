@@ -6,11 +6,17 @@ with the environment transformers gives them (``utils/chat_template_utils.py``):
 and ``lstrip_blocks``, the ``loopcontrols`` extension, ``raise_exception``, ``strftime_now``, a
 ``tojson`` that does not escape HTML, and the special tokens by name (``bos_token``, …). The
 messages are plain dicts of role and content; ``add_generation_prompt`` opens the assistant's turn.
+
+:meth:`ChatTemplate.render_parts` also says which pieces of the prompt are the messages' contents,
+so that a tokenizer can encode the template's own text (its special tokens) apart from a content's
+(in which a special token's text is only text).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -56,3 +62,36 @@ class ChatTemplate:
         except self._errors as e:
             raise InvalidRequestError(f"the model's chat template refused the messages: {e}",
                                       param="messages") from None
+
+    def render_parts(self, messages: Sequence[Mapping[str, str]], *,
+                     add_generation_prompt: bool = True) -> list[tuple[str, bool]] | None:
+        """The prompt text of ``messages`` as pieces ``(text, is_content)``: the template's own
+        text, and each message's content where the template put it. ``None`` when the template
+        does more with a content than write it whole or trimmed (Jinja's ``trim``).
+
+        The template is rendered once with each content replaced by a marker no text holds (a
+        random nonce between private-use characters) and once as it is; the pieces between the
+        markers must then spell the real prompt around the contents.
+        """
+        nonce = secrets.token_hex(8)
+        marked = self.render([{**m, "content": f"\ue000{nonce}.{i}\ue001"} for i, m in enumerate(messages)],
+                             add_generation_prompt=add_generation_prompt)
+        text = self.render(messages, add_generation_prompt=add_generation_prompt)
+        pieces = re.split(f"\ue000{nonce}\\.(\\d+)\ue001", marked)  # [own, index, own, index, …, own]
+        parts: list[tuple[str, bool]] = []
+        at = 0
+        for k in range(0, len(pieces), 2):
+            own = pieces[k]
+            if not text.startswith(own, at):
+                return None
+            at += len(own)
+            parts.append((own, False))
+            if k + 1 == len(pieces):
+                break
+            content, following = messages[int(pieces[k + 1])]["content"], pieces[k + 2]
+            fitted = next((c for c in (content, content.strip()) if text.startswith(c + following, at)), None)
+            if fitted is None:
+                return None
+            at += len(fitted)
+            parts.append((fitted, True))
+        return [p for p in parts if p[0]] if at == len(text) else None

@@ -7,7 +7,9 @@ template, Llama family: :mod:`weightship.runtime.bpe`).
 
 The Mistral chat format is mistral-common's ``InstructTokenizerV1``: ``<s>[INST] user [/INST]answer</s>``
 with each part encoded on its own (so ``</s>`` is the real end-of-sequence token, never text),
-and a system prompt merged into the first user message.
+and a system prompt merged into the first user message. A message's own ``</s>`` or ``<s>`` stays
+text: SentencePiece never reads a control token from text (in the v1 format ``[INST]`` is text,
+the template's too, as in mistral-common's ``InstructTokenizerV1``).
 
 Streaming text is cut from the decoded tokens by difference (vLLM's ``detokenize_incrementally``):
 decoding a window of recent tokens keeps SentencePiece's leading-space rule right, and a delta
@@ -40,6 +42,17 @@ _SHORTENING_MARGIN = 4
 class ChatMessage:
     role: str  # system | user | assistant
     content: str
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def check_roles(messages: Sequence[ChatMessage]) -> None:
+    """Refuse a role other than system, user and assistant (tools are not served)."""
+    for m in messages:
+        if m.role not in CHAT_ROLES:
+            raise InvalidRequestError(f"unsupported message role {m.role[:40]!a}: use system, user or assistant",
+                                      param="messages")
 
 
 class Tokenizer(ABC):
@@ -169,11 +182,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Prompt tokens of a conversation in the Mistral instruct (v1) format."""
+        check_roles(messages)
         system = "\n\n".join(m.content for m in messages if m.role == "system")
         turns = [m for m in messages if m.role != "system"]
-        for m in turns:
-            if m.role not in ("user", "assistant"):
-                raise InvalidRequestError(f"unsupported message role {m.role!r}", param="messages")
         if not turns or turns[-1].role != "user":
             raise InvalidRequestError("the conversation must end with a user message", param="messages")
         ids = [self.bos_id]
