@@ -7,6 +7,7 @@ References: mistral-inference ``transformer_layers.py``; gpt-fast ``model.py``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,35 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.
 def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The additive form of a bool mask (0 or -inf), made once per step rather than per layer."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def adjacent_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The matrix whose rows are ``parts`` one after another, as a view, if they already lie
+    that way in one storage (the loader allocates them so); else None."""
+    first = parts[0]
+    offset = first.storage_offset()
+    for p in parts:
+        if (p.dim() != 2 or not p.is_contiguous() or p.shape[1] != first.shape[1]
+                or p.dtype != first.dtype or p.device != first.device
+                or p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or p.storage_offset() != offset):
+            return None
+        offset += p.numel()
+    rows = sum(p.shape[0] for p in parts)
+    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1), first.storage_offset())
+
+
+def fuse_rows(*linears: nn.Linear) -> torch.Tensor:
+    """One matrix holding the weights of ``linears`` one after another, their parameters views
+    of it (the state dict keeps its names, the memory is not doubled). Free when the weights
+    already lie that way; else one copy."""
+    parts = [lin.weight for lin in linears]
+    fused = adjacent_rows(parts)
+    if fused is None:
+        fused = torch.cat(parts)
+        for lin, part in zip(linears, fused.split([p.shape[0] for p in parts]), strict=True):
+            lin.weight = nn.Parameter(part, requires_grad=False)
+    return fused
 
 
 @dataclass
@@ -95,11 +125,7 @@ class Attention(nn.Module):
         The three parameters become views of the fused tensor, so the state dict keeps its
         names and the memory is not doubled.
         """
-        fused = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))  # [(H + 2 Hkv) D, dim]
-        sizes = [self.wq.weight.shape[0], self.wk.weight.shape[0], self.wv.weight.shape[0]]
-        for linear, part in zip((self.wq, self.wk, self.wv), fused.split(sizes), strict=True):
-            linear.weight = nn.Parameter(part, requires_grad=False)
-        self.wqkv = fused
+        self.wqkv = fuse_rows(self.wq, self.wk, self.wv)  # [(H + 2 Hkv) D, dim]
 
     def forward(self, x: torch.Tensor, inp: AttentionInputs,
                 k_cache: torch.Tensor | None, v_cache: torch.Tensor | None) -> torch.Tensor:
@@ -172,11 +198,7 @@ class FeedForward(nn.Module):
 
     def fuse_projections(self) -> None:
         """Keep w1 and w3 in one tensor (as :meth:`Attention.fuse_projections`)."""
-        fused = torch.cat((self.w1.weight, self.w3.weight))  # [2 hidden, dim]
-        gate, up = fused.chunk(2)
-        self.w1.weight = nn.Parameter(gate, requires_grad=False)
-        self.w3.weight = nn.Parameter(up, requires_grad=False)
-        self.w13 = fused
+        self.w13 = fuse_rows(self.w1, self.w3)  # [2 hidden, dim]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:

@@ -8,10 +8,13 @@ Steps:
 2. list the weight files: ``model.safetensors.index.json``'s shards, ``model*.safetensors``,
    or ``consolidated*.safetensors`` (made by ``weightship convert``) — a directory with only
    pickles (``.pth``/``.bin``) is refused, never unpickled;
-3. open each file with ``safe_open`` (memory-mapped), rename HF tensors to the original names
-   and undo the HF rotary row permutation of ``wq``/``wk``;
-4. check every name and shape against the architecture, build the model on the ``meta`` device
-   and ``load_state_dict(assign=True, strict=True)``: the parameters are the loaded tensors.
+3. validate each file's header, rename HF tensors to the original names, check every name and
+   shape against the architecture (:mod:`weightship.runtime.weights`);
+4. copy each tensor once into its final place on the device, converting its dtype and undoing
+   the HF rotary row permutation of ``wq``/``wk`` on the way (on the CPU, a tensor that needs
+   neither stays a view of the memory-mapped file);
+5. build the model on the ``meta`` device and ``load_state_dict(assign=True, strict=True)``:
+   the parameters are the loaded tensors.
 """
 
 from __future__ import annotations
@@ -22,16 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from weightship.catalog.architecture import (
-    Architecture,
-    hf_to_original_name,
-    permute_for_hf_rows,
-)
+from weightship.catalog.architecture import Architecture
 from weightship.errors import CatalogError, MalformedWeightsError, UsageError
 from weightship.runtime.args import ModelArgs
 from weightship.runtime.model import Transformer
+from weightship.runtime.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -112,52 +111,6 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def read_state_dict(files: ModelFiles, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """Every tensor under its original-layout name, checked against the architecture."""
-    arch = files.arch
-    expected = arch.tensor_shapes("original")
-    state: dict[str, torch.Tensor] = {}
-    for path in files.weights:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    tensor = f.get_tensor(name)
-                    if files.layout == "hf":
-                        try:
-                            name = hf_to_original_name(name)
-                        except CatalogError:
-                            raise MalformedWeightsError(str(path), f"unexpected tensor {name!r}") from None
-                        tensor = _unpermute(name, tensor, arch)
-                    if name in state:
-                        raise MalformedWeightsError(str(path), f"tensor {name!r} appears twice")
-                    state[name] = tensor
-        except (OSError, SafetensorError) as e:
-            raise MalformedWeightsError(str(path), str(e)) from e
-    missing, extra = set(expected) - set(state), set(state) - set(expected)
-    if missing or extra:
-        raise MalformedWeightsError(str(files.directory),
-                                    f"missing tensors {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise MalformedWeightsError(str(files.directory),
-                                        f"{name} has shape {tuple(state[name].shape)}, expected {shape}")
-        state[name] = state[name].to(device=device, dtype=dtype)
-    return state
-
-
-def _unpermute(name: str, tensor: torch.Tensor, arch: Architecture) -> torch.Tensor:
-    """Undo the HF layout's rotary row permutation of ``wq``/``wk`` (a no-op for others)."""
-    if not name.endswith(("attention.wq.weight", "attention.wk.weight")):
-        return tensor
-    heads = arch.n_heads if name.endswith("wq.weight") else arch.n_kv_heads
-    if tensor.ndim != 2 or tensor.shape[0] != heads * arch.head_dim:
-        return tensor  # the shape check reports it
-    perm = torch.tensor(permute_for_hf_rows(tensor.shape[0], heads))
-    out = torch.empty_like(tensor)
-    out[perm] = tensor  # w_hf = w_orig[perm]
-    return out
-
-
 def build_model(args: ModelArgs, state: dict[str, torch.Tensor], *,
                 compile_pointwise: bool | None = None) -> Transformer:
     """A :class:`Transformer` built on ``meta`` whose parameters are ``state``'s tensors.
@@ -184,7 +137,7 @@ def load_model(directory: Path, *, device: str | None = None, dtype: str | None 
     dt = pick_dtype(dtype, dev)
     length = min(max_model_len or files.arch.max_seq_len, files.arch.max_seq_len)
     args = ModelArgs(files.arch, max_batch=max_batch, max_model_len=length)
-    model = build_model(args, read_state_dict(files, dt, dev))
+    model = build_model(args, load_weights(files.weights, files.layout, files.arch, dt, dev))
     log.info("loaded %s (%s layout, %d parameters) on %s as %s", directory, files.layout,
              files.arch.n_params, dev, dt)
     return model, files

@@ -42,7 +42,9 @@ class Transformer(nn.Module):
         a = args.arch
         self.args = args
         self.pointwise = Pointwise()  # shared by every layer; see fuse()
-        self.tok_embeddings = nn.Embedding(a.vocab_size, a.dim)
+        # Given its weight, Embedding skips its random init: on ``meta`` that init alone imports
+        # torch._dynamo (1.2 s of a CPU load); the loader's tensors replace the weight anyway.
+        self.tok_embeddings = nn.Embedding(a.vocab_size, a.dim, _weight=torch.empty(a.vocab_size, a.dim))
         self.layers = nn.ModuleList(TransformerBlock(args, self.pointwise) for _ in range(a.n_layers))
         self.norm = RMSNorm(a.dim, a.norm_eps, self.pointwise)
         self.output = nn.Linear(a.dim, a.vocab_size, bias=False)
