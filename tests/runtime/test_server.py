@@ -195,6 +195,39 @@ def test_chat_logprobs_streamed_and_not(client: openai.OpenAI, tokenizer: Tokeni
     assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
 
 
+def test_logprobs_join_to_a_text_cut_by_a_stop_string(client: openai.OpenAI) -> None:
+    """A stop string's tokens are not in the log-probabilities (the engine holds a token's entry
+    back with its text while it may begin a stop string): the entries spell the content, whole
+    and streamed. A stop string that begins inside a token keeps that token's entry."""
+    kw = {"model": NAME, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 16,
+          "temperature": 0, "logprobs": True, "top_logprobs": 1, "extra_body": {"ignore_eos": True}}
+    full = client.chat.completions.create(**kw).choices[0]  # type: ignore[call-overload]
+    answer, tokens = full.message.content, [e.token for e in full.logprobs.content]
+    assert "".join(tokens) == answer and all("\ufffd" not in t for t in tokens[:8]), tokens
+    two_tokens = tokens[5] + tokens[6]  # a stop string of whole tokens, and one from inside token 5
+    for stop, kept in ((two_tokens, 5), (tokens[5][-2:] + tokens[6], 6)):
+        cut = answer.index(stop)
+        assert cut == len("".join(tokens[:kept])) - (0 if kept == 5 else 2)
+        whole = client.chat.completions.create(stop=[stop], **kw).choices[0]  # type: ignore[call-overload]
+        assert (whole.message.content, whole.finish_reason) == (answer[:cut], "stop")
+        entries = [e.token for e in whole.logprobs.content]
+        assert entries == tokens[:kept]
+        chunks = [c.choices[0] for c in client.chat.completions.create(stream=True, stop=[stop], **kw)  # type: ignore[call-overload]
+                  if c.choices]
+        assert "".join(c.delta.content or "" for c in chunks) == answer[:cut]
+        assert [e.token for c in chunks if c.logprobs for e in c.logprobs.content or ()] == entries
+    text = client.completions.create(model=NAME, prompt="Hello", max_tokens=16, temperature=0, logprobs=0,
+                                     extra_body={"ignore_eos": True}).choices[0]
+    assert text.logprobs is not None and text.logprobs.tokens
+    stop = text.logprobs.tokens[4] + text.logprobs.tokens[5]
+    cut = text.text.index(stop)
+    assert cut == len("".join(text.logprobs.tokens[:4]))
+    short = client.completions.create(model=NAME, prompt="Hello", max_tokens=16, temperature=0, logprobs=0,
+                                      stop=[stop], extra_body={"ignore_eos": True}).choices[0]
+    assert short.text == text.text[:cut] and short.logprobs is not None
+    assert short.logprobs.tokens == text.logprobs.tokens[:4]
+
+
 def test_streamed_echo_and_logprobs_equal_the_whole(client: openai.OpenAI) -> None:
     kw = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0, "echo": True,
           "logprobs": 2, "extra_body": {"ignore_eos": True}}

@@ -394,7 +394,7 @@ class Engine:
     def _accept(self, r: Request, token: int, logprob: TokenLogprob | None = None) -> None:
         """Record a sampled token; emit its text; finish the request if it is done."""
         r.output.append(token)
-        extra = {"logprobs": None if logprob is None else [logprob]}
+        extra: dict[str, list[TokenLogprob] | None] = {"logprobs": None}
         if len(r.output) == 1 and r.params.prompt_logprobs is not None:
             extra["prompt_logprobs"] = r.prompt_logprobs
         p = self.tokenizer
@@ -409,7 +409,9 @@ class Engine:
             reason = "length"
         if reason is not None and r.decoder is not None:
             text += r.decoder.flush()
-        text, hit = r.release(text, final=reason is not None)
+        text, hit, released = r.release(text, reason is not None, logprob)  # entries held with text
+        if logprob is not None:
+            extra["logprobs"] = released
         if hit:
             reason = "stop"
         if reason is not None:

@@ -15,6 +15,12 @@ is for (lm-evaluation-harness's loglikelihood), needs exactly these.
   SentencePiece puts in front of a text (which decoding drops), as do its alternatives, and the
   ``</s>`` that ended the answer has no entry (it is not content).
 
+The ``token`` text of a token that holds only part of a character (a byte-fallback token such
+as ``<0xE2>``) is U+FFFD, as OpenAI's is: only ``bytes`` join exactly to the content's UTF-8.
+A stop string's tokens have no entry (the engine holds an entry back with its text while it may
+begin a stop string, :meth:`~weightship.runtime.request.Request.release`); a token that a stop
+string begins inside keeps its entry, whose text then runs past the content's end.
+
 Reference: the OpenAI API reference, "Completions" and "Chat", the ``logprobs`` objects.
 """
 

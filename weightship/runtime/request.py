@@ -27,7 +27,10 @@ class Output:
     finish_reason: str | None = None  # stop | length | cancelled | error
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked for them
+    # When the request asked for them: of the tokens whose text this output releases (a token's
+    # entry is held back with its text while that may be the start of a stop string, and dropped
+    # if its text begins at or after the stop string).
+    logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # of the prompt, with its first token
 
 
@@ -48,6 +51,8 @@ class Request:
     prefilled: int = 0  # prompt tokens in the cache
     output: list[int] = field(default_factory=list)
     pending_text: str = ""  # held back: it may be the start of a stop string
+    # held back with it: each token's entry, with where its text starts in pending_text
+    pending_logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)
     sampler: Sampler | None = None
     finished: bool = False
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # while prefilling (echo)
@@ -61,20 +66,29 @@ class Request:
         and the output but its last."""
         return self.prompt[: self.prefilled] + (self.output[:-1] if self.prefilled == len(self.prompt) else [])
 
-    def release(self, text: str, final: bool) -> tuple[str, bool]:
-        """Of the new ``text``, what can be released now, and whether a stop string was found."""
+    def release(self, text: str, final: bool,
+                logprob: TokenLogprob | None = None) -> tuple[str, bool, list[TokenLogprob]]:
+        """Of the new ``text`` (the text the token just accepted completes, ``logprob`` its
+        entry), what can be released now, whether a stop string was found, and the entries of
+        the tokens released with it: a token's entry goes out with the first character of its
+        text (or at the end), and never if its text begins at or after a stop string. A token
+        whose text a stop string begins inside keeps its entry (its text runs past the cut)."""
         stops = self.params.stop
         if not stops:
-            return text, False
+            return text, False, [] if logprob is None else [logprob]
+        held = self.pending_logprobs + ([] if logprob is None else [(len(self.pending_text), logprob)])
         buf = self.pending_text + text
         hits = [i for i in (buf.find(s) for s in stops) if i >= 0]
         if hits:
-            self.pending_text = ""
-            return buf[: min(hits)], True
+            cut = min(hits)
+            self.pending_text, self.pending_logprobs = "", []
+            return buf[:cut], True, [e for at, e in held if at < cut]
         hold = 0 if final else max(
             (k for s in stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
-        self.pending_text = buf[len(buf) - hold :]
-        return buf[: len(buf) - hold], False
+        released = len(buf) - hold
+        self.pending_text = buf[released:]
+        self.pending_logprobs = [(at - released, e) for at, e in held if at >= released and not final]
+        return buf[:released], False, [e for at, e in held if at < released or final]
 
 
 @dataclass(frozen=True)
