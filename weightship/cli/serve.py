@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from weightship.errors import UsageError
+
+if TYPE_CHECKING:
+    from weightship.runtime.compile_cache import CompileCache
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,11 @@ def serve(
         "--compile/--no-compile", help="torch.compile the decode step before turning ready: "
         "faster tokens for a minute or two more start-up, and a C++ compiler on CPU (default: "
         "on CUDA).")] = None,
+    compile_cache: Annotated[Path | None, typer.Option(
+        help="Keep what torch.compile makes (on CUDA, or with --compile) here and reuse it at "
+        "the next start with the same device, dtype, shapes and versions (default: "
+        "DIR/.weightship/compile-cache when the model directory is writable, else none).",
+        metavar="CACHE_DIR")] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API until SIGTERM (which drains).
 
@@ -80,6 +89,7 @@ def serve(
       weightship serve ./tiny --port 8000
       weightship serve mistral-7b-v0.1 --host 0.0.0.0 --max-batch 32 --api-key-file keys.txt
       weightship serve ./tiny --device cpu --max-model-len 1024
+      weightship serve /srv/models/m --compile-cache /var/cache/weightship/m/compile
     """
     from weightship.runtime.engine import Engine, EngineConfig
     from weightship.runtime.keys import load_key_file
@@ -89,6 +99,8 @@ def serve(
     from weightship.runtime.tokenizer import load_tokenizer
     from weightship.runtime.usage import UsageLog
 
+    # The start-up summary (how long it took, what the compile cache held) is shown without -v.
+    log.setLevel(min(log.getEffectiveLevel(), logging.INFO))
     directory = resolve_model_dir(model)
     manifest_name: str | None = None
     if not no_verify:
@@ -111,11 +123,24 @@ def serve(
 
     def load() -> None:
         try:
+            started = time.monotonic()
+            cache = _open_compile_cache(compile_cache, directory, device, dtype, max_batch,
+                                        max_model_len, compile_step)
             loaded, files = load_model(directory, device=device, dtype=dtype, max_batch=max_batch,
                                        max_model_len=max_model_len)
             tokenizer = load_tokenizer(files.tokenizer)
             config = EngineConfig(max_queue=max_queue, compile_step=compile_step)
-            state.attach(Engine(loaded, tokenizer, config), tokenizer)
+            engine = Engine(loaded, tokenizer, config)
+            loaded_at = time.monotonic()
+            state.attach(engine, tokenizer)
+            ready_at = time.monotonic()
+            stats = cache.stats() if cache is not None else None
+            log.info("ready in %.1f s: weights loaded in %.1f s, warm-up (compile, CUDA graphs, "
+                     "one request) %.1f s; %s", ready_at - started, loaded_at - started,
+                     ready_at - loaded_at,
+                     f"compile cache {cache.directory}: {stats.reused} graphs reused, "
+                     f"{stats.compiled} compiled" if cache is not None and stats is not None
+                     else "no compile cache")
         except BaseException as e:  # reported by the main thread once the server has stopped
             failure.append(e)
             server.should_exit = True
@@ -126,6 +151,24 @@ def serve(
         state.usage_log.close()
     if failure:
         raise failure[0]
+
+
+def _open_compile_cache(root: Path | None, directory: Path, device: str | None, dtype: str | None,
+                        max_batch: int, max_model_len: int | None,
+                        compile_step: bool | None) -> CompileCache | None:
+    """The compile cache of this process, when anything will be compiled (CUDA, or --compile)."""
+    from weightship.runtime.compile_cache import open_for_serving
+    from weightship.runtime.loader import find_files, pick_device, pick_dtype
+
+    dev = pick_device(device)
+    if dev.type != "cuda" and not compile_step:
+        return None
+    arch = find_files(directory).arch
+    length = min(max_model_len or arch.max_seq_len, arch.max_seq_len)  # as load_model sizes it
+    return open_for_serving(root, directory, arch=arch, device=dev, dtype=pick_dtype(dtype, dev),
+                            max_batch=max_batch, max_model_len=length,
+                            options={"compile_step": dev.type == "cuda" if compile_step is None
+                                     else compile_step})
 
 
 if __name__ == "__main__":  # `python -m weightship.cli.serve`, for tests and debugging

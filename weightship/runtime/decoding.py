@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from weightship.runtime import compile_cache
 from weightship.runtime.cache import KVCache
 from weightship.runtime.model import Transformer
 
@@ -71,8 +72,7 @@ class DecodeRunner:
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self.compile_step = self.use_graphs if compile_step is None else compile_step
         # This runner's compiled step (None: eager), kept here rather than rebinding a global.
-        self._compiled: Step | None = (torch.compile(self._step, fullgraph=True, dynamic=True)
-                                       if self.compile_step else None)
+        self._compiled: Step | None = self._compile() if self.compile_step else None
         max_batch = cache.args.max_batch
         self.batch_buckets = _buckets(max_batch, 1)
         self.kv_buckets = _buckets(cache.cache_len, min(_MIN_KV_BUCKET, cache.cache_len))
@@ -84,6 +84,9 @@ class DecodeRunner:
         self._host = torch.zeros(max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool: Any = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    def _compile(self) -> Step:
+        return torch.compile(self._step, fullgraph=True, dynamic=True)
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor,
               kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +101,9 @@ class DecodeRunner:
             try:
                 return self._compiled(tokens, positions, kv_len)
             except Exception as e:  # compilation problems surface at the first call of a shape
+                if compile_cache.recover_from(e):  # a cache left by an earlier start: emptied
+                    self._compiled = self._compile()
+                    return self._run_step(tokens, positions, kv_len)
                 log.warning("torch.compile of the decode step failed, running it eagerly: %s",
                             str(e).splitlines()[0] if str(e) else type(e).__name__)
                 self._compiled = None

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from weightship.runtime import compile_cache
 from weightship.runtime.rope import apply_rotary
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ class _WithFallback:
             try:
                 return self.compiled(*args)
             except Exception as e:  # compilation problems surface at the first call
+                if compile_cache.recover_from(e):  # a cache left by an earlier start: emptied
+                    self.compiled = torch.compile(self.eager, fullgraph=True, dynamic=True)
+                    return self(*args)
                 log.warning("torch.compile of %s failed, running it eagerly: %s",
                             self.eager.__name__, str(e).splitlines()[0] if str(e) else type(e))
                 self.compiled = None

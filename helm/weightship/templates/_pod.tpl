@@ -258,7 +258,7 @@ spec:
         matchLabels:
           {{- include "weightship.serverSelectorLabels" . | nindent 10 }}
   {{- end }}
-  {{- $init := printf "%s\n%s\n%s" (include "weightship.prepareNodeCache" .) (include "weightship.fetchContainer" .) (include "weightship.usageDir" .) | trim }}
+  {{- $init := printf "%s\n%s\n%s\n%s" (include "weightship.prepareNodeCache" .) (include "weightship.fetchContainer" .) (include "weightship.usageDir" .) (include "weightship.compileCacheDir" .) | trim }}
   {{- with $init }}
   initContainers:
     {{- . | nindent 4 }}

@@ -31,6 +31,10 @@
     - --usage-log
     - /var/lib/weightship/usage/$(POD_NAME).jsonl
     {{- end }}
+    {{- if .Values.serve.compileCache }}
+    - --compile-cache
+    - /var/lib/weightship/compile-cache
+    {{- end }}
     {{- range .Values.serve.extraArgs }}
     - {{ . | quote }}
     {{- end }}
@@ -110,4 +114,29 @@
       mountPath: /var/lib/weightship/usage
       subPath: .usage
     {{- end }}
+    {{- if .Values.serve.compileCache }}
+    - name: models
+      mountPath: /var/lib/weightship/compile-cache
+      subPath: .compile-cache
+    {{- end }}
+{{- end }}
+
+{{/* With serve.compileCache: an init container that makes .compile-cache on the model volume
+as the chart's uid (as weightship.usageDir does for .usage), where `serve --compile-cache` keeps
+what torch.compile made for the next start. */}}
+{{- define "weightship.compileCacheDir" -}}
+{{- if .Values.serve.compileCache }}
+- name: compile-cache-dir
+  image: {{ include "weightship.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["mkdir", "-p", "/models/.compile-cache"]
+  securityContext:
+    {{- include "weightship.containerSecurityContext" . | nindent 4 }}
+  resources:
+    requests: {cpu: 10m, memory: 16Mi}
+    limits: {memory: 64Mi}
+  volumeMounts:
+    - name: models
+      mountPath: /models
+{{- end }}
 {{- end }}
