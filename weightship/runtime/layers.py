@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weightship.runtime.args import ModelArgs
+from weightship.runtime.attention import decode_attention
 from weightship.runtime.pointwise import Pointwise
 
 
@@ -118,6 +119,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
         self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
         self.wqkv: torch.Tensor | None = None  # set by fuse_projections()
+        self.decode_kernel = "sdpa"  # see attention.py; Transformer.set_decode_attention()
 
     def fuse_projections(self) -> None:
         """Keep wq, wk, wv in one tensor: one matrix product instead of three.
@@ -163,7 +165,7 @@ class Attention(nn.Module):
         qg = q.view(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
         keys = k_cache[:B, :, : inp.kv_len]  # [B, Hkv, L, D], a view
         values = v_cache[:B, :, : inp.kv_len]  # [B, Hkv, L, D]
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=inp.mask)  # [B, Hkv, G, D]
+        out = decode_attention(self.decode_kernel, qg, keys, values, inp.mask)  # [B, Hkv, G, D]
         return out.reshape(B, 1, H * D)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inp: AttentionInputs,

@@ -18,7 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from weightship.errors import UsageError
 from weightship.runtime.args import ModelArgs
+from weightship.runtime.attention import DECODE_KERNELS
 from weightship.runtime.cache import KVCache
 from weightship.runtime.layers import (
     AttentionInputs,
@@ -67,6 +69,15 @@ class Transformer(nn.Module):
             layer.feed_forward.fuse_projections()
         if compile_pointwise if compile_pointwise is not None else self.device.type == "cuda":
             self.pointwise.compile()
+
+    def set_decode_attention(self, kind: str) -> None:
+        """Compute decode attention by ``kind`` (:data:`~weightship.runtime.attention.DECODE_KERNELS`);
+        set it before the decode step is compiled."""
+        if kind not in DECODE_KERNELS:
+            raise UsageError(f"unknown decode attention {kind!r}", hint="one of: " + ", ".join(DECODE_KERNELS))
+        for layer in self.layers:
+            assert isinstance(layer, TransformerBlock)
+            layer.attention.decode_kernel = kind
 
     @property
     def device(self) -> torch.device:
