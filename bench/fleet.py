@@ -12,8 +12,9 @@ counter on the origin's link. The origin is ``weightship mirror`` (the Hub proto
 Printed per N: the time until every node has a verified model (its manifest is written), the
 bytes the origin's link carried (× the model's size), and the physical limit ``size / link
 rate`` (the time one link needs to carry the model once). Goals at N = 8 (DESIGN.md): origin ≤
-1.2 × the model, time ≤ 1.5 × one node alone. Needs root; the model and the nodes' directories
-live on tmpfs (``/dev/shm``) so that the disk is not what is measured.
+1.2 × the model, time ≤ 1.5 × one node alone. Needs root. The model and the nodes' directories
+live under ``--workdir`` (default ``/var/tmp``, a disk: N copies of the model in a tmpfs would
+hold N × the model's size of memory), written with ``O_DIRECT`` as a fetch does by default.
 
 Usage::
 
@@ -102,7 +103,7 @@ def wait_listening(host: Host, port: int, timeout: float = 30) -> None:
 
 
 def run_nodes(fleet: Fleet, work: Path, env: dict[str, str], ref: list[str], *, swarm: bool,
-              chunk_mib: int, extra: list[str]) -> Run:
+              chunk_mib: int | None, extra: list[str]) -> Run:
     assert fleet.origin is not None
     for i in range(len(fleet.nodes)):
         shutil.rmtree(work / f"node{i}", ignore_errors=True)
@@ -111,7 +112,7 @@ def run_nodes(fleet: Fleet, work: Path, env: dict[str, str], ref: list[str], *, 
     start = time.monotonic()
     for i, node in enumerate(fleet.nodes):
         args = [sys.executable, "-m", "weightship", "--json", "fetch", *ref, "--to", work / f"node{i}",
-                "--chunk-mib", str(chunk_mib), *extra]
+                *(["--chunk-mib", str(chunk_mib)] if chunk_mib else []), *extra]
         if swarm:
             args += ["--listen", f"{node.address}:{PORT}", "--seed-for", "5m"]
             args += [a for other in fleet.nodes if other is not node for a in ("--peer", f"{other.address}:{PORT}")]
@@ -157,15 +158,16 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=512)
     parser.add_argument("--rate-mbit", type=float, default=400)
     parser.add_argument("--origin", choices=("hub", "s3"), default="hub")
-    parser.add_argument("--chunk-mib", type=int, default=16)
+    parser.add_argument("--chunk-mib", type=int, default=None, help="[default: fetch's own]")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive runs")
     parser.add_argument("--extra", default="", help="more fetch arguments, space-separated")
+    parser.add_argument("--workdir", default="/var/tmp", help="where the model and the nodes' copies go")
     a = parser.parse_args()
     why = have_fleet()
     if why:
         raise SystemExit(f"bench/fleet.py {why}")
     counts = [int(n) for n in a.nodes.split(",")]
-    with tempfile.TemporaryDirectory(prefix="wsfleet-", dir="/dev/shm") as tmp:
+    with tempfile.TemporaryDirectory(prefix="wsfleet-", dir=a.workdir) as tmp:
         store, work = Path(tmp) / "store", Path(tmp) / "work"
         model_dir = store / "hub" / REPO if a.origin == "hub" else store / "s3" / "models" / "fleet-model"
         size = make_model(model_dir, a.size_mib << 20)

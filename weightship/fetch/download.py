@@ -187,7 +187,8 @@ class _ChunkedDownload:
                          direct=self.opts.direct_io and self.chunk % DIRECT_ALIGN == 0)
         if self.exchange is not None:
             try:  # chunks whose bytes the exchange cannot vouch for are fetched again
-                done -= self.exchange.begin(out.fd, self.remote.size, self.chunk, done, self.stop)
+                done -= self.exchange.begin(out.fd, self.remote.size, self.chunk, done, self.stop,
+                                            self.from_origin)
             except BaseException:
                 out.close()
                 raise

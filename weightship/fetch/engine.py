@@ -218,6 +218,7 @@ def fetch(request: FetchRequest, dest: Path, *, source: str = "auto",
           progress: Progress | None = None, lock_wait: float = 0.0) -> FetchResult:
     """Fetch ``request`` into ``dest``; see the module docstring for the steps."""
     progress = progress or NullProgress()
+    request = _swarm_defaults(request)
     sources = make_sources(request, source)
     dest.mkdir(parents=True, exist_ok=True)
     state = dest / STATE_DIR
@@ -235,6 +236,18 @@ def fetch(request: FetchRequest, dest: Path, *, source: str = "auto",
             swarm.close()
         for s in sources:
             s.close()
+
+
+def _swarm_defaults(request: FetchRequest) -> FetchRequest:
+    """A fetch with peers reads smaller chunks unless told otherwise (the swarm's default, the
+    same on every node): a chunk is passed on only once it is whole, so smaller chunks reach
+    the other nodes sooner (on 4 shaped nodes, 4 MiB chunks finished in 0.75x the time of 16)."""
+    from weightship.swarm.node import SWARM_CHUNK
+
+    opts = request.options
+    if (opts.get("listen") or opts.get("peers") or opts.get("peers_from_dns")) and not opts.get("chunk_size"):
+        return dataclasses.replace(request, options={**opts, "chunk_size": SWARM_CHUNK})
+    return request
 
 
 def _open_swarm(request: FetchRequest, sources: list[Source], state: Path) -> SwarmNode | None:

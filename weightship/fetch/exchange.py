@@ -21,6 +21,8 @@ class Stopped(Exception):
     """Another worker of the download failed; this one stops without adding an error of its own."""
 
 
+
+
 # Reads chunk ``index`` from the origin into a buffer of the chunk's length; returns it filled.
 OriginRead = Callable[[int, memoryview], memoryview]
 
@@ -29,10 +31,13 @@ class ChunkExchange(ABC):
     """Where one file's chunks may come from, besides the origin; see the module docstring."""
 
     @abstractmethod
-    def begin(self, fd: int, size: int, chunk: int, done: set[int], stop: threading.Event) -> set[int]:
+    def begin(self, fd: int, size: int, chunk: int, done: set[int], stop: threading.Event,
+              origin: OriginRead) -> set[int]:
         """A download (or a resume of it) starts: the partial file is open as ``fd``, ``done``
         chunks of ``chunk`` bytes are on disk. Returns those of ``done`` to fetch again (their
-        bytes cannot be vouched for). ``stop`` is set when the download gives up."""
+        bytes cannot be vouched for). ``stop`` is set when the download gives up; ``origin``
+        reads a chunk from the origin (the exchange may write chunks it reads into ``fd``
+        itself, ahead of the download)."""
 
     @abstractmethod
     def fetch(self, index: int, into: memoryview, origin: OriginRead,

@@ -40,6 +40,7 @@ from weightship.torrent.peers import DEFAULT_PORT, PeerSource, parse_duration, p
 log = logging.getLogger(__name__)
 
 NODE_FILE = "swarm-node"
+SWARM_CHUNK = 4 << 20  # the chunk size of a fetch with peers, unless --chunk-mib says otherwise
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ class SwarmNode:
         self.board = Board(self.node)
         self.server: PeerServer | None = None
         self.exchanges: list[tuple[str, PeerExchange]] = []
+        # Chunks fetched ahead from the origin, one at a time per node: with fewer streams at the
+        # origin each chunk arrives sooner, and is passed on sooner.
+        self.ahead_slot = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.peer_pool = HttpPool(TransferOptions(
             connections=transfer.connections, parallel_files=transfer.parallel_files,
