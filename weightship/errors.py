@@ -314,6 +314,14 @@ class ModelNotServedError(ServeError, LookupError):
         self.served = served
 
 
+class ServerStartError(WeightshipError, RuntimeError):
+    """A server run on a thread (tests, demos, benchmarks) did not start listening."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"the {name} server did not start: {why}")
+        self.name = name
+
+
 # ---- deploy (Kubernetes) ---------------------------------------------------------------------
 
 

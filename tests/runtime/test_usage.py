@@ -196,9 +196,9 @@ def test_a_stream_that_ends_with_an_engine_error_is_recorded_as_500(
 
 def test_a_stream_whose_server_fails_after_the_headers_is_recorded_as_500(
         metered: Metered, monkeypatch: pytest.MonkeyPatch) -> None:
-    from weightship.runtime import server
+    from weightship.runtime import answers
 
-    real, calls = server.encode_json, [0]
+    real, calls = answers.encode_json, [0]
 
     def failing_after_the_first_chunk(data: Any) -> bytes:
         calls[0] += 1
@@ -206,7 +206,7 @@ def test_a_stream_whose_server_fails_after_the_headers_is_recorded_as_500(
             raise RuntimeError("simulated bug")
         return real(data)
 
-    monkeypatch.setattr(server, "encode_json", failing_after_the_first_chunk)
+    monkeypatch.setattr(answers, "encode_json", failing_after_the_first_chunk)
     body = {"model": NAME, "prompt": "Go on", "max_tokens": 20, "stream": True,
             "ignore_eos": True}
     headers = {"Authorization": f"Bearer {metered.secrets['bob']}"}

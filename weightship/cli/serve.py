@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from weightship.errors import UsageError
-
-if TYPE_CHECKING:
-    from weightship.runtime.compile_cache import CompileCache
-
-log = logging.getLogger(__name__)
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -91,84 +84,16 @@ def serve(
       weightship serve ./tiny --device cpu --max-model-len 1024
       weightship serve /srv/models/m --compile-cache /var/cache/weightship/m/compile
     """
-    from weightship.runtime.engine import Engine, EngineConfig
-    from weightship.runtime.keys import load_key_file
-    from weightship.runtime.loader import find_files, load_model
-    from weightship.runtime.runner import make_server
-    from weightship.runtime.server import ServerState
-    from weightship.runtime.tokenizer import load_tokenizer
-    from weightship.runtime.usage import UsageLog
+    from weightship.runtime import launch
 
     # The start-up summary (how long it took, what the compile cache held) is shown without -v.
-    log.setLevel(min(log.getEffectiveLevel(), logging.INFO))
-    directory = resolve_model_dir(model)
-    manifest_name: str | None = None
-    if not no_verify:
-        from weightship.verify import verify_dir
-
-        report = verify_dir(directory)
-        report.raise_for_problems()
-        manifest_name = report.name
-    find_files(directory)  # a directory the runtime cannot read fails here, before listening
-    if max_batch < 1 or max_queue < 0 or max_logprobs < 0:
-        raise UsageError("--max-batch must be at least 1, --max-queue and --max-logprobs at least 0")
-    keyring = load_key_file(api_key_file) if api_key_file else None
-    state = ServerState(served_name or manifest_name or directory.resolve().name, keyring=keyring,
-                        usage_log=UsageLog(usage_log) if usage_log else None,
-                        max_logprobs=max_logprobs)
-    if keyring is not None:
-        keyring.watch()  # a revoked key is refused within seconds, with no restart
-    server = make_server(state, host=host, port=port, log_level="info")
-    failure: list[BaseException] = []
-
-    def load() -> None:
-        try:
-            started = time.monotonic()
-            cache = _open_compile_cache(compile_cache, directory, device, dtype, max_batch,
-                                        max_model_len, compile_step)
-            loaded, files = load_model(directory, device=device, dtype=dtype, max_batch=max_batch,
-                                       max_model_len=max_model_len)
-            tokenizer = load_tokenizer(files.tokenizer)
-            config = EngineConfig(max_queue=max_queue, compile_step=compile_step)
-            engine = Engine(loaded, tokenizer, config)
-            loaded_at = time.monotonic()
-            state.attach(engine, tokenizer)
-            ready_at = time.monotonic()
-            stats = cache.stats() if cache is not None else None
-            log.info("ready in %.1f s: weights loaded in %.1f s, warm-up (compile, CUDA graphs, "
-                     "one request) %.1f s; %s", ready_at - started, loaded_at - started,
-                     ready_at - loaded_at,
-                     f"compile cache {cache.directory}: {stats.reused} graphs reused, "
-                     f"{stats.compiled} compiled" if cache is not None and stats is not None
-                     else "no compile cache")
-        except BaseException as e:  # reported by the main thread once the server has stopped
-            failure.append(e)
-            server.should_exit = True
-
-    threading.Thread(target=load, name="weightship-load", daemon=True).start()
-    server.run()
-    if state.usage_log is not None:
-        state.usage_log.close()
-    if failure:
-        raise failure[0]
-
-
-def _open_compile_cache(root: Path | None, directory: Path, device: str | None, dtype: str | None,
-                        max_batch: int, max_model_len: int | None,
-                        compile_step: bool | None) -> CompileCache | None:
-    """The compile cache of this process, when anything will be compiled (CUDA, or --compile)."""
-    from weightship.runtime.compile_cache import open_for_serving
-    from weightship.runtime.loader import find_files, pick_device, pick_dtype
-
-    dev = pick_device(device)
-    if dev.type != "cuda" and not compile_step:
-        return None
-    arch = find_files(directory).arch
-    length = min(max_model_len or arch.max_seq_len, arch.max_seq_len)  # as load_model sizes it
-    return open_for_serving(root, directory, arch=arch, device=dev, dtype=pick_dtype(dtype, dev),
-                            max_batch=max_batch, max_model_len=length,
-                            options={"compile_step": dev.type == "cuda" if compile_step is None
-                                     else compile_step})
+    launch.log.setLevel(min(launch.log.getEffectiveLevel(), logging.INFO))
+    options = launch.ServeOptions(
+        host=host, port=port, name=served_name, verify=not no_verify, device=device, dtype=dtype,
+        max_batch=max_batch, max_model_len=max_model_len, max_queue=max_queue,
+        max_logprobs=max_logprobs, api_key_file=api_key_file, usage_log=usage_log,
+        compile_step=compile_step, compile_cache=compile_cache)
+    launch.serve_directory(resolve_model_dir(model), options)
 
 
 if __name__ == "__main__":  # `python -m weightship.cli.serve`, for tests and debugging

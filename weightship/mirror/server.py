@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +12,7 @@ from starlette.applications import Starlette
 
 from weightship.errors import UsageError
 from weightship.mirror.app import create_app
+from weightship.threaded_server import ThreadedServer
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +70,9 @@ class MirrorServer:
         config = _config(root, host, 0, tokens, tls)
         self.scheme = "https" if tls else "http"
         self._app: Starlette = config.app  # type: ignore[assignment]
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._run, name="ws-mirror", daemon=True)
+        self._threaded = ThreadedServer(uvicorn.Server(config), host=host, name="mirror")
         self.host = host
-
-    def _run(self) -> None:
-        asyncio.run(self._server.serve())
-
-    @property
-    def port(self) -> int:
-        """The port it listens on."""
-        servers = getattr(self._server, "servers", [])
-        assert servers and servers[0].sockets, "the mirror is not started"
-        port: int = servers[0].sockets[0].getsockname()[1]
-        return port
+        self.port = self._threaded.port
 
     @property
     def bytes_sent(self) -> int:
@@ -96,22 +83,16 @@ class MirrorServer:
     @property
     def url(self) -> str:
         """Its base URL (what ``HF_ENDPOINT`` is set to)."""
-        return f"{self.scheme}://{self.host}:{self.port}"
+        return self._threaded.base_url(self.scheme)
 
     def start(self) -> MirrorServer:
         """Start and wait until it accepts connections."""
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the mirror did not start")
-            time.sleep(0.01)
+        self._threaded.start()
         return self
 
     def stop(self) -> None:
         """Stop and wait for the thread."""
-        self._server.should_exit = True
-        self._thread.join(10)
+        self._threaded.stop(timeout=10)
 
     def __enter__(self) -> MirrorServer:
         return self.start()

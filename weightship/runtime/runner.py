@@ -1,16 +1,18 @@
-"""Running the server: uvicorn with draining on SIGTERM, or on a thread for tests and demos."""
+"""Running the server: uvicorn with draining on SIGTERM while the model loads on a thread
+(:func:`serve_until_stopped`, what ``weightship serve`` runs), or on a thread of its own for
+tests and demos (:class:`BackgroundServer`)."""
 
 from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import uvicorn
 
 from weightship.runtime.server import ServerState, create_app
+from weightship.threaded_server import ThreadedServer
 
 
 class _DrainingServer(uvicorn.Server):
@@ -45,34 +47,44 @@ def make_server(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000
     return _DrainingServer(config, on_exit)
 
 
-class BackgroundServer:
-    """A server on a free loopback port, run on a thread (tests, the demo, the benchmark)."""
+def serve_until_stopped(state: ServerState, load: Callable[[], None], *, host: str, port: int) -> None:
+    """Serve ``state`` on ``host``:``port`` until SIGTERM, which drains (see
+    :mod:`weightship.runtime.server`).
+
+    It listens at once (``/health`` answers, ``/ready`` says loading) while ``load`` runs on a
+    thread (it loads the model and attaches the engine to ``state``). A ``load`` that raises
+    stops the server, and what it raised is raised here once the server has stopped. The usage
+    log is closed on the way out (its last records synced).
+    """
+    server = make_server(state, host=host, port=port, log_level="info")
+    failure: list[BaseException] = []
+
+    def loading() -> None:
+        try:
+            load()
+        except BaseException as e:  # reported by the main thread once the server has stopped
+            failure.append(e)
+            server.should_exit = True
+
+    threading.Thread(target=loading, name="weightship-load", daemon=True).start()
+    try:
+        server.run()
+    finally:
+        if state.usage_log is not None:
+            state.usage_log.close()
+    if failure:
+        raise failure[0]
+
+
+class BackgroundServer(ThreadedServer):
+    """A server for ``state`` on a free loopback port, run on a thread (tests, the demo, the
+    benchmark); ``url`` is its base URL."""
 
     def __init__(self, state: ServerState) -> None:
+        super().__init__(make_server(state), name="weightship")
         self.state = state
-        # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY only on accepted sockets whose
-        # proto says TCP, and without it every answer after a connection's first waited 40 ms
-        # (its body sent by Nagle's algorithm only once the client's delayed ACK came).
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port: int = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = make_server(state, port=self.port)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name="weightship-server", daemon=True)
+        self.url = self.base_url()
 
-    def __enter__(self) -> BackgroundServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         self.state.draining = True
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
+        super().stop(timeout)

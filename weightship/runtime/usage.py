@@ -69,7 +69,7 @@ CLIENT_GONE = 499  # the status of a request whose client hung up before its ans
 
 
 class MeteredRun(Protocol):
-    """What the Meter reads of the run behind a request (the server's ``_Run``)."""
+    """What the Meter reads of the run behind a request (:class:`~weightship.runtime.run.Run`)."""
 
     unfinished: int  # choices still generating
     disconnected: bool  # the client hung up: nothing more is sent
