@@ -110,6 +110,7 @@ def test_the_unit_is_hardened_and_passes_systemd_analyze_verify(tmp_path: Path, 
     assert got["LoadCredential"] == f"api-keys:{paths.app}/api-keys"  # not in a release: no rollback revives a key
     assert "--api-key-file ${CREDENTIALS_DIRECTORY}/api-keys" in got["ExecStart"]
     assert got["CacheDirectory"] == "weightship/mistral" and "TORCHINDUCTOR_CACHE_DIR=" in unit
+    assert got["ExecStart"].endswith("--compile-cache /var/cache/weightship/mistral/compile")
     devices = [v for k, v in settings if k == "DeviceAllow"]
     nvidia = ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools",
               "/dev/nvidia-modeset"]

@@ -233,14 +233,15 @@ def render_unit(paths: Paths, *, gpus: tuple[int, ...], key_mode: str = "credent
         f"EnvironmentFile={paths.current}/serve.env",
         f"Environment=WEIGHTSHIP_HOME={paths.state}",
         "Environment=HOME=/nonexistent",
-        # torch.compile's and Triton's caches survive restarts here (not in HOME or PrivateTmp).
+        # torch.compile's and Triton's caches survive restarts here (not in HOME or PrivateTmp);
+        # serve --compile-cache keeps the compiled decode step there too, keyed by GPU and versions.
         f"Environment=XDG_CACHE_HOME={paths.cache} TRITON_CACHE_DIR={paths.cache}/triton "
         f"TORCHINDUCTOR_CACHE_DIR={paths.cache}/inductor",
         "Environment=CUDA_DEVICE_ORDER=PCI_BUS_ID",
         f"Environment=CUDA_VISIBLE_DEVICES={','.join(map(str, gpus))}",
         *keys,
         f"ExecStart={paths.current}/runtime/bin/weightship serve {paths.current}/model "
-        f"$WEIGHTSHIP_SERVE_ARGS {key_args}",
+        f"$WEIGHTSHIP_SERVE_ARGS {key_args} --compile-cache {paths.cache}/compile",
         "Restart=on-failure",
         "RestartSec=5",
         "KillSignal=SIGTERM",
