@@ -72,3 +72,38 @@ def test_malformed_peers_are_usage_errors(args: list[str], origin: FileServer, s
     r = run_cli("fetch", origin.url + "m/", "--to", tmp_path / "d", "--manifest",
                 small_model / ".weightship/manifest.json", *args)
     assert_clean_failure(r, 2)
+
+
+def test_seed_serves_a_verified_directory_to_the_swarm(origin: FileServer, small_model: Path, tmp_path: Path) -> None:
+    """``weightship seed`` of a directory fetched from a web server speaks the swarm's protocol
+    (auto), so a fetch given it as a peer needs nothing from the origin; a damaged file is not
+    served."""
+    manifest = small_model / ".weightship/manifest.json"
+    first = run_cli("fetch", origin.url + "m/", "--to", tmp_path / "seeded", "--manifest", manifest)
+    assert first.code == 0, first.stderr
+    port = free_port()
+    seeder = subprocess.Popen([sys.executable, "-m", "weightship", "seed", tmp_path / "seeded", "--listen",
+                               f"127.0.0.1:{port}", "--for", "120s", "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert seeder.stdout is not None
+        ready = json.loads(seeder.stdout.readline())
+        assert ready["protocol"] == "swarm" and ready["files"] == 2
+        served_before = origin.bytes_served
+        r = run_cli("--json", "fetch", origin.url + "m/", "--to", tmp_path / "from-seed", "--manifest", manifest,
+                    "--peer", f"127.0.0.1:{port}")
+        assert r.code == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["origin_bytes"] == 0 and out["peer_bytes"] == Manifest.load(small_model).total_bytes
+        assert origin.bytes_served == served_before
+        assert_same_files(small_model, tmp_path / "from-seed")
+    finally:
+        seeder.terminate()
+        seeder.wait(10)
+    damaged = tmp_path / "seeded/model-00002-of-00002.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[100] ^= 1
+    damaged.write_bytes(bytes(data))
+    r = run_cli("seed", tmp_path / "seeded", "--listen", f"127.0.0.1:{free_port()}", "--for", "5s")
+    assert_clean_failure(r, 1)
+    assert "model-00002-of-00002.safetensors do not match the manifest" in r.stderr

@@ -51,6 +51,9 @@ def fetch(
                                                    "first, the origin's only where no peer has them.")] = None,
     peers_from_dns: Annotated[str | None, typer.Option(help="Peers: every A/AAAA record of "
                                                        "NAME[:PORT], re-resolved while fetching.")] = None,
+    peer_wait: Annotated[float | None, typer.Option(min=0, help="Seconds to wait for the peers to "
+                                                    "answer before taking a file's chunks from the "
+                                                    "origin [default: 2].")] = None,
     tracker: Annotated[list[str] | None, typer.Option(help="Extra BitTorrent tracker URL "
                                                       "(repeatable).")] = None,
     seed_for: Annotated[str | None, typer.Option(help="After the fetch, serve peers for up to this "
@@ -75,7 +78,7 @@ def fetch(
                 "connections": connections, "parallel_files": parallel_files,
                 "chunk_size": chunk_mib << 20 if chunk_mib else None, "stall_timeout": stall_timeout,
                 "direct_io": direct_io, "listen": listen, "peers": peer or None,
-                "peers_from_dns": peers_from_dns,
+                "peers_from_dns": peers_from_dns, "peer_wait": peer_wait,
                 "trackers": tracker or None, "seed_for": seed_for}
     request = build_request(model, layout=layout, include=include or (), exclude=exclude or (),
                             options={k: v for k, v in transfer.items() if v is not None})

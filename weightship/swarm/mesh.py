@@ -57,6 +57,7 @@ class Peer:
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # for parse_event
     inflight: int = 0  # our chunk requests to it now
     stopped: bool = False
+    down_since: float | None = field(default_factory=time.monotonic)  # None while it answers
 
     @property
     def name(self) -> str:
@@ -165,7 +166,7 @@ class Mesh:
                 peer.last_event = time.monotonic()
             if not peer.alive:
                 log.info("peer %s (%s) is up", peer.name, node)
-            peer.alive = True
+            peer.alive, peer.down_since = True, None
             self.cond.notify_all()
         return True
 
@@ -193,6 +194,7 @@ class Mesh:
         with self.cond:
             if peer.alive:
                 log.info("peer %s is down: %s", peer.name, why)
+                peer.down_since = time.monotonic()
             peer.alive = False
             self.cond.notify_all()
 
@@ -200,12 +202,13 @@ class Mesh:
 
     def wait_for_contact(self, timeout: float, sha256: str) -> None:
         """Wait until every known peer answered and shares the file ``sha256`` (or ``timeout``
-        seconds): nodes started at about the same time then agree on who the members are, and
-        split the origin's chunks from the first one."""
+        seconds; with a DNS name, until it names a peer at least): nodes started at about the
+        same time then agree on who the members are, and split the origin's chunks from the
+        first one."""
         deadline = time.monotonic() + timeout
         with self.cond:
-            while not all((p.alive and sha256 in p.files) or p.stopped or self.is_banned(p)
-                          for p in self.peers.values()):
+            while (not self.peers and self.source.dns_name) or not all(
+                    (p.alive and sha256 in p.files) or p.stopped or self.is_banned(p) for p in self.peers.values()):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
@@ -251,11 +254,14 @@ class Mesh:
             return {p.node for p in self.peers.values()
                     if p.node is not None and not p.stopped and not self.is_banned(p)}
 
-    def not_done(self, digests: set[str]) -> list[str]:
+    def not_done(self, digests: set[str], give_up: float = float("inf")) -> list[str]:
         """The known peers that have not said they verified every one of ``digests`` (one that
-        said so and then went away counts as done: it finished, and left)."""
+        said so and then went away counts as done: it finished, and left), leaving out those
+        that have not answered for ``give_up`` seconds."""
+        now = time.monotonic()
         with self.cond:
-            peers = [p for p in self.peers.values() if not p.stopped and not self.is_banned(p)]
+            peers = [p for p in self.peers.values() if not p.stopped and not self.is_banned(p)
+                     and (p.down_since is None or now - p.down_since < give_up)]
             return [p.name for p in peers if not all(d in p.files and p.files[d].done for d in digests)]
 
     def close(self) -> None:

@@ -40,6 +40,7 @@ from weightship.torrent.peers import DEFAULT_PORT, PeerSource, parse_duration, p
 log = logging.getLogger(__name__)
 
 NODE_FILE = "swarm-node"
+GIVE_UP = 60.0  # seconds: a peer that has not answered this long is not waited for (serving ends)
 SWARM_CHUNK = 4 << 20  # the chunk size of a fetch with peers, unless --chunk-mib says otherwise
 
 
@@ -53,7 +54,10 @@ class SwarmOptions:
     peers_from_dns: str | None = None
     seed_for: float = 0.0  # seconds to serve after the fetch; inf: until stopped
     stall: float = 10.0  # seconds without news from a peer (or a byte of a chunk) before giving up on it
-    first_contact: float = 2.0  # seconds to wait for the peers' first answers before the first chunk
+    # seconds to wait, before a file's first chunk, for the peers to answer and share the file
+    # (with --peers-from-dns, for the name to resolve to one): the chunks then fall to the
+    # members from the start, and a node that only takes (no --listen) finds the ones fetching
+    first_contact: float = 2.0
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> SwarmOptions | None:
@@ -65,10 +69,11 @@ class SwarmOptions:
         for p in peers:
             parse_endpoint(p)  # fail early on a malformed one
         seed = options.get("seed_for")
-        return cls(listen=_listen_address(str(listen)) if listen else None,
+        return cls(listen=listen_address(str(listen)) if listen else None,
                    peers=peers, peers_from_dns=str(dns) if dns else None,
                    seed_for=parse_duration(str(seed)) if seed else 0.0,
-                   stall=float(options.get("peer_stall") or 10.0))
+                   stall=float(options.get("peer_stall") or 10.0),
+                   first_contact=2.0 if options.get("peer_wait") is None else float(options["peer_wait"]))
 
 
 @dataclass
@@ -153,6 +158,11 @@ class SwarmNode:
             self.board.have(f.sha256, i, self.node, d)
         self.board.done(f.sha256)
 
+    def wait_shared(self) -> None:
+        """Wait until the files given to :meth:`share_verified` are published (or refused)."""
+        for t in self._threads:
+            t.join()
+
     def traffic(self) -> dict[str, FileTraffic]:
         """Per file path: bytes from the origin and from peers (by peer) in this run."""
         out: dict[str, FileTraffic] = {}
@@ -175,12 +185,12 @@ class SwarmNode:
 
     def linger(self, progress: Progress) -> None:
         """Serve for ``seed_for`` seconds, ending early when every peer this node knows of has
-        verified every file it shares (with no peer known, the whole time)."""
+        verified every file it shares, or has not answered for :data:`GIVE_UP` seconds (with no
+        peer known, the whole time)."""
         seconds = self.opts.seed_for
         if seconds <= 0 or not self.serving:
             return
-        for t in self._threads:
-            t.join()
+        self.wait_shared()
         with self.board.cond:
             digests = {sha for sha, f in self.board.files.items() if f.done}
         progress.note(f"serving {len(digests)} files to peers"
@@ -189,7 +199,7 @@ class SwarmNode:
         deadline = time.monotonic() + seconds
         waiting = ["?"]
         while time.monotonic() < deadline:
-            waiting = self.mesh.not_done(digests)
+            waiting = self.mesh.not_done(digests, give_up=GIVE_UP)
             if seconds != float("inf") and self.mesh.peers and not waiting:
                 # before going, let every peer read that this node is done too: a peer that
                 # never hears it would wait for this node until its own --seed-for ends
@@ -208,7 +218,7 @@ class SwarmNode:
         self.peer_pool.close()
 
 
-def _listen_address(text: str) -> tuple[str, int]:
+def listen_address(text: str) -> tuple[str, int]:
     """``ADDR:PORT`` to listen on (port 0: any free port; no port: 6881)."""
     host, sep, port = text.rpartition(":")
     if sep and port == "0" and host:
@@ -230,7 +240,11 @@ def _node_id(state_dir: Path) -> str:
     except (OSError, UnicodeDecodeError):
         pass
     node = secrets.token_hex(8)
-    fd = open_beneath(root, rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, create_parents=True)
+    try:
+        fd = open_beneath(root, rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, create_parents=True)
+    except OSError as e:  # a read-only model directory (a seeder's mount): an id for this run
+        log.debug("cannot keep the swarm node id in %s: %s", state_dir, e)
+        return node
     with os.fdopen(fd, "w") as f:
         f.write(node + "\n")
     return node
