@@ -37,7 +37,7 @@ from weightship.deploy.nodes.inventory import Host, Inventory
 from weightship.deploy.nodes.layout import Paths, Release
 from weightship.deploy.nodes.lock import HostLock
 from weightship.deploy.nodes.ssh import Connections, connections
-from weightship.deploy.nodes.steps import HostRun, RuntimePlan, Want, plan_runtime
+from weightship.deploy.nodes.steps import HostRun, RuntimePlan, Want, join_swarm, plan_runtime
 from weightship.errors import (
     DeployError,
     HostKeyError,
@@ -185,6 +185,7 @@ class Rollout:
             self.results[run.host.name].new = release.rev
             self.results[run.host.name].details = {"model": release.model_key, "runtime": release.runtime_version}
 
+        join_swarm(self.pending())
         await asyncio.gather(*(self._guard(run.host.name, one(run)) for run in self.pending()))
 
     async def roll(self, limit: int, max_failures: int) -> None:

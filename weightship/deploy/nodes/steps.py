@@ -27,6 +27,10 @@ GATE_TOKENS = 12
 MIN_PYTHON = (3, 10)
 MIN_SYSTEMD = 247  # LoadCredential= and $CREDENTIALS_DIRECTORY
 HEADROOM = 2 << 30  # free disk kept beyond the model: logs, caches, the next release
+SWARM_PORT = 6881  # TCP port the hosts of a rollout serve each other the model's chunks on
+# How long a host that has the model serves the others, at most: it stops as soon as every other
+# host has verified it (or has been unreachable for a minute); this covers the prepare phase.
+SWARM_SEED_FOR = "15m"
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,7 @@ class HostRun:
     release: Release | None = None
     unit_text: str = ""
     runtime_version: str | None = None
+    swarm_peers: tuple[str, ...] = ()  # the other hosts of the rollout that fetch the model too
 
     @classmethod
     def reader(cls, node: Node, inventory: Inventory, name: str) -> HostRun:
@@ -256,6 +261,9 @@ class HostRun:
         directory = f"{self.paths.models}/{key}"
         args = [*(["--layout", self.want.layout] if self.want.layout else []),
                 *(["--revision", self.want.revision] if self.want.revision else []), *self.inventory.fetch_args]
+        if self.swarm_peers:  # one swarm: the origin sends about one copy for the whole rollout
+            args += ["--listen", f"0.0.0.0:{SWARM_PORT}", "--seed-for", SWARM_SEED_FOR,
+                     *(a for peer in self.swarm_peers for a in ("--peer", _endpoint(peer, SWARM_PORT)))]
         for local in self.inventory.fetch_trust_keys:
             try:
                 text = local.read_text()
@@ -443,6 +451,18 @@ def _dtype(args: list[str]) -> str | None:
         if arg == "--dtype" and i + 1 < len(args):
             return args[i + 1]
     return None
+
+
+def join_swarm(runs: list[HostRun]) -> None:
+    """Make the hosts of ``runs`` that still need the model fetch it as one swarm: each is told
+    the others' addresses (the ones the deployer reaches them at, on :data:`SWARM_PORT`)."""
+    fetching = [r for r in runs if r.want.model_key not in r.state.get("models", [])]
+    for run in fetching:
+        run.swarm_peers = tuple(o.host.address for o in fetching if o is not run) if len(fetching) > 1 else ()
+
+
+def _endpoint(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def check_api_keys(text: str, source: str) -> str:
