@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -56,7 +57,10 @@ def test_constraints_pin_what_the_tests_run_with() -> None:
     after changing a dependency)."""
     pins = _constraints()
     drift = {}
-    for dist in metadata.distributions():
+    # The environment's own site-packages only: once something imports setuptools, its vendored
+    # copies (setuptools/_vendor: jaraco, zipp, packaging...) are on sys.path too.
+    installed = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    for dist in metadata.distributions(path=sorted(installed)):
         name = canonicalize_name(dist.metadata["Name"])
         if name in {"weightship", "pip", "setuptools", "wheel"}:  # the installer's own
             continue
