@@ -156,14 +156,18 @@ class LockedError(FetchError):
 class DiskSpaceError(FetchError):
     """Not enough free space at the destination."""
 
-    def __init__(self, path: Path, needed: int, free: int) -> None:
+    def __init__(self, path: Path, needed: int, free: int, headroom: int = 0) -> None:
+        extra = f" plus {headroom >> 20} MiB headroom" if headroom else ""
         super().__init__(
-            f"not enough space in {path}: need {needed:,} bytes, {free:,} free",
+            f"not enough space in {path}: need {needed:,} bytes{extra}, {free:,} free",
             hint="free some space or choose another --to",
         )
         self.path = path
         self.needed = needed
         self.free = free
+        self.headroom = headroom
+        # what `--json` adds to its error object
+        self.details = {"needed_bytes": needed, "headroom_bytes": headroom, "free_bytes": free}
 
 
 class DiskFullError(FetchError):

@@ -220,8 +220,11 @@ def render_error(e: BaseException) -> int:
     if hint:
         stderr.print(hint, highlight=False, markup=False)
     if _state.json and not _state.emitted:
-        print(json.dumps({"error": first, "hint": hint.removeprefix("hint: ") or None,
-                          "exit_code": code}))
+        body = {"error": first, "hint": hint.removeprefix("hint: ") or None, "exit_code": code}
+        details = getattr(e, "details", None)  # numbers an error names (a space refusal's)
+        if isinstance(details, dict):
+            body["details"] = details
+        print(json.dumps(body))
     return code
 
 

@@ -149,7 +149,7 @@ def _check_space(dest: Path, files: list[PlannedFile], staging: dict[str, Path])
     needed = max(0, sum(f.size or 0 for f in files) - partial)
     free = shutil.disk_usage(dest).free
     if needed + _RESERVE > free:
-        raise DiskSpaceError(dest, needed, free)
+        raise DiskSpaceError(dest, needed, free, _RESERVE)
 
 
 def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress,
