@@ -15,10 +15,23 @@ tokens/s at 32 streams, for each decode path named by ``--paths`` (default: the 
 compiled step), in one run on one machine, with how far their logits and greedy tokens agree.
 ``--cuda --dry-run`` runs the same code on CPU with a small shape.
 
+Batched decode (``--batched``; runtime_batched.py): the decode step of 1 and more streams at one
+context length against its memory roofline (weights once plus each stream's KV cache, over the
+bandwidth a device copy reaches): on CPU the tiny model at 1, 2, 4 and 8 streams, on CUDA the 7B
+shape at 1, 16, 32, 64 and 128.
+
+Time to ready (``--load``, ``--ready``; runtime_start.py): weightship's loader beside
+transformers' ``from_pretrained`` on the same files (CPU: the tiny model and a 1 GiB synthetic
+one; CUDA: the 7B shape onto the GPU), and ``serve`` started cold and warm with one compile
+cache (CPU: the tiny model and SmolLM2 with ``--compile``; CUDA: the 7B shape).
+
 Every figure is the median of ``--runs`` runs after a warm-up. Usage::
 
-    python bench/runtime.py                 # CPU table
-    python bench/runtime.py --cuda          # CUDA table
+    python bench/runtime.py                        # CPU decode table
+    python bench/runtime.py --all                  # and batched, load, time to ready (CPU)
+    python bench/runtime.py --cuda --batched       # CUDA decode and batched tables
+    python bench/runtime.py --cuda --ready         # CUDA load and time to ready (7B shape)
+    bash bench/gpu.sh                              # what a GPU session runs: every CUDA table
 """
 
 from __future__ import annotations
@@ -33,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from runtime_batched import batched_table, copy_bandwidth
+from runtime_start import GIB_MODEL, load_table, ready_table, write_random_model
 
 from weightship.catalog.architecture import Architecture
 from weightship.runtime.args import ModelArgs
@@ -40,6 +55,7 @@ from weightship.runtime.engine import Engine, EngineConfig
 from weightship.runtime.loader import build_model
 from weightship.runtime.model import Transformer
 from weightship.runtime.request import Output
+from weightship.runtime.roofline import Roofline
 from weightship.runtime.sampling import SamplingParams
 
 MISTRAL_7B = Architecture(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32,
@@ -118,18 +134,46 @@ def model_dir(name: str, where: Path) -> Path:
     return where
 
 
-def cpu_bench(runs: int, new: int, streams: int, models: list[str]) -> None:
+def cpu_bench(runs: int, new: int, streams: int, models: list[str], tables: set[str], work: Path) -> None:
     from weightship.errors import FetchError
 
     torch.set_grad_enabled(False)
+    dirs: dict[str, Path] = {}
     for key in models:
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                directory = model_dir(CPU_MODELS[key], Path(tmp) / key)
-            except FetchError as e:
-                print(f"\n{CPU_MODELS[key]}: not measured, it could not be fetched: {e}", flush=True)
-                continue
+        try:
+            dirs[key] = model_dir(CPU_MODELS[key], work / key)
+        except FetchError as e:
+            print(f"\n{CPU_MODELS[key]}: not measured, it could not be fetched: {e}", flush=True)
+    if "decode" in tables:
+        for key, directory in dirs.items():
             cpu_rows(CPU_MODELS[key], directory, runs, new, streams)
+    if "batched" in tables and "tiny" in dirs:
+        cpu_batched(dirs["tiny"], runs)
+    if "load" in tables:
+        models_ = {"tiny": dirs["tiny"]} if "tiny" in dirs else {}
+        print("\nwriting a 1 GiB synthetic model (random bf16 weights) ...", flush=True)
+        models_["synthetic 1 GiB"] = write_random_model(GIB_MODEL, work / "synthetic-1gib", torch.device("cpu"),
+                                                        manifest=False)
+        load_table(models_, ["float32", "bfloat16"], "cpu", runs)
+    if "ready" in tables:
+        ready_table({CPU_MODELS[k]: d for k, d in dirs.items()},
+                    ["--device", "cpu", "--compile", "--max-batch", str(streams), "--max-model-len", "512"],
+                    work, "cpu")
+
+
+def cpu_batched(directory: Path, runs: int) -> None:
+    """The tiny model's decode step at 1, 2, 4 and 8 streams against its roofline, float32."""
+    from weightship.runtime.loader import load_model
+
+    context, steps = 256, 32
+    model, _ = load_model(directory, device="cpu", dtype="float32", max_batch=8,
+                          max_model_len=context + steps + 2)
+    bandwidth = copy_bandwidth(torch.device("cpu"), 256 << 20)
+    roofline = Roofline(model.args.arch, dtype_bytes=4, bandwidth=bandwidth)
+    engine = Engine(model, None, EngineConfig())
+    batched_table(engine, roofline, [1, 2, 4, 8], context, steps, runs, lambda: None,
+                  f"CPU, weightship-tiny (float32, {torch.get_num_threads()} threads, eager), "
+                  f"bandwidth measured by a 256 MiB copy")
 
 
 def cpu_rows(name: str, directory: Path, runs: int, new: int, streams: int) -> None:
@@ -279,22 +323,46 @@ def step_logits(engine: Engine, prompt: list[int]) -> torch.Tensor:
 # The decode paths --paths can measure, each with its own engine (and KV cache) over the same
 # weights. "step" is the engine's default on CUDA: the whole step compiled and captured in CUDA
 # graphs, steps launched ahead while greedy.
+# "matmul" and "split" compute decode attention another way (runtime/attention.py); "autotune"
+# compiles the step with inductor's max-autotune (Triton GEMV/GEMM templates tried against cuBLAS).
 PATHS = {
     "step": ("compiled step (default)", dict(compile_step=True, lookahead=True)),
     "no-lookahead": ("compiled step, no lookahead", dict(compile_step=True, lookahead=False)),
     "elementwise": ("elementwise compile, no lookahead", dict(compile_step=False, lookahead=False)),
+    "matmul": ("compiled step, matmul attention", dict(compile_step=True, lookahead=True)),
+    "split": ("compiled step, split-KV attention", dict(compile_step=True, lookahead=True)),
+    "autotune": ("compiled step, max-autotune", dict(compile_step=True, lookahead=True)),
 }
+DECODE_ATTENTION = {"matmul": "matmul", "split": "split"}
+COMPILE_MODE = {"autotune": "max-autotune-no-cudagraphs"}
+
+
+def path_engine(model: Transformer, key: str, config: EngineConfig) -> Engine:
+    """An engine for path ``key``: its attention formulation set, its step compiled its way.
+
+    Dynamo's compiled code of the engines before it is dropped first: every runner's step is one
+    code object, whose recompilation limit the paths would otherwise reach (with fullgraph=True
+    a hard failure, and the path ran eagerly). The FX-graph cache still serves what repeats.
+    """
+    torch._dynamo.reset()
+    model.set_decode_attention(DECODE_ATTENTION.get(key, "sdpa"))
+    engine = Engine(model, None, config)
+    if key in COMPILE_MODE:
+        runner = engine.runner
+        runner._compiled = torch.compile(runner._step, fullgraph=True, dynamic=True,
+                                         mode=COMPILE_MODE[key])
+    return engine
 
 
 def cuda_bench(runs: int, new: int, streams: int, dry_run: bool, paths: list[str],
-               references: bool) -> None:
+               references: bool, batched: list[int], batched_paths: list[str]) -> None:
     torch.set_grad_enabled(False)
     device = torch.device("cpu" if dry_run else "cuda")
     arch = SMALL if dry_run else MISTRAL_7B
     dtype = torch.float32 if dry_run else torch.bfloat16
     prompt_len, max_len = 128, 1024
     t0 = time.perf_counter()
-    model = random_model(arch, device, dtype, max_batch=streams, max_model_len=max_len)
+    model = random_model(arch, device, dtype, max_batch=max([streams, *batched]), max_model_len=max_len + 64)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     batch = prompts(streams, prompt_len, arch.vocab_size)
@@ -312,11 +380,12 @@ def cuda_bench(runs: int, new: int, streams: int, dry_run: bool, paths: list[str
     results: dict[str, PathResult] = {}
     for key in paths:  # one path failing must not cost the others
         label, options = PATHS[key]
-        config = EngineConfig(prefill_chunk=4096, use_graphs=graphs, **options)  # type: ignore[arg-type]
+        config = EngineConfig(prefill_chunk=4096, use_graphs=graphs, max_batch=streams, **options)  # type: ignore[arg-type]
         try:
-            results[key] = measure_path(Engine(model, None, config), batch, new, runs, sync, label)
+            results[key] = measure_path(path_engine(model, key, config), batch, new, runs, sync, label)
         except Exception as e:
             print(f"{label}: failed: {e!r}", flush=True)
+        model.set_decode_attention("sdpa")
     print(f"\nCUDA decode, Mistral-7B shape (random {str(dtype).removeprefix('torch.')} weights, "
           f"{weight_bytes / 1e9:.2f} GB), device: {name}")
     print(f"prompt {prompt_len} tokens, {new} new tokens per stream, CUDA graphs: {graphs}, "
@@ -354,6 +423,25 @@ def cuda_bench(runs: int, new: int, streams: int, dry_run: bool, paths: list[str
     for key, r in results.items():
         print(f"1-stream time to first token, {prompt_len}-token prompt, {PATHS[key][0]}: "
               f"{r.ttft_ms:.1f} ms", flush=True)
+    if batched:
+        context = max_len - 64 if not dry_run else 256
+        roofline = Roofline(arch, dtype_bytes=dtype.itemsize, bandwidth=measured)
+        for key in batched_paths:
+            try:
+                engine = path_engine(model, key, EngineConfig(use_graphs=graphs, **PATHS[key][1]))
+                batched_table(engine, roofline, [1, *batched], context, 32, runs, sync,
+                              f"{name}, Mistral-7B shape, {PATHS[key][0]}" if not dry_run
+                              else f"dry run on CPU, {PATHS[key][0]}")
+                del engine
+            except Exception as e:
+                print(f"batched, {PATHS[key][0]}: failed: {e!r}", flush=True)
+            model.set_decode_attention("sdpa")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if spec:
+            print(f"data-sheet roofline ({spec / 1e12:.2f} TB/s): " + ", ".join(
+                f"{n} streams {Roofline(arch, dtype.itemsize, spec).tokens_per_second(n, context):.0f} tokens/s"
+                for n in batched))
     if len(results) > 1:
         first, *rest = results
         a = results[first]
@@ -383,6 +471,18 @@ def replay_rate(engine: Engine, steps: int, sync: Callable[[], None]) -> float:
     return steps / elapsed
 
 
+def cuda_start(work: Path, runs: int) -> None:
+    """The 7B shape written to ``work`` (random bf16 weights, a manifest), loaded onto the GPU
+    beside transformers, then served cold and warm."""
+    directory = work / "mistral-7b-shape"
+    if not (directory / ".weightship" / "manifest.json").exists():
+        t = time.perf_counter()
+        write_random_model(MISTRAL_7B, directory, torch.device("cuda"))
+        print(f"wrote the 7B shape to {directory} in {time.perf_counter() - t:.0f} s", flush=True)
+    load_table({"Mistral-7B shape": directory}, ["bfloat16"], "cuda", runs)
+    ready_table({"Mistral-7B shape": directory}, ["--device", "cuda"], work, "cuda")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -397,21 +497,43 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"CPU: the models to measure, in order, of {','.join(CPU_MODELS)}")
     ap.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
                     help="with --cuda: also the uncompiled reference rows")
+    ap.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
+                    help="the decode table (single stream and a batch, beside transformers on CPU)")
+    ap.add_argument("--batched", action="store_true", help="the batched decode table with its roofline")
+    ap.add_argument("--batched-streams", default="16,32,64,128", help="with --cuda --batched")
+    ap.add_argument("--batched-paths", default="step", help="with --cuda --batched: the paths measured")
+    ap.add_argument("--load", action="store_true", help="CPU: loading beside transformers")
+    ap.add_argument("--ready", action="store_true",
+                    help="time to ready, cold and warm (with --cuda: and loading the 7B shape)")
+    ap.add_argument("--all", action="store_true", help="every table (CPU: decode, batched, load, "
+                    "ready; CUDA: decode, batched, ready)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="where models and caches are written (default: a temporary directory)")
     args = ap.parse_args(argv)
-    if args.cuda:
-        if not args.dry_run and not torch.cuda.is_available():
-            print("no CUDA device: the CUDA benchmark was not run", file=sys.stderr)
-            return 1
-        paths = args.paths.split(",")
-        if unknown := set(paths) - set(PATHS):
-            ap.error(f"unknown --paths {sorted(unknown)}; choose from {', '.join(PATHS)}")
-        cuda_bench(args.runs, args.new_tokens or 256, args.streams or 32, args.dry_run, paths,
-                   args.references)
-    else:
-        models = args.models.split(",")
-        if unknown := set(models) - set(CPU_MODELS):
-            ap.error(f"unknown --models {sorted(unknown)}; choose from {', '.join(CPU_MODELS)}")
-        cpu_bench(args.runs, args.new_tokens or 128, args.streams or 8, models)
+    tables = {"decode"} if args.decode else set()
+    tables |= {t for t in ("batched", "load", "ready") if args.all or getattr(args, t)}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if args.cuda:
+            if not args.dry_run and not torch.cuda.is_available():
+                print("no CUDA device: the CUDA benchmark was not run", file=sys.stderr)
+                return 1
+            paths, batched_paths = args.paths.split(","), args.batched_paths.split(",")
+            if unknown := (set(paths) | set(batched_paths)) - set(PATHS):
+                ap.error(f"unknown --paths {sorted(unknown)}; choose from {', '.join(PATHS)}")
+            if "ready" in tables and not args.dry_run:
+                cuda_start(work, args.runs)
+            if tables & {"decode", "batched"}:
+                batched = [int(n) for n in args.batched_streams.split(",")] if "batched" in tables else []
+                cuda_bench(args.runs, args.new_tokens or 256, args.streams or 32, args.dry_run,
+                           paths if "decode" in tables else [], args.references and "decode" in tables,
+                           batched, batched_paths)
+        else:
+            models = args.models.split(",")
+            if unknown := set(models) - set(CPU_MODELS):
+                ap.error(f"unknown --models {sorted(unknown)}; choose from {', '.join(CPU_MODELS)}")
+            cpu_bench(args.runs, args.new_tokens or 128, args.streams or 8, models, tables, work)
     return 0
 
 
