@@ -220,7 +220,8 @@ def render_error(e: BaseException) -> int:
     if hint:
         stderr.print(hint, highlight=False, markup=False)
     if _state.json and not _state.emitted:
-        body = {"error": first, "hint": hint.removeprefix("hint: ") or None, "exit_code": code}
+        body: dict[str, object] = {"error": first, "hint": hint.removeprefix("hint: ") or None,
+                                   "exit_code": code}
         details = getattr(e, "details", None)  # numbers an error names (a space refusal's)
         if isinstance(details, dict):
             body["details"] = details
