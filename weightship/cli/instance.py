@@ -44,6 +44,16 @@ def _target(on: str | None, inventory: Path | None, context: str | None, **more:
     return target(chosen, TargetOptions(context=context, inventory=inventory, **more))
 
 
+def _confirm(yes: bool) -> Callable[[str], bool] | None:
+    """How the library asks before it changes hosts: not at all with --yes, at the terminal when
+    there is one, else it cannot (and refuses)."""
+    if yes:
+        return lambda question: True
+    if not sys.stdin.isatty():
+        return None
+    return lambda question: typer.confirm(question, default=False)
+
+
 def _info_human(info: dict[str, Any]) -> Any:
     def human(console: Console) -> None:
         state = "paused" if info.get("paused") else f"{info.get('ready')}/{info.get('replicas')} ready"
@@ -116,7 +126,7 @@ def create(
                         tls_secret=tls_secret, version=version)
     target = _target(on, inventory, context, chart=chart, value_files=tuple(values or ()),
                      sets=tuple(set_ or ()), hosts=tuple(h for h in (hosts or "").split(",") if h),
-                     group=group, yes=yes, port=port,
+                     group=group, confirm=_confirm(yes), port=port,
                      allow_from=tuple(allow_from) if allow_from else ("ingress-nginx",),
                      admin_from=tuple(admin_from) if admin_from else None)
     if dry_run:

@@ -42,7 +42,8 @@ class TargetOptions:
     hosts: tuple[str, ...] = ()
     group: str | None = None
     port: int | None = None
-    yes: bool = False
+    # asked before hosts are given to an instance; None: no one can be asked (pass --yes)
+    confirm: Callable[[str], bool] | None = None
 
 
 def _k8s(options: TargetOptions) -> Target:
@@ -58,7 +59,7 @@ def _nodes(options: TargetOptions) -> Target:
     from weightship.instances.nodes import NodesTarget
 
     return NodesTarget(inventory=options.inventory, hosts=options.hosts, group=options.group,
-                       port=options.port, yes=options.yes)
+                       port=options.port, confirm=options.confirm)
 
 
 TARGETS: dict[str, Callable[[TargetOptions], Target]] = {"k8s": _k8s, "nodes": _nodes}

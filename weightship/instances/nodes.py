@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 import json
 import shlex
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -59,12 +58,13 @@ class NodesTarget:
     kind = "nodes"
 
     def __init__(self, *, inventory: Path | None, hosts: tuple[str, ...] = (), group: str | None = None,
-                 port: int | None = None, yes: bool = False, gate_timeout: float = 900.0) -> None:
+                 port: int | None = None, confirm: Callable[[str], bool] | None = None,
+                 gate_timeout: float = 900.0) -> None:
         if inventory is None:
             raise UsageError("instances on nodes need --inventory FILE (or WEIGHTSHIP_INVENTORY)")
         self.inventory: Inventory = load(inventory)
         self.hosts, self.group, self.port = hosts, group, port or DEFAULT_PORT
-        self.gate_timeout, self.yes = gate_timeout, yes
+        self.gate_timeout, self.confirm = gate_timeout, confirm
         self._keys_read: dict[str, str] = {}  # instance -> sha256 of the key file read_keys saw
 
     # ---- reading the hosts ---------------------------------------------------------------------
@@ -134,11 +134,10 @@ class NodesTarget:
             if others:
                 raise InstanceError(f"host {host.name} already serves {', '.join(others)}: a host is given to one "
                                     "instance only", hint="give the instance other hosts (--hosts / --group)")
-        if not self.yes:
-            if not sys.stdin.isatty():
-                raise UsageError("instance create asks before changing hosts: pass --yes")
-            if input(f"Give {', '.join(h.name for h in hosts)} to instance {spec.name}? [y/N] ").lower() != "y":
-                raise UsageError("not created")
+        if self.confirm is None:
+            raise UsageError("instance create asks before changing hosts: pass --yes")
+        if not self.confirm(f"Give {', '.join(h.name for h in hosts)} to instance {spec.name}?"):
+            raise UsageError("not created")
         keys = KeyFile(instance=spec.name)
         _, operator_key = keys.add(OPERATOR_KEY, scopes=("inference", "usage"))
         marker = {"instance": spec.name, "model": spec.model, "port": self.port, "gpus": spec.gpus,
