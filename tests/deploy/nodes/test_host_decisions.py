@@ -117,3 +117,54 @@ def test_the_gate_expects_the_previous_answer_only_for_the_same_model_served_ali
     run.node = FileNode(files)  # type: ignore[assignment]
     assert asyncio.run(run.expected_answer("OLD")) == expected
     assert asyncio.run(run.expected_answer(None)) is None
+
+
+def test_old_releases_go_with_what_only_they_used(tmp_path: Path) -> None:
+    """The node agent's prune, on a real directory tree: releases past current and the last
+    KEEP_RELEASES of the history go, and so do the models and runtimes that only they used; a
+    model another deployment uses, an uninstalled deployment's kept cache and a venv outside the
+    prefix stay."""
+    from weightship.deploy.nodes import agent
+    from weightship.deploy.nodes.steps import KEEP_RELEASES
+
+    prefix = tmp_path / "opt"
+    for d in ("models/m1", "models/m2", "models/m3", "models/kept-cache", "runtimes/v1", "runtimes/v2"):
+        (prefix / d).mkdir(parents=True)
+        (prefix / d / "file").write_text(d)
+    (tmp_path / "venv").mkdir()
+
+    def release(app: str, rev: str, model: str, runtime: str) -> None:
+        rel = prefix / "apps" / app / "releases" / rev
+        rel.mkdir(parents=True)
+        (rel / "model").symlink_to(prefix / "models" / model)
+        (rel / "runtime").symlink_to(runtime if runtime.startswith("/") else prefix / "runtimes" / runtime)
+
+    release("a", "r1", "m1", "v1")
+    release("a", "r2", "m2", "v1")
+    release("a", "r3", "m2", str(tmp_path / "venv"))
+    release("a", "r4", "m3", "v2")
+    release("a", "r5", "m3", "v2")  # prepared, failed its gate: not in the history
+    release("b", "s1", "m1", "v1")  # another deployment still on m1 and v1
+    (prefix / "apps/a/releases/r6.tmp-weightship").mkdir()  # a release being written
+    (prefix / "apps/a/history.json").write_text(json.dumps(["r1", "r2", "r3", "r4", "r3"]))
+    (prefix / "apps/a/current").symlink_to("releases/r3")
+
+    result = agent.prune({"app": str(prefix / "apps/a"), "prefix": str(prefix), "keep": KEEP_RELEASES})
+
+    assert sorted(p.name for p in (prefix / "apps/a/releases").iterdir()) == ["r3", "r4", "r6.tmp-weightship"]
+    assert sorted(result["releases"]) == ["r1", "r2", "r5"]
+    assert sorted(p.name for p in (prefix / "models").iterdir()) == ["kept-cache", "m1", "m2", "m3"]  # r3 uses m2
+    assert sorted(p.name for p in (prefix / "runtimes").iterdir()) == ["v1", "v2"]  # b's s1 uses v1
+    assert result["removed"] == [] and (tmp_path / "venv").is_dir()
+
+    (prefix / "apps/b/releases/s1/model").unlink()  # b moved on to m3 (its release is rewritten)
+    (prefix / "apps/b/releases/s1/model").symlink_to(prefix / "models/m3")
+    (prefix / "apps/a/history.json").write_text(json.dumps(["r3", "r4"]))
+    (prefix / "apps/a/current").unlink()
+    (prefix / "apps/a/current").symlink_to("releases/r4")
+    release("a", "r0", "m1", "v1")  # an older release that used m1, now used by no one
+    result = agent.prune({"app": str(prefix / "apps/a"), "prefix": str(prefix), "keep": 1})
+    assert result["releases"] == ["r0", "r3"]
+    assert sorted(p.name for p in (prefix / "models").iterdir()) == ["kept-cache", "m3"]
+    assert result["removed"] == [str(prefix.resolve() / "models/m1"), str(prefix.resolve() / "models/m2")]
+    assert (prefix / "runtimes/v1").is_dir()  # b's s1 still runs on v1

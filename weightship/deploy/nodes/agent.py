@@ -224,14 +224,53 @@ def apps(args: dict[str, Any]) -> dict[str, Any]:
     return {"apps": found}
 
 
+def _link(path: str) -> str | None:
+    return os.path.realpath(path) if os.path.islink(path) else None
+
+
+def prune(args: dict[str, Any]) -> dict[str, Any]:
+    """Remove the releases of ``app`` that neither ``current`` nor the last ``keep`` releases of
+    its history name (rollback goes back through those), then the models and runtimes of the
+    removed releases that no release left on this node, of any deployment, uses. Models no
+    removed release used (an uninstalled deployment's cache, kept on purpose) stay."""
+    app, prefix = args["app"], os.path.realpath(args["prefix"])
+    releases = app + "/releases"
+    history = json.loads(_read(app + "/history.json") or "[]")
+    current = os.path.basename(os.readlink(app + "/current")) if os.path.islink(app + "/current") else None
+    recent: list[str] = []  # the last ``keep`` distinct releases of the history
+    for rev in reversed(history):
+        if len(recent) == int(args["keep"]):
+            break
+        if rev not in recent:
+            recent.append(rev)
+    keep = {current, *recent}
+    names = sorted(os.listdir(releases)) if os.path.isdir(releases) else []
+    gone = [rev for rev in names if rev not in keep and "." not in rev]
+    freed: set[str] = set()
+    for rev in gone:
+        freed |= {t for t in (_link(f"{releases}/{rev}/model"), _link(f"{releases}/{rev}/runtime")) if t}
+        shutil.rmtree(f"{releases}/{rev}")
+    used = {_link(f"{prefix}/apps/{name}/releases/{rev}/{what}")
+            for name in (os.listdir(prefix + "/apps") if os.path.isdir(prefix + "/apps") else [])
+            for rev in (os.listdir(f"{prefix}/apps/{name}/releases")
+                        if os.path.isdir(f"{prefix}/apps/{name}/releases") else [])
+            for what in ("model", "runtime")}
+    removed = []
+    for target in sorted(freed - used):
+        if os.path.dirname(target) in (prefix + "/models", prefix + "/runtimes") and os.path.isdir(target):
+            shutil.rmtree(target)
+            removed.append(target)
+    return {"releases": gone, "removed": removed}
+
+
 def _journal(unit: str) -> list[str]:
     r = subprocess.run(["journalctl", "-u", unit, "-n", "15", "--no-pager", "-o", "cat"],
                        capture_output=True, text=True)
     return r.stdout.splitlines()[-15:]
 
 
-VERBS = {"apps": apps, "facts": facts, "fetch": fetch, "gate": gate, "keys_loaded": keys_loaded, "ready": ready,
-         "state": state}
+VERBS = {"apps": apps, "facts": facts, "fetch": fetch, "gate": gate, "keys_loaded": keys_loaded, "prune": prune,
+         "ready": ready, "state": state}
 
 
 def main(verb: str, args: dict[str, Any]) -> None:

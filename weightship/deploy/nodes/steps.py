@@ -27,6 +27,7 @@ GATE_TOKENS = 12
 MIN_PYTHON = (3, 10)
 MIN_SYSTEMD = 247  # LoadCredential= and $CREDENTIALS_DIRECTORY
 HEADROOM = 2 << 30  # free disk kept beyond the model: logs, caches, the next release
+KEEP_RELEASES = 2  # releases kept per deployment (current and the one rollback returns to)
 SWARM_PORT = 6881  # TCP port the hosts of a rollout serve each other the model's chunks on
 # How long a host that has the model serves the others, at most: it stops as soon as every other
 # host has verified it (or has been unreachable for a minute); this covers the prepare phase.
@@ -432,10 +433,22 @@ class HostRun:
         return str(old_gate.get("answer")) if same else None
 
     async def record(self, rev: str) -> None:
-        """Add ``rev`` to the host's history of releases that passed their gate."""
+        """Add ``rev`` to the host's history of releases that passed their gate, then remove the
+        releases past the last :data:`KEEP_RELEASES` and the models and runtimes only they used
+        (a failure there leaves them, with a warning: the host serves all the same)."""
         history = [r for r in self.state.get("history", []) if r != rev] + [rev]
         await self.node.write(self.paths.history, json.dumps(history[-20:]) + "\n", step="record history")
         self.state["history"] = history
+        try:
+            pruned = await agent(self.node, "prune", {"app": self.paths.app, "prefix": self.paths.prefix,
+                                                      "keep": KEEP_RELEASES},
+                                 python=self.python, step="remove old releases", timeout=300)
+        except NodeCommandError as e:
+            log.warning("%s: old releases were not removed: %s", self.node.host.name, e.message)
+            return
+        if pruned["releases"] or pruned["removed"]:
+            log.info("%s: removed releases %s and %s", self.node.host.name, ", ".join(pruned["releases"]) or "none",
+                     ", ".join(pruned["removed"]) or "no model or runtime")
 
     async def stop(self) -> None:
         """Stop and disable the unit (a first release that failed its gate)."""
