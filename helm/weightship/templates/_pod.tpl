@@ -1,6 +1,7 @@
 {{/* Pod pieces shared by the Deployment, the StatefulSet and the seeder DaemonSet. */}}
 
-{{/* Arguments of `weightship fetch` (DESIGN.md contract). */}}
+{{/* Arguments of `weightship fetch` (DESIGN.md contract); a seeder's fetch is included with
+`seederFetch` set in its context (see daemonset.yaml). */}}
 {{- define "weightship.fetchArgs" -}}
 - fetch
 - {{ .Values.model.name | quote }}
@@ -19,8 +20,19 @@
 - --wait-lock
 - {{ .Values.fetch.waitLockSeconds | quote }}
 {{- if .Values.p2p.enabled }}
+{{- /* Peers: the seeders. A seeder's own fetch also serves the others while it fetches, so the
+seeders split the origin's chunks and it sends about one copy (fleet distribution, DESIGN.md);
+a serving pod's fetch only takes, waiting for the seeders to answer first. */}}
 - --peers-from-dns
 - {{ include "weightship.peersEndpoint" . | quote }}
+- --peer-wait
+- {{ .Values.p2p.peerWaitSeconds | quote }}
+{{- if .seederFetch }}
+- --listen
+- "0.0.0.0:{{ .Values.p2p.port }}"
+- --seed-for
+- "{{ .Values.p2p.handoverSeconds }}s"
+{{- end }}
 {{- end }}
 {{- range .Values.fetch.extraArgs }}
 - {{ . | quote }}
