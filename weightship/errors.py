@@ -230,6 +230,11 @@ class UnsignedManifestError(NoTrustAnchorError):
     """A manifest sent by the same server as the files, unsigned, over plain HTTP: not an anchor."""
 
 
+class UnsignedListingError(NoTrustAnchorError):
+    """A non-public Hub endpoint's file listing over plain HTTP, for files a catalog card does
+    not pin by sha256: not an anchor."""
+
+
 class PackageIndexError(FetchError):
     """``pip download`` could not get a package from the index pip is configured with (no
     network, no such version, an index or proxy error); the message carries pip's own words."""

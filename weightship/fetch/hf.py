@@ -3,10 +3,12 @@
 ``hf://org/repo[@revision]``, or a card source ``{kind: hf, repo: org/repo, revision: …}``.
 ``huggingface_hub`` resolves the revision to a commit and lists the files at that commit with
 their sizes and digests, honouring ``HF_ENDPOINT`` and ``HF_TOKEN`` as it always does. The
-Hub's metadata is the trust anchor: the LFS sha256 for large files, the git blob sha1 for small
-plain-git files (``config.json`` and friends) — the engine checks whichever the Hub gave, and
-records a sha256 for every file. The bytes come from ``/{repo}/resolve/{commit}/{path}`` by
-ranged GETs through the shared downloader (the Hub redirects LFS files to its CDN).
+public Hub's metadata is the trust anchor: the LFS sha256 for large files, the git blob sha1 for
+small plain-git files (``config.json`` and friends) — the engine checks whichever the Hub gave,
+and records a sha256 for every file. Another endpoint's listing is held to the catalog card and
+trusted less (:func:`weightship.fetch.pins.hold_hub_listing`). The bytes come from
+``/{repo}/resolve/{commit}/{path}`` by ranged GETs through the shared downloader (the Hub
+redirects LFS files to its CDN).
 
 A catalog card's source pins the commit (``revision:``); ``--revision`` overrides it, and a card
 that pins none is fetched at ``main`` with a warning. When the revision asked for is a commit id,
@@ -37,6 +39,7 @@ from weightship.errors import (
     TransientFetchError,
     UsageError,
 )
+from weightship.fetch import pins
 from weightship.fetch.base import FetchPlan, PlannedFile
 from weightship.fetch.download import RangeReader, sleep_backoff
 from weightship.fetch.http import HttpPool, HttpRemote, raise_for_status
@@ -134,6 +137,9 @@ class HfSource(RangedSource):
                                  hint="the endpoint must answer /api/models/…/revision/…?blobs=true")
         name = self.request.card.name if self.request.card else repo.rsplit("/", 1)[-1]
         layout = self.request.layout or (self.request.card.default_layout if self.request.card else "hf")
+        files = pins.hold_hub_listing(self.request, files, repo=repo, commit=info.sha,
+                                      endpoint=endpoint(), public=endpoint() == _DEFAULT_ENDPOINT,
+                                      layout=layout, default_optional=self.default_optional)
         return FetchPlan(name=name, layout=layout, files=files,
                          source=SourceInfo(kind="hf", uri=f"hf://{repo}", revision=info.sha))
 

@@ -19,6 +19,18 @@ card twice:
 
 A card whose layout lists no files (``files: null``) pins nothing here; its source's anchor alone
 decides (the Hub's LFS sha256 at the commit the card pins).
+
+**The Hub's listing** (:func:`hold_hub_listing`, called by the hf source's plan). A card binds an
+explicit ``hf://org/name[@rev]`` fetch too when one of its hf sources names the same repository
+and pins the very commit the Hub resolved (the card's sizes and sha256s; files the card does not
+list are kept, with the listing's digests). What the card does not pin by sha256 takes its digest
+from the listing of the endpoint ``HF_ENDPOINT`` names. The public Hub (``https://huggingface.co``,
+the default) is that anchor (``hf-lfs``/``hf-git``). Any other endpoint (a mirror, a proxy) vouches
+only as far as it is trusted, like a manifest its own server sent unsigned: over plain ``http://``
+it is refused for a catalog card's fetch (:class:`~weightship.errors.UnsignedListingError`)
+unless every file fetched is pinned by the card's sha256; otherwise it is taken with a warning
+that names the endpoint as the anchor, and its files are recorded with anchor
+``unsigned-hub-listing``, which ``convert`` never trusts enough to unpickle a file.
 """
 
 from __future__ import annotations
@@ -27,10 +39,11 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 
-from weightship.catalog import CardFile
-from weightship.errors import DigestMismatchError, FetchError
+from weightship.catalog import Card, CardFile, list_cards
+from weightship.errors import DigestMismatchError, FetchError, UnsignedListingError
 from weightship.fetch.base import FetchRequest, PlannedFile
-from weightship.manifest import FileEntry
+from weightship.fetch.select import wanted_by
+from weightship.manifest import UNSIGNED_LISTING, FileEntry
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +58,21 @@ def card_pins(request: FetchRequest, layout: str | None) -> dict[str, CardFile]:
     return {f.path: f for f in card.layout(name).files or ()}
 
 
-def bind(files: list[PlannedFile], pins: dict[str, CardFile], where: str) -> list[PlannedFile]:
+def bind(files: list[PlannedFile], pins: dict[str, CardFile], where: str, *,
+         keep_unlisted: bool = False) -> list[PlannedFile]:
     """``files`` held to the card's ``pins`` (step 1 of the module docstring); ``where`` names
-    the source in errors."""
+    the source in errors. Files the card does not list are left out, or kept as they are with
+    ``keep_unlisted`` (an explicit ``hf://`` fetch that a card binds)."""
     if not pins:
         return files
     bound = []
     for f in files:
         pin = pins.get(f.path)
         if pin is None:
-            log.info("%s: %s is not in the card; left out", where, f.path)
+            if keep_unlisted:
+                bound.append(f)
+            else:
+                log.info("%s: %s is not in the card; left out", where, f.path)
             continue
         if pin.size is not None and f.size is not None and f.size != pin.size:
             raise DigestMismatchError(f.path, expected=f"{pin.size} bytes (the catalog card)",
@@ -93,3 +111,61 @@ def check_entries(entries: Iterable[FileEntry], pins: dict[str, CardFile]) -> No
         if pin.sha256 is not None and e.sha256 != pin.sha256:
             raise DigestMismatchError(e.path, expected=f"{pin.sha256} (the catalog card)",
                                       actual=e.sha256)
+
+
+def card_for_hub(repo: str, commit: str) -> tuple[Card, str] | None:
+    """The catalog card (and layout) with an hf source for ``repo`` pinned at ``commit``: the
+    card that binds an explicit ``hf://`` fetch of that repository at that commit. Hub repository
+    names are compared without case, as the Hub resolves them."""
+    for card in list_cards():
+        for s in card.sources:
+            if s.get("kind") == "hf" and str(s.get("repo", "")).lower() == repo.lower() \
+                    and card.hub_revision(s) == commit:
+                return card, str(s.get("layout") or card.default_layout)
+    return None
+
+
+def hold_hub_listing(request: FetchRequest, files: list[PlannedFile], *, repo: str, commit: str,
+                     endpoint: str, public: bool, layout: str | None,
+                     default_optional: tuple[str, ...] = ()) -> list[PlannedFile]:
+    """The Hub's listing of ``repo`` at ``commit`` held to what binds it (the module docstring's
+    last paragraph): a card's pins, and the trust a non-public ``endpoint`` earns."""
+    where = "the hf source" if public else f"the Hub listing at {endpoint}"
+    wanted = wanted_by(request, default_optional)
+    pinned: dict[str, CardFile] = {}
+    bound = request.card is not None
+    if request.card is not None:
+        pinned = card_pins(request, layout)
+        # what the engine will fetch (it binds these again): a contradiction is said first
+        fetched = bind([f for f in files if wanted(f.path)], pinned, where)
+    else:
+        found = card_for_hub(repo, commit)
+        if found is not None:
+            bound, (card, card_layout) = True, found
+            pinned = {f.path: f for f in card.layout(card_layout).files or ()}
+            files = bind(files, pinned, where, keep_unlisted=True)
+            log.info("hf://%s@%s: held to the catalog card %s's pins", repo, commit, card.name)
+        fetched = [f for f in files if wanted(f.path)]
+    if public:
+        return files
+
+    def is_pinned(path: str) -> bool:
+        return path in pinned and pinned[path].sha256 is not None
+
+    unpinned = sorted(f.path for f in fetched if not is_pinned(f.path))
+    if not unpinned:
+        return files
+    names = ", ".join(unpinned[:4]) + (" …" if len(unpinned) > 4 else "")
+    plain = endpoint.startswith("http://")
+    if plain and bound:
+        raise UnsignedListingError(
+            f"{endpoint}: refusing the Hub listing of {repo} over plain HTTP as the trust anchor "
+            f"for {names} (the catalog card pins no sha256 for them): whoever can change the "
+            "files on the way can change the listing too",
+            hint="serve the mirror over https (it is then the anchor, with a warning), unset "
+                 "HF_ENDPOINT to use the public Hub, or --include only files the card pins")
+    log.warning("%s: no trust anchor for %s but the file listing %s sent (not the public "
+                "Hub%s): it vouches only as far as that endpoint is trusted (recorded as anchor "
+                "%r)", repo, names, endpoint, ", over plain HTTP" if plain else "", UNSIGNED_LISTING)
+    return [f if is_pinned(f.path) else dataclasses.replace(f, anchor=UNSIGNED_LISTING)
+            for f in files]

@@ -3,7 +3,8 @@
 A pickle can run code when loaded, so a ``.pth`` is loaded only when:
 1. the directory's manifest lists it (its digest was checked against a trust anchor when it was
    fetched, or the user vouched for it with a manifest) — and not when its only anchor was the
-   unsigned manifest its own server sent (``unsigned-remote-manifest``), which is no anchor, and
+   unsigned manifest its own server sent (``unsigned-remote-manifest``) or the file listing of a
+   Hub endpoint that is not the public Hub (``unsigned-hub-listing``), which are no anchors, and
 2. its bytes still hash to that digest now;
 and then only with ``torch.load(weights_only=True, mmap=True)``, whose unpickler refuses every
 global except tensors and plain containers. The bytes hashed are the bytes loaded: the file is
@@ -30,7 +31,7 @@ from weightship.errors import (
     UntrustedFileError,
     UsageError,
 )
-from weightship.manifest import UNSIGNED_ANCHORS, FileEntry, Manifest, utcnow
+from weightship.manifest import UNSIGNED_ANCHORS, UNSIGNED_LISTING, FileEntry, Manifest, utcnow
 from weightship.paths import STATE_DIR, dir_beneath, open_beneath, replace_beneath, resolve_under
 from weightship.verify import deep
 
@@ -91,9 +92,10 @@ def convert_directory(directory: Path, *, manifest: Manifest | None = None) -> F
     if entry is None:
         raise UntrustedFileError(f"{rel} is not listed in the trusted manifest; refusing to unpickle it")
     if manifest is None and entry.anchor in UNSIGNED_ANCHORS:
+        what = ("the file listing of a Hub endpoint that is not the public Hub"
+                if entry.anchor == UNSIGNED_LISTING else "the unsigned manifest its server sent")
         raise UntrustedFileError(
-            f"{rel}: its only trust anchor is the unsigned manifest its server sent "
-            f"({entry.anchor}); refusing to unpickle it",
+            f"{rel}: its only trust anchor is {what} ({entry.anchor}); refusing to unpickle it",
             hint="pass --manifest FILE that you trust, or fetch it again with --trust-key PUB "
                  "from a signed manifest")
     resolve_under(directory, rel)  # a name the sanitizer accepts
