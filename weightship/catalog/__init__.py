@@ -29,6 +29,7 @@ import importlib.resources
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -182,8 +183,28 @@ def _check_source(s: Any, origin: str) -> None:
         raise CatalogError(f"{origin}: a source's trust_key must be a PEM public key or a path")
 
 
-def parse_card(data: Any, origin: str) -> Card:
-    """Validate one card's YAML document and build the :class:`Card`."""
+def _resolve_trust_key(s: dict[str, Any], base: Path | None) -> dict[str, Any]:
+    """``s`` with a relative ``trust_key`` path made relative to ``base`` (the card's directory),
+    not to whatever directory the fetch runs in; a PEM text or an absolute path is kept."""
+    key = s.get("trust_key")
+    if base is None or not isinstance(key, str) or key.strip().startswith("-----BEGIN"):
+        return s
+    path = Path(key.strip()).expanduser()
+    return s if path.is_absolute() else {**s, "trust_key": str(base / path)}
+
+
+def load_card_file(path: Path) -> Card:
+    """A card from a YAML file; paths in it (a source's ``trust_key``) are relative to the file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CatalogError(f"{path}: cannot read the card ({e})") from None
+    return parse_card(data, str(path), base=path.parent)
+
+
+def parse_card(data: Any, origin: str, *, base: Path | None = None) -> Card:
+    """Validate one card's YAML document and build the :class:`Card`; ``base`` is the directory
+    of the card's file, which a relative ``trust_key`` path is resolved against."""
     if not isinstance(data, dict):
         raise CatalogError(f"{origin}: a card must be a mapping")
     try:
@@ -206,6 +227,7 @@ def parse_card(data: Any, origin: str) -> Card:
         sources = tuple(data.get("sources", ()))
         for s in sources:
             _check_source(s, origin)
+        sources = tuple(_resolve_trust_key(s, base) for s in sources)
         tok = data.get("tokenizer")
         convert = data.get("convert")
         if convert is not None:
@@ -243,7 +265,8 @@ def _cards() -> dict[str, Card]:
     for entry in sorted((importlib.resources.files(__name__) / "cards").iterdir(), key=str):
         if not entry.name.endswith(".yaml"):
             continue
-        card = parse_card(yaml.safe_load(entry.read_text()), entry.name)
+        base = Path(str(entry)).parent if Path(str(entry)).is_file() else None  # not inside a zip
+        card = parse_card(yaml.safe_load(entry.read_text()), entry.name, base=base)
         if card.name in cards:
             raise CatalogError(f"two cards are named {card.name!r}")
         cards[card.name] = card

@@ -11,9 +11,10 @@ trusted less (:func:`weightship.fetch.pins.hold_hub_listing`). The bytes come fr
 redirects LFS files to its CDN).
 
 A catalog card's source pins the commit (``revision:``); ``--revision`` overrides it, and a card
-that pins none is fetched at ``main`` with a warning. When the revision asked for is a commit id,
-the Hub must answer with that very commit. The Hub's own error codes (``X-Error-Code`` and
-``X-Error-Message``) are read on every reply: a gated repository is one
+that pins none is fetched at ``main`` with a warning. When the revision asked for is a commit id
+(or an abbreviation of one: 7 to 40 hex digits), the Hub must answer with a commit it begins.
+The Hub's own error codes (``X-Error-Code`` and ``X-Error-Message``) are read on every reply: a
+gated repository is one
 :class:`~weightship.errors.GatedRepoError`, not a 403 per file.
 """
 
@@ -50,7 +51,7 @@ from weightship.manifest import SourceInfo
 log = logging.getLogger(__name__)
 
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_COMMIT_PREFIX = re.compile(r"^[0-9a-f]{7,40}$")  # a commit id, or its abbreviation (as git's)
 _DEFAULT_ENDPOINT = "https://huggingface.co"
 _NOT_FOUND_CODES = ("RepoNotFound", "RevisionNotFound", "EntryNotFound")
 
@@ -119,7 +120,7 @@ class HfSource(RangedSource):
         info = self._model_info(repo, revision)
         if not info.sha or info.siblings is None:
             raise FetchError(f"hf://{repo}@{revision}: the Hub returned no commit or file list")
-        if _COMMIT.match(revision) and info.sha != revision:
+        if _COMMIT_PREFIX.match(revision) and not str(info.sha).startswith(revision):
             raise DigestMismatchError(f"hf://{repo}", expected=revision, actual=str(info.sha),
                                       what="commit")
         self._commit = info.sha
