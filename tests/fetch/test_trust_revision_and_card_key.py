@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import assert_clean_failure, run_cli
+from tests.conftest import Pki, assert_clean_failure, run_cli
 from tests.fetch.conftest import KeyPair
 from tests.fetch.hubstub import HubRepo, hub
 from tests.fetch.webserver import serve
 from weightship.catalog import load_card, load_card_file
 from weightship.fetch import FetchRequest, fetch
+from weightship.manifest import Manifest
 
 MISTRAL = "mistralai/Mistral-7B-v0.1"
 PINNED = "27d67f1b5f57dc0953326b2601d68371d40ea8da"
@@ -60,3 +61,25 @@ def test_a_cards_trust_key_path_is_relative_to_the_card_file(signed_tiny_dir: Pa
         assert card.sources[0]["trust_key"] == str(cards / "keys" / "acme.pub")
         result = fetch(FetchRequest(ref="acme-tiny", card=card), tmp_path / "m")
     assert {f.anchor for f in result.manifest.files} == {"signed-manifest"}
+
+
+def test_a_refetch_from_a_weaker_anchor_keeps_the_stronger_record(signed_tiny_dir: Path, signing_key: KeyPair,
+                                                                  pki: Pki, tmp_path: Path) -> None:
+    """Fetched with a signed manifest, then again (nothing changed) from a server whose manifest
+    is unsigned: the record still says signed-manifest, so convert's rule is not weakened."""
+    import ssl
+
+    dest = tmp_path / "m"
+    with serve(signed_tiny_dir) as s:
+        r = run_cli("fetch", s.url, "--to", dest, "--trust-key", signing_key.public, "--json")
+    assert r.code == 0, r.stderr
+    assert {f["anchor"] for f in json.loads(r.stdout)["manifest"]["files"]} == {"signed-manifest"}
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(pki.cert, pki.key)
+    with serve(signed_tiny_dir, tls=ctx) as s:
+        again = run_cli("fetch", s.url, "--to", dest, "--json", env={"SSL_CERT_FILE": str(pki.ca)})
+    assert again.code == 0, again.stderr
+    out = json.loads(again.stdout)
+    assert out["fetched"] == []
+    assert {f["anchor"] for f in out["manifest"]["files"]} == {"signed-manifest"}
+    assert {f.anchor for f in Manifest.load(dest).files} == {"signed-manifest"}
