@@ -51,12 +51,10 @@ def two_pools(bare_cluster: FakeKube) -> FakeKube:
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Run ``weightship ARGS…`` in-process; returns (exit code, stdout, stderr)."""
-    from weightship.cli import _common, deploy
+    from weightship.cli import _common
     from weightship.cli import app as app_module
 
     app: typer.Typer = app_module.app
-    if not any(g.name == "deploy" for g in app.registered_groups):
-        app.add_typer(deploy.app, name="deploy")  # until the app wires the group itself
     monkeypatch.delenv("WEIGHTSHIP_DEBUG", raising=False)
     get_settings.cache_clear()
 

@@ -1,0 +1,58 @@
+"""The command line starts without importing what the command does not use (issue 19)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import run_cli
+from weightship.cli.app import COMMANDS, load_command
+
+# Libraries that cost tenths of a second to import, each used by a few commands only.
+HEAVY = {"torch", "boto3", "botocore", "libtorrent", "fastapi", "starlette", "uvicorn", "huggingface_hub",
+         "asyncssh", "numpy", "kubernetes", "safetensors", "transformers", "jsonschema", "yaml"}
+
+
+def _imported_by(argv: list[str]) -> set[str]:
+    """The top-level packages and weightship modules a fresh interpreter holds after running
+    ``weightship ARGV``."""
+    script = ("import json, sys\n"
+              "from weightship.cli.app import app\n"
+              "from weightship.cli._common import run\n"
+              f"run(app, {argv!r})\n"
+              "print(json.dumps(sorted(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    modules = json.loads(out.splitlines()[-1])
+    return {m.split(".")[0] for m in modules} | {m for m in modules if m.startswith("weightship.")}
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"]], ids=["version", "help"])
+def test_version_and_help_import_no_command(argv: list[str]) -> None:
+    """Before, ``weightship --version`` imported every command's module (starlette, uvicorn,
+    numpy, jsonschema, yaml among them): 0.5 CPU-s, now 0.12 on this machine."""
+    modules = _imported_by(argv)
+    assert not modules & HEAVY, modules & HEAVY
+    commands = {m for m in modules if m.startswith("weightship.cli.")}
+    commands -= {"weightship.cli.app", "weightship.cli._common"}
+    assert not commands, commands
+
+
+def test_a_command_imports_its_own_module_only() -> None:
+    modules = _imported_by(["nodes", "--help"])
+    assert "weightship.cli.nodes" in modules
+    assert not {"weightship.cli.fetch", "weightship.cli.serve", "weightship.cli.instance"} & modules
+    assert not {"torch", "fastapi", "boto3", "libtorrent", "asyncssh"} & modules
+
+
+def test_help_lists_every_command_and_each_one_loads() -> None:
+    r = run_cli("--help")
+    assert r.code == 0, r.stderr
+    for name, (_, _, summary) in COMMANDS.items():
+        assert f"{name}  " in r.stdout and summary in r.stdout, name
+        command = load_command(name)
+        assert command.name == name and command.help, name
+    r = run_cli("no-such-command")
+    assert r.code == 2 and "no-such-command" in r.stderr
