@@ -66,10 +66,13 @@ def test_a_card_with_an_hf_source_then_https(hub_root: Path, tiny_hf_dir: Path, 
                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # a card that pins no digest takes the listing of a mirror only over https (over http it
     # is refused: tests/fetch/test_hub_listing_trust.py)
+    from huggingface_hub.utils import close_session
+
     mirror = MirrorServer(hub_root, tls=Tls(pki.cert, pki.key))
     mirror.start()
     monkeypatch.setenv("HF_ENDPOINT", mirror.url)
     monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
+    close_session()  # huggingface_hub keeps one client per process: the next one reads SSL_CERT_FILE
     card = parse_card({
         "name": "tiny-on-hub", "license": "Apache-2.0", "default_layout": "hf",
         "layouts": {"hf": {"files": None, "optional": ["*.bin"]}},
@@ -81,6 +84,7 @@ def test_a_card_with_an_hf_source_then_https(hub_root: Path, tiny_hf_dir: Path, 
         fetch(FetchRequest(ref="tiny-on-hub", card=card, options=FAST), tmp_path / "m")
     finally:
         mirror.stop()
+        close_session()
     m = Manifest.load(tmp_path / "m")
     assert m.name == "tiny-on-hub" and m.source is not None and m.source.kind == "hf"
     assert {f.path for f in m.files} == {f.path for f in Manifest.load(tiny_hf_dir).files}
