@@ -207,6 +207,55 @@ def test_4_mib_prompts_are_refused_untokenized_while_health_answers(server: Serv
         assert error["code"] == "context_length_exceeded" and error["param"] in ("prompt", "messages")
 
 
+def _listing(head: str, item: str, tail: str, size: int) -> bytes:
+    """``head`` + ``item`` repeated (comma-separated) + ``tail``, about ``size`` bytes."""
+    return (head + ",".join([item] * (size // (len(item) + 1))) + tail).encode()
+
+
+def _keys(head: str, tail: str, n: int) -> bytes:
+    """``head`` + ``n`` distinct keys (``"0":1,"1":1,…``, the slowest object members to parse) + ``tail``."""
+    return (head + ",".join(f'"{i}":1' for i in range(n)) + tail).encode()
+
+
+BUDGET = 16 * CONTEXT + (1 << 16)  # JSON values a body may hold (max_choices × context + 65,536)
+_4_MIB, _UNDER_BUDGET = (4 << 20) - 256, BUDGET - 8_000  # bytes; items, for the bodies below
+# Bodies that are small to send and slow to validate item by item (a Python call, a model
+# instance, an error collected per item): 4 MiB ones, refused unparsed for the values or keys they hold,
+# and ones just under that bound, refused for the count of the list before it is validated.
+VALIDATION_ATTACKS: list[tuple[str, str, bytes, str | None]] = [
+    ("prompt strings, 4 MiB", "/v1/completions", _listing('{"prompt": [', '"a"', '], "max_tokens": 1}', _4_MIB), None),
+    ("content parts, 4 MiB", "/v1/chat/completions",
+     _listing('{"messages": [{"role": "user", "content": [', '{"type":"text","text":"a"}', ']}]}', _4_MIB), None),
+    ("stop strings, 4 MiB", "/v1/completions", _listing('{"prompt": "hi", "stop": [', '"a"', "]}", _4_MIB), None),
+    ("token lists, 4 MiB", "/v1/completions", _listing('{"prompt": [', "[1]", "]}", _4_MIB), None),
+    ("an unknown field of lists, 4 MiB", "/v1/completions",
+     _listing('{"prompt": "hi", "user": [', "[]", "]}", _4_MIB), None),
+    ("prompt strings, under the bound", "/v1/completions",
+     _listing('{"prompt": [', '"a"', "]}", 4 * _UNDER_BUDGET), "prompt"),
+    ("content parts, under the bound", "/v1/chat/completions",
+     _listing('{"messages": [{"role": "user", "content": [', '{"type":"text","text":"a"}', "]}]}",
+              27 * _UNDER_BUDGET // 11), "messages"),  # 11 values a part: "{", 2 commas, 2 keys of 4
+    ("stop strings, under the bound", "/v1/completions",
+     _listing('{"prompt": "hi", "stop": [', '"a"', "]}", 4 * _UNDER_BUDGET), "stop"),
+    ("token lists, under the bound", "/v1/completions", _listing('{"prompt": [', "[1]", "]}", 4 * _UNDER_BUDGET // 2),
+     "prompt"),
+    ("distinct keys, 4 MiB", "/v1/completions", _keys('{"prompt": "hi", "user": {', "}}", _4_MIB // 11), None),
+    ("logit_bias, under the bound", "/v1/completions",  # 5 values a key: its colon (4) and comma
+     _keys('{"prompt": "hi", "logit_bias": {', "}}", _UNDER_BUDGET // 5), "logit_bias"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [(p, b, q) for _, p, b, q in VALIDATION_ATTACKS],
+                         ids=[name for name, *_ in VALIDATION_ATTACKS])
+def test_bodies_slow_to_validate_are_refused_while_health_answers(server: Served, path: str, body: bytes,
+                                                                  param: str | None) -> None:
+    """Before, FastAPI parsed and pydantic validated such a body on the event loop: 4 MiB of
+    one-character prompts took 0.7 s each, three at once held /health for seconds."""
+    assert len(body) <= 4 << 20
+    for r in _under_abuse(server.port, lambda: _send(server.port, path, body), threads=3):
+        assert _openai_error(r, 400)["param"] == param, r.body[:300]
+
+
 # ---- item 10: a small request that asks for a huge answer ----------------------------------------
 
 
@@ -299,6 +348,22 @@ def test_a_lone_surrogate_is_a_400_and_the_connection_lives_on(server: Served) -
             assert status == 200 and conn.sock is sock
     finally:
         conn.close()
+
+
+NOT_JSON = [
+    ("not JSON", b"{this is not json"),
+    ("nested 5,000 deep", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+    ("a 5,000-digit number", b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}"),
+]
+
+
+@pytest.mark.parametrize("body", [b for _, b in NOT_JSON], ids=[name for name, _ in NOT_JSON])
+def test_a_body_that_is_not_json_is_a_400_that_says_so(server: Served, body: bytes) -> None:
+    """Before, a body json.loads could not read for depth or digits got FastAPI's "There was an
+    error parsing the body"."""
+    error = _openai_error(_send(server.port, "/v1/completions", body), 400)
+    assert error["message"].startswith("the body is not JSON"), error
+    assert error["param"] is None
 
 
 def test_a_500_keeps_the_connection(tiny_model: Transformer, tokenizer: Tokenizer,

@@ -105,9 +105,6 @@ _NOT_FIELDS = frozenset({"body", "str", "int", "float", "bool", "list", "dict"})
 def invalid_request(errors: Any) -> InvalidRequestError:
     """The 400 for pydantic's validation ``errors`` (their first): the field's path and why."""
     first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":
-        return InvalidRequestError(f"the body is not JSON: {first.get('ctx', {}).get('error')} "
-                                   f"(at character {first.get('loc', ('', '?'))[-1]})")
     # the fields and indexes, not the union members tried ("str", "function-after[…]")
     loc = [str(p) for p in first.get("loc", ())
            if isinstance(p, int) or (p.isidentifier() and p not in _NOT_FIELDS)]

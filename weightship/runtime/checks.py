@@ -12,12 +12,20 @@ from __future__ import annotations
 from typing import cast
 
 from weightship.errors import EngineStoppedError, InvalidRequestError, ModelNotServedError
+from weightship.runtime.bodies import BodyLimits
 from weightship.runtime.engine import Engine
 from weightship.runtime.protocol import CommonParams, CompletionRequest
 from weightship.runtime.state import ServerState
 from weightship.runtime.tokenizer import Tokenizer
 
 Prompt = str | list[int]
+
+
+def body_limits(state: ServerState) -> BodyLimits:
+    """The sizes a request body is held to; the model must be loaded (they depend on its context)."""
+    if not state.ready or state.engine is None:
+        raise EngineStoppedError("the model is still loading")
+    return BodyLimits(state.max_choices, state.engine.args.max_model_len)
 
 
 def serving(state: ServerState, body: CommonParams) -> tuple[Engine, Tokenizer]:

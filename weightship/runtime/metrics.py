@@ -29,6 +29,10 @@ class Metrics:
         self.time_per_output_token = Histogram(
             "weightship_time_per_output_token_seconds", "Mean time between a request's tokens",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r)
+        self.loop_blocked = Histogram(  # observed by runtime.loop_monitor.LoopMonitor
+            "weightship_event_loop_blocked_seconds", "How late the event loop ran a 10 ms timer, "
+            "less the time its thread waited for a CPU: time the server could answer nothing",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=r)
 
         def read(field: str) -> Callable[[], float]:
             return lambda: float(getattr(stats(), field, 0.0) or 0.0)

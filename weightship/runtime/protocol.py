@@ -10,6 +10,9 @@ but the OpenAI parameters that change what an answer must be (``response_format`
 (``{"type": "text"}``, ``[]``, ``"none"``): an answer that ignored them would quietly break
 the client's contract. ``logit_bias`` is supported. Reference: the OpenAI API reference,
 "Completions" and "Chat".
+
+The server validates a body only once its size and its long lists have been checked
+(:mod:`weightship.runtime.bodies`): these models hold no limit of that kind.
 """
 
 from __future__ import annotations
@@ -26,18 +29,11 @@ from pydantic import (
     Strict,
     StrictBool,
     StrictInt,
-    field_validator,
 )
 
 from weightship.errors import InvalidRequestError
 from weightship.runtime.sampling import MAX_TOP, SamplingParams
 from weightship.runtime.tokenizer import ChatMessage
-
-# Messages a chat request may hold: counted before they are validated, which for a 4 MiB body of
-# tiny messages would hold the event loop (and every other request) for a third of a second.
-MAX_MESSAGES = 4096
-# Tokens a logit_bias may name (also counted before validation).
-MAX_LOGIT_BIAS = 1024
 
 
 def _text(s: str) -> str:
@@ -124,13 +120,6 @@ class CommonParams(BaseModel):
                               logit_bias=self._logit_bias(), logprobs=logprobs,
                               prompt_logprobs=prompt_logprobs)
 
-    @field_validator("logit_bias", mode="before")
-    @classmethod
-    def _few_biases(cls, biases: Any) -> Any:
-        if isinstance(biases, dict) and len(biases) > MAX_LOGIT_BIAS:
-            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens, got {len(biases)}")
-        return biases
-
     def _logit_bias(self) -> tuple[tuple[int, float], ...]:
         out = []
         for key, bias in (self.logit_bias or {}).items():
@@ -185,13 +174,6 @@ class ChatCompletionRequest(CommonParams):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None  # alternatives per token, with logprobs
-
-    @field_validator("messages", mode="before")
-    @classmethod
-    def _few_enough(cls, messages: Any) -> Any:
-        if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
-            raise ValueError(f"at most {MAX_MESSAGES} messages, got {len(messages)}")
-        return messages
 
     def token_logprobs(self) -> tuple[int | None, int | None]:
         _check_top(self.top_logprobs, "top_logprobs")

@@ -1,9 +1,12 @@
 """The HTTP routes, module-level on one router; each gets the :class:`ServerState` from the
 ``state`` dependency (the app's ``state.server``, set by :func:`~weightship.runtime.server.create_app`).
 
-A completion or chat request goes: :func:`~weightship.runtime.checks.serving` (loaded, the model
-named, nothing unsupported) → its size checks (:mod:`weightship.runtime.checks`) → tokenized on
-a worker thread → :func:`~weightship.runtime.run.start` (the engine requests) →
+A completion or chat request goes: its body read within bounds and validated
+(:func:`~weightship.runtime.bodies.read_request`, once the model is loaded; a large
+body on a worker thread) →
+:func:`~weightship.runtime.checks.serving` (the model named, nothing unsupported) → its size
+checks (:mod:`weightship.runtime.checks`) → tokenized on a worker thread →
+:func:`~weightship.runtime.run.start` (the engine requests) →
 :func:`~weightship.runtime.answers.respond` (whole or streamed).
 """
 
@@ -18,7 +21,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from weightship.errors import ModelNotServedError
 from weightship.runtime.answers import respond
-from weightship.runtime.checks import Prompt, check_choices, check_text_size, completion_prompts, serving
+from weightship.runtime.bodies import read_request
+from weightship.runtime.checks import (
+    Prompt,
+    body_limits,
+    check_choices,
+    check_text_size,
+    completion_prompts,
+    serving,
+)
 from weightship.runtime.protocol import ChatCompletionRequest, CompletionRequest
 from weightship.runtime.run import start
 from weightship.runtime.state import ServerState
@@ -84,7 +95,8 @@ def tokenize_prompts(tok: Tokenizer, prompts: list[Prompt], echo: bool) -> tuple
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(body: CompletionRequest, request: Request, state: State) -> Response:
+async def completions(request: Request, state: State) -> Response:
+    body = await read_request(request, CompletionRequest, body_limits(state))
     engine, tok = serving(state, body)
     prompts = completion_prompts(state, body, engine.args.max_model_len)
     ids, echo = await asyncio.to_thread(tokenize_prompts, tok, prompts, body.echo)
@@ -93,7 +105,8 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat(body: ChatCompletionRequest, request: Request, state: State) -> Response:
+async def chat(request: Request, state: State) -> Response:
+    body = await read_request(request, ChatCompletionRequest, body_limits(state))
     engine, tok = serving(state, body)
     check_choices(state, body.n, 1)
     messages = [m.to_chat() for m in body.messages]

@@ -15,6 +15,9 @@ on a worker thread (SentencePiece lets go of the GIL). The log-probabilities a r
 hold are bounded (``ServerState.max_logprobs``), and a response that holds any is built and
 encoded on a worker thread, in pieces (:mod:`weightship.runtime.answers`).
 
+A :class:`~weightship.runtime.loop_monitor.LoopMonitor` reports how long the loop is ever
+kept from running (``weightship_event_loop_blocked_seconds``).
+
 The layers, outermost first: the :class:`~weightship.runtime.middleware.Guard` (sizes, keys,
 draining), the :class:`~weightship.runtime.usage.Meter` (scopes, usage records), FastAPI with
 the routes and one error table (:mod:`weightship.runtime.api_errors`).
@@ -36,6 +39,7 @@ from starlette.exceptions import HTTPException
 
 from weightship.runtime import api_errors
 from weightship.runtime.keys import KeyRing
+from weightship.runtime.loop_monitor import LoopMonitor
 from weightship.runtime.middleware import Guard
 from weightship.runtime.routes import router
 from weightship.runtime.state import ServerState
@@ -49,7 +53,8 @@ def create_app(state: ServerState) -> Guard:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
+        async with LoopMonitor(state.metrics.loop_blocked).running():
+            yield
         state.draining = True
         if state.engine is not None:  # uvicorn has waited for every open request by now
             await asyncio.to_thread(state.engine.stop)
