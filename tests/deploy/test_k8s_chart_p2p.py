@@ -92,6 +92,21 @@ def test_values_move_the_port_and_the_waits_and_p2p_off_adds_nothing() -> None:
     assert all(o["kind"] != "DaemonSet" for o in render({}).objects)
 
 
+@pytest.mark.parametrize("values", [{"name": "magnet:?xt=urn:btih:" + "a" * 40},
+                                    {"name": "https://models.example.com/m7b.torrent"},
+                                    {"name": "mistral-7b-v0.1", "source": "torrent"}])
+def test_a_torrent_seeder_hands_over_to_its_seed_container_at_once(values: Obj) -> None:
+    """A torrent's fetch would seed the whole --seed-for (BitTorrent has no "every peer is
+    done"), holding the seed container, and the DaemonSet's rolling update, back for
+    p2p.handoverSeconds: the seeder's fetch listens (it serves while it fetches) but passes no
+    --seed-for, and `weightship seed` serves it by BitTorrent on the same port."""
+    r = render({"model": values, "p2p": {"enabled": True}})
+    seeder_fetch = container(owner(r, "DaemonSet"), "fetch")["args"]
+    assert option(seeder_fetch, "--listen") == "0.0.0.0:6881"
+    assert "--seed-for" not in seeder_fetch
+    assert option(seeder_fetch, "--peers-from-dns") == f"{PEERS}:6881"
+
+
 # ---- the rendered containers, run ----------------------------------------------------------
 
 

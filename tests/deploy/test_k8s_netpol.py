@@ -85,6 +85,9 @@ EGRESS = [  # (destination, port, protocol, admitted by default)
     (Endpoint("100.64.1.1"), 443, "TCP", False), (Endpoint("127.0.0.1"), 443, "TCP", False),
     (Endpoint("172.20.0.1"), 443, "TCP", False), (Endpoint("::ffff:10.0.0.2"), 443, "TCP", False),
     (OTHER_POD, 53, "UDP", False),  # DNS is kube-system's, not any pod's
+    # IPv6 ranges that lead to IPv4 addresses: NAT64 (well-known and local-use) and 6to4
+    (Endpoint("64:ff9b::a00:2"), 443, "TCP", False), (Endpoint("64:ff9b::a9fe:a9fe"), 80, "TCP", False),
+    (Endpoint("64:ff9b:1::a00:2"), 443, "TCP", False), (Endpoint("2002:a00:2::1"), 443, "TCP", False),
 ]
 
 
@@ -122,11 +125,25 @@ def test_sources_narrow_to_cidrs_and_widen_only_when_asked() -> None:
     assert open_egress.admits(open_egress.server, LAN, 22)
 
 
+def test_cluster_cidrs_that_are_public_addresses_are_left_out() -> None:
+    """networkPolicy.clusterCIDRs: a cluster whose pods or nodes have public addresses keeps
+    them closed to the fetch, in both families; the rest of the internet stays open."""
+    pods, pods_v6 = Endpoint("198.51.100.7"), Endpoint("2001:db8:42::7")
+    assert Release({}).admits(Release({}).server, pods, 443)
+    r = Release({"networkPolicy": {"clusterCIDRs": ["198.51.100.0/24", "2001:db8:42::/56"]}})
+    assert not r.admits(r.server, pods, 443) and not r.admits(r.server, pods_v6, 443)
+    assert r.admits(r.server, HUB, 443) and r.admits(r.server, HUB_V6, 443)
+    assert not r.admits(r.server, METADATA, 80)  # publicExcept still applies
+    problems, _, _ = check_objects(r.rendered.objects + r.rendered.hooks, r.values)
+    assert problems == []
+
+
 @pytest.mark.parametrize("values", [
     {}, {"p2p": {"enabled": True}},
+    {"networkPolicy": {"clusterCIDRs": ["203.0.113.0/24", "10.0.0.0/8", "2001:db8::/32"]}},
     {"networkPolicy": {"egress": {"sourceCIDRs": ["0.0.0.0/0", "::/0", "10.1.0.0/16"]}}},
     {"networkPolicy": {"egress": {"publicSources": False, "sourceCIDRs": ["2001:db8::/32"]}}},
-], ids=["defaults", "p2p", "wide", "v6-only"])
+], ids=["defaults", "p2p", "cluster-cidrs", "wide", "v6-only"])
 def test_ip_blocks_are_what_the_api_server_accepts(values: Obj) -> None:
     """kubernetes-validate checks the schema only; the API server also requires each except to
     lie strictly inside its cidr (same family)."""

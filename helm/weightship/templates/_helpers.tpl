@@ -101,6 +101,14 @@ app.kubernetes.io/component: peer
 {{- printf "%s:%d" (include "weightship.peersHost" .) (int .Values.p2p.port) }}
 {{- end }}
 
+{{/* "true" when the model is fetched by BitTorrent (a magnet, a .torrent, model.source=torrent):
+a seeder's fetch then passes no --seed-for (a torrent's would seed the whole time, holding the
+seed container back; the swarm's ends once every seeder has verified). */}}
+{{- define "weightship.torrentModel" -}}
+{{- $name := .Values.model.name }}
+{{- if or (hasPrefix "magnet:" $name) (hasSuffix ".torrent" $name) (eq .Values.model.source "torrent") }}true{{ end }}
+{{- end }}
+
 {{/* "true" when the serving workload is a StatefulSet (one claim per pod). */}}
 {{- define "weightship.isStatefulSet" -}}
 {{- if eq .Values.storage.mode "perPodPVC" }}true{{ end }}

@@ -21,15 +21,15 @@ app.kubernetes.io/component: test
 {{- end }}
 
 {{/* The ipBlocks of the model's sources: the public internet of each family minus its
-publicExcept ranges (an except must lie inside its cidr, so each family gets its own), and
-sourceCIDRs as given. Empty when neither is asked for. */}}
+publicExcept ranges and clusterCIDRs (an except must lie inside its cidr, so each family gets
+its own), and sourceCIDRs as given. Empty when neither is asked for. */}}
 {{- define "weightship.sourceBlocks" -}}
 {{- $egress := .Values.networkPolicy.egress }}
 {{- if $egress.publicSources }}
 {{- range $family := list "0.0.0.0/0" "::/0" }}
 {{- $v6 := contains ":" $family }}
 {{- $except := list }}
-{{- range $egress.publicExcept }}
+{{- range concat $egress.publicExcept $.Values.networkPolicy.clusterCIDRs | uniq }}
 {{- if eq (contains ":" .) $v6 }}
 {{- $except = append $except . }}
 {{- end }}

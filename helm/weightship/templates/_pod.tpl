@@ -1,7 +1,6 @@
 {{/* Pod pieces shared by the Deployment, the StatefulSet and the seeder DaemonSet. */}}
 
-{{/* Arguments of `weightship fetch` (DESIGN.md contract); a seeder's fetch is included with
-`seederFetch` set in its context (see daemonset.yaml). */}}
+{{/* Arguments of `weightship fetch` (DESIGN.md contract); `seederFetch`: a seeder's. */}}
 {{- define "weightship.fetchArgs" -}}
 - fetch
 - {{ .Values.model.name | quote }}
@@ -20,9 +19,8 @@
 - --wait-lock
 - {{ .Values.fetch.waitLockSeconds | quote }}
 {{- if .Values.p2p.enabled }}
-{{- /* Peers: the seeders. A seeder's own fetch also serves the others while it fetches, so the
-seeders split the origin's chunks and it sends about one copy (fleet distribution, DESIGN.md);
-a serving pod's fetch only takes, waiting for the seeders to answer first. */}}
+{{- /* Peers: the seeders. A seeder's fetch serves the others while it fetches (the origin sends
+about one copy: DESIGN.md, "Fleet distribution"); a serving pod's only takes. */}}
 - --peers-from-dns
 - {{ include "weightship.peersEndpoint" . | quote }}
 - --peer-wait
@@ -30,8 +28,10 @@ a serving pod's fetch only takes, waiting for the seeders to answer first. */}}
 {{- if .seederFetch }}
 - --listen
 - "0.0.0.0:{{ .Values.p2p.port }}"
+{{- if not (include "weightship.torrentModel" .) }}
 - --seed-for
 - "{{ .Values.p2p.handoverSeconds }}s"
+{{- end }}
 {{- end }}
 {{- end }}
 {{- range .Values.fetch.extraArgs }}
