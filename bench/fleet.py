@@ -9,6 +9,10 @@ counter on the origin's link. The origin is ``weightship mirror`` (the Hub proto
   node) at once, ``--seed-for`` long enough for the slowest;
 - **naive**: every node runs a plain ``weightship fetch`` from the origin at once.
 
+``--origin webseed`` measures the alternative instead: BitTorrent, a torrent of the model whose
+web seed (BEP 19) is the origin (``rclone serve http``), every node ``fetch MODEL.torrent
+--listen … --peer …`` (the other nodes).
+
 Printed per N: the time until every node has a verified model (its manifest is written), the
 bytes the origin's link carried (× the model's size), and the physical limit ``size / link
 rate`` (the time one link needs to carry the model once). Goals at N = 8 (DESIGN.md): origin ≤
@@ -18,7 +22,7 @@ hold N × the model's size of memory), written with ``O_DIRECT`` as a fetch does
 
 Usage::
 
-    python bench/fleet.py [--nodes 1,2,4,8] [--size-mib 512] [--rate-mbit 400] [--origin hub|s3]
+    python bench/fleet.py [--nodes 1,2,4,8] [--size-mib 512] [--rate-mbit 400] [--origin hub|s3|webseed]
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -83,6 +88,17 @@ def start_origin(origin: Host, kind: str, store: Path,
         return proc, {"HF_ENDPOINT": f"http://{origin.address}:{ORIGIN_PORT}", "HF_HUB_DISABLE_TELEMETRY": "1"}, \
             [f"hf://{REPO}"]
     rclone = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
+    if kind == "webseed":  # BitTorrent with the origin as its web seed (BEP 19), for comparison
+        proc = origin.popen([rclone, "serve", "http", "--addr", f"0.0.0.0:{ORIGIN_PORT}", "--config", "/dev/null",
+                             str(store / "web")], stdout=out, stderr=subprocess.STDOUT)
+        torrent = store / f"webseed-{origin.netns}.torrent"
+        made = subprocess.run([sys.executable, "-m", "weightship", "torrent", "create",
+                               str(store / "web" / "fleet-model"), "--webseed",
+                               f"http://{origin.address}:{ORIGIN_PORT}/", "-o", str(torrent)],
+                              capture_output=True, text=True)
+        if made.returncode != 0:
+            raise SystemExit(f"weightship torrent create: {made.stderr.strip()}")
+        return proc, {}, [str(torrent)]
     proc = origin.popen([rclone, "serve", "s3", "--addr", f"0.0.0.0:{ORIGIN_PORT}", "--auth-key", "wsKEY,wsSECRET",
                          "--config", "/dev/null", str(store / "s3")], stdout=out, stderr=subprocess.STDOUT)
     env = {"AWS_ENDPOINT_URL": f"http://{origin.address}:{ORIGIN_PORT}", "AWS_ACCESS_KEY_ID": "wsKEY",
@@ -103,7 +119,7 @@ def wait_listening(host: Host, port: int, timeout: float = 30) -> None:
 
 
 def run_nodes(fleet: Fleet, work: Path, env: dict[str, str], ref: list[str], *, swarm: bool,
-              chunk_mib: int | None, extra: list[str]) -> Run:
+              chunk_mib: int | None, extra: list[str], seed_torrent: float = 60) -> Run:
     assert fleet.origin is not None
     for i in range(len(fleet.nodes)):
         shutil.rmtree(work / f"node{i}", ignore_errors=True)
@@ -114,7 +130,10 @@ def run_nodes(fleet: Fleet, work: Path, env: dict[str, str], ref: list[str], *, 
         args = [sys.executable, "-m", "weightship", "--json", "fetch", *ref, "--to", work / f"node{i}",
                 *(["--chunk-mib", str(chunk_mib)] if chunk_mib else []), *extra]
         if swarm:
-            args += ["--listen", f"{node.address}:{PORT}", "--seed-for", "5m"]
+            # --seed-for only with peers: a fetch that knows no peer serves the whole time; a
+            # torrent's seeds the whole --seed-for, so there it is only long enough for the others
+            seed_for = "5m" if ref[0].startswith(("hf://", "s3://")) else f"{seed_torrent:.0f}s"
+            args += ["--listen", f"{node.address}:{PORT}", *(["--seed-for", seed_for] if len(fleet.nodes) > 1 else [])]
             args += [a for other in fleet.nodes if other is not node for a in ("--peer", f"{other.address}:{PORT}")]
         procs.append(node.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env={**os.environ, "WEIGHTSHIP_HOME": str(work / f"home{i}"), **env}))
@@ -152,12 +171,24 @@ def run_nodes(fleet: Fleet, work: Path, env: dict[str, str], ref: list[str], *, 
     return Run(last, last - max(began.values(), default=0.0), fleet.origin.sent() - before, reported, failures)
 
 
+def _stop_cleanly(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    # A kill (or Ctrl-C, also where a background shell ignores it) unwinds through the `with`
+    # blocks: the fleet's processes killed, its namespaces and bridge deleted, the work
+    # directory (N copies of the model) removed.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop_cleanly)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", default="1,2,4,8")
     parser.add_argument("--size-mib", type=int, default=512)
     parser.add_argument("--rate-mbit", type=float, default=400)
-    parser.add_argument("--origin", choices=("hub", "s3"), default="hub")
+    parser.add_argument("--origin", choices=("hub", "s3", "webseed"), default="hub",
+                        help="webseed: the 'swarm' is BitTorrent (a torrent of the model whose web seed "
+                        "is the origin, rclone serve http; the nodes each other's --peer), for comparison")
     parser.add_argument("--chunk-mib", type=int, default=None, help="[default: fetch's own]")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive runs")
     parser.add_argument("--extra", default="", help="more fetch arguments, space-separated")
@@ -169,7 +200,8 @@ def main() -> None:
     counts = [int(n) for n in a.nodes.split(",")]
     with tempfile.TemporaryDirectory(prefix="wsfleet-", dir=a.workdir) as tmp:
         store, work = Path(tmp) / "store", Path(tmp) / "work"
-        model_dir = store / "hub" / REPO if a.origin == "hub" else store / "s3" / "models" / "fleet-model"
+        model_dir = {"hub": store / "hub" / REPO, "s3": store / "s3" / "models" / "fleet-model",
+                     "webseed": store / "web" / "fleet-model"}[a.origin]
         size = make_model(model_dir, a.size_mib << 20)
         shutil.copy(model_dir / ".weightship/manifest.json", store / "manifest.json")
         limit = size * 8 / (a.rate_mbit * 1e6)
@@ -181,12 +213,17 @@ def main() -> None:
                 try:
                     wait_listening(fleet.origin, ORIGIN_PORT)
                     extra = a.extra.split()
-                    swarm = run_nodes(fleet, work, env, ref, swarm=True, chunk_mib=a.chunk_mib, extra=extra)
+                    swarm = run_nodes(fleet, work, env, ref, swarm=True, chunk_mib=a.chunk_mib, extra=extra,
+                                      seed_torrent=max(30.0, 4 * limit))
                     naive = None if a.no_naive else run_nodes(fleet, work, env, ref, swarm=False,
                                                                chunk_mib=a.chunk_mib, extra=extra)
                 finally:
                     proc.terminate()
-                    proc.wait(10)
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:  # a server still draining keep-alive connections
+                        proc.kill()
+                        proc.wait(10)
             rows.append((n, swarm, naive))
             for r in (swarm, naive):
                 for failure in (r.failures if r else []):
