@@ -49,8 +49,8 @@ def option(args: list[str], flag: str) -> str:
     return args[args.index(flag) + 1]
 
 
-@pytest.mark.parametrize("kind", MODELS)
-@pytest.mark.parametrize("storage", ["emptyDir", "perPodPVC"])
+@pytest.mark.parametrize(("kind", "storage"), [("hf", "emptyDir"), ("s3", "perPodPVC"), ("https", "emptyDir"),
+                                               ("catalog", "perPodPVC")])
 def test_seeders_fetch_as_one_swarm_and_servers_take_from_them(kind: str, storage: str) -> None:
     """The seeders' fetch listens on the P2P port while it fetches, finds the other seeders by
     the headless Service (which lists seeders still in their init container) and serves them
@@ -156,7 +156,10 @@ def fleet_with_dns() -> Iterator[Fleet]:
     try:
         for node in fleet.nodes:
             d = Path("/etc/netns") / node.netns
-            d.mkdir(parents=True)
+            try:
+                d.mkdir(parents=True)
+            except OSError as e:  # a read-only /etc
+                pytest.skip(f"cannot give the nodes a hosts file: {e}")
             made.append(d)
             (d / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
                 f"{seeder.address} {PEERS}\n" for seeder in fleet.nodes[:2]))
