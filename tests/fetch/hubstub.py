@@ -9,7 +9,7 @@ directories faithfully. This stand-in does what the public Hub does and the mirr
   :class:`~tests.fetch.webserver.FileServer` holding each blob under its sha256), with the
   Hub's ``X-Repo-Commit``, ``X-Linked-Etag`` and ``X-Linked-Size`` headers;
 - it misbehaves the way the Hub does: a gated repo (file list public, downloads ``403`` with
-  ``X-Error-Code: GatedRepo``), a ``503`` on the first ``HEAD`` of a file, a ``403`` on a
+  ``X-Error-Code: GatedRepo``), a ``503`` on the first request for a file, a ``403`` on a
   ``HEAD``, metadata that lists another size or sha256 than the bytes it serves.
 
 Only what ``huggingface_hub.HfApi.model_info(..., files_metadata=True)`` and weightship's
@@ -22,6 +22,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,10 +66,14 @@ class HubStub(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.cdn = cdn
         self.repos: dict[str, HubRepo] = {}
-        self.head_503: dict[str, int] = {}  # path -> HEADs left to answer 503
+        self.first_503: dict[str, int] = {}  # path -> first requests (HEAD or GET) to answer 503
         self.head_403: set[str] = set()  # paths whose HEAD is refused
         self.revisions_asked: list[str] = []
         self.requests: list[tuple[str, str]] = []  # (method, path)
+        self.corrupt: set[str] = set()  # paths served with their last byte flipped
+        self.gone: set[str] = set()  # paths listed but answered 404
+        self.delay = 0.0  # seconds before each resolve answer (a far Hub)
+        self.say_commit: str | None = None  # X-Repo-Commit to send instead of the repo's
         self.lock = threading.Lock()
 
     @property
@@ -154,22 +159,25 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not "
                                           "in the authorized list. Visit its page to ask for access.")
             return
-        if self.command == "HEAD":
-            with srv.lock:
-                left = srv.head_503.get(path, 0)
-                if left:
-                    srv.head_503[path] = left - 1
+        with srv.lock:
+            left = srv.first_503.get(path, 0)
             if left:
-                self._error(503, "ServiceUnavailable", "try again")
-                return
-            if path in srv.head_403:
-                self._error(403, "Forbidden", "not today")
-                return
-        data = repo.files.get(path)
+                srv.first_503[path] = left - 1
+        if left:
+            self._error(503, "ServiceUnavailable", "try again")
+            return
+        if self.command == "HEAD" and path in srv.head_403:
+            self._error(403, "Forbidden", "not today")
+            return
+        if srv.delay:
+            time.sleep(srv.delay)
+        data = None if path in srv.gone else repo.files.get(path)
+        if data is not None and path in srv.corrupt:
+            data = data[:-1] + bytes([data[-1] ^ 1])
         if data is None:
             self._error(404, "EntryNotFound", f"{path} does not exist at {repo.commit}")
             return
-        headers = {"X-Repo-Commit": repo.commit, "Accept-Ranges": "bytes"}
+        headers = {"X-Repo-Commit": srv.say_commit or repo.commit, "Accept-Ranges": "bytes"}
         if repo.is_lfs(path):
             sha = hashlib.sha256(data).hexdigest()
             self.send_response(302)

@@ -85,6 +85,9 @@ class TransferOptions:
     # here, 1 GiB fetched and fsynced took 1.25 s instead of 1.9 s), and a fresh model does not
     # push other files out of the cache. The price: it is not in the cache afterwards either.
     direct_io: bool = True
+    # Requests in flight for the whole fetch, shared by its files (a small file's GET holds one,
+    # a large file's ranged reads up to ``connections``); 0: connections x parallel_files.
+    requests: int = 0
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> TransferOptions:
@@ -92,6 +95,7 @@ class TransferOptions:
         known = {k: options[k] for k in cls.__dataclass_fields__ if options.get(k) is not None}
         opts = cls(**known)
         assert opts.connections >= 1 and opts.parallel_files >= 1 and opts.chunk_size >= 4096, opts
+        assert opts.requests >= 0, opts
         return opts
 
 
@@ -121,6 +125,11 @@ class RangeReader(ABC):
         the bytes it got).
         """
 
+    def read_all(self, size: int) -> memoryview | None:
+        """The whole file in one request, without asking for its size first (a listing gave it,
+        ``size``); None where this remote reads only after :meth:`stat`."""
+        return None
+
     def read_whole(self, into: memoryview) -> Iterator[memoryview]:
         """The whole file from its first byte (for remotes that ignore ranges), through ``into``
         reused from its start: each view yielded must be used before the next is asked for."""
@@ -146,8 +155,10 @@ class _ChunkedDownload:
 
     def __init__(self, reader: RangeReader, staging: Path, remote: RemoteStat, digest: str | None,
                  opts: TransferOptions, progress: Progress, path: str, git_sha1: bool,
-                 root: Path, exchange: ChunkExchange | None = None) -> None:
+                 root: Path, exchange: ChunkExchange | None = None,
+                 slots: threading.Semaphore | None = None) -> None:
         self.reader, self.staging, self.remote, self.opts = reader, staging, remote, opts
+        self.slots = slots  # the fetch's request budget: each origin read holds a slot
         self.root, self.exchange = root, exchange
         self.progress, self.path = progress, path
         self.chunk = opts.chunk_size  # a resumed download keeps the chunk size it started with
@@ -297,14 +308,20 @@ class _ChunkedDownload:
             if self.stop.is_set():
                 raise Stopped()
             try:
-                for view in self.reader.read_range(pos, end, self.remote.validator, into[pos - start:]):
-                    pos += len(view)
-                    with self.lock:
-                        self.fetched += len(view)
-                    self.progress.advance(self.path, len(view))
-                    failures = 0
-                    if self.stop.is_set():
-                        raise Stopped()
+                if self.slots is not None:
+                    self.slots.acquire()
+                try:
+                    for view in self.reader.read_range(pos, end, self.remote.validator, into[pos - start:]):
+                        pos += len(view)
+                        with self.lock:
+                            self.fetched += len(view)
+                        self.progress.advance(self.path, len(view))
+                        failures = 0
+                        if self.stop.is_set():
+                            raise Stopped()
+                finally:
+                    if self.slots is not None:
+                        self.slots.release()
                 if pos < end:
                     raise TransientFetchError(f"{self.path}: body ended at byte {pos}, expected {end}")
             except TransientFetchError as e:
@@ -356,7 +373,8 @@ def _stream_whole(reader: RangeReader, staging: Path, remote: RemoteStat, opts: 
 def download(reader: RangeReader, staging: Path, *, expected_size: int | None, sha256: str | None,
              git_sha1: str | None = None, opts: TransferOptions | None = None,
              progress: Progress | None = None, path: str = "", root: Path | None = None,
-             exchange: ChunkExchange | None = None) -> DownloadResult:
+             exchange: ChunkExchange | None = None,
+             slots: threading.Semaphore | None = None) -> DownloadResult:
     """Download ``reader``'s file into ``staging`` (resuming), hashing it on the way.
 
     Checks the remote's size against ``expected_size`` first, and the digests against ``sha256``
@@ -390,7 +408,7 @@ def download(reader: RangeReader, staging: Path, *, expected_size: int | None, s
     try:
         while True:
             job = _ChunkedDownload(reader, staging, remote, sha256 or git_sha1, opts, progress, path,
-                                   git_sha1 is not None, root, exchange)
+                                   git_sha1 is not None, root, exchange, slots)
             try:
                 result = job.run()
             except RangeNotSupportedError:

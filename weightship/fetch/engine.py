@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from weightship.errors import (
     IntegrityError,
     ManifestError,
 )
-from weightship.fetch import pins
+from weightship.fetch import many, pins
 from weightship.fetch.base import FetchPlan, FetchRequest, PlannedFile, Sink, Source
 from weightship.fetch.convert import convert_on_fetch
 from weightship.fetch.download import TransferOptions, download, journal_path
@@ -154,12 +155,12 @@ def _check_space(dest: Path, files: list[PlannedFile], staging: dict[str, Path])
 
 def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress,
                result: FetchResult | None = None, root: Path | None = None,
-               swarm: SwarmNode | None = None) -> FileEntry:
+               swarm: SwarmNode | None = None, slots: threading.Semaphore | None = None) -> FileEntry:
     """Fetch ``f`` from ``source`` into ``staging`` and check it; the entry for the manifest.
 
     ``staging`` is opened without following a symlink below ``root`` (the destination; without
     one, below ``staging``'s directory). With a ``swarm``, a ranged source's chunks come from
-    peers where they have them.
+    peers where they have them. ``slots`` is the fetch's request budget (:mod:`weightship.fetch.many`).
     """
     from weightship.fetch.ranged import RangedSource
 
@@ -168,9 +169,14 @@ def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress
         root = staging.parent
     if isinstance(source, RangedSource):
         exchange = swarm.exchange_for(f, staging, root) if swarm is not None else None
-        done = download(source.remote(f), staging, expected_size=f.size, sha256=f.sha256,
-                        git_sha1=f.git_sha1, opts=source.transfer_options(), progress=progress,
-                        path=f.path, root=root, exchange=exchange)
+        opts, reader = source.transfer_options(), source.remote(f)
+        done = None
+        if exchange is None and many.is_small(f, opts):  # one GET, no HEAD: the listing said enough
+            done = many.fetch_small(reader, f, staging, root, opts, progress, slots)
+        if done is None:
+            done = download(reader, staging, expected_size=f.size, sha256=f.sha256,
+                            git_sha1=f.git_sha1, opts=opts, progress=progress,
+                            path=f.path, root=root, exchange=exchange, slots=slots)
         assert done.sha256 is not None, f.path
         if result is not None:
             with _COUNTERS:  # files finish in parallel threads
@@ -305,7 +311,8 @@ def _plan(sources: list[Source], request: FetchRequest) -> FetchPlan:
 def _fetch_with_failover(sources: list[Source], f: PlannedFile, staging: Path,
                          progress: Progress, result: FetchResult | None = None,
                          dead: dict[Source, Exception] | None = None,
-                         root: Path | None = None, swarm: SwarmNode | None = None) -> FileEntry:
+                         root: Path | None = None, swarm: SwarmNode | None = None,
+                         slots: threading.Semaphore | None = None) -> FileEntry:
     """Fetch ``f`` from the first source that delivers the right bytes.
 
     A source that failed for the whole repository (a gated Hub repo) goes into ``dead``, shared
@@ -318,7 +325,7 @@ def _fetch_with_failover(sources: list[Source], f: PlannedFile, staging: Path,
             last_error = dead[s]
             continue
         try:
-            return _fetch_one(s, f, staging, progress, result, root, swarm)
+            return _fetch_one(s, f, staging, progress, result, root, swarm, slots)
         except DiskFullError:
             raise  # another source cannot make room
         except GatedRepoError as e:
@@ -380,11 +387,10 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
             if f.path in present or f.path in staged:
                 swarm.share_verified(f, targets[f.path] if f.path in present else staging[f.path], dest)
     rest = [f for f in plan.files if f.path not in present and f.path not in staged]
-    width = 1
-    if isinstance(sources[0], RangedSource):
-        width = TransferOptions.from_options(request.options).parallel_files
-    for entry in _fetch_all(sources, rest, staging, progress, result, width, dest, swarm):
-        result.manifest.upsert(entry)
+    opts = TransferOptions.from_options(request.options) if isinstance(sources[0], RangedSource) else None
+    entries = {e.path: e for e in result.manifest.files}
+    entries.update((e.path, e) for e in _fetch_all(sources, rest, staging, progress, result, opts, dest, swarm))
+    result.manifest.files = sorted(entries.values(), key=lambda e: e.path)  # once, not per file
     pins.check_entries(result.manifest.files, pinned)  # once more, before anything is promoted
     for f in plan.files:
         if f.path in present:
@@ -402,21 +408,37 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
 
 
 def _fetch_all(sources: list[Source], files: list[PlannedFile], staging: dict[str, Path],
-               progress: Progress, result: FetchResult, width: int, root: Path,
+               progress: Progress, result: FetchResult, opts: TransferOptions | None, root: Path,
                swarm: SwarmNode | None = None) -> list[FileEntry]:
-    """Fetch ``files``, ``width`` at a time. A failed file does not stop the others (what they
-    fetched stays staged for the next run); the first failure is raised once all have ended."""
+    """Fetch ``files``: one at a time from a source that does not read ranges (``opts`` None),
+    else under one request budget (:func:`weightship.fetch.many.run_all`; with a swarm,
+    ``parallel_files`` at a time). A failed file does not stop the others (what they fetched
+    stays staged for the next run); the first failure is raised once all have ended."""
 
     dead: dict[Source, Exception] = {}
+    slots = threading.Semaphore(many.budget(opts)) if opts is not None and swarm is None else None
 
     def one(f: PlannedFile) -> FileEntry:
         progress.file_begin(f.path, f.size)
-        entry = _fetch_with_failover(sources, f, staging[f.path], progress, result, dead, root, swarm)
+        entry = _fetch_with_failover(sources, f, staging[f.path], progress, result, dead, root, swarm, slots)
         progress.file_end(f.path, "ok")
         return entry
 
-    if width <= 1 or len(files) <= 1:
+    if opts is None or len(files) <= 1:
         return [one(f) for f in files]
+    if slots is not None:
+        entries, errors = many.run_all(files, one, opts)
+    else:
+        entries, errors = _in_parallel(files, one, opts.parallel_files)
+    if errors:
+        # an integrity failure says more than a transport error; a full disk most of all
+        errors.sort(key=lambda e: (not isinstance(e, DiskFullError), not isinstance(e, IntegrityError)))
+        raise errors[0]
+    return entries
+
+
+def _in_parallel(files: list[PlannedFile], one: Callable[[PlannedFile], FileEntry],
+                 width: int) -> tuple[list[FileEntry], list[BaseException]]:
     entries: list[FileEntry] = []
     errors: list[BaseException] = []
     with ThreadPoolExecutor(min(width, len(files)), thread_name_prefix="ws-file") as pool:
@@ -425,8 +447,4 @@ def _fetch_all(sources: list[Source], files: list[PlannedFile], staging: dict[st
                 entries.append(fut.result())
             except Exception as e:
                 errors.append(e)
-    if errors:
-        # an integrity failure says more than a transport error; a full disk most of all
-        errors.sort(key=lambda e: (not isinstance(e, DiskFullError), not isinstance(e, IntegrityError)))
-        raise errors[0]
-    return entries
+    return entries, errors

@@ -166,7 +166,7 @@ class HfSource(RangedSource):
         repo, _ = self._target()
         # The token goes with each file's requests, not the pool's defaults: the remote drops
         # it when the Hub redirects to another host (its CDN).
-        return HubRemote(self.pool, self._url(repo, file.path), repo=repo,
+        return HubRemote(self.pool, self._url(repo, file.path), repo=repo, commit=self._commit,
                          headers=self._hub_headers[0], where=self.uri_for(file))
 
     def uri_for(self, file: PlannedFile) -> str:
@@ -178,9 +178,15 @@ class HubRemote(HttpRemote):
     """A file of a Hub repository; the Hub's error codes name what went wrong."""
 
     def __init__(self, pool: HttpPool, url: str, *, repo: str, headers: Mapping[str, str],
-                 where: str) -> None:
+                 where: str, commit: str | None = None) -> None:
         super().__init__(pool, url, headers=headers, where=where)
-        self.repo = repo
+        self.repo, self.commit = repo, commit
+
+    def check_reply(self, r: urllib3.BaseHTTPResponse) -> None:
+        """The Hub names the commit it answers from (``X-Repo-Commit``): it must be the pinned one."""
+        said = r.headers.get("x-repo-commit")
+        if self.commit is not None and said is not None and said != self.commit:
+            raise DigestMismatchError(self.where, expected=self.commit, actual=said[:64], what="commit")
 
     def check_status(self, r: urllib3.BaseHTTPResponse) -> None:
         if r.status < 400:

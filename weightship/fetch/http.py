@@ -43,6 +43,7 @@ from urllib3.exceptions import HTTPError, SSLError, TimeoutError
 from weightship import __version__
 from weightship.errors import (
     AccessDeniedError,
+    DigestMismatchError,
     FetchError,
     InsecureRedirectError,
     ProtocolViolationError,
@@ -55,10 +56,21 @@ from weightship.fetch.download import RangeReader, RemoteStat, TransferOptions, 
 
 log = logging.getLogger(__name__)
 
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$", re.ASCII)
+_MAX_DIGITS = 19  # 10**19 bytes is beyond any file; more digits is a hostile or broken header
 _READ = 1 << 20  # bytes per readinto: large enough that per-call overhead vanishes
 _RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 SMALL_LIMIT = 64 << 20  # the most a manifest or other small document may be
+
+
+def parse_uint(value: str | None, what: str, where: str) -> int:
+    """A byte count from a response header: ASCII digits only, at most 19 of them, or
+    :class:`ProtocolViolationError` (never ValueError: "12abc", "²" and a 5000-digit number
+    come from servers too)."""
+    if value is None or not value.isascii() or not value.isdigit() or len(value) > _MAX_DIGITS:
+        shown = "none" if value is None else repr(value[:32]) + ("…" if len(value) > 32 else "")
+        raise ProtocolViolationError(f"{where}: {what} {shown} is not a byte count")
+    return int(value)
 
 
 def _ca_certs(override: str | None) -> str | None:
@@ -199,8 +211,9 @@ def _get_small_once(pool: HttpPool, url: str, *, max_redirects: int, where: str)
             return None
         remote.check_status(r)
         body = r.read(SMALL_LIMIT + 1)
-        length = r.headers.get("content-length") or ""
-        if length.isdigit() and len(body) < min(int(length), SMALL_LIMIT + 1):
+        length = r.headers.get("content-length")
+        if length is not None and len(body) < min(parse_uint(length, "Content-Length", where),
+                                                  SMALL_LIMIT + 1):
             # urllib3 hands back what arrived before the connection closed without a word
             raise TransientFetchError(f"{where}: body ended at byte {len(body)} of {length}")
     except (HTTPError, OSError, http.client.HTTPException) as e:
@@ -242,6 +255,9 @@ class HttpRemote(RangeReader):
         """Raise the weightship error for an error reply (a subclass may read more of it)."""
         raise_for_status(r.status, self.where)
 
+    def check_reply(self, r: urllib3.BaseHTTPResponse) -> None:
+        """Check the headers of each reply, a redirect's included (the Hub's commit)."""
+
     def _get(self, headers: Mapping[str, str]) -> urllib3.BaseHTTPResponse:
         try:
             return self.pool.request("GET", self.request_url(), headers={**self.headers, **headers})
@@ -255,6 +271,11 @@ class HttpRemote(RangeReader):
                 r = self.pool.request(method, url, headers=headers)
             except HTTPError as e:
                 raise transport_error(self.where, e) from None
+            try:
+                self.check_reply(r)
+            except BaseException:
+                r.close()
+                raise
             location = r.headers.get("location")
             if r.status in (301, 302, 303, 307, 308) and location:
                 r.drain_conn()
@@ -280,9 +301,9 @@ class HttpRemote(RangeReader):
             return self._stat_by_get()
         self.check_status(r)
         length = r.headers.get("content-length")
-        if length is None or not length.isdigit():
+        if length is None:
             return self._stat_by_get()
-        self._size = int(length)
+        self._size = parse_uint(length, "Content-Length", self.where)
         return RemoteStat(size=self._size, validator=strong_etag(r.headers.get("etag")))
 
     def _stat_by_get(self) -> RemoteStat:
@@ -291,14 +312,42 @@ class HttpRemote(RangeReader):
             self.check_status(r)
             m = _CONTENT_RANGE.match(r.headers.get("content-range", ""))
             if r.status == 206 and m and m.group(3) != "*":
-                self._size = int(m.group(3))
-            elif r.status == 200 and (r.headers.get("content-length") or "").isdigit():
-                self._size = int(r.headers["content-length"])
+                self._size = parse_uint(m.group(3), "Content-Range size", self.where)
+            elif r.status == 200 and r.headers.get("content-length") is not None:
+                self._size = parse_uint(r.headers["content-length"], "Content-Length", self.where)
             else:
                 raise FetchError(f"{self.where}: the server reports no size")
             return RemoteStat(size=self._size, validator=strong_etag(r.headers.get("etag")))
         finally:
             _finish(r)
+
+    def read_all(self, size: int) -> memoryview:
+        """The whole file in one GET, no HEAD first (its size came from the listing): a 200 with
+        exactly ``size`` bytes, or an error (a short body is retryable)."""
+        r = self._follow("GET")
+        try:
+            self.check_status(r)
+            if r.status != 200:
+                raise ProtocolViolationError(f"{self.where}: HTTP {r.status} to a plain GET")
+            length = r.headers.get("content-length")
+            if length is not None and parse_uint(length, "Content-Length", self.where) != size:
+                raise DigestMismatchError(self.where, expected=f"{size} bytes",
+                                          actual=f"{length} bytes (as the server reports it)", what="size")
+            into = memoryview(bytearray(size + 1))  # one byte more: a longer body shows
+            raw, pos = _raw(r), 0
+            while pos <= size and (n := raw.readinto(into[pos:])):
+                pos += n
+        except (HTTPError, OSError, http.client.HTTPException) as e:
+            if isinstance(e, FetchError):
+                raise
+            raise transport_error(self.where, e) from None
+        finally:
+            _finish(r)
+        if pos > size:
+            raise DigestMismatchError(self.where, expected=f"{size} bytes", actual="more", what="size")
+        if pos < size:
+            raise TransientFetchError(f"{self.where}: body ended at byte {pos} of {size}")
+        return into[:size]
 
     def read_range(self, start: int, end: int, validator: str | None, into: memoryview) -> Iterator[memoryview]:
         assert 0 <= start < end and len(into) == end - start, (start, end, len(into))
@@ -351,7 +400,8 @@ class HttpRemote(RangeReader):
             raise RangeNotSupportedError(f"{self.where}: 200 to a ranged request")
         if r.status not in (200, 206):
             raise ProtocolViolationError(f"{self.where}: HTTP {r.status} to a ranged request")
-        if not m or (int(m.group(1)), int(m.group(2)) + 1) != (start, end):
+        if not m or (parse_uint(m.group(1), "Content-Range start", self.where),
+                     parse_uint(m.group(2), "Content-Range end", self.where) + 1) != (start, end):
             raise ProtocolViolationError(
                 f"{self.where}: asked for bytes {start}-{end - 1}, got Content-Range "
                 f"{r.headers.get('content-range')!r}")

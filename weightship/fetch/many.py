@@ -1,0 +1,140 @@
+"""Many files in one fetch: one budget of requests in flight, and small files in one GET.
+
+A fetch of a thousand small files is bound by requests, not bytes. So:
+
+- **One budget** of requests in flight for the whole fetch (``connections × parallel_files``
+  unless ``requests`` says otherwise), a semaphore every origin request of the fetch holds
+  while it runs: a small file's GET holds one slot, a large file's ranged reads up to
+  ``connections`` (one each). Large files start first, the largest first, so the tail is short.
+- **A small file** (its size and digest known from the listing, at most one chunk) is one GET,
+  no HEAD: read into memory, hashed, checked against the listing's digest before a byte is
+  written, then written once and fsynced. No thread pool, buffer set or resume journal per file:
+  a small file is cheaper to fetch again than to resume.
+
+Every lying-server check stays: the size the server reports and the size it sends must be the
+planned one, the digest the trust anchor's, and the Hub's ``X-Repo-Commit`` the pinned commit
+(:class:`~weightship.fetch.hf.HubRemote`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from weightship.errors import DigestMismatchError, DiskFullError, TransientFetchError
+from weightship.fetch.base import PlannedFile
+from weightship.fetch.chunkfile import pwrite_all
+from weightship.fetch.download import DownloadResult, RangeReader, TransferOptions, sleep_backoff
+from weightship.fetch.journal import journal_path
+from weightship.paths import open_beneath
+from weightship.progress import Progress
+from weightship.verify.digests import git_blob_hasher
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def budget(opts: TransferOptions) -> int:
+    """Requests in flight for a whole fetch."""
+    return opts.requests or opts.connections * opts.parallel_files
+
+
+def is_small(f: PlannedFile, opts: TransferOptions) -> bool:
+    """Whether ``f`` is fetched in one GET: its size and a digest are known, and it fits a chunk."""
+    return (opts.verify and f.size is not None and f.size <= opts.chunk_size
+            and (f.sha256 is not None or f.git_sha1 is not None))
+
+
+@contextlib.contextmanager
+def holding(slots: threading.Semaphore | None) -> Iterator[None]:
+    """One slot of the fetch's request budget, held for the block (none: no budget)."""
+    if slots is None:
+        yield
+        return
+    with slots:
+        yield
+
+
+def fetch_small(reader: RangeReader, f: PlannedFile, staging: Path, root: Path,
+                opts: TransferOptions, progress: Progress,
+                slots: threading.Semaphore | None = None) -> DownloadResult | None:
+    """``f`` in one GET, checked, then written to ``staging`` and fsynced; None when ``reader``
+    cannot read a file whole without a HEAD first (the caller downloads it by ranges)."""
+    assert f.size is not None
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            with holding(slots):
+                data = reader.read_all(f.size)
+            break
+        except TransientFetchError as e:
+            if attempt > opts.retries:
+                raise
+            log.info("%s: %s; retry %d", f.path, e, attempt)
+            sleep_backoff(attempt, opts)
+    if data is None:
+        return None
+    sha256 = hashlib.sha256(data).hexdigest()
+    if f.sha256 is not None and sha256 != f.sha256:
+        raise DigestMismatchError(f.path, expected=f.sha256, actual=sha256)
+    git = None
+    if f.git_sha1 is not None:
+        h = git_blob_hasher(f.size)
+        h.update(data)
+        git = h.hexdigest()
+        if git != f.git_sha1:
+            raise DigestMismatchError(f.path, expected=f.git_sha1, actual=git, what="git blob sha1")
+    _write_once(data, staging, root)
+    progress.advance(f.path, len(data))
+    return DownloadResult(size=len(data), sha256=sha256, git_sha1=git, fetched_bytes=len(data),
+                          resumed_bytes=0)
+
+
+def _write_once(data: memoryview, staging: Path, root: Path) -> None:
+    journal_path(staging).unlink(missing_ok=True)  # a partial by ranges from an earlier run is void
+    try:
+        fd = open_beneath(root, staging.relative_to(root), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                          0o644, create_parents=True)
+        try:
+            pwrite_all(fd, data, 0, staging)
+            os.fsync(fd)  # nothing is promoted before its bytes are on disk
+        finally:
+            os.close(fd)
+    except OSError as e:
+        staging.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise DiskFullError(staging, e.strerror or str(e)) from None
+        raise
+
+
+def run_all(files: list[PlannedFile], one: Callable[[PlannedFile], T],
+            opts: TransferOptions) -> tuple[list[T], list[BaseException]]:
+    """``one(f)`` for every file: large files ``parallel_files`` at a time, the largest first,
+    small files beside them on as many threads as the request budget (each of their requests
+    takes a slot of it). A failed file does not stop the others: (what the files gave, the
+    failures), once all have ended."""
+    order = sorted(files, key=lambda f: -(f.size or 0))
+    large = [f for f in order if not is_small(f, opts)]
+    small = [f for f in order if is_small(f, opts)]
+    futures: list[Future[T]] = []
+    with (ThreadPoolExecutor(max(1, min(opts.parallel_files, len(large))), thread_name_prefix="ws-file") as big,
+          ThreadPoolExecutor(max(1, min(budget(opts), len(small))), thread_name_prefix="ws-small") as little):
+        futures += [big.submit(one, f) for f in large]
+        futures += [little.submit(one, f) for f in small]
+    results: list[T] = []
+    errors: list[BaseException] = []
+    for fut in futures:
+        try:
+            results.append(fut.result())
+        except Exception as e:
+            errors.append(e)
+    return results, errors
