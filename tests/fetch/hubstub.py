@@ -74,6 +74,7 @@ class HubStub(ThreadingHTTPServer):
         self.gone: set[str] = set()  # paths listed but answered 404
         self.delay = 0.0  # seconds before each resolve answer (a far Hub)
         self.say_commit: str | None = None  # X-Repo-Commit to send instead of the repo's
+        self.in_flight = self.most_in_flight = 0  # resolve requests being answered at once
         self.lock = threading.Lock()
 
     @property
@@ -116,7 +117,14 @@ class _Handler(BaseHTTPRequestHandler):
         if m := _INFO.match(path):
             self._info(m.group("repo"), m.group("rev") or "main")
         elif m := _RESOLVE.match(path):
-            self._resolve(m.group("repo"), m.group("rev"), m.group("path"))
+            with self.server.lock:
+                self.server.in_flight += 1
+                self.server.most_in_flight = max(self.server.most_in_flight, self.server.in_flight)
+            try:
+                self._resolve(m.group("repo"), m.group("rev"), m.group("path"))
+            finally:
+                with self.server.lock:
+                    self.server.in_flight -= 1
         else:
             self._error(404, "EntryNotFound", f"no route {path}")
 

@@ -65,6 +65,18 @@ def test_500_small_files_are_one_get_each_and_no_head(stub: HubStub, tmp_path: P
     assert [p for _, p in stub.requests if p.startswith("/api/models/")] == ["/api/models/acme/many/revision/main"]
 
 
+@pytest.mark.parametrize(("args", "budget"), [((), 8), (("--requests", "3"), 3)])
+def test_one_budget_of_requests_in_flight_for_the_whole_fetch(
+        stub: HubStub, tmp_path: Path, args: tuple[str, ...], budget: int) -> None:
+    files = _small_files(120, seed=9)
+    stub.add("acme/many", HubRepo(commit=COMMIT, files=files))
+    stub.delay = 0.02  # a far Hub: requests overlap
+    r = run_cli("fetch", "hf://acme/many", "--to", tmp_path / "m", *args, env={"HF_ENDPOINT": stub.url})
+    assert r.code == 0, r.stderr
+    # the default is connections x parallel files (4 x 2): the budget is filled, never exceeded
+    assert stub.most_in_flight == budget, stub.most_in_flight
+
+
 @pytest.mark.parametrize("fault", ["corrupt", "gone"])
 def test_one_small_file_served_wrong_fails_alone_and_the_rest_stay_verified(
         stub: HubStub, tmp_path: Path, fault: str) -> None:

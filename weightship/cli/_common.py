@@ -83,24 +83,33 @@ def wants_json(json_flag: bool) -> bool:
 
 
 class RichProgress(Progress):
-    """Progress bars on stderr: one per file in flight, and a total."""
+    """Progress bars on stderr: a total (files and bytes), and a bar for each of the first few
+    files in flight (a fetch of a thousand small files shows a few bars, not a thousand)."""
 
-    def __init__(self) -> None:
+    SHOWN = 4  # file bars at most
+
+    def __init__(self, console: Console | None = None) -> None:
         self._bars = RichBars(
             TextColumn("{task.description}", justify="left"), BarColumn(),
             DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-            console=stderr, transient=True)
+            console=console or stderr, transient=True)
         self._tasks: dict[str, TaskID] = {}
         self._total: TaskID | None = None
         self._lock = threading.Lock()
+        self._name, self._files, self._ended = "", 0, 0
 
     def begin(self, task: str, *, total_bytes: int | None, files: int) -> None:
         self._bars.start()
-        self._total = self._bars.add_task(f"{task} ({files} files)", total=total_bytes or None)
+        self._name, self._files, self._ended = task, files, 0
+        self._total = self._bars.add_task(self._describe(), total=total_bytes or None)
+
+    def _describe(self) -> str:
+        return f"{self._name} ({self._ended}/{self._files} files)"
 
     def file_begin(self, path: str, size: int | None) -> None:
         with self._lock:
-            self._tasks[path] = self._bars.add_task(path, total=size)
+            if len(self._tasks) < self.SHOWN:
+                self._tasks[path] = self._bars.add_task(path, total=size)
 
     def advance(self, path: str, nbytes: int) -> None:
         task = self._tasks.get(path)
@@ -112,6 +121,10 @@ class RichProgress(Progress):
     def file_end(self, path: str, status: str) -> None:
         with self._lock:
             task = self._tasks.pop(path, None)
+            if status in ("ok", "present", "staged"):
+                self._ended += 1
+            if self._total is not None:
+                self._bars.update(self._total, description=self._describe())
         if task is not None:
             self._bars.remove_task(task)
 

@@ -37,6 +37,10 @@ def fetch(
                                                     "file [default: 4].")] = None,
     parallel_files: Annotated[int | None, typer.Option(min=1, help="Files downloaded at once "
                                                        "[default: 2].")] = None,
+    requests: Annotated[int | None, typer.Option(min=1, help="Requests in flight for the whole "
+                                                 "fetch, shared by its files (a small file takes "
+                                                 "one, a large one up to --connections) "
+                                                 "[default: connections x parallel-files].")] = None,
     chunk_mib: Annotated[int | None, typer.Option("--chunk-mib", min=1, help="MiB per ranged "
                                                   "read; also what a resume may repeat [default: 16].")] = None,
     stall_timeout: Annotated[float | None, typer.Option(help="Seconds without a byte before "
@@ -75,7 +79,7 @@ def fetch(
     """
     transfer = {"revision": revision, "manifest": str(manifest) if manifest else None,
                 "trust_keys": [str(k) for k in trust_key] if trust_key else None,
-                "connections": connections, "parallel_files": parallel_files,
+                "connections": connections, "parallel_files": parallel_files, "requests": requests,
                 "chunk_size": chunk_mib << 20 if chunk_mib else None, "stall_timeout": stall_timeout,
                 "direct_io": direct_io, "listen": listen, "peers": peer or None,
                 "peers_from_dns": peers_from_dns, "peer_wait": peer_wait,
