@@ -53,6 +53,7 @@ class Peer:
     since: int = 0
     alive: bool = False
     last_event: float = 0.0  # when it last said something new (monotonic)
+    news: float = 0.0  # when it last said something new or came up (monotonic)
     files: dict[str, RemoteFile] = field(default_factory=dict)
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # for parse_event
     inflight: int = 0  # our chunk requests to it now
@@ -166,6 +167,8 @@ class Mesh:
                 peer.last_event = time.monotonic()
             if not peer.alive:
                 log.info("peer %s (%s) is up", peer.name, node)
+                peer.news = time.monotonic()
+            peer.news = max(peer.news, peer.last_event)
             peer.alive, peer.down_since = True, None
             self.cond.notify_all()
         return True
@@ -257,11 +260,14 @@ class Mesh:
     def not_done(self, digests: set[str], give_up: float = float("inf")) -> list[str]:
         """The known peers that have not said they verified every one of ``digests`` (one that
         said so and then went away counts as done: it finished, and left), leaving out those
-        that have not answered for ``give_up`` seconds."""
+        that have not answered for ``give_up`` seconds, and those that share none of
+        ``digests`` and have said nothing new for ``give_up`` seconds (a peer serving another
+        model: the seeders of the previous model while a chart's DaemonSet rolls to a new one)."""
         now = time.monotonic()
         with self.cond:
             peers = [p for p in self.peers.values() if not p.stopped and not self.is_banned(p)
-                     and (p.down_since is None or now - p.down_since < give_up)]
+                     and (p.down_since is None or now - p.down_since < give_up)
+                     and (any(d in p.files for d in digests) or now - p.news < give_up)]
             return [p.name for p in peers if not all(d in p.files and p.files[d].done for d in digests)]
 
     def close(self) -> None:
