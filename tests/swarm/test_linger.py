@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.net import wait_until
+from tests.net import free_port, wait_until
 from weightship.swarm.board import Board
 from weightship.swarm.mesh import Mesh
 from weightship.swarm.server import PeerServer
@@ -39,12 +39,14 @@ def _node(tmp: Path, name: str, data: bytes, done: bool) -> tuple[Board, PeerSer
 
 @pytest.fixture
 def peers(tmp_path: Path) -> Iterator[tuple[Mesh, str, str]]:
-    """This node's mesh, reading two peers: ``old-model`` (a seeder of another model, done
-    with it) and ``fetching`` (shares this model's file, not verified yet)."""
+    """This node's mesh, reading three peers: ``old-model`` (a seeder of another model, done
+    with it), ``fetching`` (shares this model's file, not verified yet) and one that has not
+    answered yet (nothing listens on its port)."""
     ours = os.urandom(4 * CHUNK)
     old_board, old, _ = _node(tmp_path, "old-model", os.urandom(4 * CHUNK), done=True)
     new_board, new, sha = _node(tmp_path, "fetching", ours, done=False)
-    mesh = Mesh("this-node", PeerSource.from_options((f"127.0.0.1:{old.port}", f"127.0.0.1:{new.port}"))).start()
+    mesh = Mesh("this-node", PeerSource.from_options((f"127.0.0.1:{old.port}", f"127.0.0.1:{new.port}",
+                                                       f"127.0.0.1:{free_port()}"))).start()
     try:
         yield mesh, sha, f"127.0.0.1:{old.port}"
     finally:
@@ -58,6 +60,8 @@ def test_a_peer_serving_another_model_is_not_waited_for(peers: tuple[Mesh, str, 
     mesh, sha, old = peers
     wait_until(lambda: len([p for p in mesh.peers.values() if p.alive]) == 2, 10, "both peers to answer")
     assert sorted(mesh.not_done({sha})) == sorted(p.name for p in mesh.peers.values())  # no give_up
+    # a peer that has not answered yet is waited for until give_up (a node still starting)
+    assert len(mesh.not_done({sha}, give_up=30.0)) == 3
     time.sleep(1.2)  # nothing new from either peer for longer than give_up (the point of the test)
     waiting = mesh.not_done({sha}, give_up=1.0)
     assert old not in waiting  # before: waited for until --seed-for ran out

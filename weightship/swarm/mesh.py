@@ -267,7 +267,8 @@ class Mesh:
         with self.cond:
             peers = [p for p in self.peers.values() if not p.stopped and not self.is_banned(p)
                      and (p.down_since is None or now - p.down_since < give_up)
-                     and (any(d in p.files for d in digests) or now - p.news < give_up)]
+                     and (p.down_since is not None or any(d in p.files for d in digests)
+                          or now - p.news < give_up)]
             return [p.name for p in peers if not all(d in p.files and p.files[d].done for d in digests)]
 
     def close(self) -> None:
