@@ -71,26 +71,45 @@ def fuse_rows(*linears: nn.Linear) -> torch.Tensor:
 
 
 @dataclass
-class AttentionInputs:
-    """What every attention layer of one forward pass shares: positions, masks, cache writes.
-
-    ``src is None`` means a batched decode step (one token per row ``0..B-1``, ``mask``
-    [B, 1, 1, L] over the first ``kv_len`` cache entries); otherwise a prefill of one row of T
-    tokens (``mask`` [1, 1, T, K]): a chunk of the sequence in ``slot``, over the slot's cache
-    when ``with_cache`` and then its own keys, or several whole prompts packed together, each
-    seeing only its own keys. ``cache is None`` scores without any cache (``mask`` [B, 1, T, T]).
-    Either way the new keys are written to entries ``write_idx`` of slots ``rows``.
-    """
+class WholeInputs:
+    """Whole sequences scored with no cache (:meth:`Transformer.forward`)."""
 
     cos: torch.Tensor  # [B, T, D/2]
     sin: torch.Tensor  # [B, T, D/2]
-    mask: torch.Tensor  # additive (0 / -inf), see above
-    write_idx: torch.Tensor | None = None  # cache entries written: [B] (decode) or [n] (prefill)
-    rows: torch.Tensor | None = None  # the slots of those entries: arange(B) (decode), or [n]
-    src: torch.Tensor | None = None  # prefill: the token (of T) whose key each entry takes [n]
-    slot: int | None = None  # prefill with_cache: the slot whose cache is read
-    with_cache: bool = False  # prefill: earlier chunks of this sequence are in the cache
-    kv_len: int = 0  # decode: cache entries read per row
+    mask: torch.Tensor  # additive (0 / -inf) [B, 1, T, T]
+
+
+@dataclass
+class DecodeInputs:
+    """A batched decode step: one token per row ``0..B-1`` (slot = row), its key written to
+    entry ``write_idx`` of its slot, attending to the first ``kv_len`` entries of the cache."""
+
+    cos: torch.Tensor  # [B, 1, D/2]
+    sin: torch.Tensor  # [B, 1, D/2]
+    mask: torch.Tensor  # additive [B, 1, 1, kv_len]
+    write_idx: torch.Tensor  # [B]
+    rows: torch.Tensor  # arange(B)
+    kv_len: int
+
+
+@dataclass
+class PrefillInputs:
+    """A prefill of one row of T tokens: a chunk of the sequence in ``slot``, over that slot's
+    cache and then its own keys, or (``slot`` None) several whole prompts packed together, each
+    seeing only its own keys. Token ``src[i]``'s key goes to entry ``write_idx[i]`` of slot
+    ``rows[i]``."""
+
+    cos: torch.Tensor  # [1, T, D/2]
+    sin: torch.Tensor  # [1, T, D/2]
+    mask: torch.Tensor  # additive [1, 1, T, K]: K = C + 1 + T with a slot, else T
+    write_idx: torch.Tensor  # [n]
+    rows: torch.Tensor  # [n]
+    src: torch.Tensor  # [n]
+    slot: int | None = None  # the slot whose cache earlier chunks are in
+
+
+# What every attention layer of one forward pass shares: positions, mask, cache writes.
+AttentionInputs = WholeInputs | DecodeInputs | PrefillInputs
 
 
 class RMSNorm(nn.Module):
@@ -134,29 +153,26 @@ class Attention(nn.Module):
         """``x`` [B, T, dim] → [B, T, dim]; ``k_cache``/``v_cache`` are this layer's [S, Hkv, C + 1, D]."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.wqkv is not None:
-            qkv = F.linear(x, self.wqkv)  # [B, T, (H + 2 Hkv) D]
-            # q and k side by side: one rotary kernel for both
-            qk = qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D)
-            q, k = self.pw.rotary(qk, inp.cos, inp.sin).split([H, Hkv], dim=2)  # [B, T, H|Hkv, D]
-            v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D)  # [B, T, Hkv, D]
-        else:
-            q = self.pw.rotary(self.wq(x).view(B, T, H, D), inp.cos, inp.sin)  # [B, T, H, D]
-            k = self.pw.rotary(self.wk(x).view(B, T, Hkv, D), inp.cos, inp.sin)  # [B, T, Hkv, D]
-            v = self.wv(x).view(B, T, Hkv, D)  # [B, T, Hkv, D]
-        if k_cache is None or v_cache is None:
+        assert self.wqkv is not None, "fuse() was not called after loading"
+        qkv = F.linear(x, self.wqkv)  # [B, T, (H + 2 Hkv) D]
+        # q and k side by side: one rotary kernel for both
+        qk = qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D)
+        q, k = self.pw.rotary(qk, inp.cos, inp.sin).split([H, Hkv], dim=2)  # [B, T, H|Hkv, D]
+        v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D)  # [B, T, Hkv, D]
+        if isinstance(inp, WholeInputs):
             out = F.scaled_dot_product_attention(  # [B, H, T, D]
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                 attn_mask=inp.mask, enable_gqa=True)
             return self.wo(out.transpose(1, 2).reshape(B, T, H * D))
-        if inp.src is None:
+        assert k_cache is not None and v_cache is not None
+        if isinstance(inp, DecodeInputs):
             return self.wo(self._decode(q, k, v, inp, k_cache, v_cache))
         return self.wo(self._prefill(q, k, v, inp, k_cache, v_cache))
 
-    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inp: AttentionInputs,
+    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inp: DecodeInputs,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         B, H, Hkv, D = q.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
-        assert q.shape[1] == 1 and inp.rows is not None and inp.write_idx is not None, q.shape
+        assert q.shape[1] == 1, q.shape
         # Rows and entries are advanced indices split by a slice: the written value is [B, Hkv, D].
         k_cache[inp.rows, :, inp.write_idx] = k[:, 0]
         v_cache[inp.rows, :, inp.write_idx] = v[:, 0]
@@ -168,13 +184,12 @@ class Attention(nn.Module):
         out = decode_attention(self.decode_kernel, qg, keys, values, inp.mask)  # [B, Hkv, G, D]
         return out.reshape(B, 1, H * D)
 
-    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inp: AttentionInputs,
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inp: PrefillInputs,
                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         T, H, D = q.shape[1], self.n_heads, self.head_dim
-        assert q.shape[0] == 1 and inp.src is not None, q.shape
+        assert q.shape[0] == 1, q.shape
         kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [1, Hkv, T, D]
-        if inp.with_cache:  # earlier chunks: the slot's entries, then this chunk's own keys
-            assert inp.slot is not None
+        if inp.slot is not None:  # earlier chunks: the slot's entries, then this chunk's own keys
             keys = torch.cat((k_cache[inp.slot : inp.slot + 1], kt), dim=2)  # [1, Hkv, C + 1 + T, D]
             values = torch.cat((v_cache[inp.slot : inp.slot + 1], vt), dim=2)
         else:
@@ -203,10 +218,8 @@ class FeedForward(nn.Module):
         self.w13 = fuse_rows(self.w1, self.w3)  # [2 hidden, dim]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is not None:
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)  # [B, T, hidden] each
-        else:
-            gate, up = self.w1(x), self.w3(x)
+        assert self.w13 is not None, "fuse() was not called after loading"
+        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)  # [B, T, hidden] each
         return self.w2(self.pw.swiglu_gate(gate, up))
 
 

@@ -24,8 +24,11 @@ from weightship.runtime.attention import DECODE_KERNELS
 from weightship.runtime.cache import KVCache
 from weightship.runtime.layers import (
     AttentionInputs,
+    DecodeInputs,
+    PrefillInputs,
     RMSNorm,
     TransformerBlock,
+    WholeInputs,
     mask_bias,
     window_mask,
 )
@@ -104,9 +107,8 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         pos = torch.arange(T, device=tokens.device)
         mask = window_mask(pos, pos, self.args.window)  # [T, T]
-        inp = AttentionInputs(cos=self.rope_cos[pos].expand(B, T, -1),
-                              sin=self.rope_sin[pos].expand(B, T, -1),
-                              mask=mask_bias(mask, self.dtype).expand(B, 1, T, T))
+        inp = WholeInputs(cos=self.rope_cos[pos].expand(B, T, -1), sin=self.rope_sin[pos].expand(B, T, -1),
+                          mask=mask_bias(mask, self.dtype).expand(B, 1, T, T))
         return self.output(self._run(tokens, inp, None)).float()
 
     def prefill(self, tokens: torch.Tensor, start: int, slot: int, cache: KVCache,
@@ -128,9 +130,9 @@ class Transformer(nn.Module):
         mask = window_mask(pos, torch.cat((cached, pos)), self.args.window)  # [T, C + 1 + T]
         src = torch.arange(max(T - cache.cache_len, 0), T, device=tokens.device)  # the chunk's kept keys
         write_idx = cache.write_index(pos[src])
-        inp = AttentionInputs(cos=self.rope_cos[pos].unsqueeze(0), sin=self.rope_sin[pos].unsqueeze(0),
-                              mask=mask_bias(mask, self.dtype)[None, None], write_idx=write_idx,
-                              rows=torch.full_like(src, slot), src=src, slot=slot, with_cache=True)
+        inp = PrefillInputs(cos=self.rope_cos[pos].unsqueeze(0), sin=self.rope_sin[pos].unsqueeze(0),
+                            mask=mask_bias(mask, self.dtype)[None, None], write_idx=write_idx,
+                            rows=torch.full_like(src, slot), src=src, slot=slot)
         h = self._run(tokens.unsqueeze(0), inp, cache)[0]  # [T, dim]
         cache.pos[slot, write_idx] = pos[src]
         return self.output(h if all_logits else h[-1]).float()
@@ -157,9 +159,9 @@ class Transformer(nn.Module):
         write_idx = cache.write_index(pos[src])
         for slot in slots:
             cache.reset_slot(slot)
-        inp = AttentionInputs(cos=self.rope_cos[pos].unsqueeze(0), sin=self.rope_sin[pos].unsqueeze(0),
-                              mask=mask_bias(mask, self.dtype)[None, None], write_idx=write_idx,
-                              rows=rows, src=src)
+        inp = PrefillInputs(cos=self.rope_cos[pos].unsqueeze(0), sin=self.rope_sin[pos].unsqueeze(0),
+                            mask=mask_bias(mask, self.dtype)[None, None], write_idx=write_idx,
+                            rows=rows, src=src)
         h = self._run(tokens.unsqueeze(0), inp, cache)[0]  # [N, dim]
         cache.pos[rows, write_idx] = pos[src]
         return self.output(h if all_logits else h[ends - 1]).float()
@@ -178,9 +180,8 @@ class Transformer(nn.Module):
         cache.pos[rows, write_idx] = positions  # before the layers: the mask includes the new key
         k_pos = cache.pos[:B, :kv_len]  # [B, L]
         mask = window_mask(positions.unsqueeze(-1), k_pos, self.args.window)  # [B, 1, L]
-        inp = AttentionInputs(cos=self.rope_cos[positions].unsqueeze(1),
-                              sin=self.rope_sin[positions].unsqueeze(1),
-                              mask=mask_bias(mask, self.dtype).unsqueeze(1), write_idx=write_idx,
-                              kv_len=kv_len, rows=rows)
+        inp = DecodeInputs(cos=self.rope_cos[positions].unsqueeze(1), sin=self.rope_sin[positions].unsqueeze(1),
+                           mask=mask_bias(mask, self.dtype).unsqueeze(1), write_idx=write_idx, rows=rows,
+                           kv_len=kv_len)
         h = self._run(tokens.unsqueeze(1), inp, cache)  # [B, 1, dim]
         return self.output(h[:, 0]).float()
