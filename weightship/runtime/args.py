@@ -41,8 +41,3 @@ class ModelArgs:
     def window(self) -> int:
         """Keys a query may attend to, itself included (HF: ``kv > q - window``)."""
         return self.arch.sliding_window or self.max_model_len
-
-    @property
-    def n_rep(self) -> int:
-        """Query heads per key/value head (grouped-query attention)."""
-        return self.arch.n_heads // self.arch.n_kv_heads
