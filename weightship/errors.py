@@ -356,7 +356,7 @@ class InvalidValuesError(UsageError):
         self.problems = problems
 
 
-class ManifestRejectedError(DeployError, ValueError):
+class RenderedObjectsRejectedError(DeployError, ValueError):
     """A rendered object fails the Kubernetes schemas or the chart's security policy."""
 
     def __init__(self, problems: list[str]) -> None:

@@ -18,7 +18,7 @@ from weightship.deploy.k8s import policy
 from weightship.deploy.k8s.deployer import check_objects, plan
 from weightship.deploy.k8s.sizing import GIB, size_model
 from weightship.deploy.k8s.values import merge
-from weightship.errors import InvalidValuesError, ManifestRejectedError, UsageError
+from weightship.errors import InvalidValuesError, RenderedObjectsRejectedError, UsageError
 
 Obj = dict[str, Any]
 
@@ -104,7 +104,7 @@ def test_plan_rejects_a_chart_that_renders_a_plain_credential() -> None:
         plan("mistral-7b-v0.1", release="demo", namespace="ml",
              sets=["serve.extraEnv[0].name=AWS_SECRET_ACCESS_KEY,"
                    "serve.extraEnv[0].value=plain"])
-    with pytest.raises(ManifestRejectedError) as info:
+    with pytest.raises(RenderedObjectsRejectedError) as info:
         plan("mistral-7b-v0.1", release="demo", namespace="ml",
              sets=["serve.extraArgs[0]=--token=abc"])
     assert "plain credential" in str(info.value)

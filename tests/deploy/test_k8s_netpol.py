@@ -288,7 +288,7 @@ def test_seeder_placement_values_that_would_be_ignored_are_refused() -> None:
 
 def test_deploy_plan_passes_its_checks_with_the_default_policy_and_placement() -> None:
     """What ``weightship deploy k8s --dry-run`` runs: schema, Pod Security and credential checks
-    (a problem raises ManifestRejectedError)."""
+    (a problem raises RenderedObjectsRejectedError)."""
     for sets in ([], ["p2p.enabled=true"]):
         p = plan("mistral-7b-v0.1", release="demo", namespace=NS, sets=sets)
         names = {o["metadata"]["name"] for o in p.rendered.objects if o["kind"] == "NetworkPolicy"}

@@ -37,10 +37,10 @@ from weightship.errors import (
     InstanceExistsError,
     InstanceLeftoversError,
     InstanceNotFoundError,
-    ManifestRejectedError,
     PreflightError,
     ReleaseError,
     ReleaseNotFoundError,
+    RenderedObjectsRejectedError,
     UpgradeRolledBackError,
     UsageError,
 )
@@ -129,7 +129,7 @@ class K8sTarget:
                objs.operator_secret(name, operator_key)]
         problems, _ = policy.schema_problems(out, ("1.33.0",))
         if problems:
-            raise ManifestRejectedError(problems)
+            raise RenderedObjectsRejectedError(problems)
         return out
 
     def _new_record(self, spec: InstanceSpec, admin_from: list[str]) -> Record:

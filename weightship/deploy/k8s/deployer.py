@@ -31,7 +31,7 @@ from weightship.deploy.k8s.values import (
     model_shape,
     parse_sets,
 )
-from weightship.errors import ManifestRejectedError
+from weightship.errors import RenderedObjectsRejectedError
 
 # Violations the chart accepts only when the user acknowledged storage.mode=nodeCache: the
 # hostPath itself and the root init container that hands the node directory to the chart's uid.
@@ -116,7 +116,7 @@ def plan(model: str, *, release: str, namespace: str, value_files: Sequence[Path
     effective = helm_engine.effective_values(chart_dir, values)
     problems, unchecked, accepted = check_objects(rendered.objects + rendered.hooks, effective)
     if problems:
-        raise ManifestRejectedError(problems)
+        raise RenderedObjectsRejectedError(problems)
     return Plan(model=model_name, release=release, namespace=namespace, chart=chart_dir,
                 values=values, effective=effective, rendered=rendered, sizing=shape.sizing,
                 unchecked_kinds=unchecked, accepted=accepted)
