@@ -22,6 +22,7 @@ from fastapi.responses import Response, StreamingResponse
 from weightship.runtime.api_errors import api_error
 from weightship.runtime.logprobs import ResponseLogprobs, TokenLogprob
 from weightship.runtime.protocol import ChatCompletionRequest, CommonParams, encode_json, error_body
+from weightship.runtime.request import FinishReason
 from weightship.runtime.run import Run
 from weightship.runtime.tokenizer import Tokenizer
 from weightship.runtime.usage import RUN_SCOPE
@@ -30,7 +31,7 @@ from weightship.runtime.usage import RUN_SCOPE
 _INLINE_LOGPROBS = 64
 
 
-def finish_reason(reason: str | None) -> str | None:
+def finish_reason(reason: FinishReason | None) -> str | None:
     """OpenAI's finish_reason of the engine's (a cancelled or failed choice says "stop")."""
     return "length" if reason == "length" else None if reason is None else "stop"
 
@@ -54,7 +55,7 @@ async def whole(run: Run, body: CommonParams, request: Request, ident: str,
                 logprobs: ResponseLogprobs | None, echo: list[str] | None) -> Response:
     """The answer as one JSON body, once every choice has finished."""
     texts: dict[int, list[str]] = {}
-    reasons: dict[int, str | None] = {}
+    reasons: dict[int, FinishReason | None] = {}
     entries: dict[int, list[TokenLogprob]] = {}
     watcher = asyncio.create_task(cancel_on_disconnect(request, run))
     try:

@@ -34,7 +34,7 @@ from weightship.runtime.cache import KVCache
 from weightship.runtime.decoding import DecodeRunner
 from weightship.runtime.logprobs import TokenLogprob, log_probs, pick
 from weightship.runtime.model import Transformer
-from weightship.runtime.request import Completion, Output, Request, Sink
+from weightship.runtime.request import Completion, FinishReason, Output, Request, Sink
 from weightship.runtime.sampling import Sampler, SamplingParams, sample_rows
 from weightship.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -398,7 +398,7 @@ class Engine:
         if len(r.output) == 1 and r.params.prompt_logprobs is not None:
             extra["prompt_logprobs"] = r.prompt_logprobs
         p = self.tokenizer
-        reason: str | None = None
+        reason: FinishReason | None = None
         text = ""
         if p is not None and token in p.stop_ids and not r.params.ignore_eos:
             reason = "stop"
@@ -419,7 +419,7 @@ class Engine:
         else:
             self._emit(r, Output(r.id, text, [token], False, None, len(r.prompt), len(r.output), **extra))
 
-    def _finish(self, r: Request, reason: str, text: str, tokens: list[int] | None = None,
+    def _finish(self, r: Request, reason: FinishReason, text: str, tokens: list[int] | None = None,
                 **logprobs: list[TokenLogprob] | None) -> None:
         r.finished = True
         if 0 <= r.slot < len(self._slots) and self._slots[r.slot] is r:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from weightship.runtime.logprobs import TokenLogprob
 from weightship.runtime.sampling import Sampler, SamplingParams
 from weightship.runtime.tokenizer import IncrementalDecoder
+
+# Why a request ended: a stop token or string, max_tokens or the context, the client went, the engine failed.
+FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
 @dataclass
@@ -24,7 +28,7 @@ class Output:
     text: str  # new text (may be "" while a character or a possible stop string is held back)
     token_ids: list[int]
     finished: bool = False
-    finish_reason: str | None = None  # stop | length | cancelled | error
+    finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     # When the request asked for them: of the tokens whose text this output releases (a token's
@@ -97,7 +101,7 @@ class Completion:
 
     token_ids: list[int]
     text: str
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
