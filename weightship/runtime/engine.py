@@ -34,7 +34,7 @@ from weightship.runtime.cache import KVCache
 from weightship.runtime.decoding import DecodeRunner
 from weightship.runtime.logprobs import TokenLogprob, log_probs, pick
 from weightship.runtime.model import Transformer
-from weightship.runtime.request import Completion, FinishReason, Output, Request, Sink
+from weightship.runtime.request import Completion, FinishReason, Output, OutputSink, Request
 from weightship.runtime.sampling import Sampler, SamplingParams, sample_rows
 from weightship.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -107,7 +107,7 @@ class Engine:
 
     # ---- the public side (any thread) --------------------------------------------------------
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Sink, *,
+    def submit(self, prompt: Sequence[int], params: SamplingParams, sink: OutputSink, *,
                request_id: str | None = None, detokenize: bool = True,
                context: Sequence[int] = ()) -> str:
         """Queue a request; its outputs go to ``sink``. Returns its id.

@@ -38,7 +38,7 @@ class Output:
     prompt_logprobs: list[TokenLogprob] | None = None  # of the prompt, with its first token
 
 
-Sink = Callable[[Output], None]
+OutputSink = Callable[[Output], None]
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Request:
     id: str
     prompt: list[int]
     params: SamplingParams
-    sink: Sink
+    sink: OutputSink
     decoder: IncrementalDecoder | None
     seq: int  # admission order
     slot: int = -1

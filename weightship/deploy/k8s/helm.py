@@ -89,6 +89,8 @@ def render(chart: Path, values: dict[str, Any], *, release: str, namespace: str,
     except helm.HelmValuesError as e:
         raise InvalidValuesError(values_problems(str(e))) from None
     except helm.HelmRenderError as e:
+        # The chart's validateValues rules (_validate.tpl) `fail` with this marker: Helm hands a
+        # template's `fail` back only as the render error's text, so the marker is the one channel.
         if "VALUES VALIDATION" in str(e):
             raise InvalidValuesError(values_problems(str(e))) from None
         raise DeployError(f"the chart failed to render: {e}") from None
