@@ -277,16 +277,6 @@ def test_matrix_renders_valid_secure_objects(name: str, values: Obj,
     expect(rendered)
 
 
-def test_matrix_covers_what_the_issue_asks() -> None:
-    modes = {(v.get("storage") or {}).get("mode", "emptyDir") for _, v, _ in MATRIX}
-    assert modes == {"emptyDir", "sharedPVC", "perPodPVC", "nodeCache"}
-    flags = [json.dumps(v) for _, v, _ in MATRIX]
-    assert any('"p2p": {"enabled": true}' in f for f in flags)
-    assert any('"ingress"' in f for f in flags) and any('"autoscaling"' in f for f in flags)
-    assert any("existingSecret" in f for f in flags) and any(f == "{}" for f in flags)
-    assert any('"count": 0' in f for f in flags) and len(MATRIX) >= 12
-
-
 def test_helm_test_pod_lists_models_with_the_api_key() -> None:
     rendered = render({})
     (pod,) = rendered.hooks
@@ -349,6 +339,17 @@ def test_all_contradictions_are_reported_together() -> None:
     with pytest.raises(InvalidValuesError) as info:
         render({"storage": {"mode": "nodeCache"}, "ingress": {"enabled": True}})
     assert len(info.value.problems) == 2
+
+
+def test_a_rule_that_finds_several_problems_reports_each() -> None:
+    """The extraEnv rule (one named validateValues helper) finds one problem per variable."""
+    with pytest.raises(InvalidValuesError) as info:
+        render({"serve": {"extraEnv": [{"name": "HF_TOKEN", "value": "a"}, {"name": "DEBUG", "value": "1"},
+                                       {"name": "AWS_SECRET_ACCESS_KEY", "value": "b"}]},
+                "ingress": {"enabled": True}})
+    problems = info.value.problems
+    assert [p.split()[1] for p in problems if p.startswith("serve.extraEnv")] == ["HF_TOKEN", "AWS_SECRET_ACCESS_KEY"]
+    assert len(problems) == 3, problems
 
 
 # ---- schema and values in step; chart hygiene ------------------------------------------------
