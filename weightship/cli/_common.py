@@ -195,24 +195,33 @@ class progress_for:
 # ---- errors ----------------------------------------------------------------------------------
 
 
-def _weightship(e: BaseException) -> tuple[str, int]:
+@dataclass(frozen=True)
+class ErrorReport:
+    """What the command line says of an error: one line, an optional hint, the exit code."""
+
+    message: str
+    code: int
+    hint: str | None = None
+
+
+def _weightship(e: BaseException) -> ErrorReport:
     assert isinstance(e, WeightshipError)
-    return str(e) + (f"\nhint: {e.hint}" if e.hint else ""), e.exit_code
+    return ErrorReport(str(e), e.exit_code, e.hint)
 
 
-def _os_error(e: BaseException) -> tuple[str, int]:
+def _os_error(e: BaseException) -> ErrorReport:
     assert isinstance(e, OSError)
     where = f": {e.filename}" if e.filename else ""
     if e.errno == errno.ENOSPC:
-        return f"no space left on device{where}", 1
-    return f"{e.strerror or e}{where}", 1
+        return ErrorReport(f"no space left on device{where}", 1)
+    return ErrorReport(f"{e.strerror or e}{where}", 1)
 
 
 # Ordered: the first matching type renders the error.
-ERROR_TABLE: list[tuple[type[BaseException], Callable[[BaseException], tuple[str, int]]]] = [
+ERROR_TABLE: list[tuple[type[BaseException], Callable[[BaseException], ErrorReport]]] = [
     (WeightshipError, _weightship),
     (OSError, _os_error),
-    (MemoryError, lambda e: ("out of memory", 1)),
+    (MemoryError, lambda e: ErrorReport("out of memory", 1)),
 ]
 
 
@@ -220,26 +229,25 @@ def render_error(e: BaseException) -> int:
     """Print ``e`` as one line (plus a hint) on stderr; returns the exit code."""
     for kind, render in ERROR_TABLE:
         if isinstance(e, kind):
-            message, code = render(e)
+            report = render(e)
             break
     else:
-        message, code = f"internal error: {type(e).__name__}: {e}", 1
+        message = f"internal error: {type(e).__name__}: {e}"
         if not get_settings().debug:
             message += " (set WEIGHTSHIP_DEBUG=1 for a traceback)"
+        report = ErrorReport(message, 1)
     if get_settings().debug:
         traceback.print_exception(e, file=sys.stderr)
-    first, _, hint = message.partition("\n")
-    stderr.print(Text.assemble(("error: ", "bold red"), first), highlight=False, soft_wrap=True)
-    if hint:
-        stderr.print(hint, highlight=False, markup=False)
+    stderr.print(Text.assemble(("error: ", "bold red"), report.message), highlight=False, soft_wrap=True)
+    if report.hint:
+        stderr.print(f"hint: {report.hint}", highlight=False, markup=False)
     if _state.json and not _state.emitted:
-        body: dict[str, object] = {"error": first, "hint": hint.removeprefix("hint: ") or None,
-                                   "exit_code": code}
+        body: dict[str, object] = {"error": report.message, "hint": report.hint, "exit_code": report.code}
         details = getattr(e, "details", None)  # numbers an error names (a space refusal's)
         if isinstance(details, dict):
             body["details"] = details
         print(json.dumps(body))
-    return code
+    return report.code
 
 
 def run(app: typer.Typer, argv: list[str] | None = None) -> int:
