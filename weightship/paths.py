@@ -148,7 +148,7 @@ def open_beneath(root: Path | int, rel: str | PurePath, flags: int, mode: int = 
 
 
 def replace_beneath(root: Path | int, src: str | PurePath, dst: str | PurePath, *,
-                    same_as: int | None = None) -> None:
+                    same_as: int | None = None, durable: bool = True) -> None:
     """Rename ``root/src`` to ``root/dst`` (atomic, replacing), without following a symlink below
     ``root``; ``dst``'s missing parents are made, and the rename is made durable.
 
@@ -156,6 +156,7 @@ def replace_beneath(root: Path | int, src: str | PurePath, dst: str | PurePath, 
     ``src``'s place: ``src`` must be a regular file, and what arrives at ``dst`` must be that
     same file (if another was swapped in meanwhile, it is removed again and refused). With
     ``same_as`` (a descriptor), ``src`` must also be the file behind it: the one that was checked.
+    ``durable=False`` leaves the directory's fsync to the caller (one per directory for a batch).
     """
     src_path, dst_path = PurePosixPath(src), PurePosixPath(dst)
     with dir_beneath(root, src_path.parent) as sdir, dir_beneath(root, dst_path.parent, create=True) as ddir:
@@ -171,4 +172,5 @@ def replace_beneath(root: Path | int, src: str | PurePath, dst: str | PurePath, 
         if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino) or not stat.S_ISREG(after.st_mode):
             os.unlink(dst_path.name, dir_fd=ddir)
             raise UnsafePathError(str(src), "was replaced while it was being moved into place")
-        os.fsync(ddir)
+        if durable:
+            os.fsync(ddir)

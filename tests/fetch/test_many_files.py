@@ -176,3 +176,35 @@ def test_an_s3_prefix_of_500_small_objects_is_one_get_each(
     per_key = collections.Counter(url.split("/models/many500/", 1)[1] for _, url in sent)
     assert {m for m, _ in sent} == {"GET"} and set(per_key) == set(files) and set(per_key.values()) == {1}
 
+
+
+def test_many_small_files_are_flushed_once_before_any_is_promoted(
+        stub: HubStub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from weightship.fetch import engine, many
+
+    files = _small_files(200, seed=11)
+    stub.add("acme/many", HubRepo(commit=COMMIT, files=files))
+    events: list[str] = []
+    fsyncs = []
+    real_fsync, real_syncfs, real_replace = os.fsync, many._syncfs, engine.replace_beneath
+
+    def syncfs(fd: int) -> bool:
+        events.append("syncfs")
+        return real_syncfs(fd)
+
+    def replace(*args: object, **kw: object) -> None:
+        events.append("rename")
+        real_replace(*args, **kw)  # type: ignore[arg-type]
+
+    def fsync(fd: int) -> None:
+        fsyncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(many, "_syncfs", syncfs)
+    monkeypatch.setattr(engine, "replace_beneath", replace)
+    monkeypatch.setattr(os, "fsync", fsync)
+    fetch(build_request("hf://acme/many"), tmp_path / "m")
+    assert events[0] == "syncfs" and events.count("syncfs") == 1 and events.count("rename") == 200
+    # the directories the renames touched (7 x 3 + 7 + the top), and the manifest: not one per file
+    assert len(fsyncs) < 40, len(fsyncs)
+    verify_dir(tmp_path / "m").raise_for_problems()

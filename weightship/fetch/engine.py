@@ -5,15 +5,18 @@ For each file the engine:
    disk has the planned size;
 2. otherwise streams the source's bytes into ``DIR/.weightship/incoming/PATH.incomplete``,
    hashing them as they arrive (no second read). Sources that read byte ranges
-   (:class:`~weightship.fetch.ranged.RangedSource`: hf, s3, https) go through the parallel,
-   resumable downloader in :mod:`weightship.fetch.download`, several files at once, with a
-   resume journal beside each partial file;
+   (:class:`~weightship.fetch.ranged.RangedSource`: hf, s3, https) share one budget of requests
+   in flight (:mod:`weightship.fetch.many`): a small file whose size and digest the listing gave
+   is one GET, checked in memory and written once; a large one goes through the parallel,
+   resumable downloader in :mod:`weightship.fetch.download`, with a resume journal beside its
+   partial file;
 3. checks size and sha256 (or the Hub's git blob sha1) against the plan, which came from a
    trust anchor and was held to the catalog card's pins before a byte was written
    (:mod:`weightship.fetch.pins`) — a mismatch deletes the staging file and moves on to the next
    source;
-4. once every file is checked, compares them with the card's pins once more, renames each into
-   place (atomic) and writes the manifest last, atomically. A directory whose manifest lists
+4. once every file is checked, compares them with the card's pins once more, flushes the staged
+   files to disk (one ``syncfs`` for many), renames each into place (atomic; each directory
+   fsynced once) and writes the manifest last, atomically. A directory whose manifest lists
    every file is complete and verified.
 
 The whole job holds the directory's lock.
@@ -392,13 +395,14 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
     entries.update((e.path, e) for e in _fetch_all(sources, rest, staging, progress, result, opts, dest, swarm))
     result.manifest.files = sorted(entries.values(), key=lambda e: e.path)  # once, not per file
     pins.check_entries(result.manifest.files, pinned)  # once more, before anything is promoted
-    for f in plan.files:
-        if f.path in present:
-            continue
+    promote = [f.path for f in plan.files if f.path not in present]
+    many.make_durable(dest, [staging[p] for p in promote])  # one flush, not one per file
+    for path in promote:
         # By descriptors, refusing a symlink met on the way: the names were checked at plan
         # time, but in a shared cache another writer may have swapped a directory since.
-        replace_beneath(dest, staging[f.path].relative_to(dest), f.path)
-        result.fetched.append(f.path)
+        replace_beneath(dest, staging[path].relative_to(dest), path, durable=False)
+        result.fetched.append(path)
+    many.sync_dirs(dest, promote)  # the renames on disk before the manifest says they are done
     convert_on_fetch(request, dest, result.manifest, progress)  # a card's GGUF, made ready to serve
     _remove_empty_dirs(incoming)
     result.manifest.verified_at = utcnow()
