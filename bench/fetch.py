@@ -17,9 +17,15 @@ the table shows medians and each weightship figure as a ratio to its peer (>1 = 
 weightship fsyncs each file before promoting it (a promoted file survives a power cut); the
 peers do not, and on 1 GiB their bytes are still only in the page cache when they return (and
 when the bench deletes them): the "s5cmd cp, then fsync" row is s5cmd with the same durability.
+``--many`` prints the "many files" table of issue 22 instead: for each row (``--rows``, default
+256 x 1 MiB and 2,000 x 2 KiB, in nested folders), weightship's Hub fetch beside
+``snapshot_download`` from the same ``weightship mirror``, and its S3 fetch beside
+``s5cmd cp 's3://…/*'`` from the same rclone, interleaved, median of ``--runs``.
+
 Usage::
 
     python bench/fetch.py [--size-mib 1024] [--files 2] [--runs 3]
+    python bench/fetch.py --many [--rows 256x1024KiB,2000x2KiB] [--runs 3]
 """
 
 from __future__ import annotations
@@ -84,6 +90,76 @@ def make_model(root: Path, size: int, files: int) -> Path:
     return model
 
 
+def _row(text: str) -> tuple[int, int]:
+    count, _, size = text.lower().partition("x")
+    return int(count), int(size.removesuffix("kib")) << 10
+
+
+def make_many(root: Path, name: str, count: int, size: int) -> Path:
+    """``root/bench/NAME``: ``count`` random files of ``size`` bytes in nested folders."""
+    model = root / "bench" / name
+    for i in range(count):
+        f = model / f"d{i % 16:02d}" / f"s{i % 5}" / f"part-{i:05d}.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(os.urandom(size))
+    create_for_directory(model, name=name).write(model)
+    return model
+
+
+def many_files(rows: list[tuple[int, int]], runs: int) -> int:
+    """The many-files table: see the module docstring."""
+    with tempfile.TemporaryDirectory(prefix="ws-bench-many-") as tmp:
+        base = Path(tmp)
+        (base / "s3" / "models").mkdir(parents=True)
+        key = base / "bench.pem"
+        public = generate_key(key)
+        s3_port, hub_port = free_port(), free_port()
+        os.environ.update(KEYS, AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}",
+                          HF_ENDPOINT=f"http://127.0.0.1:{hub_port}", HF_HUB_DISABLE_PROGRESS_BARS="1")
+        from huggingface_hub import snapshot_download  # after HF_ENDPOINT and the bars' switch
+
+        names = [f"r{count}x{size >> 10}k" for count, size in rows]
+        models = [make_many(base / "hub", n, c, s) for n, (c, s) in zip(names, rows, strict=True)]
+        rclone = [_bin("rclone"), "serve", "s3", "--addr", f"127.0.0.1:{s3_port}", "--config", "/dev/null",
+                  "--auth-key", f"{KEYS['AWS_ACCESS_KEY_ID']},{KEYS['AWS_SECRET_ACCESS_KEY']}", str(base / "s3")]
+        mirror = [sys.executable, "-m", "weightship", "mirror", str(base / "hub"), "--port", str(hub_port)]
+        s5cmd = _bin("s5cmd")
+        trust = {"trust_keys": [str(public)]}
+        table: list[tuple[str, dict[str, float]]] = []
+        with _server(rclone, s3_port), _server(mirror, hub_port):
+            for name, model in zip(names, models, strict=True):
+                push_directory(model, f"s3://models/{name}", key=key)
+            for name in names:
+                plan: list[tuple[str, Callable[[Path], object]]] = [
+                    ("weightship hf", lambda d, n=name: fetch(build_request(f"hf://bench/{n}"), d)),
+                    ("snapshot_download", lambda d, n=name: snapshot_download(
+                        f"bench/{n}", local_dir=d, endpoint=os.environ["HF_ENDPOINT"])),
+                    ("weightship s3", lambda d, n=name: fetch(build_request(f"s3://models/{n}", options=trust), d)),
+                    ("s5cmd cp", lambda d, n=name: subprocess.run(
+                        [s5cmd, "--endpoint-url", f"http://127.0.0.1:{s3_port}", "cp", f"s3://models/{n}/*",
+                         f"{d}/"], check=True, stdout=subprocess.DEVNULL)),
+                ]
+                for _, fn in plan:
+                    timed(fn, base / "warmup")
+                times: dict[str, list[float]] = {label: [] for label, _ in plan}
+                for i in range(runs):  # interleaved: a slow spell falls on every tool alike
+                    for label, fn in plan:
+                        times[label].append(timed(fn, base / f"run{i}"))
+                table.append((name, {label: statistics.median(t) for label, t in times.items()}))
+                print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in table[-1][1].items()),
+                      file=sys.stderr, flush=True)
+    print(f"\nmany files over loopback, median of {runs} runs (interleaved), {os.cpu_count()} cores; "
+          "seconds, and weightship's speed / the peer's (>1 = faster)")
+    print(f"{'row':<14} {'ws hf':>7} {'snapshot':>9} {'ratio':>6} {'target':>7}   "
+          f"{'ws s3':>7} {'s5cmd':>7} {'ratio':>6} {'target':>7}")
+    for name, t in table:
+        print(f"{name:<14} {t['weightship hf']:>7.2f} {t['snapshot_download']:>9.2f} "
+              f"{t['snapshot_download'] / t['weightship hf']:>5.2f}x {'≥ 1.0x':>7}   "
+              f"{t['weightship s3']:>7.2f} {t['s5cmd cp']:>7.2f} "
+              f"{t['s5cmd cp'] / t['weightship s3']:>5.2f}x {'≥ 0.8x':>7}")
+    return 0
+
+
 def timed(fn: Callable[[Path], object], dest: Path) -> float:
     """Seconds of ``fn(dest)``; ``dest`` is deleted afterwards (its page cache with it)."""
     t0 = time.perf_counter()
@@ -98,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--files", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--many", action="store_true", help="the many-files table (issue 22)")
+    p.add_argument("--rows", default="256x1024KiB,2000x2KiB", help="with --many: COUNTxSIZEKiB,...")
     a = p.parse_args(argv)
+    if a.many:
+        return many_files([_row(r) for r in a.rows.split(",")], a.runs)
     size = (a.size_mib << 20) // a.files * a.files
     with tempfile.TemporaryDirectory(prefix="ws-bench-fetch-") as tmp:
         base = Path(tmp)
