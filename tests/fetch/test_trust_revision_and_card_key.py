@@ -83,3 +83,24 @@ def test_a_refetch_from_a_weaker_anchor_keeps_the_stronger_record(signed_tiny_di
     assert out["fetched"] == []
     assert {f["anchor"] for f in out["manifest"]["files"]} == {"signed-manifest"}
     assert {f.anchor for f in Manifest.load(dest).files} == {"signed-manifest"}
+
+
+def test_a_refetch_with_a_trusted_key_raises_a_weak_record(signed_tiny_dir: Path, signing_key: KeyPair,
+                                                            pki: Pki, tmp_path: Path) -> None:
+    """Fetched over TLS on the server's unsigned word, then again (nothing changed) with the key
+    that signed the manifest: the record becomes signed-manifest (before, the weak record stayed
+    and convert went on refusing what a trusted key now vouches for)."""
+    import ssl
+
+    dest = tmp_path / "m"
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(pki.cert, pki.key)
+    with serve(signed_tiny_dir, tls=ctx) as s:
+        env = {"SSL_CERT_FILE": str(pki.ca)}
+        first = run_cli("fetch", s.url, "--to", dest, "--json", env=env)
+        assert first.code == 0, first.stderr
+        assert {f["anchor"] for f in json.loads(first.stdout)["manifest"]["files"]} == {"unsigned-remote-manifest"}
+        again = run_cli("fetch", s.url, "--to", dest, "--trust-key", signing_key.public, "--json", env=env)
+    assert again.code == 0, again.stderr
+    assert json.loads(again.stdout)["fetched"] == []
+    assert {f.anchor for f in Manifest.load(dest).files} == {"signed-manifest"}

@@ -55,7 +55,7 @@ from weightship.fetch.request import build_request as build_request  # re-export
 from weightship.fetch.request import default_dir_name as default_dir_name  # re-exported
 from weightship.fetch.request import make_sources
 from weightship.fetch.select import select_files, wanted_by
-from weightship.manifest import FileEntry, Manifest, utcnow
+from weightship.manifest import UNSIGNED_ANCHORS, FileEntry, Manifest, utcnow
 from weightship.paths import STATE_DIR, open_beneath, replace_beneath, resolve_under
 from weightship.progress import NullProgress, Progress
 from weightship.verify.digests import hash_files, sha256_and_git_blob
@@ -379,7 +379,11 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
     for f in plan.files:
         if f.path in present:
             earlier = old.entry(f.path) if old else None
-            result.manifest.upsert(earlier if earlier and earlier.sha256 == f.sha256 else present[f.path])
+            now = present[f.path]
+            # The earlier record stays (its source, its anchor) unless the bytes changed or this
+            # fetch vouches for them better: a trust anchor where there was only a server's word.
+            weaker = earlier is not None and earlier.anchor in UNSIGNED_ANCHORS and now.anchor not in UNSIGNED_ANCHORS
+            result.manifest.upsert(earlier if earlier and earlier.sha256 == f.sha256 and not weaker else now)
             result.skipped.append(f.path)
             progress.file_end(f.path, "present")
         elif f.path in staged:
