@@ -3,12 +3,12 @@ typed lying-server error, never a ValueError or a huge int."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tests.fetch.webserver import running
 from weightship.errors import ProtocolViolationError
 from weightship.fetch.download import TransferOptions
 from weightship.fetch.http import HttpPool, HttpRemote, get_small
@@ -52,15 +52,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def liar() -> Iterator[_Liar]:
-    server = _Liar()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with running(_Liar()) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def _stat(r: HttpRemote) -> object:

@@ -20,11 +20,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 FAULTS = ("ignore_range", "wrong_range", "short", "bad_length", "status_416", "status_503",
           "etag_change", "flip", "stall", "range_as_200", "short_whole")
+
+S = TypeVar("S", bound=ThreadingHTTPServer)
 
 
 class FileServer(ThreadingHTTPServer):
@@ -197,10 +200,8 @@ def _read(p: Path, start: int, end: int, flip: bool) -> bytes:
 
 
 @contextmanager
-def serve(root: Path, tls: ssl.SSLContext | None = None) -> Iterator[FileServer]:
-    """A :class:`FileServer` over ``root`` on a free loopback port (HTTPS with ``tls``), stopped
-    afterwards."""
-    server = FileServer(root, tls)
+def running(server: S) -> Iterator[S]:
+    """``server`` served on a thread, shut down and closed afterwards."""
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -209,3 +210,11 @@ def serve(root: Path, tls: ssl.SSLContext | None = None) -> Iterator[FileServer]
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+@contextmanager
+def serve(root: Path, tls: ssl.SSLContext | None = None) -> Iterator[FileServer]:
+    """A :class:`FileServer` over ``root`` on a free loopback port (HTTPS with ``tls``), stopped
+    afterwards."""
+    with running(FileServer(root, tls)) as server:
+        yield server
