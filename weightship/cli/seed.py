@@ -62,14 +62,8 @@ def seed(
     from weightship.torrent.seed import Seeding, seed_directory
 
     def ready(info: Seeding) -> None:
-        if as_json:
-            sys.stdout.write(json.dumps(info.to_dict()) + "\n")
-            sys.stdout.flush()
-        else:
-            stdout.print(f"seeding {directory} ({info.files} files) on {', '.join(info.listen)}",
-                         highlight=False, markup=False)
-            stdout.print(info.magnet, highlight=False, markup=False)
-            stdout.file.flush()
+        _ready(info.to_dict(), [f"seeding {directory} ({info.files} files) on {', '.join(info.listen)}",
+                                info.magnet], as_json)
 
     with progress_for(json_flag) as progress:
         uploaded = seed_directory(
@@ -98,17 +92,23 @@ def _seed_swarm(directory: Path, listen: str, peers: tuple[str, ...], dns: str |
     from weightship.swarm.seed import SwarmSeeding, seed_swarm
 
     def ready(info: SwarmSeeding) -> None:
-        if as_json:
-            sys.stdout.write(json.dumps(info.to_dict()) + "\n")
-            sys.stdout.flush()
-        else:
-            stdout.print(f"serving {directory} ({info.files} files) to swarm peers on {info.listen}",
-                         highlight=False, markup=False)
-            stdout.file.flush()
+        _ready(info.to_dict(), [f"serving {directory} ({info.files} files) to swarm peers on {info.listen}"],
+               as_json)
 
     uploaded = seed_swarm(directory, listen=listen.split(",")[0], peers=peers, peers_from_dns=dns,
                           duration=duration, chunk_size=chunk, on_ready=ready)
     _done(uploaded, as_json)
+
+
+def _ready(event: dict[str, object], lines: list[str], as_json: bool) -> None:
+    """Say that seeding has started (how peers reach it), at once: scripts wait for this line."""
+    if as_json:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+    else:
+        for line in lines:
+            stdout.print(line, highlight=False, markup=False)
+        stdout.file.flush()
 
 
 def _done(uploaded: int, as_json: bool) -> None:

@@ -75,8 +75,9 @@ def holding(slots: threading.Semaphore | None) -> Iterator[None]:
 def fetch_small(reader: RangeReader, f: PlannedFile, staging: Path, root: Path,
                 opts: TransferOptions, progress: Progress,
                 slots: threading.Semaphore | None = None) -> DownloadResult | None:
-    """``f`` in one GET, checked, then written to ``staging`` and fsynced; None when ``reader``
-    cannot read a file whole without a HEAD first (the caller downloads it by ranges)."""
+    """``f`` in one GET, checked, then written to ``staging`` (made durable with the others by
+    :func:`make_durable`); None when ``reader`` cannot read a file whole without a HEAD first
+    (the caller downloads it by ranges)."""
     assert f.size is not None
     attempt = 0
     while True:
