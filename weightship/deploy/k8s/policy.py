@@ -95,57 +95,64 @@ def _containers(spec: Obj) -> Iterator[Obj]:
 
 
 def restricted_violations(obj: Obj) -> list[Violation]:
-    """Every rule of the "restricted" Pod Security Standard that ``obj``'s pods break."""
+    """Every rule of the "restricted" Pod Security Standard that ``obj``'s pods break: the pod's
+    own rules first, then each container's."""
     spec = pod_spec(obj)
     if spec is None:
         return []
-    name, out = object_name(obj), []
+    name = object_name(obj)
+    pod_sc = spec.get("securityContext") or {}
+    out = [Violation(name, rule, detail) for rule, detail in _pod_breaks(spec, pod_sc)]
+    for c in _containers(spec):
+        out += [Violation(name, rule, detail, c.get("name")) for rule, detail in _container_breaks(c, pod_sc)]
+    return out
 
-    def bad(rule: str, detail: str, container: str | None = None) -> None:
-        out.append(Violation(name, rule, detail, container))
 
+def _pod_breaks(spec: Obj, pod_sc: Obj) -> Iterator[tuple[str, str]]:
+    """(rule, detail) for each pod-level rule ``spec`` breaks: host namespaces, volume types,
+    sysctls, running as root."""
     for field in ("hostNetwork", "hostPID", "hostIPC"):
         if spec.get(field):
-            bad("host namespaces", f"{field}=true")
-    pod_sc = spec.get("securityContext") or {}
+            yield "host namespaces", f"{field}=true"
     for volume in spec.get("volumes") or []:
         kinds = set(volume) - {"name"}
         if "hostPath" in kinds:
-            bad("hostPath volumes", f"volume {volume['name']} mounts {volume['hostPath'].get('path')}")
+            yield "hostPath volumes", f"volume {volume['name']} mounts {volume['hostPath'].get('path')}"
         elif not kinds <= RESTRICTED_VOLUMES:
-            bad("volume types", f"volume {volume['name']} is {', '.join(sorted(kinds))}")
+            yield "volume types", f"volume {volume['name']} is {', '.join(sorted(kinds))}"
     for sysctl in pod_sc.get("sysctls") or []:
         if sysctl.get("name") not in SAFE_SYSCTLS:
-            bad("sysctls", f"{sysctl.get('name')} is not a safe sysctl")
-    if (pod_sc.get("runAsUser") == 0):
-        bad("running as non-root user", "pod runAsUser=0")
-    for c in _containers(spec):
-        cname = c.get("name")
-        sc = c.get("securityContext") or {}
-        caps = sc.get("capabilities") or {}
-        if sc.get("privileged"):
-            bad("privileged containers", "privileged=true", cname)
-        if sc.get("allowPrivilegeEscalation") is not False:
-            bad("privilege escalation", "allowPrivilegeEscalation must be false", cname)
-        if "ALL" not in (caps.get("drop") or []):
-            bad("capabilities", "must drop ALL", cname)
-        added = set(caps.get("add") or []) - {"NET_BIND_SERVICE"}
-        if added:
-            bad("capabilities", f"adds {', '.join(sorted(added))}", cname)
-        non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
-        if non_root is not True:
-            bad("running as non-root", "runAsNonRoot must be true", cname)
-        if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
-            bad("running as non-root user", "runAsUser=0", cname)
-        seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
-        if seccomp not in ("RuntimeDefault", "Localhost"):
-            bad("seccomp", f"seccompProfile.type is {seccomp or 'unset'}", cname)
-        for port in c.get("ports") or []:
-            if port.get("hostPort"):
-                bad("host ports", f"hostPort {port['hostPort']}", cname)
-        if sc.get("procMount", "Default") != "Default":
-            bad("/proc mount type", f"procMount={sc['procMount']}", cname)
-    return out
+            yield "sysctls", f"{sysctl.get('name')} is not a safe sysctl"
+    if pod_sc.get("runAsUser") == 0:
+        yield "running as non-root user", "pod runAsUser=0"
+
+
+def _container_breaks(c: Obj, pod_sc: Obj) -> Iterator[tuple[str, str]]:
+    """(rule, detail) for each rule container ``c`` breaks; its own securityContext wins over the
+    pod's ``pod_sc`` where both may say it."""
+    sc = c.get("securityContext") or {}
+    caps = sc.get("capabilities") or {}
+    if sc.get("privileged"):
+        yield "privileged containers", "privileged=true"
+    if sc.get("allowPrivilegeEscalation") is not False:
+        yield "privilege escalation", "allowPrivilegeEscalation must be false"
+    if "ALL" not in (caps.get("drop") or []):
+        yield "capabilities", "must drop ALL"
+    added = set(caps.get("add") or []) - {"NET_BIND_SERVICE"}
+    if added:
+        yield "capabilities", f"adds {', '.join(sorted(added))}"
+    if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
+        yield "running as non-root", "runAsNonRoot must be true"
+    if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+        yield "running as non-root user", "runAsUser=0"
+    seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
+    if seccomp not in ("RuntimeDefault", "Localhost"):
+        yield "seccomp", f"seccompProfile.type is {seccomp or 'unset'}"
+    for port in c.get("ports") or []:
+        if port.get("hostPort"):
+            yield "host ports", f"hostPort {port['hostPort']}"
+    if sc.get("procMount", "Default") != "Default":
+        yield "/proc mount type", f"procMount={sc['procMount']}"
 
 
 # ---- credentials -----------------------------------------------------------------------------
