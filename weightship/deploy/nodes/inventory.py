@@ -137,10 +137,33 @@ _HIDDEN = ("/home", "/root", "/run/user", "/tmp", "/var/tmp")
 
 
 def load(path: Path) -> Inventory:
-    """Read and check the inventory at ``path``."""
-    import jsonschema
+    """Read and check the inventory at ``path``.
 
+    Steps: parse the YAML (no key given twice), check it against the schema, build the hosts and
+    check what the schema cannot (jump hosts exist and do not go round, sudo for non-root users),
+    check the groups' members, then the runtime and the prefix.
+    """
     shown = str(path)
+    root, data = _parse(path, shown)
+    _check_schema(data, root, shown)
+    base = path.resolve().parent
+    hosts = _hosts(data, base)
+    for host in hosts.values():
+        _check_host(host, hosts, root, shown)
+    groups = {g: list(members) for g, members in (data.get("groups") or {}).items()}
+    _check_groups(groups, hosts, root, shown)
+    runtime = _runtime(data.get("runtime") or {"wheelhouse": None}, base, shown)
+    prefix = _prefix(data.get("prefix", DEFAULT_PREFIX), root, shown)
+    fetch = data.get("fetch") or {}
+    return Inventory(path=path, hosts=hosts, groups=groups,
+                     known_hosts=base / data.get("known_hosts", "known_hosts"), runtime=runtime,
+                     prefix=prefix, fetch_env=dict(fetch.get("env", {})),
+                     fetch_args=tuple(fetch.get("args", ())),
+                     fetch_trust_keys=tuple(base / Path(k).expanduser() for k in fetch.get("trust_keys", ())))
+
+
+def _parse(path: Path, shown: str) -> tuple[yaml.Node | None, dict[str, Any]]:
+    """(the YAML node tree, for line numbers; the data), refusing a key given twice."""
     try:
         text = path.read_text()
     except OSError as e:
@@ -155,6 +178,13 @@ def load(path: Path) -> Inventory:
                              line=mark.line + 1 if mark else None) from None
     if not isinstance(data, dict):
         raise InventoryError(shown, "must be a mapping with a `hosts:` section", line=1)
+    return root, data
+
+
+def _check_schema(data: dict[str, Any], root: yaml.Node | None, shown: str) -> None:
+    """The first schema error (by line of the inventory), if any."""
+    import jsonschema
+
     errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(data),
                     key=lambda e: (_line_of(root, list(e.absolute_path)) or 0))
     if errors:
@@ -162,7 +192,9 @@ def load(path: Path) -> Inventory:
         where = "/".join(map(str, first.absolute_path)) or "top level"
         raise InventoryError(shown, f"{where}: {first.message}", line=_line_of(root, list(first.absolute_path)))
 
-    base = path.resolve().parent
+
+def _hosts(data: dict[str, Any], base: Path) -> dict[str, Host]:
+    """The hosts, each with the inventory's ``defaults:`` under its own settings."""
     defaults = data.get("defaults", {})
     hosts: dict[str, Host] = {}
     for name, spec in data["hosts"].items():
@@ -175,41 +207,51 @@ def load(path: Path) -> Inventory:
             sudo=merged.get("sudo", False), jump=merged.get("jump"),
             host_keys=tuple(merged.get("host_keys", ())), gpus=merged.get("gpus", 0),
             labels=dict(merged.get("labels", {})))
-    for host in hosts.values():
-        if host.jump is not None and (host.jump not in hosts or host.jump == host.name):
-            raise InventoryError(shown, f"hosts/{host.name}/jump: no other host {host.jump!r}",
-                                 line=_line_of(root, ["hosts", host.name, "jump"]))
-        chain = [host.name]
-        while hosts[chain[-1]].jump is not None:
-            chain.append(hosts[chain[-1]].jump or "")
-            if chain[-1] in chain[:-1]:
-                raise InventoryError(shown, f"hosts/{host.name}/jump: the jump hosts go round in a circle "
-                                     f"({' -> '.join(chain)})", line=_line_of(root, ["hosts", host.name, "jump"]))
-        if host.user != "root" and not host.sudo:
-            raise InventoryError(shown, f"hosts/{host.name}: user {host.user!r} needs `sudo: true` "
-                                 "(node steps write /etc/systemd/system)",
-                                 line=_line_of(root, ["hosts", host.name]))
-    groups = {g: list(members) for g, members in (data.get("groups") or {}).items()}
+    return hosts
+
+
+def _check_host(host: Host, hosts: dict[str, Host], root: yaml.Node | None, shown: str) -> None:
+    """A host's jump host is another host of the inventory, its chain of jumps ends, and a
+    non-root user has sudo."""
+    if host.jump is not None and (host.jump not in hosts or host.jump == host.name):
+        raise InventoryError(shown, f"hosts/{host.name}/jump: no other host {host.jump!r}",
+                             line=_line_of(root, ["hosts", host.name, "jump"]))
+    chain = [host.name]
+    while hosts[chain[-1]].jump is not None:
+        chain.append(hosts[chain[-1]].jump or "")
+        if chain[-1] in chain[:-1]:
+            raise InventoryError(shown, f"hosts/{host.name}/jump: the jump hosts go round in a circle "
+                                 f"({' -> '.join(chain)})", line=_line_of(root, ["hosts", host.name, "jump"]))
+    if host.user != "root" and not host.sudo:
+        raise InventoryError(shown, f"hosts/{host.name}: user {host.user!r} needs `sudo: true` "
+                             "(node steps write /etc/systemd/system)",
+                             line=_line_of(root, ["hosts", host.name]))
+
+
+def _check_groups(groups: dict[str, list[str]], hosts: dict[str, Host], root: yaml.Node | None,
+                  shown: str) -> None:
+    """Every member of a group is a host of the inventory."""
     for g, members in groups.items():
         for i, member in enumerate(members):
             if member not in hosts:
                 raise InventoryError(shown, f"groups/{g}: no host {member!r}", line=_line_of(root, ["groups", g, i]))
 
-    rt = data.get("runtime") or {"wheelhouse": None}
+
+def _runtime(rt: dict[str, Any], base: Path, shown: str) -> Runtime:
+    """The ``runtime:`` section, which must name a venv, a wheelhouse or an index."""
     runtime = Runtime(venv=rt.get("venv"), index=rt.get("index"), version=rt.get("version"),
                       wheelhouse=(base / Path(rt["wheelhouse"]).expanduser()) if rt.get("wheelhouse") else None,
                       python=rt.get("python", "/usr/bin/python3"))
     if runtime.venv is None and runtime.index is None and runtime.wheelhouse is None:
         raise InventoryError(shown, "runtime: say how weightship gets onto the nodes "
                              "({venv: PATH}, {wheelhouse: DIR} or {index: URL})", line=1)
-    prefix = data.get("prefix", DEFAULT_PREFIX)
+    return runtime
+
+
+def _prefix(prefix: str, root: yaml.Node | None, shown: str) -> str:
+    """``prefix``, if the service's sandbox (ProtectHome=, PrivateTmp=) would let it see it."""
     if ".." in prefix.split("/") or any(prefix == d or prefix.startswith(d + "/") for d in _HIDDEN):
         raise InventoryError(shown, f"prefix {prefix!r}: must be an absolute path without '..', outside "
                              f"{', '.join(_HIDDEN)} (which the service's sandbox hides)",
                              line=_line_of(root, ["prefix"]))
-    fetch = data.get("fetch") or {}
-    return Inventory(path=path, hosts=hosts, groups=groups,
-                     known_hosts=base / data.get("known_hosts", "known_hosts"), runtime=runtime,
-                     prefix=prefix, fetch_env=dict(fetch.get("env", {})),
-                     fetch_args=tuple(fetch.get("args", ())),
-                     fetch_trust_keys=tuple(base / Path(k).expanduser() for k in fetch.get("trust_keys", ())))
+    return prefix
