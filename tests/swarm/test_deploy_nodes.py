@@ -15,7 +15,8 @@ import yaml
 from weightship.deploy.nodes import steps
 from weightship.deploy.nodes.inventory import load
 from weightship.deploy.nodes.layout import Paths
-from weightship.deploy.nodes.steps import SWARM_PORT, HostRun, RuntimePlan, Want, join_swarm
+from weightship.deploy.nodes.steps import SWARM_PORT, HostRun, join_swarm
+from weightship.deploy.nodes.want import RuntimePlan, Want
 
 
 def _inventory(tmp_path: Path) -> Any:

@@ -252,7 +252,7 @@ def nodes(
     from weightship.deploy.nodes import rollout
     from weightship.deploy.nodes.layout import check_name, check_serve_args, slug
     from weightship.deploy.nodes.rollout import parse_max_unavailable
-    from weightship.deploy.nodes.steps import Want, check_api_keys
+    from weightship.deploy.nodes.want import Want, check_api_keys
     from weightship.errors import RolloutFailedError, UsageError
 
     inv, selected = select(inventory, group, hosts)

@@ -31,7 +31,8 @@ from weightship.deploy.nodes.inventory import Host, Inventory, load
 from weightship.deploy.nodes.layout import Paths
 from weightship.deploy.nodes.lock import HostLock
 from weightship.deploy.nodes.ssh import Node, on_hosts
-from weightship.deploy.nodes.steps import HostRun, Want, agent, plan_runtime
+from weightship.deploy.nodes.steps import HostRun, agent
+from weightship.deploy.nodes.want import Want, plan_runtime
 from weightship.errors import (
     InstanceError,
     InstanceExistsError,

@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 
+from weightship.deploy.nodes import preflight
 from weightship.deploy.nodes.inventory import Host, Inventory, Runtime
 from weightship.deploy.nodes.layout import Paths
 from weightship.deploy.nodes.ssh import Completed
-from weightship.deploy.nodes.steps import HostRun, RuntimePlan, Want
+from weightship.deploy.nodes.steps import HostRun
+from weightship.deploy.nodes.want import RuntimePlan, Want
 
 KEYS = "sk-one\n"
 
@@ -62,15 +64,15 @@ FACTS: dict[str, Any] = {"systemd": True, "systemd_version": 252, "prefix_owners
 ])
 def test_preflight_names_what_stops_the_host(change: dict[str, Any], problem: str) -> None:
     run = host_run()
-    assert run.preflight_problems(FACTS) == []
-    problems = run.preflight_problems({**FACTS, **change})
+    assert preflight.problems(run, FACTS) == []
+    problems = preflight.problems(run, {**FACTS, **change})
     assert len(problems) == 1 and problem in problems[0], problems
 
 
 def test_the_port_of_the_running_release_is_not_busy_for_its_own_redeploy() -> None:
     run = host_run()
     run.state = {"release": {"port": 8000}}
-    assert run.preflight_problems({**FACTS, "port_busy": True, "unit_active": True}) == []
+    assert preflight.problems(run, {**FACTS, "port_busy": True, "unit_active": True}) == []
 
 
 def test_going_back_means_what_the_host_was_serving() -> None:

@@ -27,7 +27,8 @@ from weightship.deploy.nodes.rollout import (
     why,
 )
 from weightship.deploy.nodes.ssh import Node, on_hosts
-from weightship.deploy.nodes.steps import HostRun, Want, agent
+from weightship.deploy.nodes.steps import HostRun, agent
+from weightship.deploy.nodes.want import Want
 from weightship.errors import NodeUnreachableError, UsageError
 
 _MODEL_KEY = re.compile(r"^[a-z0-9][a-z0-9-]*$")

@@ -33,11 +33,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from weightship.deploy.nodes import preflight
 from weightship.deploy.nodes.inventory import Host, Inventory
 from weightship.deploy.nodes.layout import Paths, Release
 from weightship.deploy.nodes.lock import HostLock
 from weightship.deploy.nodes.ssh import Connections, connections
-from weightship.deploy.nodes.steps import HostRun, RuntimePlan, Want, join_swarm, plan_runtime
+from weightship.deploy.nodes.steps import HostRun, join_swarm
+from weightship.deploy.nodes.want import RuntimePlan, Want, plan_runtime
 from weightship.errors import (
     DeployError,
     HostKeyError,
@@ -170,7 +172,7 @@ class Rollout:
         problems: list[str] = []
 
         async def check(run: HostRun) -> None:
-            for problem in run.preflight_problems(await run.facts()):
+            for problem in preflight.problems(run, await run.facts()):
                 problems.append(f"{run.host.name}: {problem}")
 
         await asyncio.gather(*(self._guard(run.host.name, check(run)) for run in self.pending()))

@@ -12,95 +12,23 @@ import json
 import logging
 import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from weightship.deploy.nodes.inventory import Host, Inventory
-from weightship.deploy.nodes.layout import STOP_TIMEOUT_S, Paths, Release, model_key, render_unit
+from weightship.deploy.nodes.layout import STOP_TIMEOUT_S, Paths, Release, render_unit
 from weightship.deploy.nodes.ssh import Node
+from weightship.deploy.nodes.want import RuntimePlan, Want
 from weightship.errors import NodeCommandError, UsageError
 
 log = logging.getLogger(__name__)
 
 GATE_PROMPT = "Name three colours."
 GATE_TOKENS = 12
-MIN_PYTHON = (3, 10)
-MIN_SYSTEMD = 247  # LoadCredential= and $CREDENTIALS_DIRECTORY
-HEADROOM = 2 << 30  # free disk kept beyond the model: logs, caches, the next release
 KEEP_RELEASES = 2  # releases kept per deployment (current and the one rollback returns to)
 SWARM_PORT = 6881  # TCP port the hosts of a rollout serve each other the model's chunks on
 # How long a host that has the model serves the others, at most: it stops as soon as every other
 # host has verified it (or has been unreachable for a minute); this covers the prepare phase.
 SWARM_SEED_FOR = "15m"
-
-
-@dataclass(frozen=True)
-class Want:
-    """What the operator asked for, the same on every host."""
-
-    name: str
-    model: str
-    layout: str | None = None
-    revision: str | None = None
-    port: int = 8000
-    gpus: int | None = None  # per host; None: the inventory's `gpus:`
-    serve_args: tuple[str, ...] = ()
-    api_keys: str = field(default="", repr=False)  # the key file's text; reaches nodes only on stdin
-    key_mode: str = "credential"  # "instance": keys in Paths.keys_file (see layout.render_unit)
-    model_bytes: int | None = None  # from the catalog, for the disk check
-    gate_timeout: float = 900.0
-    step_timeout: float = 1800.0
-
-    @property
-    def model_key(self) -> str:
-        return model_key(self.model, self.layout, self.revision)
-
-    def gpu_indices(self, host: Host) -> tuple[int, ...]:
-        return tuple(range(host.gpus if self.gpus is None else self.gpus))
-
-
-@dataclass(frozen=True)
-class RuntimePlan:
-    """The runtime every host gets, as far as this machine knows it before touching a node."""
-
-    kind: str  # venv | wheelhouse | index
-    key: str | None  # runtimes/KEY, or None for an existing venv
-    version: str | None  # weightship's version in it, when known here
-    wheels: tuple[tuple[Path, int, str], ...] = ()  # (file, size, sha256) to copy
-
-    def directory(self, inventory: Inventory) -> str:
-        if self.kind == "venv":
-            assert inventory.runtime.venv is not None
-            return inventory.runtime.venv
-        return f"{inventory.prefix}/runtimes/{self.key}"
-
-
-def plan_runtime(inventory: Inventory) -> RuntimePlan:
-    """Read the wheelhouse (hashing every wheel) or note the venv/index the inventory names."""
-    rt = inventory.runtime
-    if rt.venv is not None:
-        return RuntimePlan("venv", None, None)
-    if rt.index is not None:
-        key = hashlib.sha256(f"{rt.index} {rt.version} {rt.python}".encode()).hexdigest()[:12]
-        return RuntimePlan("index", key, rt.version)
-    assert rt.wheelhouse is not None
-    wheels = sorted(rt.wheelhouse.glob("*.whl"))
-    ours = [w for w in wheels if w.name.startswith("weightship-")]
-    if len(ours) != 1:
-        raise UsageError(f"the wheelhouse {rt.wheelhouse} must hold exactly one weightship wheel, "
-                         f"found {len(ours)}",
-                         hint="make it with: pip wheel --wheel-dir DIR 'weightship[serve]' (see README)")
-    entries = []
-    for wheel in wheels:
-        digest = hashlib.sha256()
-        with wheel.open("rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-        entries.append((wheel, wheel.stat().st_size, digest.hexdigest()))
-    key = hashlib.sha256("".join(f"{w.name} {s} {d}\n" for w, s, d in entries).encode()
-                         + rt.python.encode()).hexdigest()[:12]
-    return RuntimePlan("wheelhouse", key, ours[0].name.split("-")[1], tuple(entries))
-
 
 _AGENT = (importlib.resources.files("weightship.deploy.nodes") / "agent.py").read_text()
 
@@ -162,49 +90,6 @@ class HostRun:
         return await agent(self.node, "facts", {"prefix": self.paths.prefix, "port": self.want.port,
                                                 "unit": self.paths.unit},
                            python=self.python, step="preflight", timeout=60)
-
-    def preflight_problems(self, facts: dict[str, Any]) -> list[str]:
-        """What stops this host from taking the release, read from :meth:`facts`."""
-        problems = []
-        if not facts["systemd"]:
-            problems.append("systemd is not running (no /run/systemd/system)")
-        elif facts["systemd_version"] < MIN_SYSTEMD:
-            problems.append(f"systemd {facts['systemd_version']} is too old: the unit needs {MIN_SYSTEMD}+ "
-                            "(LoadCredential=)")
-        for unsafe in facts["prefix_owners"]:
-            problems.append(f"{unsafe} can be changed by users other than root: it must be owned by root "
-                            "and not group- or world-writable (root writes keys below it)")
-        if self.runtime.kind != "venv" and tuple(facts["python"][:2]) < MIN_PYTHON:
-            problems.append(f"{self.python} is Python {'.'.join(map(str, facts['python']))}; "
-                            f"the runtime needs {'.'.join(map(str, MIN_PYTHON))}+")
-        if self.want.model_key not in self.state.get("models", []):
-            need = (self.want.model_bytes or 0) + HEADROOM
-            if facts["free_bytes"] < need:
-                problems.append(f"{facts['free_bytes']:,} bytes free at {facts['free_at']}, need {need:,} "
-                                f"(the model and {HEADROOM >> 30} GiB headroom)")
-        if not facts["prefix_traversable"]:
-            problems.append(f"a parent of {self.paths.prefix} is not searchable by other users: "
-                            f"the service user {self.paths.user} could not read the model")
-        current_port = (self.state.get("release") or {}).get("port")
-        ours = facts["unit_active"] and current_port == self.want.port
-        if facts["port_busy"] and not ours:
-            problems.append(f"port {self.want.port} is in use by another program")
-        gpus = self.want.gpu_indices(self.host)
-        if gpus:
-            if facts["gpus"] is None:
-                problems.append(f"{len(gpus)} GPU(s) asked for, but nvidia-smi is not installed")
-            elif len(facts["gpus"]) < len(gpus):
-                problems.append(f"{len(gpus)} GPU(s) asked for, {len(facts['gpus'])} present")
-            else:
-                per_gpu = (self.want.model_bytes or 0) / len(gpus) / (1 << 20)
-                for g in facts["gpus"][:len(gpus)]:
-                    if g["total_mib"] - g["used_mib"] < per_gpu * 1.2:
-                        problems.append(f"GPU {g['index']}: {g['total_mib'] - g['used_mib']} MiB free, "
-                                        f"the model needs about {per_gpu * 1.2:.0f} MiB")
-        for tool in ("flock", "useradd"):
-            if not facts[tool]:
-                problems.append(f"{tool} is not installed")
-        return problems
 
     # ---- preparing (the old release keeps serving) ------------------------------------------------
 
@@ -476,10 +361,3 @@ def join_swarm(runs: list[HostRun]) -> None:
 
 def _endpoint(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
-def check_api_keys(text: str, source: str) -> str:
-    """The key file's text, if it holds at least one key."""
-    if not any(line.strip() and not line.strip().startswith("#") for line in text.splitlines()):
-        raise UsageError(f"{source} holds no API keys")
-    return text
