@@ -4,6 +4,13 @@ Each error subclasses :class:`WeightshipError` and a built-in that says what kin
 is, carries the context a person needs (a path, a URI, a digest), an optional ``hint`` they can
 act on, an ``exit_code`` (DESIGN.md: 1 error, 2 usage, 3 integrity), and ``retryable``: whether
 trying the same thing again can help.
+
+Why one module past the ~400 lines STYLE.md asks of a module: it is a table, not logic. Each
+class is a docstring, its built-in base, its context attributes and a message; the sections
+below (usage, integrity, fetching, runtime, deploy, ...) are read together when an exit code,
+a hint or ``retryable`` is reviewed, and one area's errors subclass another's (a peer's failure
+is a ``TransientFetchError``, an inventory error a ``UsageError``). STYLE.md's anchor,
+huggingface_hub's ``errors.py``, keeps every exception in one sectioned module for the same reasons.
 """
 
 from __future__ import annotations
