@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,8 @@ class Run:
     origin_bytes: int  # what the origin's link carried
     reported_origin: int  # what the nodes' --json said they took from the origin
     failures: list[str]
+    cpu: list[float]  # CPU seconds (user + system) each node's process used, start to exit
+    sys_cpu: list[float]  # the system part of it
 
 
 def make_model(directory: Path, size: int) -> int:
@@ -119,7 +122,8 @@ def wait_listening(host: Host, port: int, timeout: float = 30) -> None:
 
 
 def run_nodes(fleet: Fleet, work: Path, env: dict[str, str], ref: list[str], *, swarm: bool,
-              chunk_mib: int | None, extra: list[str], seed_torrent: float = 60) -> Run:
+              chunk_mib: int | None, extra: list[str], seed_torrent: float = 60,
+              profile: Path | None = None, profiler: str = "py-spy") -> Run:
     assert fleet.origin is not None
     for i in range(len(fleet.nodes)):
         shutil.rmtree(work / f"node{i}", ignore_errors=True)
@@ -127,7 +131,19 @@ def run_nodes(fleet: Fleet, work: Path, env: dict[str, str], ref: list[str], *, 
     procs = []
     start = time.monotonic()
     for i, node in enumerate(fleet.nodes):
-        args = [sys.executable, "-m", "weightship", "--json", "fetch", *ref, "--to", work / f"node{i}",
+        # `ip netns exec` execs the command: the pid waited for below is the fetch's (or py-spy's)
+        spy: list[str | Path] = []
+        main: list[str | Path] = ["-m", "weightship"]
+        if profile is not None and (i == 0 or profiler == "threads"):
+            name = profile / f"{'swarm' if swarm else 'naive'}-n{len(fleet.nodes)}-node{i + 1}"
+            if profiler == "threads":
+                main = [ROOT / "bench" / "threadcpu.py", name.with_suffix(".json")]
+            elif profiler == "perf":
+                spy = ["perf", "record", "-F", "499", "-g", "-o", name.with_suffix(".perf.data"), "--"]
+            else:
+                spy = [Path(sys.executable).parent / "py-spy", "record", "--format", "raw", "--rate", "100",
+                       "--output", name.with_suffix(".txt"), "--"]
+        args = [*spy, sys.executable, *main, "--json", "fetch", *ref, "--to", work / f"node{i}",
                 *(["--chunk-mib", str(chunk_mib)] if chunk_mib else []), *extra]
         if swarm:
             # --seed-for only with peers: a fetch that knows no peer serves the whole time; a
@@ -157,18 +173,28 @@ def run_nodes(fleet: Fleet, work: Path, env: dict[str, str], ref: list[str], *, 
             if i not in verified and ((work / f"node{i}/.weightship/manifest.json").exists() or p.poll() is not None):
                 verified[i] = time.monotonic() - start
         time.sleep(0.02)
-    reported, failures = 0, []
+    reported, failures, cpu, sys_cpu = 0, [], [], []
     for i, p in enumerate(procs):
         assert p.stdout is not None
         out = p.stdout.read()
-        p.wait(600)
+        _, status, usage = os.wait4(p.pid, 0)  # Popen.wait() drops the child's resource usage
+        p.returncode = os.waitstatus_to_exitcode(status)
+        cpu.append(usage.ru_utime + usage.ru_stime)
+        sys_cpu.append(usage.ru_stime)
         readers[i].join()
         if p.returncode != 0:
             failures.append(f"node{i + 1}: exit {p.returncode}: {''.join(errors.get(i, []))[-500:]}")
             continue
-        reported += json.loads(out)["origin_bytes"]
+        reported += _summary(out)["origin_bytes"]
     last = max(verified.values())
-    return Run(last, last - max(began.values(), default=0.0), fleet.origin.sent() - before, reported, failures)
+    return Run(last, last - max(began.values(), default=0.0), fleet.origin.sent() - before, reported, failures,
+               cpu, sys_cpu)
+
+
+def _summary(out: str) -> dict[str, Any]:
+    """The fetch's --json summary in its stdout (py-spy, when profiling, writes lines of its own)."""
+    start = out.find("\n{") + 1 if not out.startswith("{") else 0
+    return dict(json.JSONDecoder().raw_decode(out, start)[0])
 
 
 def _stop_cleanly(signum: int, _frame: object) -> None:
@@ -193,11 +219,22 @@ def main() -> None:
     parser.add_argument("--no-naive", action="store_true", help="skip the naive runs")
     parser.add_argument("--extra", default="", help="more fetch arguments, space-separated")
     parser.add_argument("--workdir", default="/var/tmp", help="where the model and the nodes' copies go")
+    parser.add_argument("--runs", type=int, default=1, help="runs per N (swarm and naive interleaved); the "
+                        "table shows the run of median time, and the median CPU per node")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="profile into this folder: the first node's fetch (its CPU then includes the "
+                        "profiler's), or with --profiler threads every node's")
+    parser.add_argument("--profiler", choices=("py-spy", "perf", "threads"), default="threads",
+                        help="py-spy: Python stacks of the threads on a CPU (100 Hz); perf: native and kernel "
+                        "stacks (499 Hz); threads: each thread's CPU, by name (bench/threadcpu.py)")
     a = parser.parse_args()
     why = have_fleet()
     if why:
         raise SystemExit(f"bench/fleet.py {why}")
+    if a.profile is not None:
+        a.profile.mkdir(parents=True, exist_ok=True)
     counts = [int(n) for n in a.nodes.split(",")]
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="wsfleet-", dir=a.workdir) as tmp:
         store, work = Path(tmp) / "store", Path(tmp) / "work"
         model_dir = {"hub": store / "hub" / REPO, "s3": store / "s3" / "models" / "fleet-model",
@@ -207,16 +244,32 @@ def main() -> None:
         limit = size * 8 / (a.rate_mbit * 1e6)
         rows = []
         for n in counts:
+            swarms: list[Run] = []
+            naives: list[Run] = []
             with Fleet(n, a.rate_mbit) as fleet:
                 assert fleet.origin is not None
                 proc, env, ref = start_origin(fleet.origin, a.origin, store, Path(tmp) / f"origin-{n}.log")
                 try:
                     wait_listening(fleet.origin, ORIGIN_PORT)
                     extra = a.extra.split()
-                    swarm = run_nodes(fleet, work, env, ref, swarm=True, chunk_mib=a.chunk_mib, extra=extra,
-                                      seed_torrent=max(30.0, 4 * limit))
-                    naive = None if a.no_naive else run_nodes(fleet, work, env, ref, swarm=False,
-                                                               chunk_mib=a.chunk_mib, extra=extra)
+                    for _ in range(a.runs):
+                        swarm = run_nodes(fleet, work, env, ref, swarm=True, chunk_mib=a.chunk_mib, extra=extra,
+                                          seed_torrent=max(30.0, 4 * limit), profile=a.profile,
+                                          profiler=a.profiler)
+                        swarms.append(swarm)
+                        naive = None if a.no_naive else run_nodes(fleet, work, env, ref, swarm=False,
+                                                                   chunk_mib=a.chunk_mib, extra=extra)
+                        if naive is not None:
+                            naives.append(naive)
+                        for r in (swarm, naive):
+                            for failure in (r.failures if r else []):
+                                print(f"  N={n}: {failure}", file=sys.stderr)
+                        print(f"  N={n}: swarm {swarm.seconds:.1f} s, origin {swarm.origin_bytes / size:.2f}x, "
+                              f"CPU {statistics.mean(swarm.cpu):.1f} s/node ({statistics.mean(swarm.sys_cpu):.1f} "
+                              "system)"
+                              + (f"; naive {naive.seconds:.1f} s, origin {naive.origin_bytes / size:.2f}x, "
+                                 f"CPU {statistics.mean(naive.cpu):.1f} s/node" if naive else ""),
+                              file=sys.stderr, flush=True)
                 finally:
                     proc.terminate()
                     try:
@@ -224,25 +277,23 @@ def main() -> None:
                     except subprocess.TimeoutExpired:  # a server still draining keep-alive connections
                         proc.kill()
                         proc.wait(10)
-            rows.append((n, swarm, naive))
-            for r in (swarm, naive):
-                for failure in (r.failures if r else []):
-                    print(f"  N={n}: {failure}", file=sys.stderr)
-            print(f"  N={n}: swarm {swarm.seconds:.1f} s, origin {swarm.origin_bytes / size:.2f}x"
-                  + (f"; naive {naive.seconds:.1f} s, origin {naive.origin_bytes / size:.2f}x" if naive else ""),
-                  file=sys.stderr, flush=True)
+            rows.append((n, _median(swarms), _median(naives) if naives else None))
+    per = (512 << 20) / size  # CPU is shown per 512 MiB of model
     print(f"\nfleet fetch of a {size / 2**20:.0f} MiB model (2 files) from {a.origin} over {a.rate_mbit:.0f} Mbit/s "
-          f"links, {os.cpu_count()} cores; limit = size / link rate = {limit:.1f} s")
+          f"links, {os.cpu_count()} cores; limit = size / link rate = {limit:.1f} s; load average "
+          f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; median of {a.runs} run(s)")
     print("time: launch to the last verified model (in brackets: from the last node's start of fetching, "
-          "i.e. without the start-up of N processes on this machine's cores)")
-    print(f"{'N':>3} {'swarm s':>13} {'origin ×':>9} {'reported ×':>10} {'naive s':>13} {'origin ×':>9} "
-          f"{'limit s':>7} {'swarm/N=1':>9}")
+          "i.e. without the start-up of N processes on this machine's cores); CPU: user + system seconds "
+          "per node process, start to exit, per 512 MiB of model (sys: the kernel's part)")
+    print(f"{'N':>3} {'swarm s':>13} {'origin ×':>9} {'reported ×':>10} {'CPU s':>6} {'sys':>5} {'naive s':>13} "
+          f"{'origin ×':>9} {'CPU s':>6} {'limit s':>7} {'swarm/N=1':>9}")
     alone = rows[0][1] if rows and rows[0][0] == 1 else None
     for n, swarm, naive in rows:
         print(f"{n:>3} {swarm.seconds:>6.1f} ({swarm.transfer:>4.1f}) {swarm.origin_bytes / size:>9.2f} "
-              f"{swarm.reported_origin / size:>10.2f} "
-              + (f"{naive.seconds:>6.1f} ({naive.transfer:>4.1f}) {naive.origin_bytes / size:>9.2f} " if naive
-                 else f"{'-':>13} {'-':>9} ")
+              f"{swarm.reported_origin / size:>10.2f} {swarm.cpu[0] * per:>6.2f} {swarm.sys_cpu[0] * per:>5.2f} "
+              + (f"{naive.seconds:>6.1f} ({naive.transfer:>4.1f}) {naive.origin_bytes / size:>9.2f} "
+                 f"{naive.cpu[0] * per:>6.2f} " if naive
+                 else f"{'-':>13} {'-':>9} {'-':>6} ")
               + f"{limit:>7.1f} " + (f"{swarm.seconds / alone.seconds:>9.2f}" if alone else f"{'-':>9}"))
     last = rows[-1]
     if last[0] >= 8 and alone:
@@ -250,6 +301,15 @@ def main() -> None:
               f"{last[1].seconds / alone.seconds:.2f}x one node alone, {last[1].transfer / alone.transfer:.2f}x "
               "from the start of fetching (≤ 1.5x)")
 
+
+def _median(runs: list[Run]) -> Run:
+    """The run of median time (the lower middle one of an even count), with the median CPU per node
+    of all the runs."""
+    ranked = sorted(runs, key=lambda r: r.seconds)
+    mid = ranked[(len(ranked) - 1) // 2]
+    cpu = statistics.median(statistics.mean(r.cpu) for r in runs)
+    sys_cpu = statistics.median(statistics.mean(r.sys_cpu) for r in runs)
+    return Run(mid.seconds, mid.transfer, mid.origin_bytes, mid.reported_origin, mid.failures, [cpu], [sys_cpu])
 
 if __name__ == "__main__":
     main()
