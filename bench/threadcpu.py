@@ -58,6 +58,7 @@ def main() -> None:
     sampler = threading.Thread(target=loop, name="threadcpu", daemon=True)
     sampler.start()
     sys.argv = ["weightship", *args]
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # this checkout's weightship, as `-m` would
     try:
         runpy.run_module("weightship", run_name="__main__", alter_sys=True)
     finally:
