@@ -7,20 +7,33 @@ sha256 comes from a manifest (``--manifest FILE``, the card, or ``PREFIX/.weight
 as written by ``weightship push``, signed with ``push --key``; see :mod:`weightship.fetch.ranged`
 for which of them is an anchor, and when), and weightship's own sha256 is enforced whatever
 checksum mode the server offers. The manifest and its signature are read whole, at most 64 MiB,
-retried like any other request. Objects are read through the shared downloader by ranged GETs on
-presigned SigV4 URLs, pinned to the ETag seen at the start (``If-Match``): the same HTTP reader,
-and the same checks of every reply, as the Hub and HTTPS sources. botocore signs each request
-(the credentials never leave it) and answers HeadObject with its own error codes; the bytes
-skip its response machinery, which costs more CPU per byte than urllib3 reading into the
-downloader's buffers.
+retried like any other request. Objects are read through the shared downloader (one GET for a
+small object, ranged GETs pinned to the ETag seen at the start, ``If-Match``, for a large one):
+the engine's own urllib3 pool, and the same checks of every reply, as the Hub and HTTPS sources.
+
+Lean requests (issue 22): a fetch of 2,000 small objects spent about half of its Python time in
+botocore's ``generate_presigned_url`` (154 µs a call here: endpoint rules, serializers, events,
+the SigV4 key derived anew) and in urllib3 parsing the 300-byte presigned URLs. So botocore is
+asked once per fetch: one presigned URL tells where its configuration sends a GET (endpoint,
+addressing style, region; ``AWS_ENDPOINT_URL``, profiles, the credential chain all as boto3 reads
+them) and what it signs with (SigV4, its scope); each object's GET is then signed in headers as
+botocore's ``S3SigV4Auth`` signs ``get_object`` (the same canonical request, a test compares the
+two), with the signing key derived once a day and the credentials taken from the client each
+time (refreshed as botocore refreshes them), about 6 µs a request. An S3 GET is never
+redirected to another host with those headers: a redirect is an error naming the region. Where
+botocore would sign otherwise (SigV4a, S3 Express), every request is presigned by botocore as before.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
+import hashlib
+import hmac
 import os
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from weightship.errors import (
     AccessDeniedError,
@@ -40,6 +53,10 @@ from weightship.paths import resolve_under
 from weightship.progress import NullProgress, Progress
 
 _PRESIGN_SECONDS = 3600  # each request is signed when it is sent; this only bounds a replay
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()  # a GET's payload hash, as botocore signs it
+_SIGNED = frozenset({"host", "x-amz-date", "x-amz-content-sha256", "x-amz-security-token", "authorization"})
+_PRESIGN_QUERY = frozenset({"X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires",
+                            "X-Amz-SignedHeaders", "X-Amz-Security-Token", "X-Amz-Signature"})
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -130,17 +147,112 @@ def make_s3_pool(opts: TransferOptions) -> HttpPool:
     return HttpPool(opts, ca_certs=os.environ.get("AWS_CA_BUNDLE"))
 
 
-class S3Remote(HttpRemote):
-    """One S3 object: size and ETag from HeadObject, bytes by presigned ranged GETs."""
+class ObjectSigner:
+    """Signs GETs of one bucket's objects in headers, as botocore's ``S3SigV4Auth`` signs
+    ``get_object`` (SigV4, the payload hash of an empty body, no path normalization), with what
+    botocore resolved for this client: the URL of an object, the region and service of the scope,
+    and the client's credentials (frozen anew for each request, so refreshed ones are used)."""
 
-    def __init__(self, client: Any, pool: HttpPool, bucket: str, key: str) -> None:
-        super().__init__(pool, "", where=f"s3://{bucket}/{key}", if_match=True)
-        self.client, self.bucket, self.key = client, bucket, key
+    def __init__(self, credentials: Any, base: str, region: str, service: str) -> None:
+        self.credentials, self.base, self.region, self.service = credentials, base, region, service
+        parts = urlsplit(base)
+        default = {"http": 80, "https": 443}.get(parts.scheme)
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host  # an IPv6 literal, as botocore and urllib3 write it
+        self.host = host if parts.port in (None, default) else f"{host}:{parts.port}"
+        self._path = parts.path
+        self._keys: dict[tuple[str, str], bytes] = {}
+
+    @classmethod
+    def for_bucket(cls, client: Any, bucket: str) -> ObjectSigner | None:
+        """The signer for ``bucket``, from one URL presigned by botocore; None where botocore would
+        sign in some other way (then each request is presigned by botocore)."""
+        probe = "weightship-probe/k"
+        try:
+            url = client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": probe},
+                                                ExpiresIn=_PRESIGN_SECONDS)
+        except Exception as e:
+            raise s3_error(e, f"s3://{bucket}") from None
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        scope = query.get("X-Amz-Credential", "").split("/")
+        credentials = getattr(getattr(client, "_request_signer", None), "_credentials", None)
+        if (credentials is None or not set(query) <= _PRESIGN_QUERY or parts.fragment
+                or query.get("X-Amz-Algorithm") != "AWS4-HMAC-SHA256" or query.get("X-Amz-SignedHeaders") != "host"
+                or len(scope) != 5 or scope[4] != "aws4_request" or not parts.path.endswith("/" + probe)):
+            return None
+        base = f"{parts.scheme}://{parts.netloc}{parts.path[:-len(probe)]}"
+        return cls(credentials, base, region=unquote(scope[2]), service=unquote(scope[3]))
+
+    def url(self, key: str) -> str:
+        """The URL of object ``key`` (quoted as botocore quotes it)."""
+        return self.base + quote(key, safe="/~")
+
+    def headers(self, url: str, now: datetime.datetime | None = None) -> dict[str, str]:
+        """The headers that sign a GET of ``url`` (made by :meth:`url`) at ``now``."""
+        frozen = self.credentials.get_frozen_credentials()
+        if not frozen or not frozen.access_key or frozen.secret_key is None:
+            from botocore.exceptions import NoCredentialsError
+
+            raise NoCredentialsError()
+        stamp = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+        day = stamp[:8]
+        key = self._keys.get((frozen.secret_key, day))
+        if key is None:  # derived once a day (and again when the credentials change)
+            key = f"AWS4{frozen.secret_key}".encode()
+            for part in (day, self.region, self.service, "aws4_request"):
+                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+            self._keys = {(frozen.secret_key, day): key}
+        signed = {"host": self.host, "x-amz-content-sha256": _EMPTY_SHA256, "x-amz-date": stamp}
+        if frozen.token:
+            signed["x-amz-security-token"] = frozen.token
+        names = ";".join(signed)  # already in order
+        canonical = "\n".join(["GET", urlsplit(url).path, "",
+                               "".join(f"{k}:{v}\n" for k, v in signed.items()), names, _EMPTY_SHA256])
+        scope = f"{day}/{self.region}/{self.service}/aws4_request"
+        to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+        signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+        return {**signed, "authorization": f"AWS4-HMAC-SHA256 Credential={frozen.access_key}/{scope}, "
+                                           f"SignedHeaders={names}, Signature={signature}"}
+
+
+class S3Remote(HttpRemote):
+    """One S3 object: size and ETag from HeadObject (a large object only; a small one's size is
+    the manifest's), bytes by GETs signed by ``signer`` (else presigned by botocore, each)."""
+
+    def __init__(self, client: Any, pool: HttpPool, bucket: str, key: str,
+                 signer: ObjectSigner | None = None) -> None:
+        self.client, self.bucket, self.key, self.signer = client, bucket, key, signer
+        self._extra: dict[str, str] = {}
+        super().__init__(pool, signer.url(key) if signer else "", where=f"s3://{bucket}/{key}",
+                         if_match=True, max_redirects=0 if signer else 5)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The headers of the next request: signed afresh for each (SigV4 dates it)."""
+        if self.signer is None:
+            return self._extra
+        try:
+            return {**self._extra, **self.signer.headers(self.url)}
+        except Exception as e:
+            raise s3_error(e, self.where) from None
+
+    @headers.setter
+    def headers(self, value: dict[str, str]) -> None:
+        self._extra = {k: v for k, v in value.items() if k.lower() not in _SIGNED}
 
     def request_url(self) -> str:
+        if self.signer is not None:
+            return self.url
         url: str = self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self.key}, ExpiresIn=_PRESIGN_SECONDS)
         return url
+
+    def check_reply(self, r: Any) -> None:
+        if self.signer is not None and 300 <= r.status < 400:  # never carry the signed headers on
+            raise FetchError(f"{self.where}: HTTP {r.status}: the S3 server sent the request elsewhere",
+                             hint="set AWS_REGION (or the profile's region) to the bucket's region, "
+                                  "or AWS_ENDPOINT_URL to its endpoint")
 
     def stat(self) -> RemoteStat:
         try:
@@ -157,6 +269,8 @@ class S3Source(RangedSource):
     kind: ClassVar[str] = "s3"
     schemes: ClassVar[tuple[str, ...]] = ("s3",)
     _client: Any = None
+    _signer: ObjectSigner | None = None
+    _probed = False
 
     @property
     def uri(self) -> str:
@@ -224,9 +338,17 @@ class S3Source(RangedSource):
                                   read_remote=self._read_small, secure=secure,
                                   locate=lambda p: f"s3://{bucket}/{self._key(p)}")
 
+    def signer(self) -> ObjectSigner | None:
+        """The signer of this fetch's GETs: one presigned URL, once (not locked: two threads
+        that race make the same signer)."""
+        if not self._probed:
+            self._signer = ObjectSigner.for_bucket(self.client, parse_s3_uri(self.uri)[0])
+            self._probed = True
+        return self._signer
+
     def remote(self, file: PlannedFile) -> RangeReader:
         bucket, _ = parse_s3_uri(self.uri)
-        return S3Remote(self.client, self.pool, bucket, self._key(file.path))
+        return S3Remote(self.client, self.pool, bucket, self._key(file.path), self.signer())
 
     def uri_for(self, file: PlannedFile) -> str:
         bucket, _ = parse_s3_uri(self.uri)

@@ -1,0 +1,222 @@
+"""Lean S3 requests (issue 22, item 3): each object is one GET signed in headers by weightship's
+:class:`~weightship.fetch.s3.ObjectSigner` (what botocore's S3SigV4Auth would send), through the
+engine's own pool. Counted on the wire, in front of a real S3 server that checks signatures."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime
+import http.server
+import json
+import random
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+from tests.conftest import S3Server, assert_clean_failure, run_cli
+from weightship.manifest import create_for_directory
+
+AWKWARD = ["a b/c+d.json", "é/ü~x=1.json", "plain/n%41me.json", "sp  two/x;y,z!.bin"]
+
+
+def _client(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    from weightship.fetch.s3 import make_s3_client
+
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return make_s3_client()
+
+
+@pytest.mark.parametrize("env", [
+    {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"},
+    {"AWS_ENDPOINT_URL": "https://s3.example.test:8443", "AWS_SESSION_TOKEN": "the/session+token="},
+    {"AWS_DEFAULT_REGION": "eu-west-3"},  # AWS itself: virtual-host addressing, the bucket's region
+])
+def test_the_signed_headers_are_what_botocore_signs_for_get_object(
+        env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same URL as botocore's own for the key, and the same Authorization as botocore's
+    S3SigV4Auth gives that GET at the same instant (so any S3 server botocore works with)."""
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+
+    from weightship.fetch.s3 import ObjectSigner
+
+    client = _client({"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "wJalr/XUtnFEMI+K7MDENG",
+                      "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", **env},
+                     monkeypatch)
+    signer = ObjectSigner.for_bucket(client, "models")
+    assert signer is not None
+    credentials = client._request_signer._credentials
+    for i, key in enumerate(["prefix/model.safetensors", *AWKWARD]):
+        presigned = client.generate_presigned_url("get_object", Params={"Bucket": "models", "Key": key})
+        url = signer.url(key)
+        assert url == presigned.split("?")[0]
+        now = datetime.datetime(2026, 12, 6, 23, 59, 50 + i, tzinfo=datetime.timezone.utc)
+        ours = signer.headers(url, now)
+        theirs = AWSRequest("GET", url)
+        with mock.patch("botocore.auth.get_current_datetime", return_value=now.replace(tzinfo=None)):
+            S3SigV4Auth(credentials.get_frozen_credentials(), signer.service, signer.region).add_auth(theirs)
+        assert {k.lower(): v for k, v in theirs.headers.items()} == {k: v for k, v in ours.items() if k != "host"}
+        assert ours["host"] == urlsplit(url).netloc.removesuffix(":443").removesuffix(":80")
+        assert ("x-amz-security-token" in ours) == ("AWS_SESSION_TOKEN" in env)
+
+
+class RequestCounter:
+    """A TCP relay to ``upstream_port`` that records the request line of every request the
+    client sends (GETs and HEADs carry no body, so each ends at its blank line)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.requests: list[tuple[str, str]] = []
+        counter = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                counter._relay(self.request, upstream_port)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port: int = self.server.server_address[1]
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> RequestCounter:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _relay(self, client: socket.socket, port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as upstream:
+            back = threading.Thread(target=self._pipe, args=(upstream, client), daemon=True)
+            back.start()
+            pending = b""
+            try:
+                while data := client.recv(1 << 16):
+                    upstream.sendall(data)
+                    pending += data
+                    while b"\r\n\r\n" in pending:
+                        head, _, pending = pending.partition(b"\r\n\r\n")
+                        method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+                        with self._lock:
+                            self.requests.append((method, target))
+            except OSError:
+                pass
+            finally:
+                upstream.shutdown(socket.SHUT_WR)
+            back.join()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture
+def awkward_prefix(s3_server: S3Server, tmp_path: Path) -> tuple[dict[str, bytes], Path]:
+    """300 small objects under models/lean (awkward names among them), and a manifest of them
+    outside the bucket (given with --manifest: the fetch reads nothing from S3 but the objects)."""
+    rng = random.Random(5)
+    files = {f"d{i % 9}/f{i:04d}.json": json.dumps({"i": i, "pad": "x" * rng.randrange(1, 3000)}).encode()
+             for i in range(300 - len(AWKWARD))}
+    files.update({name: rng.randbytes(rng.randrange(1, 5000)) for name in AWKWARD})
+    prefix = s3_server.root / "models" / "lean"
+    for path, data in files.items():
+        (prefix / path).parent.mkdir(parents=True, exist_ok=True)
+        (prefix / path).write_bytes(data)
+    create_for_directory(prefix, name="lean").write(tmp_path)
+    return files, tmp_path / ".weightship" / "manifest.json"
+
+
+def test_each_object_is_one_header_signed_get_on_the_wire(
+        s3_server: S3Server, awkward_prefix: tuple[dict[str, bytes], Path], tmp_path: Path) -> None:
+    files, manifest = awkward_prefix
+    port = int(s3_server.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    with RequestCounter(port) as wire:
+        env = {**s3_server.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{wire.port}"}
+        r = run_cli("fetch", "s3://models/lean", "--to", tmp_path / "m", "--manifest", manifest, "--json", env=env)
+    assert r.code == 0, r.stderr
+    assert len(json.loads(r.stdout)["manifest"]["files"]) == len(files)
+    for path, data in files.items():
+        assert (tmp_path / "m" / path).read_bytes() == data
+    assert {m for m, _ in wire.requests} == {"GET"}, "a HEAD or another request besides the GETs"
+    assert not [t for _, t in wire.requests if "?" in t], "a presigned URL: the signature belongs in headers"
+    per_key = collections.Counter(unquote(t).removeprefix("/models/lean/") for _, t in wire.requests)
+    assert per_key == dict.fromkeys(files, 1)
+
+
+def test_a_wrong_secret_is_refused_by_the_server_and_nothing_is_promoted(
+        s3_server: S3Server, awkward_prefix: tuple[dict[str, bytes], Path], tmp_path: Path) -> None:
+    """rclone checks each signature: the same fetch with a wrong secret fails in one line."""
+    _, manifest = awkward_prefix
+    env = {**s3_server.env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    r = run_cli("fetch", "s3://models/lean", "--to", tmp_path / "m", "--manifest", manifest, env=env)
+    assert_clean_failure(r)
+    assert "access denied" in r.stderr.lower(), r.stderr
+    promoted = [p for p in (tmp_path / "m").rglob("*") if p.is_file() and ".weightship" not in p.parts]
+    assert promoted == []
+
+
+@pytest.fixture
+def redirecting() -> Iterator[tuple[str, list[str]]]:
+    """An "S3 endpoint" that answers every request with a 307 to a second server, which records
+    what reaches it."""
+    reached: list[str] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            reached.append(self.path + " " + str(self.headers.get("authorization")))
+            self.send_error(404)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(307)
+            self.send_header("Location", f"http://127.0.0.1:{other.server_address[1]}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    first = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    for s in (first, other):
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{first.server_address[1]}", reached
+    finally:
+        for s in (first, other):
+            s.shutdown()
+            s.server_close()
+
+
+def test_a_redirect_is_not_followed_with_the_signed_headers(
+        s3_server: S3Server, awkward_prefix: tuple[dict[str, bytes], Path],
+        redirecting: tuple[str, list[str]], tmp_path: Path) -> None:
+    endpoint, reached = redirecting
+    _, manifest = awkward_prefix
+    r = run_cli("fetch", "s3://models/lean", "--to", tmp_path / "m", "--manifest", manifest,
+                env={**s3_server.env, "AWS_ENDPOINT_URL": endpoint})
+    assert_clean_failure(r)
+    assert "307" in r.stderr and "AWS_REGION" in r.stderr, r.stderr
+    assert reached == []
