@@ -116,7 +116,7 @@ class Fetch:
 def start_fetch(host: Host, origin: Origin, dest: Path, peers: Sequence[Host], *, home: Path,
                 listen: bool = True, extra: Sequence[str] = (), ref: Sequence[str] | None = None) -> Fetch:
     """``weightship --json fetch`` of ``origin``'s model on ``host``, with ``peers``."""
-    args = [sys.executable, "-m", "weightship", "--json", "fetch", *(ref or origin.ref), "--to", dest,
+    args: list[str | Path] = [sys.executable, "-m", "weightship", "--json", "fetch", *(ref or origin.ref), "--to", dest,
             "--chunk-mib", str(CHUNK_MIB), *extra]
     if listen:
         args += ["--listen", f"{host.address}:{PORT}"]

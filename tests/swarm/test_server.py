@@ -12,8 +12,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -24,8 +26,10 @@ from tests.fetch.webserver import FileServer
 from tests.net import free_port, listening, wait_until
 from weightship.manifest import Manifest
 from weightship.swarm.board import Board
-from weightship.swarm.protocol import BLOB_PATH, CHUNK_HEADER, EVENTS_PATH
-from weightship.swarm.server import PeerServer
+from weightship.swarm.mesh import Mesh
+from weightship.swarm.protocol import BLOB_PATH, CHUNK_HEADER, EVENTS_PATH, STREAM_TYPE
+from weightship.swarm.server import PeerServer, _Handler
+from weightship.torrent.peers import PeerSource
 
 CHUNK = 4096
 
@@ -112,6 +116,18 @@ def test_any_path_but_a_registered_digest_gets_no_bytes(path: str) -> None:
         assert data[:16] not in body
 
 
+class _PollsOnlyHandler(_Handler):
+    """The events as a long poll whatever the reader asks (a server from before streams)."""
+
+    requests = 0
+
+    def _stream(self, board: Board, since: int, wait: float, reader: str) -> None:
+        type(self).requests += 1
+        nxt, events = board.events(since, wait)
+        self._reply(200, json.dumps({"v": 1, "node": board.node, "epoch": board.epoch, "next": nxt,
+                                     "events": events}).encode(), "application/json")
+
+
 def _shared_server() -> tuple[PeerServer, bytes, str]:
     data = os.urandom(CHUNK)
     with tempfile.NamedTemporaryFile(delete=False) as f:
@@ -165,3 +181,53 @@ def test_a_fetch_shares_only_the_files_of_its_plan(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(10)
         origin.shutdown()
+
+
+def test_events_stream_a_line_per_news_as_it_happens(served: tuple[PeerServer, bytes, str]) -> None:
+    """A reader's stream gets what was there at once, then each new event on its own line
+    without asking again; the node counts what the reader has been sent as seen."""
+    server, data, sha = served
+    board = server.board
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", f"{EVENTS_PATH}?since=0&wait=5&node=reader-1&stream=1")
+        r = conn.getresponse()
+        assert r.status == 200 and r.headers["Content-Type"] == STREAM_TYPE
+        first = json.loads(r.readline())
+        assert [e[0] for e in first["events"]] == ["file", "have", "have"] and first["next"] == 3
+        assert board.wait_seen({"reader-1"}, timeout=5)
+        started = time.monotonic()
+        board.have(sha, 1, "node-a", hashlib.sha256(data[CHUNK:2 * CHUNK]).hexdigest())
+        second = json.loads(r.readline())
+        assert time.monotonic() - started < 2  # not held for the 5 s an idle stream waits
+        assert second["events"] == [["have", sha, 1, "node-a", hashlib.sha256(data[CHUNK:2 * CHUNK]).hexdigest()]]
+        assert second["next"] == 4 and second["epoch"] == first["epoch"]
+        assert board.wait_seen({"reader-1"}, timeout=5)
+    finally:
+        conn.close()
+
+
+def test_a_peer_that_answers_long_polls_only_is_still_read(tmp_path: Path) -> None:
+    """A peer whose server knows no streams (one reply per request, as before them) is read by
+    asking again from its ``next``: news of it still arrives."""
+
+    class PollsOnly(PeerServer):
+        def finish_request(self, request: Any, client_address: Any) -> None:
+            _PollsOnlyHandler(request, client_address, self)
+
+    board = Board("old-node")
+    sha = "ab" * 32
+    board.share(sha, 4 * CHUNK, CHUNK, os.open(os.devnull, os.O_RDONLY))
+    server = PollsOnly(board, "127.0.0.1", 0).start()
+    mesh = Mesh("new-node", PeerSource.from_options((f"127.0.0.1:{server.port}",), None)).start()
+    try:
+        for i in range(4):
+            board.have(sha, i, "old-node", "cd" * 32)
+            with mesh.cond:
+                assert mesh.cond.wait_for(lambda i=i: any(  # type: ignore[misc]
+                    sha in p.files and i in p.files[sha].have for p in mesh.usable()), timeout=10), i
+        assert _PollsOnlyHandler.requests >= 2
+    finally:
+        mesh.close()
+        board.close()
+        server.stop()

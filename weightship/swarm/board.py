@@ -49,7 +49,11 @@ class Board:
     def __init__(self, node: str) -> None:
         self.node = node
         self.epoch = secrets.token_hex(8)  # a new one per process: readers start over
-        self.cond = threading.Condition()
+        lock = threading.RLock()
+        self.cond = threading.Condition(lock)
+        # readers' progress, apart: an events stream reports it after every line it writes, and
+        # waking every other stream (waiting on ``cond`` for news) each time would be waste
+        self._seen_cond = threading.Condition(lock)
         self.log: list[list[Any]] = []
         self.files: dict[str, SharedFile] = {}
         self.retired: list[SharedFile] = []
@@ -170,7 +174,7 @@ class Board:
         """The node ``reader`` has read the first ``count`` events (it asks for the next)."""
         with self.cond:
             self.seen[reader] = max(self.seen.get(reader, 0), min(count, len(self.log)))
-            self.cond.notify_all()
+            self._seen_cond.notify_all()
 
     def wait_seen(self, readers: set[str], timeout: float) -> bool:
         """Wait until each of ``readers`` has read every event logged so far (or ``timeout``)."""
@@ -181,7 +185,7 @@ class Board:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self.cond.wait(left)
+                self._seen_cond.wait(left)
         return True
 
     def sent(self) -> int:

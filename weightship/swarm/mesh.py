@@ -1,10 +1,11 @@
-"""What this node knows of its peers: one long-polling reader per peer, liveness, and bans.
+"""What this node knows of its peers: one reader of its events per peer, liveness, and bans.
 
 Peers are ``--peer HOST:PORT`` endpoints and the A/AAAA records of ``--peers-from-dns NAME``
 (re-resolved every few seconds, so nodes that start later are found). Each peer's event log is
-read by a thread of its own with long polls (:mod:`weightship.swarm.protocol`); what it says is
-checked field by field, and a peer whose log does not parse is treated as down. A peer that
-does not answer is down until it answers again; a peer that restarted (a new epoch) is read
+read by a thread of its own as a stream (:mod:`weightship.swarm.protocol`: one connection, a
+line per piece of news; long polls from a peer that does not stream); what it says is checked
+field by field, and a peer whose log does not parse is treated as down. A peer that does not
+answer is down until it answers again; a peer that restarted (a new epoch) is read
 from the start. A banned peer (one caught sending bytes that are not what it said they were) is
 never asked again by this process. Everything here is guarded by one condition, :attr:`Mesh.cond`,
 which is notified on every change so that a chunk waiting for a peer wakes at once.
@@ -12,13 +13,13 @@ which is notified on every change so that a chunk waiting for a peer wakes at on
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-import urllib3
 
 from weightship import __version__
 from weightship.swarm.protocol import EVENTS_PATH, MAX_REPLY, MAX_WAIT, Event, parse_event
@@ -26,7 +27,8 @@ from weightship.torrent.peers import PeerSource
 
 log = logging.getLogger(__name__)
 
-POLL_WAIT = 2.0  # seconds a long poll is held by the peer
+POLL_WAIT = 2.0  # seconds a long poll is held by the peer (between lines of a stream, at most)
+CONNECT_TIMEOUT = 3.0
 RETRY_EVERY = 0.5  # seconds between tries to reach a peer that is down
 RESOLVE_EVERY = 5.0  # seconds between DNS lookups of --peers-from-dns
 
@@ -79,9 +81,7 @@ class Mesh:
         self.peers: dict[tuple[str, int], Peer] = {}
         self.banned: dict[str, str] = {}  # node id or endpoint -> why
         self._closed = threading.Event()
-        self._http = urllib3.PoolManager(
-            maxsize=2, retries=False, headers={"User-Agent": f"weightship/{__version__}"},
-            timeout=urllib3.Timeout(connect=3.0, read=POLL_WAIT + MAX_WAIT))
+        self._agent = f"weightship/{__version__}"
         self._threads: list[threading.Thread] = []
 
     def start(self) -> Mesh:
@@ -116,30 +116,33 @@ class Mesh:
     def _poll_loop(self, peer: Peer) -> None:
         while not self._closed.is_set() and not peer.stopped and not self.is_banned(peer):
             try:
-                if not self._apply(peer, self._poll(peer)):
-                    return  # it is this node itself
-            except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:  # BadEvent too
+                for reply in self._read(peer):
+                    if not self._apply(peer, reply):
+                        return  # it is this node itself
+                    if self._closed.is_set() or peer.stopped or self.is_banned(peer):
+                        return
+            except (http.client.HTTPException, OSError, ValueError) as e:  # BadEvent too
                 self._down(peer, e)
                 self._closed.wait(RETRY_EVERY)
 
-    def _poll(self, peer: Peer) -> dict[str, object]:
-        r = self._http.request("GET", f"{peer.url}{EVENTS_PATH}?since={peer.since}&wait={POLL_WAIT}"
-                                      f"&epoch={peer.epoch or ''}&node={self.node}",
-                               preload_content=False, redirect=False)
+    def _read(self, peer: Peer) -> Iterator[dict[str, object]]:
+        """The peer's replies from ``peer.since`` on: a stream of them, one per line, until the
+        peer ends it (or one, from a peer that answers a long poll instead)."""
+        conn = http.client.HTTPConnection(peer.host, peer.port, timeout=CONNECT_TIMEOUT)
         try:
+            conn.request("GET", f"{EVENTS_PATH}?since={peer.since}&wait={POLL_WAIT}&epoch={peer.epoch or ''}"
+                                f"&node={self.node}&stream=1", headers={"User-Agent": self._agent})
+            assert conn.sock is not None
+            conn.sock.settimeout(POLL_WAIT + MAX_WAIT)  # a line comes at least every POLL_WAIT seconds
+            r = conn.getresponse()
             if r.status != 200:
                 raise ValueError(f"HTTP {r.status}")
-            body = r.read(MAX_REPLY + 1)
+            while line := r.readline(MAX_REPLY + 1):
+                if len(line) > MAX_REPLY:
+                    raise ValueError("events reply too large")
+                yield _reply(line)
         finally:
-            r.release_conn()
-        if len(body) > MAX_REPLY:
-            raise ValueError("events reply too large")
-        reply = json.loads(body)
-        if not isinstance(reply, dict) or not isinstance(reply.get("events"), list) \
-                or not isinstance(reply.get("next"), int) or not isinstance(reply.get("node"), str) \
-                or not isinstance(reply.get("epoch"), str):
-            raise ValueError("not an events reply")
-        return reply
+            conn.close()
 
     def _apply(self, peer: Peer, reply: dict[str, object]) -> bool:
         node, epoch = str(reply["node"]), str(reply["epoch"])
@@ -276,4 +279,13 @@ class Mesh:
         self._closed.set()
         with self.cond:
             self.cond.notify_all()
-        self._http.clear()
+
+
+def _reply(line: bytes) -> dict[str, object]:
+    """One events reply, checked for its shape (its events are checked by :func:`parse_event`)."""
+    reply = json.loads(line)
+    if not isinstance(reply, dict) or not isinstance(reply.get("events"), list) \
+            or not isinstance(reply.get("next"), int) or not isinstance(reply.get("node"), str) \
+            or not isinstance(reply.get("epoch"), str):
+        raise ValueError("not an events reply")
+    return reply

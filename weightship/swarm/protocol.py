@@ -1,10 +1,16 @@
 """The peer protocol: two HTTP/1.1 GETs, and the checks applied to everything a peer says.
 
-``GET /swarm/v1/events?since=N&wait=S``
+``GET /swarm/v1/events?since=N&wait=S&stream=1``
     The node's event log from entry ``N`` on, as JSON: ``{"v": 1, "node": ID, "epoch": E,
     "next": M, "events": [...]}``. When nothing is new the reply waits up to ``S`` seconds (a
     long poll), so news of a chunk reaches the peers within a round trip. ``epoch`` changes when
     the node restarts; a reader that sees a new epoch forgets what it knew and reads from 0.
+    With ``stream=1`` the reply does not end: it is such an object per line (``application/
+    x-ndjson``, the connection closed at its end), one as soon as there is news and an empty one
+    after ``S`` seconds without, each going on from the previous one's ``next``. A reader of a
+    server that answers with one object (no ``stream``) asks again from ``next``, as with a long
+    poll. Measured on 8 nodes: a long poll per event cost a reader and its server about 1 ms of
+    CPU per event (urllib3, ``http.server``), some 0.8 s per node and 512 MiB model.
 
 ``GET /swarm/v1/blob/SHA256`` with ``Range: bytes=A-B``
     Bytes of the file whose trusted sha256 is ``SHA256``, only within chunks the node has. There
@@ -39,6 +45,7 @@ EVENTS_PATH = "/swarm/v1/events"
 BLOB_PATH = "/swarm/v1/blob/"
 NODE_HEADER = "X-Weightship-Node"
 CHUNK_HEADER = "X-Weightship-Chunk"
+STREAM_TYPE = "application/x-ndjson"  # the events as a stream: one reply object per line
 MAX_WAIT = 5.0  # seconds a long poll may be held
 MAX_EVENTS = 20_000  # per reply; a reader asks again for the rest
 MAX_REPLY = 32 << 20  # bytes of one events reply a reader accepts

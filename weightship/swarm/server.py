@@ -30,6 +30,7 @@ from weightship.swarm.protocol import (
     NODE_HEADER,
     NODE_ID,
     SHA256,
+    STREAM_TYPE,
     VERSION,
     parse_range,
 )
@@ -77,6 +78,9 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"weightship/{__version__}"
     timeout = 60  # an idle keep-alive connection is closed after this
+    # A reply is written as headers, then body: with Nagle's algorithm the body of a small one (a
+    # line of events) waited for the ACK of the headers, which the reader delays (40 ms here).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("peer %s: " + format, self.client_address[0], *args)
@@ -107,14 +111,38 @@ class _Handler(BaseHTTPRequestHandler):
             return
         board = self.server.board
         reader, epoch = query.get("node", [""])[0], query.get("epoch", [""])[0]
+        if not NODE_ID.match(reader):
+            reader = ""
         if epoch != board.epoch:
             since = 0  # a reader of an earlier run of this node (or a first read)
-        elif NODE_ID.match(reader):
+        elif reader:
             board.seen_by(reader, since)
-        nxt, events = board.events(max(0, since), wait)
-        body = json.dumps({"v": VERSION, "node": board.node, "epoch": board.epoch, "next": nxt,
-                           "events": events}, separators=(",", ":")).encode()
-        self._reply(200, body, "application/json")
+        since = max(0, since)
+        if query.get("stream", [""])[0] == "1":
+            self._stream(board, since, wait, reader)
+            return
+        nxt, events = board.events(since, wait)
+        self._reply(200, _events_line(board, nxt, events), "application/json")
+
+    def _stream(self, board: Board, since: int, wait: float, reader: str) -> None:
+        """The events as a stream of replies, one JSON line each, written as they happen (and
+        an empty one after ``wait`` seconds without news), until this node stops or the reader
+        goes: the price of an event is a line, where a long poll costs a request and a reply."""
+        self.send_response(200)
+        self.send_header(NODE_HEADER, board.node)
+        self.send_header("Content-Type", STREAM_TYPE)
+        self.send_header("Connection", "close")  # the body ends when the stream does
+        self.end_headers()
+        self.close_connection = True
+        try:
+            while not board.closed:
+                nxt, events = board.events(since, wait)
+                self.wfile.write(_events_line(board, nxt, events) + b"\n")
+                since = nxt
+                if reader:  # written on a connection that is up: the reader has it
+                    board.seen_by(reader, since)
+        except OSError as e:  # the reader went away
+            log.debug("peer %s: events stream ended: %s", self.client_address[0], e)
 
     def _blob(self, sha256: str) -> None:
         board = self.server.board
@@ -155,6 +183,11 @@ class _Handler(BaseHTTPRequestHandler):
                     shared.sent += sent
             if sent < end - start:
                 self.close_connection = True
+
+
+def _events_line(board: Board, nxt: int, events: list[Any]) -> bytes:
+    return json.dumps({"v": VERSION, "node": board.node, "epoch": board.epoch, "next": nxt, "events": events},
+                      separators=(",", ":")).encode()
 
 
 def _sendfile(sock: socket.socket, fd: int, offset: int, count: int) -> int:
