@@ -17,41 +17,60 @@ the table shows medians and each weightship figure as a ratio to its peer (>1 = 
 weightship fsyncs each file before promoting it (a promoted file survives a power cut); the
 peers do not, and on 1 GiB their bytes are still only in the page cache when they return (and
 when the bench deletes them): the "s5cmd cp, then fsync" row is s5cmd with the same durability.
-``--many`` prints the "many files" table of issue 22 instead: for each row (``--rows``, default
-256 x 1 MiB and 2,000 x 2 KiB, in nested folders), weightship's Hub fetch beside
+``--many`` prints the "many files" tables of issue 22 instead. Each row (``--rows``, default
+1 x 1 GiB, 16 x 64 MiB, 256 x 1 MiB and 2,000 x 2 KiB, the small ones in nested folders) at each
+added latency (``--latency-ms``, default 0 and 20): weightship's Hub fetch beside
 ``snapshot_download`` from the same ``weightship mirror``, and its S3 fetch beside
-``s5cmd cp 's3://…/*'`` from the same rclone, interleaved, median of ``--runs``.
+``s5cmd cp 's3://…/*'`` from the same rclone. Every tool runs as its own process, as a user runs
+it (``python -m weightship fetch``, ``python -c 'snapshot_download(…)'``, ``s5cmd``), so its
+start-up counts and its peak RSS and CPU time are its own (``wait4``); interleaved, median of
+``--runs``. Latency: this VM's kernel has no ``sch_netem`` (``tc qdisc … netem`` answers "qdisc
+kind is unknown"), so a relay in the bench (asyncio, on loopback, in front of each server) holds
+every byte a client sends for the delay before passing it on: each request is answered that
+much later, on an open connection or a new one; answers flow back as sent. The relay costs CPU
+on the same cores, alike for both tools of a row. Requests per file are counted on the wire
+by the same relay (neither rclone nor the mirror keeps a count), in one untimed run of each
+tool before the timed ones (listing, manifest and signature included). ``--tree DIR`` runs the
+weightship package under DIR; ``--baseline DIR`` adds a column: the S3 fetch of the package
+under DIR (e.g. ``git archive COMMIT weightship | tar -x -C DIR``), in the same rounds.
 
 Usage::
 
     python bench/fetch.py [--size-mib 1024] [--files 2] [--runs 3]
-    python bench/fetch.py --many [--rows 256x1024KiB,2000x2KiB] [--runs 3]
+    python bench/fetch.py --many [--rows 256x1024KiB,2000x2KiB] [--latency-ms 0,20] [--runs 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' loopback helpers
 
 from tests.net import free_port, listening, wait_until
 from weightship.fetch import build_request, fetch
-from weightship.fetch.download import TransferOptions, download
+from weightship.fetch.download import download
+from weightship.fetch.options import FetchOptions, TransferOptions
 from weightship.fetch.s3 import S3Remote, make_s3_client, make_s3_pool, push_directory
 from weightship.manifest import Manifest, create_for_directory
 from weightship.signing import generate_key
 
+MANY_ROWS = "1x1048576KiB,16x65536KiB,256x1024KiB,2000x2KiB"  # the rows of issue 22
 KEYS = {"AWS_ACCESS_KEY_ID": "benchKEY", "AWS_SECRET_ACCESS_KEY": "benchSECRET",
         "AWS_REGION": "us-east-1", "AWS_CONFIG_FILE": "/dev/null",
         "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
@@ -65,8 +84,8 @@ def _bin(name: str) -> str:
 
 
 @contextmanager
-def _server(args: list[str], port: int) -> Iterator[None]:
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _server(args: list[str], port: int, cwd: Path | None = None) -> Iterator[None]:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
     try:
         wait_until(lambda: listening(port), 30, f"{Path(args[0]).name} to listen", proc)
         yield
@@ -96,68 +115,216 @@ def _row(text: str) -> tuple[int, int]:
 
 
 def make_many(root: Path, name: str, count: int, size: int) -> Path:
-    """``root/bench/NAME``: ``count`` random files of ``size`` bytes in nested folders."""
+    """``root/bench/NAME``: ``count`` random files of ``size`` bytes, in nested folders when many."""
     model = root / "bench" / name
     for i in range(count):
-        f = model / f"d{i % 16:02d}" / f"s{i % 5}" / f"part-{i:05d}.json"
+        f = model / f"d{i % 16:02d}" / f"s{i % 5}" / f"part-{i:05d}.json" if count > 16 else \
+            model / f"model-{i + 1:05d}-of-{count:05d}.safetensors"
         f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_bytes(os.urandom(size))
+        with open(f, "wb") as out:
+            left = size
+            while left:
+                n = min(left, 64 << 20)
+                out.write(os.urandom(n))
+                left -= n
     create_for_directory(model, name=name).write(model)
     return model
 
 
-def many_files(rows: list[tuple[int, int]], runs: int) -> int:
-    """The many-files table: see the module docstring."""
-    with tempfile.TemporaryDirectory(prefix="ws-bench-many-") as tmp:
+_REQUEST = re.compile(rb"(GET|HEAD|POST|PUT|DELETE) /[^ \r\n]* HTTP/1\.[01]\r\n")
+
+
+class Relay:
+    """A TCP relay on loopback to a server that holds each byte the client sends for
+    ``delay`` seconds before passing it on (so every request waits that much longer for its
+    answer; the answers come back as they are sent), and counts the request lines it passes."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port, self.delay = upstream_port, 0.0
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.loop = asyncio.new_event_loop()
+        self.port = free_port()
+        ready = threading.Event()
+        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
+        ready.wait(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", self.port, backlog=1024))
+        ready.set()
+        self.loop.run_forever()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def forward() -> None:  # client -> server, each byte held ``delay`` seconds
+            tail = b""
+            while data := await reader.read(1 << 16):
+                buf = tail + data
+                for m in _REQUEST.finditer(buf):
+                    if m.end() > len(tail):
+                        self.requests[m.group(1).decode()] += 1
+                tail = buf[-8192:]
+                queue.put_nowait((self.loop.time() + self.delay, data))
+            queue.put_nowait((0.0, b""))
+
+        async def send() -> None:
+            while True:
+                due, data = await queue.get()
+                if not data:
+                    up_writer.write_eof()
+                    return
+                if (wait := due - self.loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def back() -> None:  # server -> client, as it comes
+            while data := await up_reader.read(1 << 18):
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+
+        try:
+            await asyncio.gather(forward(), send(), back())
+        except (OSError, RuntimeError):
+            pass
+        finally:
+            for w in (writer, up_writer):
+                w.close()
+
+
+@dataclass
+class Run:
+    """One tool's run: seconds, CPU seconds, peak RSS (bytes), requests sent."""
+
+    seconds: float
+    cpu: float
+    rss: int
+    requests: int = 0
+
+
+def run_tool(args: list[str], env: dict[str, str], dest: Path, cwd: Path, relay: Relay | None) -> Run:
+    """``args`` (DEST replaced by ``dest``) as a child process: its time, its own CPU and peak RSS
+    (GNU time's, which forks it from a small process: the rusage of a child forked from this
+    bench would count the bench's own RSS), the requests ``relay`` passed meanwhile; ``dest``
+    is deleted afterwards."""
+    before = sum(relay.requests.values()) if relay else 0
+    with tempfile.NamedTemporaryFile() as usage, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", usage.name,
+                               *(str(dest) if a == "DEST" else a for a in args)], env=env, cwd=cwd,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        seconds = time.perf_counter() - t0
+        if proc.returncode:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(args[:4])} failed ({proc.returncode}):\n{err.read().decode()[-2000:]}")
+        rss, user, system = Path(usage.name).read_text().split()[-3:]
+    shutil.rmtree(dest, ignore_errors=True)
+    return Run(seconds, float(user) + float(system), int(rss) << 10,
+               sum(relay.requests.values()) - before if relay else 0)
+
+
+def many_files(rows: list[tuple[int, int]], latencies: list[float], runs: int, tree: Path,
+               baseline: Path | None) -> int:
+    """The many-files tables: see the module docstring."""
+    with tempfile.TemporaryDirectory(prefix="ws-bench-many-", dir="/var/tmp") as tmp:
         base = Path(tmp)
         (base / "s3" / "models").mkdir(parents=True)
         key = base / "bench.pem"
         public = generate_key(key)
         s3_port, hub_port = free_port(), free_port()
-        os.environ.update(KEYS, AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}",
-                          HF_ENDPOINT=f"http://127.0.0.1:{hub_port}", HF_HUB_DISABLE_PROGRESS_BARS="1")
-        from huggingface_hub import snapshot_download  # after HF_ENDPOINT and the bars' switch
-
-        names = [f"r{count}x{size >> 10}k" for count, size in rows]
+        os.environ.update(KEYS, AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}")
+        names = [f"{count}x{_size(size)}" for count, size in rows]
         models = [make_many(base / "hub", n, c, s) for n, (c, s) in zip(names, rows, strict=True)]
         rclone = [_bin("rclone"), "serve", "s3", "--addr", f"127.0.0.1:{s3_port}", "--config", "/dev/null",
                   "--auth-key", f"{KEYS['AWS_ACCESS_KEY_ID']},{KEYS['AWS_SECRET_ACCESS_KEY']}", str(base / "s3")]
         mirror = [sys.executable, "-m", "weightship", "mirror", str(base / "hub"), "--port", str(hub_port)]
         s5cmd = _bin("s5cmd")
-        trust = {"trust_keys": [str(public)]}
-        table: list[tuple[str, dict[str, float]]] = []
-        with _server(rclone, s3_port), _server(mirror, hub_port):
+        here = tree
+        table: list[tuple[str, float, dict[str, Run], dict[str, Run]]] = []
+        with _server(rclone, s3_port), _server(mirror, hub_port, cwd=tree):
             for name, model in zip(names, models, strict=True):
                 push_directory(model, f"s3://models/{name}", key=key)
+            s3_relay, hub_relay = Relay(s3_port), Relay(hub_port)
             for name in names:
-                plan: list[tuple[str, Callable[[Path], object]]] = [
-                    ("weightship hf", lambda d, n=name: fetch(build_request(f"hf://bench/{n}"), d)),
-                    ("snapshot_download", lambda d, n=name: snapshot_download(
-                        f"bench/{n}", local_dir=d, endpoint=os.environ["HF_ENDPOINT"])),
-                    ("weightship s3", lambda d, n=name: fetch(build_request(f"s3://models/{n}", options=trust), d)),
-                    ("s5cmd cp", lambda d, n=name: subprocess.run(
-                        [s5cmd, "--endpoint-url", f"http://127.0.0.1:{s3_port}", "cp", f"s3://models/{n}/*",
-                         f"{d}/"], check=True, stdout=subprocess.DEVNULL)),
-                ]
-                for _, fn in plan:
-                    timed(fn, base / "warmup")
-                times: dict[str, list[float]] = {label: [] for label, _ in plan}
-                for i in range(runs):  # interleaved: a slow spell falls on every tool alike
-                    for label, fn in plan:
-                        times[label].append(timed(fn, base / f"run{i}"))
-                table.append((name, {label: statistics.median(t) for label, t in times.items()}))
-                print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in table[-1][1].items()),
-                      file=sys.stderr, flush=True)
-    print(f"\nmany files over loopback, median of {runs} runs (interleaved), {os.cpu_count()} cores; "
-          "seconds, and weightship's speed / the peer's (>1 = faster)")
-    print(f"{'row':<14} {'ws hf':>7} {'snapshot':>9} {'ratio':>6} {'target':>7}   "
-          f"{'ws s3':>7} {'s5cmd':>7} {'ratio':>6} {'target':>7}")
-    for name, t in table:
-        print(f"{name:<14} {t['weightship hf']:>7.2f} {t['snapshot_download']:>9.2f} "
-              f"{t['snapshot_download'] / t['weightship hf']:>5.2f}x {'≥ 1.0x':>7}   "
-              f"{t['weightship s3']:>7.2f} {t['s5cmd cp']:>7.2f} "
-              f"{t['s5cmd cp'] / t['weightship s3']:>5.2f}x {'≥ 0.8x':>7}")
+                def tools(s3: int, hub: int, n: str = name) -> list[tuple[str, list[str], dict[str, str], Path]]:
+                    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}",
+                           "HF_ENDPOINT": f"http://127.0.0.1:{hub}", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+                    ws_s3 = [sys.executable, "-m", "weightship", "fetch", f"s3://models/{n}", "--to", "DEST",
+                             "--trust-key", str(public)]
+                    plan = [
+                        ("ws hf", [sys.executable, "-m", "weightship", "fetch", f"hf://bench/{n}", "--to", "DEST"],
+                         env, here),
+                        ("snapshot", [sys.executable, "-c", "import sys; from huggingface_hub import "
+                                      "snapshot_download as s; s(sys.argv[1], local_dir=sys.argv[2])",
+                                      f"bench/{n}", "DEST"], env, here),
+                        ("ws s3", ws_s3, env, here),
+                        ("s5cmd", [s5cmd, "--endpoint-url", f"http://127.0.0.1:{s3}", "cp", f"s3://models/{n}/*",
+                                   "DEST/"], env, here),
+                    ]
+                    if baseline is not None:
+                        plan.append(("ws s3 base", ws_s3, env, baseline))
+                    return plan
+
+                # Untimed, through the relays with no delay: warms the caches, counts the requests.
+                counted = {label: run_tool(args, env, base / "warm", cwd, s3_relay if "s3" in label or label == "s5cmd"
+                                           else hub_relay)
+                           for label, args, env, cwd in tools(s3_relay.port, hub_relay.port)}
+                for ms in latencies:
+                    for relay in (s3_relay, hub_relay):
+                        relay.delay = ms / 1000
+                    plan = tools(s3_relay.port, hub_relay.port) if ms else tools(s3_port, hub_port)
+                    got: dict[str, list[Run]] = {label: [] for label, *_ in plan}
+                    for i in range(runs):  # interleaved: a slow spell falls on every tool alike
+                        for label, args, env, cwd in plan:
+                            got[label].append(run_tool(args, env, base / f"run{i}", cwd, None))
+                    medians = {label: Run(statistics.median(r.seconds for r in rs),
+                                          statistics.median(r.cpu for r in rs), max(r.rss for r in rs))
+                               for label, rs in got.items()}
+                    table.append((name, ms, medians, counted))
+                    print(f"  {name} +{ms:g} ms: " + ", ".join(f"{k} {v.seconds:.2f} s" for k, v in medians.items()),
+                          file=sys.stderr, flush=True)
+    print_many(table, runs, baseline)
     return 0
+
+
+def _size(n: int) -> str:
+    return f"{n >> 30}GiB" if n >= 1 << 30 and not n % (1 << 30) else \
+        f"{n >> 20}MiB" if n >= 1 << 20 and not n % (1 << 20) else f"{n >> 10}KiB"
+
+
+def print_many(table: list[tuple[str, float, dict[str, Run], dict[str, Run]]], runs: int,
+               baseline: Path | None) -> None:
+    print(f"\nmany files over loopback, median of {runs} runs (interleaved), {os.cpu_count()} cores; seconds "
+          "(and CPU-s of the process), weightship's speed / the peer's (>1 = faster), requests per file "
+          "(counted on the wire by the bench's relay, listing included), peak RSS of the process (MiB)")
+    for what, ours, peer, target in (("Hub", "ws hf", "snapshot", "≥ 1.0x"), ("S3", "ws s3", "s5cmd", "≥ 0.8x")):
+        extra = baseline is not None and what == "S3"
+        print(f"\n{what}: weightship fetch beside {'snapshot_download' if what == 'Hub' else 's5cmd cp'}"
+              + (f"; 'base' is weightship from {baseline}" if extra else ""))
+        head = (f"{'row':<12} {'+ms':>4} {'ws s (cpu)':>12} {'peer s (cpu)':>13} {'ratio':>6} {'target':>7} "
+                f"{'req/file':>12} {'RSS MiB':>11}")
+        print(head + (f" {'base s (cpu)':>13} {'ratio':>6} {'base RSS':>8}" if extra else ""))
+        for name, ms, t, counted in table:
+            files = int(name.split("x")[0])
+            line = (f"{name:<12} {ms:>4g} {_cell(t[ours]):>12} {_cell(t[peer]):>13} "
+                    f"{t[peer].seconds / t[ours].seconds:>5.2f}x {target:>7} "
+                    f"{counted[ours].requests / files:>5.2f}/{counted[peer].requests / files:<5.2f} "
+                    f"{t[ours].rss >> 20:>5}/{t[peer].rss >> 20:<5}")
+            if extra:
+                b = t["ws s3 base"]
+                line += f" {_cell(b):>13} {t[peer].seconds / b.seconds:>5.2f}x {b.rss >> 20:>8}"
+            print(line)
+
+
+def _cell(r: Run) -> str:
+    return f"{r.seconds:.2f} ({r.cpu:.2f})"
 
 
 def timed(fn: Callable[[Path], object], dest: Path) -> float:
@@ -175,10 +342,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--many", action="store_true", help="the many-files table (issue 22)")
-    p.add_argument("--rows", default="256x1024KiB,2000x2KiB", help="with --many: COUNTxSIZEKiB,...")
+    p.add_argument("--rows", default=MANY_ROWS, help="with --many: COUNTxSIZEKiB,... [%(default)s]")
+    p.add_argument("--latency-ms", default="0,20", help="with --many: added per request, ms,... [%(default)s]")
+    p.add_argument("--tree", type=Path, default=Path(__file__).resolve().parent.parent,
+                   help="with --many: run the weightship package under this directory [this checkout]")
+    p.add_argument("--baseline", type=Path, help="with --many: also time the S3 fetch of the weightship "
+                   "package under this directory (e.g. a git archive of an older commit)")
     a = p.parse_args(argv)
     if a.many:
-        return many_files([_row(r) for r in a.rows.split(",")], a.runs)
+        return many_files([_row(r) for r in a.rows.split(",")], [float(x) for x in a.latency_ms.split(",")],
+                          a.runs, a.tree.resolve(), a.baseline.resolve() if a.baseline else None)
     size = (a.size_mib << 20) // a.files * a.files
     with tempfile.TemporaryDirectory(prefix="ws-bench-fetch-") as tmp:
         base = Path(tmp)
@@ -245,7 +418,7 @@ def run_all(model: Path, scratch: Path, runs: int, s3_port: int, trust_key: Path
         ("s5cmd cp, then fsync (no hash)", s5_durable),
         ("boto3 download_file (no hash)", boto),
         ("weightship s3 fetch + sha256", lambda d: fetch(build_request(
-            "s3://models/bench", options={"trust_keys": [str(trust_key)]}), d)),
+            "s3://models/bench", options=FetchOptions(trust_keys=(trust_key,))), d)),
         ("huggingface_hub snapshot_download (no sha256)", hf_hub),
         ("weightship hf fetch + sha256", lambda d: fetch(build_request("hf://bench/model"), d)),
         ("downloader, s3, hashing off", inline(False)),

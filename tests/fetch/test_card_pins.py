@@ -9,6 +9,7 @@ promoted.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.resources
 import json
@@ -23,7 +24,7 @@ from tests.fetch.hubstub import HubRepo, hub
 from tests.fetch.webserver import serve
 from weightship.catalog import load_card, parse_card
 from weightship.errors import CatalogError
-from weightship.fetch import FetchRequest, fetch
+from weightship.fetch import FetchOptions, FetchRequest, TransferOptions, fetch
 from weightship.manifest import Manifest, create_for_directory
 from weightship.mirror import MirrorServer
 
@@ -156,7 +157,8 @@ def _tiny_card(tiny: Path, *, pin_sha: set[str], sources: list[dict[str, object]
                          "n_kv_heads": 1, "norm_eps": 1e-5, "vocab_size": 10},
         "sources": sources,
     }, "test")
-    return FetchRequest(ref="tiny-pinned", card=card, options={"retries": 1, "backoff": 0.01})
+    return FetchRequest(ref="tiny-pinned", card=card, options=FetchOptions(
+        transfer=TransferOptions(retries=1, backoff=0.01)))
 
 
 def test_the_card_binds_a_user_manifest_too(tiny_hf_dir: Path, tmp_path: Path) -> None:
@@ -168,7 +170,7 @@ def test_the_card_binds_a_user_manifest_too(tiny_hf_dir: Path, tmp_path: Path) -
     with serve(served) as s:
         req = _tiny_card(tiny_hf_dir, pin_sha={"tokenizer.model"}, sources=[{"kind": "https", "url": s.url}])
         req = FetchRequest(ref=req.ref, card=req.card,
-                           options={**req.options, "manifest": str(served / ".weightship" / "manifest.json")})
+                           options=dataclasses.replace(req.options, manifest=served / ".weightship" / "manifest.json"))
         from weightship.errors import DigestMismatchError
 
         with pytest.raises(DigestMismatchError, match="catalog card"):

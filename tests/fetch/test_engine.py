@@ -33,17 +33,18 @@ class FakeSource(Source):
     kind: ClassVar[str] = "fake"
     schemes: ClassVar[tuple[str, ...]] = ("fake",)
     served: ClassVar[list[str]] = []
+    names: ClassVar[list[str]] = list(GOOD)  # what the plan lists
+    corrupt: ClassVar[str | None] = None  # the file served with a flipped bit
 
     def plan(self) -> FetchPlan:
-        names = self.request.options.get("names", list(GOOD))
         files = [PlannedFile(path=n, size=len(GOOD.get(n, b"")), sha256=_sha(GOOD.get(n, b"")))
-                 for n in names]
+                 for n in self.names]
         return FetchPlan(name="fake-model", layout=None, files=files,
                          source=SourceInfo(kind="fake", uri=self.request.ref))
 
     def fetch_file(self, file: PlannedFile, sink: Sink) -> None:
         data = GOOD[file.path]
-        corrupt = self.spec.get("corrupt", self.request.options.get("corrupt"))
+        corrupt = self.spec.get("corrupt", self.corrupt)
         if corrupt == file.path:
             data = data[:-1] + bytes([data[-1] ^ 1])
         FakeSource.served.append(f"{self.spec.get('name', 'uri')}:{file.path}")
@@ -53,12 +54,12 @@ class FakeSource(Source):
 @pytest.fixture(autouse=True)
 def _fake_source(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setitem(registry._SOURCES, "fake", f"{__name__}:FakeSource")
-    FakeSource.served = []
+    FakeSource.served, FakeSource.names, FakeSource.corrupt = [], list(GOOD), None
     yield
 
 
-def _request(**options: object) -> FetchRequest:
-    return FetchRequest(ref="fake://model", options=options)
+def _request() -> FetchRequest:
+    return FetchRequest(ref="fake://model")
 
 
 def test_good_fetch_promotes_and_writes_manifest(tmp_path: Path) -> None:
@@ -72,14 +73,15 @@ def test_good_fetch_promotes_and_writes_manifest(tmp_path: Path) -> None:
 
 
 def test_corrupt_file_is_never_promoted(tmp_path: Path) -> None:
+    FakeSource.corrupt = "sub/b.json"
     with pytest.raises(DigestMismatchError):
-        fetch(_request(corrupt="sub/b.json"), tmp_path)
+        fetch(_request(), tmp_path)
     # all-or-nothing: the good file was not promoted either, and no manifest claims anything
     assert not (tmp_path / "a.bin").exists() and not (tmp_path / "sub" / "b.json").exists()
     assert not (tmp_path / ".weightship" / "manifest.json").exists()
     # the corrupt bytes are gone; the verified a.bin waits in staging and is not fetched again
     assert [p.name for p in (tmp_path / ".weightship").rglob("*.incomplete")] == ["a.bin.incomplete"]
-    FakeSource.served = []
+    FakeSource.served, FakeSource.corrupt = [], None
     result = fetch(_request(), tmp_path)
     assert FakeSource.served == ["uri:sub/b.json"]
     assert sorted(result.fetched) == sorted(GOOD)
@@ -103,8 +105,9 @@ def test_failover_to_the_next_source_on_a_bad_digest(tmp_path: Path) -> None:
 def test_unsafe_planned_path_is_refused_before_writing(tmp_path: Path, bad: str) -> None:
     GOOD[bad] = b"evil"
     try:
+        FakeSource.names = [bad, "a.bin"]
         with pytest.raises(UnsafePathError):
-            fetch(_request(names=[bad, "a.bin"]), tmp_path / "dest")
+            fetch(_request(), tmp_path / "dest")
     finally:
         del GOOD[bad]
     assert FakeSource.served == []
@@ -137,7 +140,7 @@ def test_git_blob_sha1_is_checked(tmp_path: Path) -> None:
         def plan(self) -> FetchPlan:
             data = GOOD["sub/b.json"]
             blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-            if self.request.options.get("wrong"):
+            if self.spec.get("wrong"):
                 blob = "0" * 40
             return FetchPlan(name="g", layout=None, source=SourceInfo(kind="fake"),
                              files=[PlannedFile(path="sub/b.json", size=len(data), sha256=None, git_sha1=blob)])
@@ -146,7 +149,7 @@ def test_git_blob_sha1_is_checked(tmp_path: Path) -> None:
     fetch_one = engine._fetch_one
     entry = fetch_one(GitOnly(req), GitOnly(req).plan().files[0], tmp_path / "s", engine.NullProgress())
     assert entry.sha256 == _sha(GOOD["sub/b.json"])
-    bad = GitOnly(_request(wrong=True))
+    bad = GitOnly(req, {"wrong": True})
     with pytest.raises(DigestMismatchError, match="git blob sha1"):
         fetch_one(bad, bad.plan().files[0], tmp_path / "t", engine.NullProgress())
     assert not (tmp_path / "t").exists()

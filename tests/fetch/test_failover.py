@@ -9,12 +9,12 @@ import pytest
 from tests.conftest import Pki
 from tests.fetch.webserver import serve
 from weightship.catalog import parse_card
-from weightship.fetch import FetchRequest, fetch
+from weightship.fetch import FetchOptions, FetchRequest, TransferOptions, fetch
 from weightship.manifest import Manifest
 from weightship.mirror import MirrorServer
 from weightship.mirror.server import Tls
 
-FAST = {"retries": 1, "backoff": 0.01, "backoff_max": 0.02, "stall_timeout": 2.0}
+FAST = FetchOptions(transfer=TransferOptions(retries=1, backoff=0.01, backoff_max=0.02, stall_timeout=2.0))
 
 
 def _card(tiny: Path, *sources: dict[str, object]) -> FetchRequest:

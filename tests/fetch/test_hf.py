@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import assert_clean_failure, run_cli
 from tests.fetch.killing import RESUME_BOUND, kill_at_random_points
-from weightship.fetch import build_request, fetch
+from weightship.fetch import FetchOptions, TransferOptions, build_request, fetch
 from weightship.manifest import Manifest, create_for_directory
 from weightship.mirror import MirrorServer
 
@@ -42,7 +42,8 @@ def test_fetch_tiny_from_the_hub_protocol_then_verify(hub_mirror: str, hub_root:
 
 def test_fetch_big_model(hub_mirror: str, hub_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_ENDPOINT", hub_mirror)
-    result = fetch(build_request("hf://weightship/big", options={"chunk_size": 8 << 20}), tmp_path / "m")
+    options = FetchOptions(transfer=TransferOptions(chunk_size=8 << 20))
+    result = fetch(build_request("hf://weightship/big", options=options), tmp_path / "m")
     total = Manifest.load(hub_root / "weightship" / "big").total_bytes
     assert result.downloaded_bytes == total
     _same_files(hub_root / "weightship" / "big", tmp_path / "m")

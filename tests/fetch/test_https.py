@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -17,18 +18,18 @@ from tests.fetch.conftest import KeyPair
 from tests.fetch.killing import RESUME_BOUND, kill_at_random_points
 from tests.fetch.webserver import FileServer, serve
 from weightship.errors import DigestMismatchError, FetchError, IntegrityError
-from weightship.fetch import build_request, fetch
+from weightship.fetch import FetchOptions, TransferOptions, build_request, fetch
 from weightship.manifest import Manifest, create_for_directory
 
-FAST = {"retries": 2, "backoff": 0.01, "backoff_max": 0.05, "stall_timeout": 1.0,
-        "chunk_size": 256 << 10, "connections": 3}
+FAST = FetchOptions(transfer=TransferOptions(retries=2, backoff=0.01, backoff_max=0.05, stall_timeout=1.0,
+                                             chunk_size=256 << 10, connections=3))
 
 
 @pytest.fixture
-def fast(signing_key: KeyPair) -> dict[str, object]:
+def fast(signing_key: KeyPair) -> FetchOptions:
     """:data:`FAST`, trusting the key the served manifests are signed with (these servers speak
     plain HTTP, where an unsigned manifest is no anchor)."""
-    return {**FAST, "trust_keys": [str(signing_key.public)]}
+    return dataclasses.replace(FAST, trust_keys=(signing_key.public,))
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,8 @@ def test_fetch_tiny_over_https_then_verify(signed_tiny_dir: Path, signing_key: K
 def test_big_model_in_parallel_ranges(signed_big_dir: Path, signing_key: KeyPair, tmp_path: Path) -> None:
     big_model_dir = signed_big_dir
     with serve(big_model_dir) as s:
-        result = fetch(build_request(s.url, options={"chunk_size": 4 << 20,
-                                                     "trust_keys": [str(signing_key.public)]}), tmp_path / "m")
+        result = fetch(build_request(s.url, options=FetchOptions(
+            transfer=TransferOptions(chunk_size=4 << 20), trust_keys=(signing_key.public,))), tmp_path / "m")
         served = s.bytes_served
     total = Manifest.load(big_model_dir).total_bytes
     assert result.downloaded_bytes == total

@@ -13,11 +13,10 @@ import pytest
 from tests.conftest import assert_clean_failure, run_cli
 from tests.fetch.hubstub import HubRepo, HubStub, hub
 from weightship.errors import AccessDeniedError
-from weightship.fetch import build_request, fetch
-from weightship.fetch.download import TransferOptions
+from weightship.fetch import FetchOptions, TransferOptions, build_request, fetch
 from weightship.fetch.http import HttpPool, HttpRemote
 
-FAST = {"retries": 3, "backoff": 0.01, "backoff_max": 0.02, "chunk_size": 64 << 10}
+FAST = FetchOptions(transfer=TransferOptions(retries=3, backoff=0.01, backoff_max=0.02, chunk_size=64 << 10))
 FILES = {"config.json": b'{"model_type": "mistral"}\n',
          "model.safetensors": random.Random(4).randbytes(300_000),
          "tokenizer.model": random.Random(5).randbytes(20_000)}

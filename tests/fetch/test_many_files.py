@@ -20,12 +20,12 @@ from tests.conftest import S3Server, assert_clean_failure, run_cli
 from tests.fetch.hubstub import HubRepo, HubStub, hub
 from tests.net import wait_until
 from weightship.errors import DigestMismatchError
-from weightship.fetch import build_request, fetch
+from weightship.fetch import FetchOptions, TransferOptions, build_request, fetch
 from weightship.manifest import create_for_directory
 from weightship.verify import verify_dir
 
 COMMIT = "c" * 40
-FAST = {"retries": 2, "backoff": 0.01, "backoff_max": 0.02, "chunk_size": 64 << 10}
+FAST = FetchOptions(transfer=TransferOptions(retries=2, backoff=0.01, backoff_max=0.02, chunk_size=64 << 10))
 
 
 def _small_files(n: int, seed: int = 1) -> dict[str, bytes]:
@@ -168,7 +168,7 @@ def test_an_s3_prefix_of_500_small_objects_is_one_get_each(
     monkeypatch.setattr(HttpPool, "request", counting)
     monkeypatch.setattr(s3.S3Remote, "stat", no_head)
     dest = tmp_path / "m"
-    result = fetch(build_request("s3://models/many500", options={"manifest": str(manifest)}), dest)
+    result = fetch(build_request("s3://models/many500", options=FetchOptions(manifest=manifest)), dest)
     assert len(result.fetched) == 500
     for path, data in files.items():
         assert (dest / path).read_bytes() == data

@@ -13,7 +13,7 @@ from tests.fetch.conftest import KeyPair
 from tests.fetch.killing import RESUME_BOUND, kill_at_random_points
 from tests.net import CountingRelay
 from weightship.errors import DigestMismatchError
-from weightship.fetch import build_request, fetch
+from weightship.fetch import FetchOptions, TransferOptions, build_request, fetch
 from weightship.manifest import Manifest
 
 
@@ -72,8 +72,8 @@ def test_big_model_and_kill_9_resume(s3_env: S3Server, signed_big_dir: Path, sig
     assert 0 < overhead < 1 << 20
     assert again <= landed * RESUME_BOUND, (served - total, overhead, landed)
     # a fresh fetch in-process moves every byte once
-    result = fetch(build_request("s3://models/big", options={
-        "chunk_size": 8 << 20, "trust_keys": [str(signing_key.public)]}), tmp_path / "n")
+    result = fetch(build_request("s3://models/big", options=FetchOptions(
+        transfer=TransferOptions(chunk_size=8 << 20), trust_keys=(signing_key.public,))), tmp_path / "n")
     assert result.downloaded_bytes == total
 
 
@@ -87,7 +87,7 @@ def test_object_etag_is_never_trusted_a_changed_object_is_rejected(
     data[len(data) // 2] ^= 1
     obj.write_bytes(bytes(data))  # same size, new ETag: only the manifest's sha256 can tell
     with pytest.raises(DigestMismatchError):
-        fetch(build_request("s3://models/tampered", options={"trust_keys": [str(signing_key.public)]}),
+        fetch(build_request("s3://models/tampered", options=FetchOptions(trust_keys=(signing_key.public,))),
               tmp_path / "m")
     assert not (tmp_path / "m" / "model.safetensors").exists()
 

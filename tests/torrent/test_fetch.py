@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import libtorrent as lt
 import pytest
@@ -14,12 +16,15 @@ from tests.conftest import assert_clean_failure, run_cli
 from tests.torrent.conftest import Seeder
 from weightship.catalog import load_card, parse_card
 from weightship.errors import DigestMismatchError
-from weightship.fetch import FetchRequest, build_request, fetch
+from weightship.fetch import FetchOptions, FetchRequest, PeerOptions, build_request, fetch
 from weightship.manifest import Manifest
 from weightship.paths import STATE_DIR
 from weightship.torrent.create import create_torrent
 
-LOOPBACK = {"listen": "127.0.0.1:0"}
+
+def _loopback(peers: Sequence[str], **more: Any) -> FetchOptions:
+    """Options for a fetch listening on loopback, with these peers."""
+    return FetchOptions(peers=PeerOptions(listen="127.0.0.1:0", peers=tuple(peers)), **more)
 
 
 def _same_files(a: Path, b: Path) -> None:
@@ -60,7 +65,7 @@ def test_fetch_a_torrent_file_with_the_cli(tiny_hf_dir: Path, tiny_torrent: Path
 def test_fetch_a_magnet_link_from_peers(tiny_hf_dir: Path, seeder: Seeder, tmp_path: Path) -> None:
     s = seeder(tiny_hf_dir)
     dest = tmp_path / "got"
-    result = fetch(build_request(s.magnet, options={**LOOPBACK, "peers": s.listen}), dest)
+    result = fetch(build_request(s.magnet, options=_loopback(s.listen)), dest)
     assert result.manifest.source is not None and result.manifest.source.infohash == s.infohash
     _same_files(tiny_hf_dir, dest)
     # the kept torrent lets `weightship seed DIR` serve the same swarm without --torrent
@@ -71,7 +76,7 @@ def test_fetch_from_three_seeders(tiny_hf_dir: Path, tiny_torrent: Path, seeder:
     data = tiny_torrent.read_bytes()
     seeds = [seeder(tiny_hf_dir, torrent=data) for _ in range(3)]
     dest = tmp_path / "got"
-    fetch(build_request(str(tiny_torrent), options={**LOOPBACK, "peers": [s.listen[0] for s in seeds]}), dest)
+    fetch(build_request(str(tiny_torrent), options=_loopback([s.listen[0] for s in seeds])), dest)
     _same_files(tiny_hf_dir, dest)
 
 
@@ -80,7 +85,7 @@ def test_only_the_planned_files_are_downloaded(tiny_hf_dir: Path, tiny_torrent: 
     s = seeder(tiny_hf_dir, torrent=tiny_torrent.read_bytes())
     dest = tmp_path / "got"
     result = fetch(FetchRequest(ref=str(tiny_torrent), include=("*.json", "tokenizer.*"),
-                                options={**LOOPBACK, "peers": s.listen}), dest)
+                                options=_loopback(s.listen)), dest)
     assert sorted(result.fetched) == ["config.json", "tokenizer.model"]
     assert not (dest / "model.safetensors").exists()
     written = sum(p.stat().st_blocks * 512 for p in dest.rglob("*") if p.is_file())
@@ -96,7 +101,7 @@ def test_catalog_card_torrent_source(tiny_hf_dir: Path, seeder: Seeder, tmp_path
     raw["sources"] = [{"kind": "torrent", "layout": "hf", "magnet": created.magnet}]
     card = parse_card(raw, "test card")
     dest = tmp_path / "got"
-    result = fetch(FetchRequest(ref=card.name, card=card, options={**LOOPBACK, "peers": s.listen}), dest)
+    result = fetch(FetchRequest(ref=card.name, card=card, options=_loopback(s.listen)), dest)
     assert {f.anchor for f in result.manifest.files} == {"catalog"}
     _same_files(tiny_hf_dir, dest)
 
@@ -111,7 +116,7 @@ def test_a_torrent_without_digests_is_trusted_by_its_piece_hashes(tiny_hf_dir: P
     s = seeder(tiny_hf_dir, torrent=data)
     (tmp_path / "bare.torrent").write_bytes(data)
     dest = tmp_path / "got"
-    result = fetch(build_request(str(tmp_path / "bare.torrent"), options={**LOOPBACK, "peers": s.listen}), dest)
+    result = fetch(build_request(str(tmp_path / "bare.torrent"), options=_loopback(s.listen)), dest)
     assert {f.anchor for f in result.manifest.files} == {"torrent"}
     # streamed from the torrent's own store to the engine: counted once, as the peers sent it
     assert result.downloaded_bytes == Manifest.load(tiny_hf_dir).total_bytes
@@ -126,8 +131,8 @@ def test_a_manifest_that_disagrees_with_the_torrent_fails_with_exit_3(
     manifest.write(tmp_path / "other")
     dest = tmp_path / "got"
     with pytest.raises(DigestMismatchError):
-        fetch(build_request(str(tiny_torrent), options={
-            **LOOPBACK, "peers": s.listen, "manifest": str(tmp_path / "other")}), dest)
+        fetch(build_request(str(tiny_torrent), options=_loopback(
+            s.listen, manifest=tmp_path / "other")), dest)
     assert not (dest / manifest.files[0].path).exists()
     r = run_cli("fetch", tiny_torrent, "--to", dest, "--peer", s.listen[0], "--manifest", tmp_path / "other")
     assert_clean_failure(r, 3)

@@ -14,7 +14,7 @@ from tests.conftest import assert_clean_failure, run_cli
 from tests.torrent.conftest import Seeder
 from tests.torrent.hostile import HOSTILE_PATHS, OVER_LIMITS, CorruptPeer, info, torrent
 from weightship.errors import TorrentMetadataError, TorrentStalledError, UnsafePathError
-from weightship.fetch import build_request, fetch
+from weightship.fetch import FetchOptions, PeerOptions, TorrentOptions, build_request, fetch
 from weightship.manifest import Manifest
 from weightship.paths import safe_relpath
 from weightship.progress import Progress
@@ -73,8 +73,8 @@ def test_hostile_magnet_metadata_is_refused_before_download(tmp_path: Path) -> N
     handle = _serve_raw(session, data, tmp_path / "seed")
     magnet = lt.make_magnet_uri(handle.torrent_file())
     with pytest.raises(UnsafePathError):
-        fetch(build_request(magnet, options={"listen": "127.0.0.1:0",
-                                             "peers": [f"127.0.0.1:{session.listen_port()}"]}), tmp_path / "dest")
+        fetch(build_request(magnet, options=FetchOptions(peers=PeerOptions(
+            listen="127.0.0.1:0", peers=(f"127.0.0.1:{session.listen_port()}",)))), tmp_path / "dest")
     assert not [p for p in (tmp_path / "dest").rglob("*") if p.is_file() and ".weightship" not in p.parts]
     assert not (tmp_path / "evil").exists()
 
@@ -85,8 +85,9 @@ def test_magnet_metadata_over_the_size_limit_is_not_accepted(tmp_path: Path) -> 
     handle = _serve_raw(session, data, tmp_path / "seed")
     magnet = lt.make_magnet_uri(handle.torrent_file())
     with pytest.raises(TorrentStalledError):
-        fetch(build_request(magnet, options={"listen": "127.0.0.1:0", "metadata_timeout": 5,
-                                             "peers": [f"127.0.0.1:{session.listen_port()}"]}), tmp_path / "dest")
+        fetch(build_request(magnet, options=FetchOptions(
+            peers=PeerOptions(listen="127.0.0.1:0", peers=(f"127.0.0.1:{session.listen_port()}",)),
+            torrent=TorrentOptions(metadata_timeout=5))), tmp_path / "dest")
 
 
 def test_corrupt_seeder_is_banned_and_the_fetch_completes(tiny_hf_dir: Path, tiny_torrent: Path,
@@ -101,9 +102,8 @@ def test_corrupt_seeder_is_banned_and_the_fetch_completes(tiny_hf_dir: Path, tin
         bad = CorruptPeer(bytes.fromhex(meta.infohash), meta.info.num_pieces())
         try:
             notes = Notes()
-            result = fetch(build_request(str(tiny_torrent), options={
-                "listen": "127.0.0.1:0", "peers": [bad.address, honest.listen[0]]}), tmp_path / f"run{run}",
-                progress=notes)
+            options = FetchOptions(peers=PeerOptions(listen="127.0.0.1:0", peers=(bad.address, honest.listen[0])))
+            result = fetch(build_request(str(tiny_torrent), options=options), tmp_path / f"run{run}", progress=notes)
             assert {f.path: f.sha256 for f in result.manifest.files} == expected
             if bad.blocks_sent:  # it got to send data: then it must have been banned
                 assert any(n.startswith(f"banned peer {bad.address}") for n in notes.lines), (run, notes.lines)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.torrent.conftest import Seeder
-from weightship.fetch import build_request, fetch
+from weightship.fetch import FetchOptions, PeerOptions, build_request, fetch
 from weightship.manifest import Manifest
 from weightship.progress import Progress
 from weightship.torrent.metadata import load_torrent_bytes
@@ -25,9 +25,10 @@ RESUME_EVERY = 0.5
 _CHILD = """
 import sys
 from pathlib import Path
-from weightship.fetch import build_request, fetch
-fetch(build_request(sys.argv[1], options={"listen": "127.0.0.1:0", "peers": [sys.argv[2]],
-                                          "resume_every": float(sys.argv[4])}), Path(sys.argv[3]))
+from weightship.fetch import FetchOptions, PeerOptions, TorrentOptions, build_request, fetch
+options = FetchOptions(peers=PeerOptions(listen="127.0.0.1:0", peers=(sys.argv[2],)),
+                       torrent=TorrentOptions(resume_every=float(sys.argv[4])))
+fetch(build_request(sys.argv[1], options=options), Path(sys.argv[3]))
 """
 
 
@@ -59,7 +60,8 @@ def test_kill_9_then_resume(tiny_hf_dir: Path, tiny_torrent: Path, seeder: Seede
         child.wait(10)
         before = s.uploaded()
         notes = Notes()
-        result = fetch(build_request(str(tiny_torrent), options={"listen": "127.0.0.1:0", "peers": s.listen}),
+        result = fetch(build_request(str(tiny_torrent), options=FetchOptions(
+            peers=PeerOptions(listen="127.0.0.1:0", peers=tuple(s.listen)))),
                        dest, progress=notes)
         assert {f.path: f.sha256 for f in result.manifest.files} == expected
         if before >= total:
@@ -79,8 +81,8 @@ def test_peers_from_dns(tiny_hf_dir: Path, tiny_torrent: Path, seeder: Seeder, t
     s = seeder(tiny_hf_dir, torrent=tiny_torrent.read_bytes())
     port = s.listen[0].rsplit(":", 1)[1]
     dest = tmp_path / "got"
-    result = fetch(build_request(str(tiny_torrent), options={"listen": "127.0.0.1:0",
-                                                             "peers_from_dns": f"localhost:{port}"}), dest)
+    result = fetch(build_request(str(tiny_torrent), options=FetchOptions(
+        peers=PeerOptions(listen="127.0.0.1:0", peers_from_dns=f"localhost:{port}"))), dest)
     assert len(result.fetched) == 3
     assert ("127.0.0.1", int(port)) in PeerSource.from_options(dns=f"localhost:{port}").endpoints()
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.torrent.conftest import Seeder
-from weightship.fetch import build_request, fetch
+from weightship.fetch import FetchOptions, PeerOptions, build_request, fetch
 from weightship.manifest import Manifest, create_for_directory
 from weightship.torrent.create import create_torrent
 
@@ -67,7 +67,7 @@ def test_fetch_from_a_web_seed_alone(tiny_hf_dir: Path, http_root: tuple[Path, s
     torrent = tmp_path / "t.torrent"
     torrent.write_bytes(create_torrent(tiny_hf_dir, webseeds=[url]).data)
     dest = tmp_path / "got"
-    fetch(build_request(str(torrent), options={"listen": "127.0.0.1:0"}), dest)
+    fetch(build_request(str(torrent), options=FetchOptions(peers=PeerOptions(listen="127.0.0.1:0"))), dest)
     got, want = Manifest.load(dest), Manifest.load(tiny_hf_dir)
     assert [(f.path, f.size, f.sha256) for f in got.files] == [(f.path, f.size, f.sha256) for f in want.files]
 

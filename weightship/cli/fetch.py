@@ -12,6 +12,7 @@ from weightship.cli._common import JsonOption, emit, progress_for
 from weightship.fetch import build_request
 from weightship.fetch import fetch as run_fetch
 from weightship.fetch.engine import default_dir_name
+from weightship.fetch.options import build_options
 from weightship.settings import get_settings
 
 
@@ -44,7 +45,7 @@ def fetch(
     chunk_mib: Annotated[int | None, typer.Option("--chunk-mib", min=1, help="MiB per ranged "
                                                   "read; also what a resume may repeat [default: 16].")] = None,
     stall_timeout: Annotated[float | None, typer.Option(help="Seconds without a byte before "
-                                                        "reconnecting [default: 30].")] = None,
+                                                        "reconnecting [default: 30; a torrent: 300].")] = None,
     direct_io: Annotated[bool | None, typer.Option("--direct-io/--no-direct-io", help="Write with "
                                                    "O_DIRECT, bypassing the page cache, where the "
                                                    "filesystem allows [default: on].")] = None,
@@ -77,15 +78,13 @@ def fetch(
       weightship fetch mistral-7b-v0.1 --to /models/m --listen 0.0.0.0:6881 \\
           --peer 10.0.0.12:6881 --peer 10.0.0.13:6881 --seed-for 10m
     """
-    transfer = {"revision": revision, "manifest": str(manifest) if manifest else None,
-                "trust_keys": [str(k) for k in trust_key] if trust_key else None,
-                "connections": connections, "parallel_files": parallel_files, "requests": requests,
-                "chunk_size": chunk_mib << 20 if chunk_mib else None, "stall_timeout": stall_timeout,
-                "direct_io": direct_io, "listen": listen, "peers": peer or None,
-                "peers_from_dns": peers_from_dns, "peer_wait": peer_wait,
-                "trackers": tracker or None, "seed_for": seed_for}
+    options = build_options(
+        revision=revision, manifest=manifest, trust_keys=trust_key or (), connections=connections,
+        parallel_files=parallel_files, requests=requests, chunk_size=chunk_mib << 20 if chunk_mib else None,
+        stall_timeout=stall_timeout, direct_io=direct_io, listen=listen, peers=peer or (),
+        peers_from_dns=peers_from_dns, peer_wait=peer_wait, trackers=tracker or (), seed_for=seed_for)
     request = build_request(model, layout=layout, include=include or (), exclude=exclude or (),
-                            options={k: v for k, v in transfer.items() if v is not None})
+                            options=options)
     dest = to or get_settings().model_dir(default_dir_name(request))
     with progress_for(json_flag) as progress:
         result = run_fetch(request, dest, source=source, progress=progress, lock_wait=wait_lock)

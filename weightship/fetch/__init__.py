@@ -2,8 +2,9 @@
 
 from weightship.fetch.base import FetchPlan, FetchRequest, PlannedFile, Sink, Source
 from weightship.fetch.engine import FetchResult, build_request, fetch, make_sources
+from weightship.fetch.options import FetchOptions, PeerOptions, TorrentOptions, TransferOptions
 
 __all__ = [
-    "FetchPlan", "FetchRequest", "FetchResult", "PlannedFile", "Sink", "Source",
-    "build_request", "fetch", "make_sources",
+    "FetchOptions", "FetchPlan", "FetchRequest", "FetchResult", "PeerOptions", "PlannedFile", "Sink",
+    "Source", "TorrentOptions", "TransferOptions", "build_request", "fetch", "make_sources",
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
 from weightship.catalog import Card
+from weightship.fetch.options import FetchOptions
 from weightship.manifest import SourceInfo
 from weightship.progress import Progress
 from weightship.verify.digests import git_blob_hasher
@@ -46,7 +47,7 @@ class FetchRequest:
     layout: str | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    options: Mapping[str, Any] = field(default_factory=dict)  # source-specific (peers, …)
+    options: FetchOptions = field(default_factory=FetchOptions)  # how: revision, transfer, peers, …
 
 
 class Sink:

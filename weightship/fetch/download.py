@@ -42,11 +42,10 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from weightship.errors import (
     DigestMismatchError,
@@ -57,6 +56,7 @@ from weightship.errors import (
 from weightship.fetch.chunkfile import DIRECT_ALIGN, Buffers, ChunkFile, pwrite_all
 from weightship.fetch.exchange import ChunkExchange, Stopped
 from weightship.fetch.journal import Journal, discard, journal_path
+from weightship.fetch.options import TransferOptions
 from weightship.fetch.prefixhash import PrefixHasher
 from weightship.paths import open_beneath
 from weightship.progress import NullProgress, Progress
@@ -64,39 +64,6 @@ from weightship.verify.digests import git_blob_hasher
 
 log = logging.getLogger(__name__)
 
-
-
-@dataclass(frozen=True)
-class TransferOptions:
-    """How hard to pull. The defaults keep 8 ranged reads in flight in 192 MiB of buffers:
-    enough for a 2-core laptop and for a link a few connections fill (on loopback here, 1 GiB/s).
-    On a fast link to a far server, where each connection is held back by latency, raise
-    ``connections``: each one costs a thread and ``chunk_size`` bytes per file."""
-
-    connections: int = 4  # ranged reads in flight per file; more hides per-connection latency
-    parallel_files: int = 2  # files downloaded at once; total connections = product of both
-    chunk_size: int = 16 << 20  # bytes per ranged read; also the resume granularity
-    stall_timeout: float = 30.0  # seconds without a byte before reconnecting
-    retries: int = 6  # tries per chunk without progress, for retryable errors only
-    backoff: float = 0.5  # first retry delay in seconds, doubled each time (with jitter)
-    backoff_max: float = 15.0
-    verify: bool = True  # hash while downloading; off only for benchmarks (never promoted)
-    # Write chunks with O_DIRECT where the filesystem allows: no page-cache copy (on a 2-core VM
-    # here, 1 GiB fetched and fsynced took 1.25 s instead of 1.9 s), and a fresh model does not
-    # push other files out of the cache. The price: it is not in the cache afterwards either.
-    direct_io: bool = True
-    # Requests in flight for the whole fetch, shared by its files (a small file's GET holds one,
-    # a large file's ranged reads up to ``connections``); 0: connections x parallel_files.
-    requests: int = 0
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> TransferOptions:
-        """Options from a request's ``options`` mapping (keys as the field names)."""
-        known = {k: options[k] for k in cls.__dataclass_fields__ if options.get(k) is not None}
-        opts = cls(**known)
-        assert opts.connections >= 1 and opts.parallel_files >= 1 and opts.chunk_size >= 4096, opts
-        assert opts.requests >= 0, opts
-        return opts
 
 
 @dataclass(frozen=True)

@@ -83,13 +83,13 @@ class HfSource(RangedSource):
     def _target(self) -> tuple[str, str]:
         if self.request.card is not None:
             repo = str(self.spec.get("repo") or "")
-            revision = (self.request.options.get("revision")
+            revision = (self.request.options.revision
                         or self.request.card.hub_revision(self.spec) or "main")
             if not repo:
                 raise UsageError(f"{self.request.card.name}: hf source without a repo")
             return repo, str(revision)
         repo, rev = parse_hf_uri(self.request.ref)
-        return repo, str(self.request.options.get("revision") or rev or "main")
+        return repo, str(self.request.options.revision or rev or "main")
 
     def _model_info(self, repo: str, revision: str) -> Any:
         """The Hub's description of ``repo`` at ``revision``, retried while the Hub is busy."""
@@ -114,7 +114,7 @@ class HfSource(RangedSource):
     def plan(self) -> FetchPlan:
         repo, revision = self._target()
         card = self.request.card
-        if card is not None and not self.request.options.get("revision") and card.hub_revision(self.spec) is None:
+        if card is not None and not self.request.options.revision and card.hub_revision(self.spec) is None:
             log.warning("%s pins no Hub commit for %s: fetching main as it is now (the manifest "
                         "records the commit); pass --revision COMMIT to choose one", card.name, repo)
         info = self._model_info(repo, revision)

@@ -52,7 +52,8 @@ from weightship.errors import (
     RemoteNotFoundError,
     TransientFetchError,
 )
-from weightship.fetch.download import RangeReader, RemoteStat, TransferOptions, sleep_backoff
+from weightship.fetch.download import RangeReader, RemoteStat, sleep_backoff
+from weightship.fetch.options import TransferOptions
 
 log = logging.getLogger(__name__)
 

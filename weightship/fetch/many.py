@@ -40,8 +40,9 @@ from typing import TypeVar
 from weightship.errors import DigestMismatchError, DiskFullError, TransientFetchError
 from weightship.fetch.base import PlannedFile
 from weightship.fetch.chunkfile import pwrite_all
-from weightship.fetch.download import DownloadResult, RangeReader, TransferOptions, sleep_backoff
+from weightship.fetch.download import DownloadResult, RangeReader, sleep_backoff
 from weightship.fetch.journal import journal_path
+from weightship.fetch.options import TransferOptions
 from weightship.paths import dir_beneath, open_beneath
 from weightship.progress import Progress
 from weightship.verify.digests import git_blob_hasher

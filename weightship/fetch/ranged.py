@@ -26,7 +26,6 @@ import logging
 import posixpath
 from abc import abstractmethod
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from weightship.errors import ManifestError, NoTrustAnchorError, SignatureError, UnsignedManifestError
@@ -54,7 +53,7 @@ class RangedSource(Source):
 
     def transfer_options(self) -> TransferOptions:
         """How hard to pull, from the request's options."""
-        return TransferOptions.from_options(self.request.options)
+        return self.request.options.transfer
 
     def make_pool(self) -> HttpPool:
         """The connections for this source's downloads (a source may add headers or a CA bundle)."""
@@ -77,7 +76,7 @@ class RangedSource(Source):
         ``trust_keys`` option) and the card source entry's ``trust_key``."""
         from weightship.signing import load_trust_key
 
-        keys = [load_trust_key(k, f"--trust-key {k}") for k in self.request.options.get("trust_keys") or ()]
+        keys = [load_trust_key(str(k), f"--trust-key {k}") for k in self.request.options.trust_keys]
         if self.spec.get("trust_key") and self.request.card is not None:
             keys.append(load_trust_key(str(self.spec["trust_key"]),
                                        f"the trust_key of {self.request.card.name}'s {self.kind} source"))
@@ -114,9 +113,9 @@ def plan_from_manifest(source: RangedSource, *, uri: str, revision: str | None,
     name = request.card.name if request.card else posixpath.basename(uri.rstrip("/")) or uri
     layout = request.layout or (request.card.default_layout if request.card else None)
     files: list[PlannedFile] = []
-    user_manifest = request.options.get("manifest")
+    user_manifest = request.options.manifest
     if user_manifest:
-        m = Manifest.load(Path(str(user_manifest)))
+        m = Manifest.load(user_manifest)
         files = [PlannedFile(path=f.path, size=f.size, sha256=f.sha256, anchor="manifest",
                              locator=locate(f.path)) for f in m.files]
         name, layout = (request.card.name if request.card else m.name), m.layout or layout

@@ -10,6 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 from weightship.catalog import is_catalog_name, load_card
 from weightship.errors import UnknownSourceError, UnsafePathError
 from weightship.fetch.base import FetchRequest, Source
+from weightship.fetch.options import FetchOptions
 from weightship.fetch.registry import kind_for_uri, source_class
 from weightship.paths import safe_relpath
 
@@ -42,13 +43,13 @@ def make_sources(request: FetchRequest, source: str = "auto") -> list[Source]:
 
 
 def build_request(ref: str, *, layout: str | None = None, include: Sequence[str] = (),
-                  exclude: Sequence[str] = (), options: dict[str, object] | None = None) -> FetchRequest:
+                  exclude: Sequence[str] = (), options: FetchOptions | None = None) -> FetchRequest:
     """A :class:`FetchRequest` for a catalog name or a URI."""
     card = load_card(ref) if is_catalog_name(ref) or not _looks_like_uri(ref) else None
     if card is not None and layout is not None:
         card.layout(layout)  # fails early on a layout the card does not have
     return FetchRequest(ref=ref, card=card, layout=layout, include=tuple(include),
-                        exclude=tuple(exclude), options=options or {})
+                        exclude=tuple(exclude), options=options or FetchOptions())
 
 
 def default_dir_name(request: FetchRequest) -> str:

@@ -48,7 +48,7 @@ from weightship.manifest import Manifest, SourceInfo, atomic_write
 from weightship.paths import STATE_DIR, open_beneath, open_dir_beneath, replace_beneath, resolve_under
 from weightship.progress import NullProgress, Progress
 from weightship.torrent.metadata import MAX_METADATA_BYTES, TorrentMeta, check_torrent, load_torrent_bytes
-from weightship.torrent.peers import PeerSource, parse_duration
+from weightship.torrent.peers import PeerSource
 from weightship.torrent.settings import SessionOptions
 from weightship.torrent.swarm import Swarm
 
@@ -57,7 +57,6 @@ log = logging.getLogger(__name__)
 _CHUNK = 4 << 20
 # Fast-resume data is a few KB (a bitfield and the unfinished pieces' blocks); writing it every
 # 2 s bounds what a kill -9 costs to ~2 s of transfer, with no re-hash of what was verified.
-RESUME_EVERY = 2.0
 TORRENT_FILE = "source.torrent"  # kept in DIR/.weightship/ so `weightship seed DIR` can reuse it
 
 
@@ -70,12 +69,10 @@ class TorrentSource(Source):
 
     def __init__(self, request: FetchRequest, spec: Mapping[str, Any] | None = None) -> None:
         super().__init__(request, spec)
-        opts = self.request.options
-        self._peers = PeerSource.from_options(tuple(opts.get("peers") or ()), opts.get("peers_from_dns"))
-        self._trackers: list[str] = list(opts.get("trackers") or ())
-        self._session_opts = SessionOptions(
-            listen=str(opts.get("listen") or "0.0.0.0:0,[::]:0"),
-            dht=bool(opts.get("dht", False)), lsd=bool(opts.get("lsd", False)))
+        fleet = self.request.options.peers
+        self._peers = PeerSource.from_options(fleet.peers, fleet.peers_from_dns)
+        self._trackers: list[str] = list(self.request.options.torrent.trackers)
+        self._session_opts = SessionOptions(listen=fleet.listen or "0.0.0.0:0,[::]:0")
         self._meta: TorrentMeta | None = None
         self._swarm: Swarm | None = None
         self._store: Path | None = None  # where libtorrent wrote the payload
@@ -118,7 +115,7 @@ class TorrentSource(Source):
         atp.trackers = list(atp.trackers) + self._trackers
         try:
             info = self._swarm_for(NullProgress()).fetch_metadata(
-                atp, timeout=float(self.request.options.get("metadata_timeout", 120)))
+                atp, timeout=self.request.options.torrent.metadata_timeout)
         finally:
             shutil.rmtree(atp.save_path, ignore_errors=True)
         return check_torrent(info, f"metadata of {uri[:80]}")
@@ -162,10 +159,8 @@ class TorrentSource(Source):
                                                         infohash=meta.infohash))
 
     def _given_manifest(self) -> Manifest | None:
-        given = self.request.options.get("manifest")
-        if not given:
-            return None
-        return Manifest.load(Path(given))
+        given = self.request.options.manifest
+        return Manifest.load(given) if given else None
 
     def _selected(self, path: str) -> bool:
         inc, exc = self.request.include, self.request.exclude
@@ -197,12 +192,10 @@ class TorrentSource(Source):
         for f in files:
             progress.file_begin(f.path, f.size)
         swarm = self._swarm_for(progress)
-        opts = self.request.options
+        opts = self.request.options.torrent
         handle = swarm.download(
-            atp, {by_path[f.path].index: f.path for f in files},
-            stall_timeout=float(opts.get("stall_timeout", 300)),
-            resume_path=incoming / f".torrent-{meta.infohash}.resume",
-            resume_every=float(opts.get("resume_every", RESUME_EVERY)))
+            atp, {by_path[f.path].index: f.path for f in files}, stall_timeout=opts.stall_timeout,
+            resume_path=incoming / f".torrent-{meta.infohash}.resume", resume_every=opts.resume_every)
         swarm.remove(handle)
         progress.note(f"torrent {meta.infohash}: {swarm.downloaded_bytes:,} bytes from peers, "
                       f"{swarm.resumed_bytes:,} bytes resumed from an earlier run, "
@@ -263,7 +256,7 @@ class TorrentSource(Source):
                 (self._incoming / f".torrent-{self._meta.infohash}.resume").unlink(missing_ok=True)
 
     def _seed_after_fetch(self) -> None:
-        seed_for = self.request.options.get("seed_for")
+        seed_for = self.request.options.peers.seed_for
         if not self._delivered or self._incoming is None or self._meta is None:
             return
         directory = self._incoming.parent.parent
@@ -278,9 +271,8 @@ class TorrentSource(Source):
             return
         from weightship.torrent.seed import seed_directory
 
-        seconds = parse_duration(str(seed_for))
         seed_directory(directory, torrent=self._meta.torrent_bytes(), listen=self._session_opts.listen,
-                       duration=seconds, peers=self._peers, progress=self._swarm.progress
+                       duration=seed_for, peers=self._peers, progress=self._swarm.progress
                        if self._swarm else NullProgress(), check=False)
 
 

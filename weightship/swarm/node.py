@@ -20,14 +20,12 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from weightship.fetch.base import PlannedFile
-from weightship.fetch.download import TransferOptions
 from weightship.fetch.http import HttpPool
+from weightship.fetch.options import PeerOptions, TransferOptions
 from weightship.paths import open_beneath
 from weightship.progress import Progress
 from weightship.swarm.board import Board
@@ -35,13 +33,12 @@ from weightship.swarm.exchange import PeerExchange
 from weightship.swarm.mesh import Mesh
 from weightship.swarm.protocol import NODE_ID, chunks_of
 from weightship.swarm.server import PeerServer
-from weightship.torrent.peers import DEFAULT_PORT, PeerSource, parse_duration, parse_endpoint
+from weightship.torrent.peers import DEFAULT_PORT, PeerSource, parse_endpoint
 
 log = logging.getLogger(__name__)
 
 NODE_FILE = "swarm-node"
 GIVE_UP = 60.0  # seconds: a peer that has not answered this long is not waited for (serving ends)
-SWARM_CHUNK = 4 << 20  # the chunk size of a fetch with peers, unless --chunk-mib says otherwise
 
 
 @dataclass(frozen=True)
@@ -60,20 +57,14 @@ class SwarmOptions:
     first_contact: float = 2.0
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> SwarmOptions | None:
-        """The swarm a request's options ask for, or None when they name no peers and no listen
-        address."""
-        listen, peers, dns = options.get("listen"), tuple(options.get("peers") or ()), options.get("peers_from_dns")
-        if not (listen or peers or dns):
+    def from_options(cls, fleet: PeerOptions) -> SwarmOptions | None:
+        """The swarm a fetch's peer options ask for, or None when they name no peers and no
+        listen address."""
+        if not fleet.wanted:
             return None
-        for p in peers:
-            parse_endpoint(p)  # fail early on a malformed one
-        seed = options.get("seed_for")
-        return cls(listen=listen_address(str(listen)) if listen else None,
-                   peers=peers, peers_from_dns=str(dns) if dns else None,
-                   seed_for=parse_duration(str(seed)) if seed else 0.0,
-                   stall=float(options.get("peer_stall") or 10.0),
-                   first_contact=2.0 if options.get("peer_wait") is None else float(options["peer_wait"]))
+        return cls(listen=listen_address(fleet.listen) if fleet.listen else None,
+                   peers=fleet.peers, peers_from_dns=fleet.peers_from_dns, seed_for=fleet.seed_for,
+                   stall=fleet.stall, first_contact=fleet.wait)
 
 
 @dataclass

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from weightship.errors import SwarmError
 from weightship.fetch.base import PlannedFile
-from weightship.fetch.download import TransferOptions
+from weightship.fetch.options import SWARM_CHUNK, TransferOptions
 from weightship.manifest import Manifest
 from weightship.paths import STATE_DIR, resolve_under
-from weightship.swarm.node import SWARM_CHUNK, SwarmNode, SwarmOptions, listen_address
+from weightship.swarm.node import SwarmNode, SwarmOptions, listen_address
 
 
 @dataclass(frozen=True)
