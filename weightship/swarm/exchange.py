@@ -285,18 +285,17 @@ class PeerExchange(ChunkExchange):
                             return None
                     elif now - op.last_event > stall:
                         return None  # the owner is up but stuck
-                cond.wait(TICK)
+                self.mesh.wait_chunk(self.sha256, index, TICK)
 
     def _yield_claim(self, index: int, claimed_at: float | None = None) -> bool:
         """After announcing (at ``claimed_at``; default now) that this node takes chunk ``index``
         from the origin, whether to let another node have it: two nodes whose views of the
         members differed for a moment (one just joined) may both think they own it. Each waits
         :data:`CLAIM_WAIT` for the other's claim to arrive, and the smaller node id goes first."""
-        deadline = (time.monotonic() if claimed_at is None else claimed_at) + CLAIM_WAIT
-        cond = self.mesh.cond
-        with cond:
-            while (left := deadline - time.monotonic()) > 0:
-                cond.wait(left)
+        left = (time.monotonic() if claimed_at is None else claimed_at) + CLAIM_WAIT - time.monotonic()
+        if left > 0:
+            self.stop.wait(left)  # what arrives meanwhile is read after: no need to wake for it
+        with self.mesh.cond:
             for node, (_, rf) in self._view()[1].items():
                 held = rf.have.get(index)
                 if (held is not None and held[0] not in self.mesh.banned) or (

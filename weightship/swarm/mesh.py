@@ -7,8 +7,10 @@ line per piece of news; long polls from a peer that does not stream); what it sa
 field by field, and a peer whose log does not parse is treated as down. A peer that does not
 answer is down until it answers again; a peer that restarted (a new epoch) is read
 from the start. A banned peer (one caught sending bytes that are not what it said they were) is
-never asked again by this process. Everything here is guarded by one condition, :attr:`Mesh.cond`,
-which is notified on every change so that a chunk waiting for a peer wakes at once.
+never asked again by this process. Everything here is guarded by one lock, that of
+:attr:`Mesh.cond`, which is notified on every change but news of a chunk; a chunk waiting for a
+peer (:meth:`Mesh.wait_chunk`) wakes at once on news of that chunk, or on any other change. Waking
+every waiter on every chunk's news cost each node about 0.3 s of CPU per 512 MiB on 8 nodes.
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ class Mesh:
     def __init__(self, node: str, peers: PeerSource) -> None:
         self.node = node
         self.source = peers
-        self.cond = threading.Condition()
+        self._lock = threading.RLock()
+        self.cond = threading.Condition(self._lock)
+        self._chunk_waiters: dict[tuple[str, int], list[threading.Condition]] = {}
         self.peers: dict[tuple[str, int], Peer] = {}
         self.banned: dict[str, str] = {}  # node id or endpoint -> why
         self._closed = threading.Event()
@@ -105,7 +109,7 @@ class Mesh:
             for endpoint in set(self.peers) - found:  # a DNS record that went away
                 self.peers[endpoint].stopped = True
                 self.peers[endpoint].alive = False
-            self.cond.notify_all()
+            self._notify_all()
 
     def _resolve_loop(self) -> None:
         while not self._closed.wait(RESOLVE_EVERY):
@@ -149,10 +153,12 @@ class Mesh:
         if node == self.node:
             with self.cond:
                 peer.stopped, peer.alive = True, False
-                self.cond.notify_all()
+                self._notify_all()
             return False
         with self.cond:
+            changed = not peer.alive
             if peer.epoch != epoch or peer.node != node:
+                changed = True
                 # a first answer, or the peer restarted: the server answered from its log's start
                 if peer.epoch is not None:
                     log.info("peer %s restarted; reading its news from the start", peer.name)
@@ -161,8 +167,13 @@ class Mesh:
             events = reply["events"]
             assert isinstance(events, list)
             parsed = [parse_event(raw, peer.sizes) for raw in events]  # all or none
+            chunks: set[tuple[str, int]] = set()
             for e in parsed:
                 self._event(peer, e)
+                if e.kind in ("have", "take"):
+                    chunks.add((e.sha256, e.index))
+                else:
+                    changed = True
             nxt = reply["next"]
             assert isinstance(nxt, int)
             peer.since = nxt
@@ -173,7 +184,12 @@ class Mesh:
                 peer.news = time.monotonic()
             peer.news = max(peer.news, peer.last_event)
             peer.alive, peer.down_since = True, None
-            self.cond.notify_all()
+            if changed:
+                self._notify_all()
+            else:
+                for key in chunks:
+                    for c in self._chunk_waiters.get(key, ()):
+                        c.notify()
         return True
 
     @staticmethod
@@ -202,9 +218,31 @@ class Mesh:
                 log.info("peer %s is down: %s", peer.name, why)
                 peer.down_since = time.monotonic()
             peer.alive = False
-            self.cond.notify_all()
+            self._notify_all()
+
+    def _notify_all(self) -> None:
+        """Wake every waiter (call with :attr:`cond` held)."""
+        self.cond.notify_all()
+        for waiters in self._chunk_waiters.values():
+            for c in waiters:
+                c.notify()
 
     # ---- what the chunk scheduler asks ------------------------------------------------------------
+
+    def wait_chunk(self, sha256: str, index: int, timeout: float) -> None:
+        """Wait (with :attr:`cond` held) until a peer says something of chunk ``index`` of
+        ``sha256``, or anything else changes (a peer comes or goes, shares or drops, is banned),
+        or ``timeout`` seconds pass."""
+        key = (sha256, index)
+        c = threading.Condition(self._lock)
+        self._chunk_waiters.setdefault(key, []).append(c)
+        try:
+            c.wait(timeout)
+        finally:
+            waiters = self._chunk_waiters[key]
+            waiters.remove(c)
+            if not waiters:
+                del self._chunk_waiters[key]
 
     def wait_for_contact(self, timeout: float, sha256: str) -> None:
         """Wait until every known peer answered and shares the file ``sha256`` (or ``timeout``
@@ -236,7 +274,7 @@ class Mesh:
             self.banned[peer.name] = why
             if peer.node is not None:
                 self.banned[peer.node] = why
-            self.cond.notify_all()
+            self._notify_all()
 
     def ban_node(self, node: str, why: str) -> None:
         """Ban the node ``node`` wherever it is reached."""
@@ -247,7 +285,7 @@ class Mesh:
             if node not in self.banned:
                 log.warning("banned peer node %s: %s", node, why)
                 self.banned[node] = why
-            self.cond.notify_all()
+            self._notify_all()
 
     def down(self, peer: Peer, why: BaseException) -> None:
         """A chunk request to ``peer`` failed at the connection: treat it as down until its
@@ -278,7 +316,7 @@ class Mesh:
         """Stop reading peers."""
         self._closed.set()
         with self.cond:
-            self.cond.notify_all()
+            self._notify_all()
 
 
 def _reply(line: bytes) -> dict[str, object]:
