@@ -9,6 +9,10 @@ One thread owns the model. Each :meth:`Engine.step`:
    steps, so running requests keep decoding meanwhile); samples their first tokens;
 4. decodes one token for every running request in one batched forward pass.
 
+This module schedules (steps 1 and 2, the engine thread, outputs); the forward passes of steps
+3 and 4 are :class:`~weightship.runtime.batching.Batcher`'s, which hands each sampled token back
+to :meth:`Engine._accept`.
+
 A request finishes on the end of its turn (``</s>``, ``<|im_end|>``), a stop string,
 ``max_tokens`` or the context length, and frees its slot at once, so a short request that
 arrives during a long one finishes first. Results go to a per-request ``sink`` called on the
@@ -30,12 +34,13 @@ from dataclasses import dataclass
 import torch
 
 from weightship.errors import EngineOverloadedError, EngineStoppedError, InvalidRequestError
+from weightship.runtime.batching import Batcher
 from weightship.runtime.cache import KVCache
 from weightship.runtime.decoding import DecodeRunner
-from weightship.runtime.logprobs import TokenLogprob, log_probs, pick
+from weightship.runtime.logprobs import TokenLogprob
 from weightship.runtime.model import Transformer
 from weightship.runtime.request import Completion, FinishReason, Output, OutputSink, Request
-from weightship.runtime.sampling import Sampler, SamplingParams, sample_rows
+from weightship.runtime.sampling import SamplingParams
 from weightship.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -64,15 +69,6 @@ class EngineConfig:
     max_batch: int | None = None
 
 
-@dataclass
-class _Ahead:
-    """A decode step launched before the engine knew the tokens it is fed (see ``lookahead``)."""
-
-    ids: list[str]  # the requests of rows 0..n-1 it advances, one token past the step before
-    logits: torch.Tensor  # [n, V]
-    greedy: torch.Tensor  # [n]
-
-
 @dataclass(frozen=True)
 class EngineStats:
     waiting: int
@@ -91,8 +87,9 @@ class Engine:
         self.args = dataclasses.replace(model.args, max_batch=self.config.max_batch or model.args.max_batch)
         self.cache = KVCache(self.args, model.device, model.dtype)
         self.runner = DecodeRunner(model, self.cache, self.config.use_graphs, self.config.compile_step)
-        self.lookahead = self.runner.use_graphs if self.config.lookahead is None else self.config.lookahead
-        self._ahead: _Ahead | None = None
+        lookahead = self.runner.use_graphs if self.config.lookahead is None else self.config.lookahead
+        self.batcher = Batcher(model, self.cache, self.runner, self.args, prefill_chunk=self.config.prefill_chunk,
+                               lookahead=lookahead, accept=self._accept)
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._cancelled: set[str] = set()
@@ -237,8 +234,8 @@ class Engine:
         for running in self._slots:
             if running is not None and running.id in cancelled:
                 self._finish(running, "cancelled", "")
-        did = self._prefill()
-        return self._decode() or did or bool(dropped or cancelled)
+        did = self.batcher.prefill(self._slots)
+        return self.batcher.decode(self._slots) or did or bool(dropped or cancelled)
 
     def _place(self, req: Request, free: list[int]) -> tuple[int, int]:
         """The free slot for ``req``, and how many of its prompt tokens that slot holds already:
@@ -258,136 +255,6 @@ class Engine:
                 if n > common:
                     best, common = slot, n
         return (best, common) if common >= _MIN_REUSE else (free[0], 0)
-
-    def _prefill(self) -> bool:
-        """Spend this step's prompt budget on the newcomers, oldest first: prompts that fit
-        whole are packed into one forward pass; a longer one runs a chunk of its own."""
-        budget = self.config.prefill_chunk
-        newcomers = sorted((r for r in self._slots if r is not None and r.prefilled < len(r.prompt)),
-                           key=lambda r: r.seq)
-        whole: list[Request] = []
-        chunks: list[tuple[Request, int]] = []
-        for r in newcomers:
-            if budget <= 0:
-                break
-            n = min(len(r.prompt) - r.prefilled, budget)
-            if r.prefilled == 0 and n == len(r.prompt):
-                whole.append(r)
-            else:
-                chunks.append((r, n))
-            budget -= n
-        if whole:
-            device = self.model.device
-            echo = any(r.params.prompt_logprobs is not None for r in whole)
-            logits = self.model.prefill_packed([torch.tensor(r.prompt, device=device) for r in whole],
-                                               [r.slot for r in whole], self.cache, all_logits=echo)
-            if echo:  # [N, V] packed: split per prompt, keep each one's last position
-                parts = logits.split([len(r.prompt) for r in whole])
-                for r, part in zip(whole, parts, strict=True):
-                    if r.params.prompt_logprobs is not None:
-                        self._score_prompt(r, part)
-                logits = torch.stack([part[-1] for part in parts])  # [S, V]
-            for r in whole:
-                r.prefilled = len(r.prompt)
-            self._first_tokens(whole, logits)
-        for r, n in chunks:
-            chunk = torch.tensor(r.prompt[r.prefilled : r.prefilled + n], device=self.model.device)
-            echo = r.params.prompt_logprobs is not None
-            logits = self.model.prefill(chunk, r.prefilled, r.slot, self.cache, all_logits=echo)
-            if echo:  # [n, V]
-                self._score_prompt(r, logits)
-                logits = logits[-1]
-            r.prefilled += n
-            if r.prefilled == len(r.prompt):
-                self._first_tokens([r], logits.unsqueeze(0))
-        return bool(newcomers)
-
-    def _score_prompt(self, r: Request, logits: torch.Tensor) -> None:
-        """Log-probabilities of the prompt tokens that ``logits`` [n, V] of positions
-        ``r.prefilled ..`` predict (position p's logits score token p + 1), for ``echo``."""
-        k = r.params.prompt_logprobs
-        assert k is not None
-        if r.prefilled == 0:
-            r.prompt_logprobs.append(TokenLogprob(r.prompt[0], None))  # nothing predicts it
-        scored = r.prompt[r.prefilled + 1 : r.prefilled + logits.shape[0] + 1]
-        r.prompt_logprobs += pick(log_probs(logits[: len(scored)]), scored, [k] * len(scored))
-
-    def _first_tokens(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        """Sample the first token of each of ``reqs``, fully prefilled, from row i of ``logits`` [S, V]."""
-        samplers = [Sampler(r.params, self.args.arch.vocab_size, self.model.device) for r in reqs]
-        for r, sampler in zip(reqs, samplers, strict=True):
-            r.sampler = sampler
-        rows = list(range(len(reqs)))
-        scored, lp = self._logprob_rows(reqs, logits, rows)
-        self._accept_all(reqs, sample_rows(logits, rows, samplers), scored, lp)
-
-    def _decode(self) -> bool:
-        active = [r for r in self._slots if r is not None and r.decoding]
-        ahead, self._ahead = self._ahead, None
-        if not active:
-            return False
-        n = self.runner.padded_batch(max(r.slot for r in active) + 1)
-        if ahead is not None and ahead.ids == [r.id for r in active]:
-            logits, greedy = ahead.logits, ahead.greedy  # already running: the same rows, one on
-        else:  # (a discarded step ahead wrote only its own rows' next cache entries)
-            logits, greedy = self.runner(*self._step_inputs(n))  # [n, V], [n]
-        samplers = [r.sampler for r in active]
-        assert all(s is not None for s in samplers), [r.id for r in active]
-        # before a step is launched ahead: it overwrites the logits (its CUDA graph's output)
-        scored, lp = self._logprob_rows(active, logits, [r.slot for r in active])
-        if self._can_launch_ahead(active, n):
-            new, (next_logits, next_greedy) = self.runner.launch_next(greedy)
-            self._ahead = _Ahead([r.id for r in active], next_logits, next_greedy)
-        else:
-            new = sample_rows(logits, [r.slot for r in active], samplers, greedy)  # type: ignore[arg-type]
-        self._accept_all(active, new, scored, lp)
-        return True
-
-    @staticmethod
-    def _logprob_rows(reqs: list[Request], logits: torch.Tensor,
-                      rows: list[int]) -> tuple[list[int], torch.Tensor | None]:
-        """Which of ``reqs`` (logits row ``rows[i]`` each) asked for log-probabilities, and theirs
-        [len(scored), V]: a copy, taken now."""
-        scored = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
-        return scored, log_probs(logits[[rows[i] for i in scored]]) if scored else None
-
-    def _accept_all(self, reqs: list[Request], tokens: list[int], scored: list[int],
-                    lp: torch.Tensor | None) -> None:
-        """Accept ``tokens[i]`` for ``reqs[i]``; ``lp`` [len(scored), V] are the log-probabilities
-        of the rows ``scored`` (the requests that asked for them)."""
-        picked: dict[int, TokenLogprob] = {}
-        if lp is not None:
-            entries = pick(lp, [tokens[i] for i in scored], [reqs[i].params.logprobs or 0 for i in scored])
-            picked = dict(zip(scored, entries, strict=True))
-        for i, (r, token) in enumerate(zip(reqs, tokens, strict=True)):
-            self._accept(r, token, picked.get(i))
-
-    def _step_inputs(self, n: int) -> tuple[list[int], list[int]]:
-        """Tokens and positions [n] that rows ``0..n-1`` are fed in a decode step."""
-        tokens, positions = [0] * n, [0] * n
-        for slot in range(n):
-            occupant = self._slots[slot]
-            if occupant is None:  # a free slot: write only entry C - 1, which no resident prefix
-                positions[slot] = -1  # holds (and see no key, so the row's output is garbage)
-                continue
-            if occupant.decoding:
-                tokens[slot] = occupant.output[-1]
-                positions[slot] = len(occupant.prompt) + len(occupant.output) - 1
-            else:  # half prefilled: scribble only where its next chunk will write
-                positions[slot] = occupant.prefilled
-        return tokens, positions
-
-    def _can_launch_ahead(self, active: list[Request], n: int) -> bool:
-        """Whether the next step's inputs follow from this one's on the device alone.
-
-        Every row must be a request decoding greedily (no idle or half-prefilled rows), and none
-        may reach its length limit with the token being chosen now.
-        """
-        if not self.lookahead or len(active) != n:
-            return False
-        limit = self.args.max_model_len
-        return all(r.params.plain_greedy and len(r.output) + 1 < r.params.max_tokens
-                   and len(r.prompt) + len(r.output) + 1 < limit for r in active)
 
     # ---- outputs ----------------------------------------------------------------------------
 
