@@ -31,7 +31,6 @@ class FakeSource(Source):
     """Serves ``GOOD``, optionally corrupting one file; a test double for a remote source."""
 
     kind: ClassVar[str] = "fake"
-    schemes: ClassVar[tuple[str, ...]] = ("fake",)
     served: ClassVar[list[str]] = []
     names: ClassVar[list[str]] = list(GOOD)  # what the plan lists
     corrupt: ClassVar[str | None] = None  # the file served with a flipped bit
@@ -53,7 +52,7 @@ class FakeSource(Source):
 
 @pytest.fixture(autouse=True)
 def _fake_source(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setitem(registry._SOURCES, "fake", f"{__name__}:FakeSource")
+    monkeypatch.setitem(registry._SOURCES, "fake", (f"{__name__}:FakeSource", ("fake",)))
     FakeSource.served, FakeSource.names, FakeSource.corrupt = [], list(GOOD), None
     yield
 
@@ -232,3 +231,24 @@ def test_a_state_directory_that_is_a_link_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsafePathError, match="symlink"):
         fetch(_request(), dest)
     assert list(outside.iterdir()) == []  # no lock, no staging file, no manifest went there
+
+
+def test_finding_a_uris_source_imports_no_source_module() -> None:
+    """The registry knows each kind's URI schemes: choosing the source for a URI (and refusing an
+    unknown scheme) loads neither the source modules nor boto3, libtorrent or huggingface_hub."""
+    code = """
+import sys
+from weightship.errors import UnknownSourceError
+from weightship.fetch.registry import kind_for_uri
+kinds = [kind_for_uri(u) for u in ("s3://b/m", "magnet:?xt=urn:btih:" + "0" * 40, "hf://a/b",
+                                   "https://h/m/", "http://h/m/", "m.torrent")]
+try:
+    kind_for_uri("ftp://h/m")
+except UnknownSourceError as e:
+    assert "s3://" in str(e.hint), e.hint
+loaded = [m for m in ("weightship.fetch.s3", "weightship.fetch.torrent", "weightship.fetch.hf",
+                      "weightship.fetch.https", "boto3", "libtorrent", "huggingface_hub") if m in sys.modules]
+print(kinds, loaded)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['s3', 'torrent', 'hf', 'https', 'https', 'torrent'] []"

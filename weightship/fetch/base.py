@@ -7,13 +7,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from weightship.catalog import Card
 from weightship.fetch.options import FetchOptions
 from weightship.manifest import SourceInfo
 from weightship.progress import Progress
 from weightship.verify.digests import git_blob_hasher
+
+if TYPE_CHECKING:
+    from weightship.fetch.download import RangeReader
 
 
 @dataclass(frozen=True)
@@ -84,15 +87,24 @@ class Sink:
 
 
 class Source(ABC):
-    """A place model files come from. One module per source, registered by kind and scheme.
+    """A place model files come from. One module per source, registered by kind and URI scheme
+    in :mod:`weightship.fetch.registry`.
 
     A source is made for one request (and, for catalog models, one entry of the card's
-    ``sources:`` list); the engine asks it for a plan, then for each file's bytes.
+    ``sources:`` list); the engine asks it for a plan, then for the files' bytes in one of three
+    ways, the first the source offers: all at once (:meth:`fetch_many`, a torrent), by byte ranges
+    (``reads_ranges``: :meth:`remote`, downloaded in parallel and resumably by the engine), or as
+    one stream per file (:meth:`fetch_file`).
     """
 
     kind: ClassVar[str]
-    schemes: ClassVar[tuple[str, ...]] = ()  # URI schemes this source handles
     network: ClassVar[bool] = True  # fetch_file's bytes come over the network (a download)
+    # :meth:`remote` reads byte ranges: the engine's parallel, resumable downloader (and the
+    # fleet swarm) fetch the files, under the request's transfer options
+    reads_ranges: ClassVar[bool] = False
+    # Globs of files fetched only when an --include names them, where no card says which
+    # (a Hub repo's pickles and other frameworks' weights: weightship.fetch.select.DEFAULT_OPTIONAL)
+    default_optional: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, request: FetchRequest, spec: Mapping[str, Any] | None = None) -> None:
         self.request = request
@@ -106,12 +118,19 @@ class Source(ABC):
     def fetch_file(self, file: PlannedFile, sink: Sink) -> None:
         """Write the bytes of ``file`` into ``sink``, from its first byte."""
 
-    def fetch_many(self, files: list[PlannedFile], staging: dict[str, Path], progress: Progress) -> bool:
+    def remote(self, file: PlannedFile) -> RangeReader:
+        """A reader of ``file``'s byte ranges at this source; only where ``reads_ranges``."""
+        raise NotImplementedError(f"the {self.kind} source does not read byte ranges")
+
+    def fetch_many(self, files: list[PlannedFile], staging: dict[str, Path], *, root: Path,
+                   incoming: Path, progress: Progress) -> bool:
         """Optionally fetch several files at once into their ``staging`` paths.
 
-        Sources whose protocol delivers many files together (BitTorrent) override this and
-        return True; the engine then hashes what they wrote against the plan. The default
-        returns False, and the engine calls :meth:`fetch_file` for each file instead.
+        ``root`` is the model directory and ``incoming`` the directory below it that holds the
+        staging files (and any work space the source needs). Sources whose protocol delivers
+        many files together (BitTorrent) override this and return True; the engine then hashes
+        what they wrote against the plan. The default returns False, and the engine fetches each
+        file by :meth:`remote` or :meth:`fetch_file` instead.
         """
         return False
 

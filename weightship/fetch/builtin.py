@@ -20,7 +20,6 @@ class BuiltinSource(Source):
     """Writes a built-in model's files from its generator."""
 
     kind: ClassVar[str] = "builtin"
-    schemes: ClassVar[tuple[str, ...]] = ("builtin",)
     network: ClassVar[bool] = False  # generated here: not a downloaded byte
     _files: dict[str, bytes] | None = None
 

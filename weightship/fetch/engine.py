@@ -5,7 +5,7 @@ For each file the engine:
    disk has the planned size;
 2. otherwise streams the source's bytes into ``DIR/.weightship/incoming/PATH.incomplete``,
    hashing them as they arrive (no second read). Sources that read byte ranges
-   (:class:`~weightship.fetch.ranged.RangedSource`: hf, s3, https) share one budget of requests
+   (``Source.reads_ranges``: hf, s3, https) share one budget of requests
    in flight (:mod:`weightship.fetch.many`): a small file whose size and digest the listing gave
    is one GET, checked in memory and written once; a large one goes through the parallel,
    resumable downloader in :mod:`weightship.fetch.download`, with a resume journal beside its
@@ -165,14 +165,12 @@ def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress
     one, below ``staging``'s directory). With a ``swarm``, a ranged source's chunks come from
     peers where they have them. ``slots`` is the fetch's request budget (:mod:`weightship.fetch.many`).
     """
-    from weightship.fetch.ranged import RangedSource
-
     if root is None:
         staging.parent.mkdir(parents=True, exist_ok=True)
         root = staging.parent
-    if isinstance(source, RangedSource):
+    if source.reads_ranges:
         exchange = swarm.exchange_for(f, staging, root) if swarm is not None else None
-        opts, reader = source.transfer_options(), source.remote(f)
+        opts, reader = source.request.options.transfer, source.remote(f)
         done = None
         if exchange is None and many.is_small(f, opts):  # one GET, no HEAD: the listing said enough
             done = many.fetch_small(reader, f, staging, root, opts, progress, slots)
@@ -250,10 +248,9 @@ def _open_swarm(request: FetchRequest, sources: list[Source], state: Path) -> Sw
     """The fleet swarm this fetch joins, when its options name peers or a listen address and
     its first source reads byte ranges (a torrent source is its own swarm: it takes the same
     options as BitTorrent peers and listen address)."""
-    from weightship.fetch.ranged import RangedSource
     from weightship.swarm import SwarmNode, SwarmOptions
 
-    if not isinstance(sources[0], RangedSource):
+    if not sources[0].reads_ranges:
         return None
     opts = SwarmOptions.from_options(request.options.peers)
     if opts is None:
@@ -277,11 +274,10 @@ def _plan(sources: list[Source], request: FetchRequest) -> FetchPlan:
     for s in sources:
         try:
             plan = s.plan()
-            default_optional = getattr(s, "default_optional", ())
-            plan.files = select_files(plan.files, request, default_optional)
+            plan.files = select_files(plan.files, request, s.default_optional)
             pinned = pins.card_pins(request, plan.layout)
             plan.files = pins.bind(plan.files, pinned, f"the {s.kind} source")
-            pins.check_complete(plan.files, pinned, wanted_by(request, default_optional),
+            pins.check_complete(plan.files, pinned, wanted_by(request, s.default_optional),
                                 f"the {s.kind} source")
             return plan
         except (FetchError, IntegrityError) as e:
@@ -335,8 +331,6 @@ def _fetch_with_failover(sources: list[Source], f: PlannedFile, staging: Path,
 
 def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
                   progress: Progress, swarm: SwarmNode | None = None) -> FetchResult:
-    from weightship.fetch.ranged import RangedSource
-
     plan = _plan(sources, request)
     pinned = pins.card_pins(request, plan.layout)
     targets = {f.path: resolve_under(dest, f.path) for f in plan.files}  # reject bad names first
@@ -355,7 +349,8 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
     todo = [f for f in plan.files if f.path not in present and f.path not in staged]
     _check_space(dest, todo, staging)
     progress.begin("fetch", total_bytes=sum(f.size or 0 for f in todo), files=len(todo))
-    if todo and sources[0].fetch_many(todo, {f.path: staging[f.path] for f in todo}, progress):
+    if todo and sources[0].fetch_many(todo, {f.path: staging[f.path] for f in todo}, root=dest,
+                                      incoming=incoming, progress=progress):
         # A bulk source wrote the staging files itself: they count only if they hash right.
         staged |= _already_have(todo, {f.path: staging[f.path] for f in todo}, progress)
         network, resumed = sources[0].bulk_bytes()
@@ -381,7 +376,7 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
             if f.path in present or f.path in staged:
                 swarm.share_verified(f, targets[f.path] if f.path in present else staging[f.path], dest)
     rest = [f for f in plan.files if f.path not in present and f.path not in staged]
-    opts = request.options.transfer if isinstance(sources[0], RangedSource) else None
+    opts = request.options.transfer if sources[0].reads_ranges else None
     entries = {e.path: e for e in result.manifest.files}
     entries.update((e.path, e) for e in _fetch_all(sources, rest, staging, progress, result, opts, dest, swarm))
     result.manifest.files = sorted(entries.values(), key=lambda e: e.path)  # once, not per file

@@ -76,7 +76,6 @@ class HfSource(RangedSource):
     """Fetches a Hub repository at a resolved commit."""
 
     kind: ClassVar[str] = "hf"
-    schemes: ClassVar[tuple[str, ...]] = ("hf",)
     default_optional: ClassVar[tuple[str, ...]] = DEFAULT_OPTIONAL
     _commit: str | None = None
 

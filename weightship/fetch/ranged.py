@@ -26,7 +26,7 @@ import logging
 import posixpath
 from abc import abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from weightship.errors import ManifestError, NoTrustAnchorError, SignatureError, UnsignedManifestError
 from weightship.fetch.base import FetchPlan, PlannedFile, Sink, Source
@@ -47,8 +47,10 @@ _STREAM_BUFFER = 16 << 20
 
 
 class RangedSource(Source):
-    """A source whose files can be read by byte ranges; the engine downloads them in parallel."""
+    """A source whose files can be read by byte ranges over HTTP; the engine downloads them in
+    parallel."""
 
+    reads_ranges: ClassVar[bool] = True
     _pool: HttpPool | None = None
 
     def transfer_options(self) -> TransferOptions:

@@ -267,7 +267,6 @@ class S3Source(RangedSource):
     """Fetches a model directory from an S3 prefix."""
 
     kind: ClassVar[str] = "s3"
-    schemes: ClassVar[tuple[str, ...]] = ("s3",)
     _client: Any = None
     _signer: ObjectSigner | None = None
     _probed = False

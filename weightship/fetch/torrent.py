@@ -25,7 +25,6 @@ Steps (see :mod:`weightship.fetch.engine` for what happens around them):
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 import shutil
@@ -44,6 +43,7 @@ from weightship.errors import (
     UsageError,
 )
 from weightship.fetch.base import FetchPlan, FetchRequest, PlannedFile, Sink, Source
+from weightship.fetch.select import wanted_by
 from weightship.manifest import Manifest, SourceInfo, atomic_write
 from weightship.paths import STATE_DIR, open_beneath, open_dir_beneath, replace_beneath, resolve_under
 from weightship.progress import NullProgress, Progress
@@ -64,7 +64,6 @@ class TorrentSource(Source):
     """Fetches a model over BitTorrent; see the module docstring."""
 
     kind: ClassVar[str] = "torrent"
-    schemes: ClassVar[tuple[str, ...]] = ("magnet",)
     network: ClassVar[bool] = False  # fetch_file streams what fetch_many already downloaded
 
     def __init__(self, request: FetchRequest, spec: Mapping[str, Any] | None = None) -> None:
@@ -76,6 +75,7 @@ class TorrentSource(Source):
         self._meta: TorrentMeta | None = None
         self._swarm: Swarm | None = None
         self._store: Path | None = None  # where libtorrent wrote the payload
+        self._root: Path | None = None  # the model directory, and its staging directory
         self._incoming: Path | None = None
         self._delivered = False
         self._bulk = (0, 0)
@@ -139,8 +139,9 @@ class TorrentSource(Source):
         else:
             wanted = [(f.path, f.size, meta.sha256.get(f.path), "torrent") for f in meta.files]
         files = []
+        selected = wanted_by(self.request, self.default_optional)  # the engine's own filter
         for path, size, sha, anchor in wanted:
-            if not self._selected(path):
+            if not selected(path):
                 continue
             tf = by_path.get(path)
             if tf is None:
@@ -162,20 +163,13 @@ class TorrentSource(Source):
         given = self.request.options.manifest
         return Manifest.load(given) if given else None
 
-    def _selected(self, path: str) -> bool:
-        inc, exc = self.request.include, self.request.exclude
-        return (not inc or any(fnmatch.fnmatch(path, g) for g in inc)) and not any(
-            fnmatch.fnmatch(path, g) for g in exc)
-
     # ---- fetch -------------------------------------------------------------------------------
 
-    def fetch_many(self, files: list[PlannedFile], staging: dict[str, Path], progress: Progress) -> bool:
+    def fetch_many(self, files: list[PlannedFile], staging: dict[str, Path], *, root: Path,
+                   incoming: Path, progress: Progress) -> bool:
         meta = self._meta
         assert meta is not None, "plan() must run before fetch_many()"
-        first = files[0]
-        incoming = Path(str(staging[first.path])[: -len(first.path + ".incomplete")])
-        self._incoming = incoming
-        root = incoming.parent.parent  # the model directory (incoming is DIR/.weightship/incoming)
+        self._root, self._incoming = root, incoming
         store = self._store = incoming / f".torrent-{meta.infohash}"
         os.close(open_dir_beneath(root, store.relative_to(root), create=True))  # never a planted link
         by_path = meta.by_path()
@@ -257,9 +251,9 @@ class TorrentSource(Source):
 
     def _seed_after_fetch(self) -> None:
         seed_for = self.request.options.peers.seed_for
-        if not self._delivered or self._incoming is None or self._meta is None:
+        if not self._delivered or self._root is None or self._meta is None:
             return
-        directory = self._incoming.parent.parent
+        directory = self._root
         try:
             manifest = Manifest.load(directory)
         except ManifestError:
