@@ -141,7 +141,7 @@ def run_nodes(fleet: Fleet, work: Path, env: dict[str, str], ref: list[str], *, 
             elif profiler == "perf":
                 spy = ["perf", "record", "-F", "499", "-g", "-o", name.with_suffix(".perf.data"), "--"]
             else:
-                spy = [Path(sys.executable).parent / "py-spy", "record", "--format", "raw", "--rate", "100",
+                spy = [Path(sys.executable).parent / "py-spy", "record", "--gil", "--format", "raw", "--rate", "100",
                        "--output", name.with_suffix(".txt"), "--"]
         args = [*spy, sys.executable, *main, "--json", "fetch", *ref, "--to", work / f"node{i}",
                 *(["--chunk-mib", str(chunk_mib)] if chunk_mib else []), *extra]
@@ -225,7 +225,7 @@ def main() -> None:
                         help="profile into this folder: the first node's fetch (its CPU then includes the "
                         "profiler's), or with --profiler threads every node's")
     parser.add_argument("--profiler", choices=("py-spy", "perf", "threads"), default="threads",
-                        help="py-spy: Python stacks of the threads on a CPU (100 Hz); perf: native and kernel "
+                        help="py-spy: Python stacks of the thread holding the GIL (100 Hz); perf: native and kernel "
                         "stacks (499 Hz); threads: each thread's CPU, by name (bench/threadcpu.py)")
     a = parser.parse_args()
     why = have_fleet()

@@ -223,11 +223,31 @@ def test_a_peer_that_answers_long_polls_only_is_still_read(tmp_path: Path) -> No
     try:
         for i in range(4):
             board.have(sha, i, "old-node", "cd" * 32)
+            started = time.monotonic()
             with mesh.cond:
-                assert mesh.cond.wait_for(lambda i=i: any(  # type: ignore[misc]
-                    sha in p.files and i in p.files[sha].have for p in mesh.usable()), timeout=10), i
-        assert _PollsOnlyHandler.requests >= 2
+                while not any(sha in p.files and i in p.files[sha].have for p in mesh.usable()):
+                    assert time.monotonic() - started < 1.5, f"news of chunk {i} not read"
+                    mesh.wait_chunk(sha, i, 0.1)
+        assert _PollsOnlyHandler.requests >= 4
     finally:
         mesh.close()
         board.close()
         server.stop()
+
+
+def test_an_events_stream_asked_not_to_wait_is_no_flood(served: tuple[PeerServer, bytes, str]) -> None:
+    """``wait=0`` on a stream still spaces its empty lines: a reader cannot make a node spin."""
+    server, _, _ = served
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", f"{EVENTS_PATH}?since=0&wait=0&stream=1")
+        r = conn.getresponse()
+        r.readline()  # what there is
+        started = time.monotonic()
+        lines = 0
+        while time.monotonic() - started < 1.2:
+            assert json.loads(r.readline())["events"] == []
+            lines += 1
+        assert lines <= 4, lines
+    finally:
+        conn.close()

@@ -37,6 +37,7 @@ from weightship.swarm.protocol import (
 
 log = logging.getLogger(__name__)
 
+MIN_STREAM_WAIT = 0.5  # seconds between a stream's empty lines, at least (wait=0 would be a flood)
 _SENDFILE_MAX = 16 << 20  # bytes per sendfile call: a stop is noticed between calls
 
 
@@ -119,7 +120,7 @@ class _Handler(BaseHTTPRequestHandler):
             board.seen_by(reader, since)
         since = max(0, since)
         if query.get("stream", [""])[0] == "1":
-            self._stream(board, since, wait, reader)
+            self._stream(board, since, max(wait, MIN_STREAM_WAIT), reader)
             return
         nxt, events = board.events(since, wait)
         self._reply(200, _events_line(board, nxt, events), "application/json")
