@@ -9,8 +9,8 @@ answer is down until it answers again; a peer that restarted (a new epoch) is re
 from the start. A banned peer (one caught sending bytes that are not what it said they were) is
 never asked again by this process. Everything here is guarded by one lock, that of
 :attr:`Mesh.cond`, which is notified on every change but news of a chunk; a chunk waiting for a
-peer (:meth:`Mesh.wait_chunk`) wakes at once on news of that chunk, or on any other change. Waking
-every waiter on every chunk's news cost each node about 0.3 s of CPU per 512 MiB on 8 nodes.
+peer (:meth:`Mesh.wait_chunk`) wakes at once on news of that chunk, or on any other change. (On 8
+nodes each node hears of some 1,800 events; each woke every waiting chunk to look at every peer.)
 """
 
 from __future__ import annotations
