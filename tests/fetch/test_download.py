@@ -21,10 +21,10 @@ from weightship.errors import DigestMismatchError, FetchError, TransientFetchErr
 from weightship.fetch.download import (
     RangeReader,
     RemoteStat,
-    TransferOptions,
     download,
     journal_path,
 )
+from weightship.fetch.options import TransferOptions
 
 DATA = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes
 SHA = hashlib.sha256(DATA).hexdigest()

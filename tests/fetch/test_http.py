@@ -16,8 +16,9 @@ import pytest
 from tests.conftest import Pki
 from tests.fetch.webserver import FileServer, serve
 from weightship.errors import FetchError, RemoteChangedError
-from weightship.fetch.download import TransferOptions, download
+from weightship.fetch.download import download
 from weightship.fetch.http import HttpPool, HttpRemote
+from weightship.fetch.options import TransferOptions
 
 DATA = hashlib.shake_256(b"redirect").digest(3 << 20)
 OPTS = TransferOptions(connections=3, chunk_size=256 << 10, backoff=0.001, backoff_max=0.002)

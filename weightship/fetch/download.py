@@ -40,7 +40,6 @@ import mmap
 import os
 import random
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +57,7 @@ from weightship.fetch.exchange import ChunkExchange, Stopped
 from weightship.fetch.journal import Journal, discard, journal_path
 from weightship.fetch.options import TransferOptions
 from weightship.fetch.prefixhash import PrefixHasher
+from weightship.fetch.retry import with_retries
 from weightship.paths import open_beneath
 from weightship.progress import NullProgress, Progress
 from weightship.verify.digests import git_blob_hasher
@@ -367,7 +367,7 @@ def download(reader: RangeReader, staging: Path, *, expected_size: int | None, s
         reader = _StatOnFirstRead(reader, opts, path, expected_size)
         remote = RemoteStat(size=expected_size, validator=None)  # the content is named by sha256
     else:
-        remote = stat_with_retries(reader, opts, path)
+        remote = with_retries(reader.stat, opts, f"{path}: the first request")
     if expected_size is not None and remote.size != expected_size:
         raise DigestMismatchError(path, expected=f"{expected_size} bytes",
                                   actual=f"{remote.size} bytes (as the server reports it)", what="size")
@@ -390,7 +390,7 @@ def download(reader: RangeReader, staging: Path, *, expected_size: int | None, s
                     raise
                 log.warning("%s: the remote file changed; starting over", path)
                 discard(staging)
-                remote = stat_with_retries(reader, opts, path)
+                remote = with_retries(reader.stat, opts, f"{path}: the first request")
                 if expected_size is not None and remote.size != expected_size:
                     raise DigestMismatchError(path, expected=f"{expected_size} bytes",
                                               actual=f"{remote.size} bytes", what="size") from None
@@ -440,7 +440,7 @@ class _StatOnFirstRead(RangeReader):
     def stat(self) -> RemoteStat:
         with self._lock:
             if self._stat is None:
-                st = stat_with_retries(self.inner, self.opts, self.path)
+                st = with_retries(self.inner.stat, self.opts, f"{self.path}: the first request")
                 if st.size != self.size:
                     raise DigestMismatchError(self.path, expected=f"{self.size} bytes",
                                               actual=f"{st.size} bytes (as the server reports it)",
@@ -471,25 +471,3 @@ def _check(result: DownloadResult, staging: Path, path: str, sha256: str | None,
     if problem is not None:
         discard(staging)
         raise problem
-
-
-def stat_with_retries(reader: RangeReader, opts: TransferOptions, path: str) -> RemoteStat:
-    """``reader.stat()``, retried with backoff while it fails in a way a retry may fix (a 503,
-    a reset), as a chunk's reads are."""
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return reader.stat()
-        except TransientFetchError as e:
-            if attempt > opts.retries:
-                raise
-            log.info("%s: %s; retry %d of the first request", path, e, attempt)
-            sleep_backoff(attempt, opts)
-
-
-def sleep_backoff(attempt: int, opts: TransferOptions) -> None:
-    """Sleep before retry ``attempt`` (1-based) of a whole request (not a chunk)."""
-    delay = min(opts.backoff_max, opts.backoff * 2 ** (attempt - 1))
-    time.sleep(delay * (0.5 + random.random() / 2))
-

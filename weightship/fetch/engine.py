@@ -49,8 +49,9 @@ from weightship.errors import (
 from weightship.fetch import many, pins
 from weightship.fetch.base import FetchPlan, FetchRequest, PlannedFile, Sink, Source
 from weightship.fetch.convert import convert_on_fetch
-from weightship.fetch.download import TransferOptions, download, journal_path
+from weightship.fetch.download import download, journal_path
 from weightship.fetch.lock import dir_lock
+from weightship.fetch.options import TransferOptions
 from weightship.fetch.request import build_request as build_request  # re-exported
 from weightship.fetch.request import default_dir_name as default_dir_name  # re-exported
 from weightship.fetch.request import make_sources

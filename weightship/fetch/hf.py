@@ -42,9 +42,10 @@ from weightship.errors import (
 )
 from weightship.fetch import pins
 from weightship.fetch.base import FetchPlan, PlannedFile
-from weightship.fetch.download import RangeReader, sleep_backoff
+from weightship.fetch.download import RangeReader
 from weightship.fetch.http import HttpPool, HttpRemote, raise_for_status
 from weightship.fetch.ranged import RangedSource
+from weightship.fetch.retry import with_retries
 from weightship.fetch.select import DEFAULT_OPTIONAL
 from weightship.manifest import SourceInfo
 
@@ -92,18 +93,9 @@ class HfSource(RangedSource):
 
     def _model_info(self, repo: str, revision: str) -> Any:
         """The Hub's description of ``repo`` at ``revision``, retried while the Hub is busy."""
-        opts = self.transfer_options()
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return _hub_call(lambda: self._api().model_info(repo, revision=revision,
-                                                                files_metadata=True), repo, revision)
-            except TransientFetchError as e:
-                if attempt > opts.retries:
-                    raise
-                log.info("%s; retry %d", e, attempt)
-                sleep_backoff(attempt, opts)
+        return with_retries(lambda: _hub_call(lambda: self._api().model_info(
+            repo, revision=revision, files_metadata=True), repo, revision),
+            self.transfer_options(), f"hf://{repo}@{revision}: the listing")
 
     def _api(self) -> Any:
         from huggingface_hub import HfApi

@@ -52,8 +52,9 @@ from weightship.errors import (
     RemoteNotFoundError,
     TransientFetchError,
 )
-from weightship.fetch.download import RangeReader, RemoteStat, sleep_backoff
+from weightship.fetch.download import RangeReader, RemoteStat
 from weightship.fetch.options import TransferOptions
+from weightship.fetch.retry import with_retries
 
 log = logging.getLogger(__name__)
 
@@ -192,16 +193,8 @@ def get_small(pool: HttpPool, url: str, *, max_redirects: int = 5,
               where: str | None = None) -> bytes | None:
     """A small document (a manifest, a signature) at ``url``, following redirects; None when it
     is 404. At most 64 MiB; retried like a chunk when the reply fails or breaks mid-body."""
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return _get_small_once(pool, url, max_redirects=max_redirects, where=where or url)
-        except TransientFetchError as e:
-            if attempt > pool.opts.retries:
-                raise
-            log.info("%s: %s; retry %d", where or url, e, attempt)
-            sleep_backoff(attempt, pool.opts)
+    return with_retries(lambda: _get_small_once(pool, url, max_redirects=max_redirects, where=where or url),
+                        pool.opts, where or url)
 
 
 def _get_small_once(pool: HttpPool, url: str, *, max_redirects: int, where: str) -> bytes | None:

@@ -37,12 +37,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
-from weightship.errors import DigestMismatchError, DiskFullError, TransientFetchError
+from weightship.errors import DigestMismatchError, DiskFullError
 from weightship.fetch.base import PlannedFile
 from weightship.fetch.chunkfile import pwrite_all
-from weightship.fetch.download import DownloadResult, RangeReader, sleep_backoff
+from weightship.fetch.download import DownloadResult, RangeReader
 from weightship.fetch.journal import journal_path
 from weightship.fetch.options import TransferOptions
+from weightship.fetch.retry import with_retries
 from weightship.paths import dir_beneath, open_beneath
 from weightship.progress import Progress
 from weightship.verify.digests import git_blob_hasher
@@ -80,18 +81,13 @@ def fetch_small(reader: RangeReader, f: PlannedFile, staging: Path, root: Path,
     :func:`make_durable`); None when ``reader`` cannot read a file whole without a HEAD first
     (the caller downloads it by ranges)."""
     assert f.size is not None
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            with holding(slots):
-                data = reader.read_all(f.size)
-            break
-        except TransientFetchError as e:
-            if attempt > opts.retries:
-                raise
-            log.info("%s: %s; retry %d", f.path, e, attempt)
-            sleep_backoff(attempt, opts)
+    size = f.size
+
+    def read() -> memoryview | None:
+        with holding(slots):
+            return reader.read_all(size)
+
+    data = with_retries(read, opts, f.path)
     if data is None:
         return None
     sha256 = hashlib.sha256(data).hexdigest()

@@ -30,8 +30,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 from weightship.errors import ManifestError, NoTrustAnchorError, SignatureError, UnsignedManifestError
 from weightship.fetch.base import FetchPlan, PlannedFile, Sink, Source
-from weightship.fetch.download import RangeReader, TransferOptions, stat_with_retries
+from weightship.fetch.download import RangeReader
 from weightship.fetch.http import HttpPool
+from weightship.fetch.options import TransferOptions
+from weightship.fetch.retry import with_retries
 from weightship.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, SourceInfo
 from weightship.paths import STATE_DIR
 
@@ -93,7 +95,7 @@ class RangedSource(Source):
         """Stream ``file`` from its first byte (the engine normally reads ranges instead)."""
         reader = self.remote(file)
         try:
-            st = stat_with_retries(reader, self.transfer_options(), file.path)
+            st = with_retries(reader.stat, self.transfer_options(), file.path)
             buf = memoryview(bytearray(min(st.size, _STREAM_BUFFER)))
             for start in range(0, st.size, len(buf) or 1):
                 end = min(st.size, start + len(buf))

@@ -45,9 +45,11 @@ from weightship.errors import (
     UsageError,
 )
 from weightship.fetch.base import FetchPlan, PlannedFile
-from weightship.fetch.download import RangeReader, RemoteStat, TransferOptions, sleep_backoff
+from weightship.fetch.download import RangeReader, RemoteStat
 from weightship.fetch.http import SMALL_LIMIT, HttpPool, HttpRemote
+from weightship.fetch.options import TransferOptions
 from weightship.fetch.ranged import REMOTE_MANIFEST, REMOTE_SIGNATURE, RangedSource, plan_from_manifest
+from weightship.fetch.retry import with_retries
 from weightship.manifest import Manifest, manifest_path
 from weightship.paths import resolve_under
 from weightship.progress import NullProgress, Progress
@@ -295,16 +297,8 @@ class S3Source(RangedSource):
         retried while it fails in a way a retry may fix."""
         bucket, _ = parse_s3_uri(self.uri)
         where = f"s3://{bucket}/{self._key(rel)}"
-        opts = self.transfer_options()
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return self._read_small_once(bucket, self._key(rel), where)
-            except TransientFetchError:
-                if attempt > opts.retries:
-                    raise
-                sleep_backoff(attempt, opts)
+        return with_retries(lambda: self._read_small_once(bucket, self._key(rel), where),
+                            self.transfer_options(), where)
 
     def _read_small_once(self, bucket: str, key: str, where: str) -> bytes | None:
         try:
