@@ -32,7 +32,8 @@ on the same cores, alike for both tools of a row. Requests per file are counted 
 by the same relay (neither rclone nor the mirror keeps a count), in one untimed run of each
 tool before the timed ones (listing, manifest and signature included). ``--tree DIR`` runs the
 weightship package under DIR; ``--baseline DIR`` adds a column: the S3 fetch of the package
-under DIR (e.g. ``git archive COMMIT weightship | tar -x -C DIR``), in the same rounds.
+under DIR (e.g. ``git archive COMMIT weightship | tar -x -C DIR``), in the same rounds;
+``--ws-args '--requests 32'`` passes arguments to every weightship fetch; ``--only s3|hub``.
 
 Usage::
 
@@ -48,6 +49,7 @@ import collections
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -70,6 +72,7 @@ from weightship.fetch.s3 import S3Remote, make_s3_client, make_s3_pool, push_dir
 from weightship.manifest import Manifest, create_for_directory
 from weightship.signing import generate_key
 
+S3_TOOLS = ("ws s3", "s5cmd", "ws s3 base")
 MANY_ROWS = "1x1048576KiB,16x65536KiB,256x1024KiB,2000x2KiB"  # the rows of issue 22
 KEYS = {"AWS_ACCESS_KEY_ID": "benchKEY", "AWS_SECRET_ACCESS_KEY": "benchSECRET",
         "AWS_REGION": "us-east-1", "AWS_CONFIG_FILE": "/dev/null",
@@ -150,6 +153,7 @@ class Relay:
 
     def _run(self, ready: threading.Event) -> None:
         asyncio.set_event_loop(self.loop)
+        self.loop.set_exception_handler(lambda loop, context: None)  # a client that hung up
         self.loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", self.port, backlog=1024))
         ready.set()
         self.loop.run_forever()
@@ -231,7 +235,7 @@ def run_tool(args: list[str], env: dict[str, str], dest: Path, cwd: Path, relay:
 
 
 def many_files(rows: list[tuple[int, int]], latencies: list[float], runs: int, tree: Path,
-               baseline: Path | None) -> int:
+               baseline: Path | None, only: str | None = None, ws_args: tuple[str, ...] = ()) -> int:
     """The many-files tables: see the module docstring."""
     with tempfile.TemporaryDirectory(prefix="ws-bench-many-", dir="/var/tmp") as tmp:
         base = Path(tmp)
@@ -257,9 +261,10 @@ def many_files(rows: list[tuple[int, int]], latencies: list[float], runs: int, t
                     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}",
                            "HF_ENDPOINT": f"http://127.0.0.1:{hub}", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
                     ws_s3 = [sys.executable, "-m", "weightship", "fetch", f"s3://models/{n}", "--to", "DEST",
-                             "--trust-key", str(public)]
+                             "--trust-key", str(public), *ws_args]
                     plan = [
-                        ("ws hf", [sys.executable, "-m", "weightship", "fetch", f"hf://bench/{n}", "--to", "DEST"],
+                        ("ws hf", [sys.executable, "-m", "weightship", "fetch", f"hf://bench/{n}", "--to", "DEST",
+                                   *ws_args],
                          env, here),
                         ("snapshot", [sys.executable, "-c", "import sys; from huggingface_hub import "
                                       "snapshot_download as s; s(sys.argv[1], local_dir=sys.argv[2])",
@@ -270,11 +275,10 @@ def many_files(rows: list[tuple[int, int]], latencies: list[float], runs: int, t
                     ]
                     if baseline is not None:
                         plan.append(("ws s3 base", ws_s3, env, baseline))
-                    return plan
+                    return [t for t in plan if only is None or (only == "s3") == (t[0] in S3_TOOLS)]
 
                 # Untimed, through the relays with no delay: warms the caches, counts the requests.
-                counted = {label: run_tool(args, env, base / "warm", cwd, s3_relay if "s3" in label or label == "s5cmd"
-                                           else hub_relay)
+                counted = {label: run_tool(args, env, base / "warm", cwd, s3_relay if label in S3_TOOLS else hub_relay)
                            for label, args, env, cwd in tools(s3_relay.port, hub_relay.port)}
                 for ms in latencies:
                     for relay in (s3_relay, hub_relay):
@@ -305,6 +309,8 @@ def print_many(table: list[tuple[str, float, dict[str, Run], dict[str, Run]]], r
           "(and CPU-s of the process), weightship's speed / the peer's (>1 = faster), requests per file "
           "(counted on the wire by the bench's relay, listing included), peak RSS of the process (MiB)")
     for what, ours, peer, target in (("Hub", "ws hf", "snapshot", "≥ 1.0x"), ("S3", "ws s3", "s5cmd", "≥ 0.8x")):
+        if ours not in table[0][2]:
+            continue
         extra = baseline is not None and what == "S3"
         print(f"\n{what}: weightship fetch beside {'snapshot_download' if what == 'Hub' else 's5cmd cp'}"
               + (f"; 'base' is weightship from {baseline}" if extra else ""))
@@ -344,14 +350,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--many", action="store_true", help="the many-files table (issue 22)")
     p.add_argument("--rows", default=MANY_ROWS, help="with --many: COUNTxSIZEKiB,... [%(default)s]")
     p.add_argument("--latency-ms", default="0,20", help="with --many: added per request, ms,... [%(default)s]")
+    p.add_argument("--ws-args", default="", help="with --many: more arguments for weightship fetch, "
+                   "e.g. '--requests 32'")
+    p.add_argument("--only", choices=["hub", "s3"], help="with --many: the Hub table or the S3 table only")
     p.add_argument("--tree", type=Path, default=Path(__file__).resolve().parent.parent,
                    help="with --many: run the weightship package under this directory [this checkout]")
     p.add_argument("--baseline", type=Path, help="with --many: also time the S3 fetch of the weightship "
                    "package under this directory (e.g. a git archive of an older commit)")
     a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the servers, removes the files
     if a.many:
         return many_files([_row(r) for r in a.rows.split(",")], [float(x) for x in a.latency_ms.split(",")],
-                          a.runs, a.tree.resolve(), a.baseline.resolve() if a.baseline else None)
+                          a.runs, a.tree.resolve(), a.baseline.resolve() if a.baseline else None, a.only,
+                          tuple(a.ws_args.split()))
     size = (a.size_mib << 20) // a.files * a.files
     with tempfile.TemporaryDirectory(prefix="ws-bench-fetch-") as tmp:
         base = Path(tmp)
