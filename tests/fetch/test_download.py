@@ -18,13 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightship.errors import DigestMismatchError, FetchError, TransientFetchError
-from weightship.fetch.download import (
-    RangeReader,
-    RemoteStat,
-    download,
-    journal_path,
-)
+from weightship.fetch.download import download, journal_path
 from weightship.fetch.options import TransferOptions
+from weightship.fetch.remote import RangeReader, RemoteStat
 
 DATA = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -16,7 +16,7 @@ from weightship.progress import Progress
 from weightship.verify.digests import git_blob_hasher
 
 if TYPE_CHECKING:
-    from weightship.fetch.download import RangeReader
+    from weightship.fetch.remote import RangeReader
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,9 @@ from weightship.errors import (
 )
 from weightship.fetch import pins
 from weightship.fetch.base import FetchPlan, PlannedFile
-from weightship.fetch.download import RangeReader
 from weightship.fetch.http import HttpPool, HttpRemote, raise_for_status
 from weightship.fetch.ranged import RangedSource
+from weightship.fetch.remote import RangeReader
 from weightship.fetch.retry import with_retries
 from weightship.fetch.select import DEFAULT_OPTIONAL
 from weightship.manifest import SourceInfo

@@ -52,8 +52,8 @@ from weightship.errors import (
     RemoteNotFoundError,
     TransientFetchError,
 )
-from weightship.fetch.download import RangeReader, RemoteStat
 from weightship.fetch.options import TransferOptions
+from weightship.fetch.remote import RangeReader, RemoteStat
 from weightship.fetch.retry import with_retries
 
 log = logging.getLogger(__name__)

@@ -40,9 +40,9 @@ from typing import TypeVar
 from weightship.errors import DigestMismatchError, DiskFullError
 from weightship.fetch.base import PlannedFile
 from weightship.fetch.chunkfile import pwrite_all
-from weightship.fetch.download import DownloadResult, RangeReader
 from weightship.fetch.journal import journal_path
 from weightship.fetch.options import TransferOptions
+from weightship.fetch.remote import DownloadResult, RangeReader
 from weightship.fetch.retry import with_retries
 from weightship.paths import dir_beneath, open_beneath
 from weightship.progress import Progress

@@ -133,9 +133,14 @@ def build_options(*, revision: str | None = None, manifest: Path | None = None,
                         wait=PeerOptions.wait if peer_wait is None else peer_wait)
     if chunk_size is None and fleet.wanted:
         chunk_size = SWARM_CHUNK
-    given = {"connections": connections, "parallel_files": parallel_files, "requests": requests,
-             "chunk_size": chunk_size, "stall_timeout": stall_timeout, "direct_io": direct_io}
-    transfer = TransferOptions(**{k: v for k, v in given.items() if v is not None})
+    d = TransferOptions
+    transfer = TransferOptions(
+        connections=d.connections if connections is None else connections,
+        parallel_files=d.parallel_files if parallel_files is None else parallel_files,
+        requests=d.requests if requests is None else requests,
+        chunk_size=d.chunk_size if chunk_size is None else chunk_size,
+        stall_timeout=d.stall_timeout if stall_timeout is None else stall_timeout,
+        direct_io=d.direct_io if direct_io is None else direct_io)
     torrent = TorrentOptions(trackers=tuple(trackers), stall_timeout=TorrentOptions.stall_timeout
                              if stall_timeout is None else stall_timeout)
     return FetchOptions(revision=revision, manifest=manifest, trust_keys=tuple(trust_keys),

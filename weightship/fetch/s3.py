@@ -45,10 +45,10 @@ from weightship.errors import (
     UsageError,
 )
 from weightship.fetch.base import FetchPlan, PlannedFile
-from weightship.fetch.download import RangeReader, RemoteStat
 from weightship.fetch.http import SMALL_LIMIT, HttpPool, HttpRemote
 from weightship.fetch.options import TransferOptions
 from weightship.fetch.ranged import REMOTE_MANIFEST, REMOTE_SIGNATURE, RangedSource, plan_from_manifest
+from weightship.fetch.remote import RangeReader, RemoteStat
 from weightship.fetch.retry import with_retries
 from weightship.manifest import Manifest, manifest_path
 from weightship.paths import resolve_under
