@@ -40,7 +40,10 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/verify.py
 	$(BIN)/python bench/fetch.py
+	$(BIN)/python bench/fetch.py --many
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/fetch_torrent.py
+	$(BIN)/python bench/fleet.py --runs 3
 	$(BIN)/python bench/runtime.py
 	$(BIN)/python bench/nodes.py
 

@@ -6,15 +6,15 @@ Commands are thin: parse, call the library, render through :func:`emit`. Errors 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Annotated, Any
 
 import typer
@@ -171,25 +171,22 @@ class JsonLinesProgress(Progress):
         self._event(event="end")
 
 
-class progress_for:
-    """The progress renderer this invocation wants, as a context manager."""
-
-    def __init__(self, json_flag: bool = False) -> None:
-        self.progress: Progress
-        if wants_json(json_flag):
-            self.progress = JsonLinesProgress()
-        elif _state.quiet or not stderr.is_terminal:
-            self.progress = NullProgress()
-        else:
-            self.progress = RichProgress()
-
-    def __enter__(self) -> Progress:
-        return self.progress
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if isinstance(self.progress, RichProgress):
-            self.progress.end()
+@contextlib.contextmanager
+def progress_for(json_flag: bool = False) -> Iterator[Progress]:
+    """The progress renderer this invocation wants (JSON lines, bars on a terminal, or nothing),
+    for the length of a ``with`` block; bars are taken down when it ends."""
+    progress: Progress
+    if wants_json(json_flag):
+        progress = JsonLinesProgress()
+    elif _state.quiet or not stderr.is_terminal:
+        progress = NullProgress()
+    else:
+        progress = RichProgress()
+    try:
+        yield progress
+    finally:
+        if isinstance(progress, RichProgress):
+            progress.end()
 
 
 # ---- errors ----------------------------------------------------------------------------------
