@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +57,27 @@ def test_help_lists_every_command_and_each_one_loads() -> None:
         assert command.name == name and command.help, name
     r = run_cli("no-such-command")
     assert r.code == 2 and "no-such-command" in r.stderr
+
+
+def test_fetch_sources_and_a_trust_key_import_no_heavy_library(tmp_path: Path) -> None:
+    """What every S3, HTTPS or Hub fetch imports before its first request: the source modules, the
+    request, a ``--trust-key``. numpy (about 0.1 s) came in through the digests' package (its NaN
+    scan, which a fetch never runs); the signature library, boto3 and huggingface_hub are imported
+    only by the step that uses them (issue 22)."""
+    from weightship.signing import generate_key
+
+    public = generate_key(tmp_path / "key.pem")
+    script = ("import json, sys\n"
+              "import weightship.fetch.s3, weightship.fetch.https, weightship.fetch.hf\n"
+              "from weightship.fetch import build_request\n"
+              "from weightship.signing import load_trust_key\n"
+              "for uri in ('s3://models/tiny', 'https://example.org/m', 'hf://acme/m'):\n"
+              "    build_request(uri)\n"
+              f"load_trust_key({str(public)!r}, '--trust-key')\n"
+              "print(json.dumps(sorted(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    modules = {m.split(".")[0] for m in json.loads(out.splitlines()[-1])}
+    assert "weightship" in modules and "cryptography" in modules
+    heavy = {"numpy", "model_signing", "sigstore", "sigstore_models", "rekor_types", "boto3", "botocore",
+             "huggingface_hub", "torch", "safetensors"}
+    assert not modules & heavy, modules & heavy
