@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from weightship.catalog import Card
+from weightship.errors import DigestMismatchError
 from weightship.fetch.options import FetchOptions
 from weightship.manifest import SourceInfo
 from weightship.progress import Progress
@@ -29,6 +30,18 @@ class PlannedFile:
     git_sha1: str | None = None  # the Hub's git blob sha1 for small plain-git files
     anchor: str = "catalog"  # which trust anchor vouched for the digest
     locator: str | None = None  # where the source finds the bytes (URL, key, file index)
+
+    def check(self, size: int, sha256: str | None, git_sha1: str | None = None) -> None:
+        """Raise :class:`DigestMismatchError` unless what arrived (``size`` bytes, with these
+        digests) is what the plan says: the one check every way of fetching a file ends with."""
+        if self.size is not None and size != self.size:
+            raise DigestMismatchError(self.path, expected=f"{self.size} bytes", actual=f"{size} bytes",
+                                      what="size")
+        if self.sha256 is not None and sha256 != self.sha256:
+            raise DigestMismatchError(self.path, expected=self.sha256, actual=str(sha256))
+        if self.git_sha1 is not None and git_sha1 != self.git_sha1:
+            raise DigestMismatchError(self.path, expected=self.git_sha1, actual=str(git_sha1),
+                                      what="git blob sha1")
 
 
 @dataclass

@@ -33,12 +33,10 @@ import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from weightship.errors import (
-    DigestMismatchError,
     DiskFullError,
     DiskSpaceError,
     FetchError,
@@ -55,6 +53,7 @@ from weightship.fetch.options import TransferOptions
 from weightship.fetch.request import build_request as build_request  # re-exported
 from weightship.fetch.request import default_dir_name as default_dir_name  # re-exported
 from weightship.fetch.request import make_sources
+from weightship.fetch.result import _COUNTERS, FetchResult
 from weightship.fetch.select import select_files, wanted_by
 from weightship.manifest import UNSIGNED_ANCHORS, FileEntry, Manifest, utcnow
 from weightship.paths import STATE_DIR, open_beneath, replace_beneath, resolve_under
@@ -67,44 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INCOMING = "incoming"
-_COUNTERS = threading.Lock()
 _RESERVE = 64 << 20  # keep this much free beyond the download, for manifests and logs
-
-
-@dataclass
-class FetchResult:
-    """What a fetch did."""
-
-    directory: Path
-    manifest: Manifest
-    fetched: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    downloaded_bytes: int = 0  # bytes that came over the network in this run
-    resumed_bytes: int = 0  # bytes of partial downloads from earlier runs, reused
-    # Where this run's bytes came from, per file path: {"origin": n, "peers": n}. The origin is
-    # the source (Hub, S3, web server, or for a torrent the peers that are not --peer/DNS ones);
-    # peers are the fleet's (--peer, --peers-from-dns).
-    traffic: dict[str, dict[str, int]] = field(default_factory=dict)
-    from_peers: dict[str, int] = field(default_factory=dict)  # bytes per peer endpoint
-    uploaded_bytes: int = 0  # bytes this node served to peers
-    banned_peers: dict[str, str] = field(default_factory=dict)  # peer -> why
-
-    @property
-    def origin_bytes(self) -> int:
-        """Bytes this run took from the origin."""
-        return sum(t["origin"] for t in self.traffic.values())
-
-    @property
-    def peer_bytes(self) -> int:
-        """Bytes this run took from fleet peers."""
-        return sum(t["peers"] for t in self.traffic.values())
-
-    def count(self, path: str, *, origin: int = 0, peers: int = 0) -> None:
-        """Add to ``path``'s traffic (files finish in parallel threads)."""
-        with _COUNTERS:
-            t = self.traffic.setdefault(path, {"origin": 0, "peers": 0})
-            t["origin"] += origin
-            t["peers"] += peers
 
 
 def _existing_manifest(dest: Path) -> Manifest | None:
@@ -170,24 +132,33 @@ def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress
         staging.parent.mkdir(parents=True, exist_ok=True)
         root = staging.parent
     if source.reads_ranges:
-        exchange = swarm.exchange_for(f, staging, root) if swarm is not None else None
-        opts, reader = source.request.options.transfer, source.remote(f)
-        done = None
-        if exchange is None and many.is_small(f, opts):  # one GET, no HEAD: the listing said enough
-            done = many.fetch_small(reader, f, staging, root, opts, progress, slots)
-        if done is None:
-            done = download(reader, staging, expected_size=f.size, sha256=f.sha256,
-                            git_sha1=f.git_sha1, opts=opts, progress=progress,
-                            path=f.path, root=root, exchange=exchange, slots=slots)
-        assert done.sha256 is not None, f.path
-        if result is not None:
-            with _COUNTERS:  # files finish in parallel threads
-                result.downloaded_bytes += done.fetched_bytes
-                result.resumed_bytes += done.resumed_bytes
-            if exchange is None:
-                result.count(f.path, origin=done.fetched_bytes)
-        return FileEntry(path=f.path, size=done.size, sha256=done.sha256,
-                         source=source.uri_for(f), anchor=f.anchor)
+        return _fetch_ranged(source, f, staging, root, progress, result, swarm, slots)
+    return _fetch_streamed(source, f, staging, root, progress, result)
+
+
+def _fetch_ranged(source: Source, f: PlannedFile, staging: Path, root: Path, progress: Progress,
+                  result: FetchResult | None, swarm: SwarmNode | None,
+                  slots: threading.Semaphore | None) -> FileEntry:
+    """A small file the listing described in one GET; any other by the parallel downloader."""
+    exchange = swarm.exchange_for(f, staging, root) if swarm is not None else None
+    opts, reader = source.request.options.transfer, source.remote(f)
+    done = None
+    if exchange is None and many.is_small(f, opts):  # one GET, no HEAD: the listing said enough
+        done = many.fetch_small(reader, f, staging, root, opts, progress, slots)
+    if done is None:
+        done = download(reader, staging, expected_size=f.size, sha256=f.sha256,
+                        git_sha1=f.git_sha1, opts=opts, progress=progress,
+                        path=f.path, root=root, exchange=exchange, slots=slots)
+    assert done.sha256 is not None, f.path
+    if result is not None:  # with an exchange, the swarm counts where the bytes came from
+        result.add(f.path, done.fetched_bytes, done.resumed_bytes, from_origin=exchange is None)
+    return FileEntry(path=f.path, size=done.size, sha256=done.sha256,
+                     source=source.uri_for(f), anchor=f.anchor)
+
+
+def _fetch_streamed(source: Source, f: PlannedFile, staging: Path, root: Path, progress: Progress,
+                    result: FetchResult | None) -> FileEntry:
+    """``f`` as one stream from the source (:meth:`Source.fetch_file`), hashed as it is written."""
     journal_path(staging).unlink(missing_ok=True)  # a partial from a ranged source is void now
     try:
         fd = open_beneath(root, staging.relative_to(root), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
@@ -203,21 +174,12 @@ def _fetch_one(source: Source, f: PlannedFile, staging: Path, progress: Progress
                 raise DiskFullError(staging, e.strerror or str(e)) from None
             out.flush()
             os.fsync(out.fileno())
-        if f.size is not None and sink.bytes_written != f.size:
-            raise DigestMismatchError(f.path, expected=f"{f.size} bytes",
-                                      actual=f"{sink.bytes_written} bytes", what="size")
-        if f.sha256 is not None and sink.sha256() != f.sha256:
-            raise DigestMismatchError(f.path, expected=f.sha256, actual=sink.sha256())
-        if f.git_sha1 is not None and sink.git_sha1() != f.git_sha1:
-            raise DigestMismatchError(f.path, expected=f.git_sha1, actual=str(sink.git_sha1()),
-                                      what="git blob sha1")
+        f.check(sink.bytes_written, sink.sha256(), sink.git_sha1())
     except BaseException:
         staging.unlink(missing_ok=True)  # wrong or partial bytes are never kept as-is
         raise
     if result is not None and source.network:  # not bytes a generator or a local store made
-        with _COUNTERS:
-            result.downloaded_bytes += sink.bytes_written
-        result.count(f.path, origin=sink.bytes_written)
+        result.add(f.path, sink.bytes_written)
     return FileEntry(path=f.path, size=sink.bytes_written, sha256=sink.sha256(),
                      source=source.uri_for(f), anchor=f.anchor)
 
@@ -350,28 +312,9 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
     todo = [f for f in plan.files if f.path not in present and f.path not in staged]
     _check_space(dest, todo, staging)
     progress.begin("fetch", total_bytes=sum(f.size or 0 for f in todo), files=len(todo))
-    if todo and sources[0].fetch_many(todo, {f.path: staging[f.path] for f in todo}, root=dest,
-                                      incoming=incoming, progress=progress):
-        # A bulk source wrote the staging files itself: they count only if they hash right.
-        staged |= _already_have(todo, {f.path: staging[f.path] for f in todo}, progress)
-        network, resumed = sources[0].bulk_bytes()
-        result.downloaded_bytes += network
-        result.resumed_bytes += resumed
-        for path, (origin, peers) in sources[0].bulk_traffic().items():
-            result.count(path, origin=origin, peers=peers)
-    for f in plan.files:
-        if f.path in present:
-            earlier = old.entry(f.path) if old else None
-            now = present[f.path]
-            # The earlier record stays (its source, its anchor) unless the bytes changed or this
-            # fetch vouches for them better: a trust anchor where there was only a server's word.
-            weaker = earlier is not None and earlier.anchor in UNSIGNED_ANCHORS and now.anchor not in UNSIGNED_ANCHORS
-            result.manifest.upsert(earlier if earlier and earlier.sha256 == f.sha256 and not weaker else now)
-            result.skipped.append(f.path)
-            progress.file_end(f.path, "present")
-        elif f.path in staged:
-            result.manifest.upsert(dataclasses.replace(staged[f.path], source=sources[0].uri_for(f)))
-            progress.file_end(f.path, "staged")
+    if todo:
+        staged |= _fetch_bulk(sources[0], todo, staging, dest, incoming, result, progress)
+    _keep(plan.files, present, staged, old, result, sources[0], progress)
     if swarm is not None:  # what this node already has, verified, it serves from the start
         for f in plan.files:
             if f.path in present or f.path in staged:
@@ -382,20 +325,58 @@ def _fetch_locked(request: FetchRequest, dest: Path, sources: list[Source],
     entries.update((e.path, e) for e in _fetch_all(sources, rest, staging, progress, result, opts, dest, swarm))
     result.manifest.files = sorted(entries.values(), key=lambda e: e.path)  # once, not per file
     pins.check_entries(result.manifest.files, pinned)  # once more, before anything is promoted
-    promote = [f.path for f in plan.files if f.path not in present]
-    many.make_durable(dest, [staging[p] for p in promote])  # one flush, not one per file
-    for path in promote:
-        # By descriptors, refusing a symlink met on the way: the names were checked at plan
-        # time, but in a shared cache another writer may have swapped a directory since.
-        replace_beneath(dest, staging[path].relative_to(dest), path, durable=False)
-        result.fetched.append(path)
-    many.sync_dirs(dest, promote)  # the renames on disk before the manifest says they are done
+    _promote(dest, [f.path for f in plan.files if f.path not in present], staging, result)
     convert_on_fetch(request, dest, result.manifest, progress)  # a card's GGUF, made ready to serve
     _remove_empty_dirs(incoming)
     result.manifest.verified_at = utcnow()
     result.manifest.write(dest)
     progress.end()
     return result
+
+
+def _fetch_bulk(source: Source, todo: list[PlannedFile], staging: dict[str, Path], dest: Path,
+                incoming: Path, result: FetchResult, progress: Progress) -> dict[str, FileEntry]:
+    """The files a bulk source (a torrent) delivered together, checked; empty for the others."""
+    if not source.fetch_many(todo, {f.path: staging[f.path] for f in todo}, root=dest,
+                             incoming=incoming, progress=progress):
+        return {}
+    # A bulk source wrote the staging files itself: they count only if they hash right.
+    checked = _already_have(todo, {f.path: staging[f.path] for f in todo}, progress)
+    network, resumed = source.bulk_bytes()
+    result.downloaded_bytes += network
+    result.resumed_bytes += resumed
+    for path, (origin, peers) in source.bulk_traffic().items():
+        result.count(path, origin=origin, peers=peers)
+    return checked
+
+
+def _keep(files: list[PlannedFile], present: dict[str, FileEntry], staged: dict[str, FileEntry],
+          old: Manifest | None, result: FetchResult, source: Source, progress: Progress) -> None:
+    """Record the files already in place (``present``) or checked in staging (``staged``)."""
+    for f in files:
+        if f.path in present:
+            earlier = old.entry(f.path) if old else None
+            now = present[f.path]
+            # The earlier record stays (its source, its anchor) unless the bytes changed or this
+            # fetch vouches for them better: a trust anchor where there was only a server's word.
+            weaker = earlier is not None and earlier.anchor in UNSIGNED_ANCHORS and now.anchor not in UNSIGNED_ANCHORS
+            result.manifest.upsert(earlier if earlier and earlier.sha256 == f.sha256 and not weaker else now)
+            result.skipped.append(f.path)
+            progress.file_end(f.path, "present")
+        elif f.path in staged:
+            result.manifest.upsert(dataclasses.replace(staged[f.path], source=source.uri_for(f)))
+            progress.file_end(f.path, "staged")
+
+
+def _promote(dest: Path, paths: list[str], staging: dict[str, Path], result: FetchResult) -> None:
+    """Move the checked staging files into place, durably, before the manifest names them."""
+    many.make_durable(dest, [staging[p] for p in paths])  # one flush, not one per file
+    for path in paths:
+        # By descriptors, refusing a symlink met on the way: the names were checked at plan
+        # time, but in a shared cache another writer may have swapped a directory since.
+        replace_beneath(dest, staging[path].relative_to(dest), path, durable=False)
+        result.fetched.append(path)
+    many.sync_dirs(dest, paths)  # the renames on disk before the manifest says they are done
 
 
 def _fetch_all(sources: list[Source], files: list[PlannedFile], staging: dict[str, Path],

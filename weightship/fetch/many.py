@@ -37,7 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
-from weightship.errors import DigestMismatchError, DiskFullError
+from weightship.errors import DiskFullError
 from weightship.fetch.base import PlannedFile
 from weightship.fetch.chunkfile import pwrite_all
 from weightship.fetch.journal import journal_path
@@ -90,16 +90,12 @@ def fetch_small(reader: RangeReader, f: PlannedFile, staging: Path, root: Path,
     data = with_retries(read, opts, f.path)
     if data is None:
         return None
-    sha256 = hashlib.sha256(data).hexdigest()
-    if f.sha256 is not None and sha256 != f.sha256:
-        raise DigestMismatchError(f.path, expected=f.sha256, actual=sha256)
-    git = None
+    sha256, git = hashlib.sha256(data).hexdigest(), None
     if f.git_sha1 is not None:
-        h = git_blob_hasher(f.size)
+        h = git_blob_hasher(size)
         h.update(data)
         git = h.hexdigest()
-        if git != f.git_sha1:
-            raise DigestMismatchError(f.path, expected=f.git_sha1, actual=git, what="git blob sha1")
+    f.check(len(data), sha256, git)
     _write_once(data, staging, root)
     progress.advance(f.path, len(data))
     return DownloadResult(size=len(data), sha256=sha256, git_sha1=git, fetched_bytes=len(data),
