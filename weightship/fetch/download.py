@@ -31,6 +31,7 @@ from weightship.errors import (
     RemoteChangedError,
     TransientFetchError,
 )
+from weightship.fetch.base import PlannedFile
 from weightship.fetch.chunked import ChunkedDownload
 from weightship.fetch.chunkfile import pwrite_all
 from weightship.fetch.exchange import ChunkExchange
@@ -105,10 +106,7 @@ def download(reader: RangeReader, staging: Path, *, expected_size: int | None, s
         reader = _StatOnFirstRead(reader, opts, path, expected_size)
         remote = RemoteStat(size=expected_size, validator=None)  # the content is named by sha256
     else:
-        remote = with_retries(reader.stat, opts, f"{path}: the first request")
-    if expected_size is not None and remote.size != expected_size:
-        raise DigestMismatchError(path, expected=f"{expected_size} bytes",
-                                  actual=f"{remote.size} bytes (as the server reports it)", what="size")
+        remote = _stat_checked(reader, opts, path, expected_size)
     restarts = repairs = 0
     try:
         while True:
@@ -128,10 +126,7 @@ def download(reader: RangeReader, staging: Path, *, expected_size: int | None, s
                     raise
                 log.warning("%s: the remote file changed; starting over", path)
                 discard(staging)
-                remote = with_retries(reader.stat, opts, f"{path}: the first request")
-                if expected_size is not None and remote.size != expected_size:
-                    raise DigestMismatchError(path, expected=f"{expected_size} bytes",
-                                              actual=f"{remote.size} bytes", what="size") from None
+                remote = _stat_checked(reader, opts, path, expected_size)
                 continue
             if exchange is not None and result.sha256 != sha256 and repairs < _MAX_REPAIRS:
                 redo = exchange.suspects(job.from_origin)
@@ -152,6 +147,16 @@ def download(reader: RangeReader, staging: Path, *, expected_size: int | None, s
     if exchange is not None:
         exchange.end(True)
     return result
+
+
+def _stat_checked(reader: RangeReader, opts: TransferOptions, path: str,
+                  expected_size: int | None) -> RemoteStat:
+    """The remote's size and validator (the first request, retried), held to the trusted size."""
+    st = with_retries(reader.stat, opts, f"{path}: the first request")
+    if expected_size is not None and st.size != expected_size:
+        raise DigestMismatchError(path, expected=f"{expected_size} bytes",
+                                  actual=f"{st.size} bytes (as the server reports it)", what="size")
+    return st
 
 
 _MAX_REPAIRS = 8  # each repair bans at least one peer; a swarm with more liars than this fails
@@ -178,12 +183,7 @@ class _StatOnFirstRead(RangeReader):
     def stat(self) -> RemoteStat:
         with self._lock:
             if self._stat is None:
-                st = with_retries(self.inner.stat, self.opts, f"{self.path}: the first request")
-                if st.size != self.size:
-                    raise DigestMismatchError(self.path, expected=f"{self.size} bytes",
-                                              actual=f"{st.size} bytes (as the server reports it)",
-                                              what="size")
-                self._stat = st
+                self._stat = _stat_checked(self.inner, self.opts, self.path, self.size)
             return self._stat
 
     def read_range(self, start: int, end: int, validator: str | None, into: memoryview) -> Iterator[memoryview]:
@@ -200,12 +200,9 @@ class _StatOnFirstRead(RangeReader):
 
 def _check(result: DownloadResult, staging: Path, path: str, sha256: str | None,
            git_sha1: str | None) -> None:
-    problem: DigestMismatchError | None = None
-    if sha256 is not None and result.sha256 != sha256:
-        problem = DigestMismatchError(path, expected=sha256, actual=str(result.sha256))
-    elif git_sha1 is not None and result.git_sha1 != git_sha1:
-        problem = DigestMismatchError(path, expected=git_sha1, actual=str(result.git_sha1),
-                                      what="git blob sha1")
-    if problem is not None:
-        discard(staging)
-        raise problem
+    try:
+        PlannedFile(path, size=None, sha256=sha256, git_sha1=git_sha1).check(
+            result.size, result.sha256, result.git_sha1)
+    except DigestMismatchError:
+        discard(staging)  # which chunk was wrong cannot be known: none of it is kept
+        raise

@@ -245,47 +245,63 @@ class PeerExchange(ChunkExchange):
         """A peer to take chunk ``index`` from (with the provenance and digest it published),
         or None for the origin; waits as the module docstring says."""
         odd_since: float | None = None
-        cond, banned, stall = self.mesh.cond, self.mesh.banned, self.swarm.opts.stall
-        with cond:
+        with self.mesh.cond:
             while True:
                 if self.stop.is_set():
                     raise Stopped()
                 now = time.monotonic()
-                members, peers = self._view()
-                holders: list[tuple[Peer, tuple[str, str]]] = []
-                fetching = False
-                for p in self.mesh.usable():
-                    rf = p.files.get(self.sha256)
-                    if rf is None or (rf.size, rf.chunk) != (self.size, self.chunk):
-                        continue
-                    got = rf.have.get(index)
-                    if got is not None:
-                        if p.name not in tried and got[0] not in banned:
-                            holders.append((p, got))
-                    elif rf.taken.get(index) and now - p.last_event < stall:
-                        fetching = True
+                holders, fetching = self._holders(index, tried, now)
                 if holders:
                     p, (provenance, digest) = min(holders, key=lambda h: (h[0].inflight, random.random()))
                     p.inflight += 1
                     return p, provenance, digest
                 if not fetching:
-                    owner = members[index % len(members)] if members else None
-                    if owner is None or owner == self.node:
+                    origin, odd_since = self._origin_now(index, tried, now, odd_since)
+                    if origin:
                         return None
-                    op, rf = peers[owner]
-                    held = rf.have.get(index)
-                    if op.name in tried or (held is not None and held[0] not in banned):
-                        return None  # it has it, but not for us
-                    if held is not None:  # vouched for by a node we banned: the owner will find
-                        if now - op.last_event > stall:  # out and fetch it again
-                            return None
-                    elif index in rf.taken:  # it is getting it from elsewhere: views differ
-                        odd_since = odd_since or now
-                        if now - odd_since > GRACE:
-                            return None
-                    elif now - op.last_event > stall:
-                        return None  # the owner is up but stuck
                 self.mesh.wait_chunk(self.sha256, index, TICK)
+
+    def _holders(self, index: int, tried: set[str],
+                 now: float) -> tuple[list[tuple[Peer, tuple[str, str]]], bool]:
+        """The peers that hold chunk ``index`` and may be asked for it (not tried yet, not vouched
+        for by a banned node), and whether a live peer is fetching it now (call with the mesh's
+        condition held)."""
+        holders: list[tuple[Peer, tuple[str, str]]] = []
+        fetching = False
+        for p in self.mesh.usable():
+            rf = p.files.get(self.sha256)
+            if rf is None or (rf.size, rf.chunk) != (self.size, self.chunk):
+                continue
+            got = rf.have.get(index)
+            if got is not None:
+                if p.name not in tried and got[0] not in self.mesh.banned:
+                    holders.append((p, got))
+            elif rf.taken.get(index) and now - p.last_event < self.swarm.opts.stall:
+                fetching = True
+        return holders, fetching
+
+    def _origin_now(self, index: int, tried: set[str], now: float,
+                    odd_since: float | None) -> tuple[bool, float | None]:
+        """Whether to take chunk ``index`` from the origin now, when no peer holds it for us and
+        none is fetching it: yes when this node owns it (or no member does), or when its owner
+        will not deliver (it holds it but not for us, it is stuck, or the views of who owns it
+        have differed for longer than :data:`GRACE`); else wait. Also returns since when the
+        views have differed (call with the mesh's condition held)."""
+        members, peers = self._view()
+        owner = members[index % len(members)] if members else None
+        if owner is None or owner == self.node:
+            return True, odd_since
+        op, rf = peers[owner]
+        held = rf.have.get(index)
+        stall, banned = self.swarm.opts.stall, self.mesh.banned
+        if op.name in tried or (held is not None and held[0] not in banned):
+            return True, odd_since  # it has it, but not for us
+        if held is not None:  # vouched for by a node we banned: the owner will find out and
+            return now - op.last_event > stall, odd_since  # fetch it again, unless it is stuck
+        if index in rf.taken:  # it is getting it from elsewhere: views differ
+            odd_since = odd_since or now
+            return now - odd_since > GRACE, odd_since
+        return now - op.last_event > stall, odd_since  # the owner is up but stuck
 
     def _yield_claim(self, index: int, claimed_at: float | None = None) -> bool:
         """After announcing (at ``claimed_at``; default now) that this node takes chunk ``index``
