@@ -16,7 +16,7 @@ engine's, unchanged.
 - :mod:`.exchange`: one file's chunks: from whom, digests and provenance, repair after a mismatch;
 - :mod:`.node`: a fetch's place in the swarm, and serving after the fetch (``--seed-for``).
 
-DESIGN.md ("Fleet distribution") says why this design, with measurements.
+docs/fleet.md says why this design, and what was measured.
 """
 
 from weightship.swarm.node import SwarmNode, SwarmOptions
