@@ -198,6 +198,7 @@ def uninstall(
                                  highlight=False), json_flag=json_flag)
 
 
+# Long only by its options, which typer reads from the signature; the body parses and calls the library.
 @app.command("nodes")
 def nodes(
     model: Annotated[str, typer.Argument(help="Catalog name (see `weightship models`) or URI.")],

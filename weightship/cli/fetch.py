@@ -16,6 +16,7 @@ from weightship.fetch.options import build_options
 from weightship.settings import get_settings
 
 
+# Long only by its options, which typer reads from the signature; the body parses and calls the library.
 def fetch(
     model: Annotated[str, typer.Argument(help="Catalog name (see `weightship models`) or URI.")],
     to: Annotated[Path | None, typer.Option("--to", help="Destination directory "

@@ -28,6 +28,7 @@ def resolve_model_dir(model: str) -> Path:
     raise UsageError(f"{model} is neither a directory nor a catalog model")
 
 
+# Long only by its options, which typer reads from the signature; the body parses and calls the library.
 def serve(
     model: Annotated[str, typer.Argument(help="Model directory, or a fetched catalog model's name.",
                                          metavar="DIR|MODEL")],

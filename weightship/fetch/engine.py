@@ -19,7 +19,9 @@ For each file the engine:
    fsynced once) and writes the manifest last, atomically. A directory whose manifest lists
    every file is complete and verified.
 
-The whole job holds the directory's lock.
+The whole job holds the directory's lock. (About 420 lines: the steps above, each a named
+function of under 45 lines; what a source does, the downloads and the promote's flushes live in
+the modules named above.)
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """One file's chunks, from peers where they have them and from the origin only where none does.
 
+(Over 400 lines, on purpose: one class whose methods all read and change the same chunk state
+under the mesh's lock; the decisions are small named methods, the rest is this docstring.)
+
 The origin's chunks are split between the *members* of the swarm for this file (this node, when
 it serves, and every peer that shares the file), sorted by node id: chunk ``i`` is owned by
 member ``i mod n``. Each member fetches the chunks it owns from the origin *ahead* of its own
