@@ -34,11 +34,17 @@ tool before the timed ones (listing, manifest and signature included). ``--tree 
 weightship package under DIR; ``--baseline DIR`` adds a column: the S3 fetch of the package
 under DIR (e.g. ``git archive COMMIT weightship | tar -x -C DIR``), in the same rounds;
 ``--ws-args '--requests 32'`` passes arguments to every weightship fetch; ``--only s3|hub``.
+``--tls`` serves both over TLS on loopback (issue 19): a throwaway CA made by ``trustme`` signs a
+certificate for 127.0.0.1 that rclone (``--cert``/``--key``) and the mirror (``--tls-cert``/
+``--tls-key``) present, and every client is pointed at the CA (``AWS_CA_BUNDLE``,
+``SSL_CERT_FILE``, ``REQUESTS_CA_BUNDLE``: weightship, boto3, s5cmd's Go TLS and
+huggingface_hub each read one of them); the relay passes the encrypted bytes, so it cannot count
+requests ("-" in req/file). Each row also shows the CPU seconds per GiB fetched of each process.
 
 Usage::
 
     python bench/fetch.py [--size-mib 1024] [--files 2] [--runs 3]
-    python bench/fetch.py --many [--rows 256x1024KiB,2000x2KiB] [--latency-ms 0,20] [--runs 3]
+    python bench/fetch.py --many [--rows 256x1024KiB,2000x2KiB] [--latency-ms 0,20] [--runs 3] [--tls]
 """
 
 from __future__ import annotations
@@ -235,7 +241,8 @@ def run_tool(args: list[str], env: dict[str, str], dest: Path, cwd: Path, relay:
 
 
 def many_files(rows: list[tuple[int, int]], latencies: list[float], runs: int, tree: Path,
-               baseline: Path | None, only: str | None = None, ws_args: tuple[str, ...] = ()) -> int:
+               baseline: Path | None, only: str | None = None, ws_args: tuple[str, ...] = (),
+               tls: bool = False) -> int:
     """The many-files tables: see the module docstring."""
     with tempfile.TemporaryDirectory(prefix="ws-bench-many-", dir="/var/tmp") as tmp:
         base = Path(tmp)
@@ -243,12 +250,21 @@ def many_files(rows: list[tuple[int, int]], latencies: list[float], runs: int, t
         key = base / "bench.pem"
         public = generate_key(key)
         s3_port, hub_port = free_port(), free_port()
-        os.environ.update(KEYS, AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}")
+        scheme = "https" if tls else "http"
+        s3_tls: list[str] = []
+        hub_tls: list[str] = []
+        if tls:
+            ca, cert, cert_key = make_pki(base / "pki")
+            s3_tls = ["--cert", str(cert), "--key", str(cert_key)]
+            hub_tls = ["--tls-cert", str(cert), "--tls-key", str(cert_key)]
+            os.environ.update(AWS_CA_BUNDLE=str(ca), SSL_CERT_FILE=str(ca), REQUESTS_CA_BUNDLE=str(ca))
+        os.environ.update(KEYS, AWS_ENDPOINT_URL=f"{scheme}://127.0.0.1:{s3_port}")
         names = [f"{count}x{_size(size)}" for count, size in rows]
         models = [make_many(base / "hub", n, c, s) for n, (c, s) in zip(names, rows, strict=True)]
         rclone = [_bin("rclone"), "serve", "s3", "--addr", f"127.0.0.1:{s3_port}", "--config", "/dev/null",
-                  "--auth-key", f"{KEYS['AWS_ACCESS_KEY_ID']},{KEYS['AWS_SECRET_ACCESS_KEY']}", str(base / "s3")]
-        mirror = [sys.executable, "-m", "weightship", "mirror", str(base / "hub"), "--port", str(hub_port)]
+                  "--auth-key", f"{KEYS['AWS_ACCESS_KEY_ID']},{KEYS['AWS_SECRET_ACCESS_KEY']}", *s3_tls,
+                  str(base / "s3")]
+        mirror = [sys.executable, "-m", "weightship", "mirror", str(base / "hub"), "--port", str(hub_port), *hub_tls]
         s5cmd = _bin("s5cmd")
         here = tree
         table: list[tuple[str, float, dict[str, Run], dict[str, Run]]] = []
@@ -258,8 +274,8 @@ def many_files(rows: list[tuple[int, int]], latencies: list[float], runs: int, t
             s3_relay, hub_relay = Relay(s3_port), Relay(hub_port)
             for name in names:
                 def tools(s3: int, hub: int, n: str = name) -> list[tuple[str, list[str], dict[str, str], Path]]:
-                    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}",
-                           "HF_ENDPOINT": f"http://127.0.0.1:{hub}", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+                    env = {**os.environ, "AWS_ENDPOINT_URL": f"{scheme}://127.0.0.1:{s3}",
+                           "HF_ENDPOINT": f"{scheme}://127.0.0.1:{hub}", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
                     ws_s3 = [sys.executable, "-m", "weightship", "fetch", f"s3://models/{n}", "--to", "DEST",
                              "--trust-key", str(public), *ws_args]
                     plan = [
@@ -270,7 +286,7 @@ def many_files(rows: list[tuple[int, int]], latencies: list[float], runs: int, t
                                       "snapshot_download as s; s(sys.argv[1], local_dir=sys.argv[2])",
                                       f"bench/{n}", "DEST"], env, here),
                         ("ws s3", ws_s3, env, here),
-                        ("s5cmd", [s5cmd, "--endpoint-url", f"http://127.0.0.1:{s3}", "cp", f"s3://models/{n}/*",
+                        ("s5cmd", [s5cmd, "--endpoint-url", f"{scheme}://127.0.0.1:{s3}", "cp", f"s3://models/{n}/*",
                                    "DEST/"], env, here),
                     ]
                     if baseline is not None:
@@ -294,8 +310,23 @@ def many_files(rows: list[tuple[int, int]], latencies: list[float], runs: int, t
                     table.append((name, ms, medians, counted))
                     print(f"  {name} +{ms:g} ms: " + ", ".join(f"{k} {v.seconds:.2f} s" for k, v in medians.items()),
                           file=sys.stderr, flush=True)
-    print_many(table, runs, baseline)
+    print_many(table, runs, baseline, tls)
     return 0
+
+
+def make_pki(d: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA (trustme) and the certificate chain and key it issued for 127.0.0.1, as
+    tests/conftest.py's ``pki`` makes them: (ca.pem, cert.pem, key.pem) under ``d``."""
+    import trustme
+
+    d.mkdir(parents=True)
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    issued.private_key_pem.write_to_path(str(d / "key.pem"))
+    for i, blob in enumerate(issued.cert_chain_pems):
+        blob.write_to_path(str(d / "cert.pem"), append=i > 0)
+    return d / "ca.pem", d / "cert.pem", d / "key.pem"
 
 
 def _size(n: int) -> str:
@@ -304,10 +335,12 @@ def _size(n: int) -> str:
 
 
 def print_many(table: list[tuple[str, float, dict[str, Run], dict[str, Run]]], runs: int,
-               baseline: Path | None) -> None:
-    print(f"\nmany files over loopback, median of {runs} runs (interleaved), {os.cpu_count()} cores; seconds "
-          "(and CPU-s of the process), weightship's speed / the peer's (>1 = faster), requests per file "
-          "(counted on the wire by the bench's relay, listing included), peak RSS of the process (MiB)")
+               baseline: Path | None, tls: bool = False) -> None:
+    print(f"\nmany files over loopback{' over TLS' if tls else ' (plain HTTP)'}, median of {runs} runs "
+          f"(interleaved), {os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+          "at the end; seconds (and CPU-s of the process), weightship's speed / the peer's (>1 = faster), "
+          "CPU-s per GiB fetched (weightship/peer), requests per file (counted on the wire by the bench's "
+          "relay, listing included; '-' over TLS), peak RSS of the process (MiB)")
     for what, ours, peer, target in (("Hub", "ws hf", "snapshot", "≥ 1.0x"), ("S3", "ws s3", "s5cmd", "≥ 0.8x")):
         if ours not in table[0][2]:
             continue
@@ -315,18 +348,38 @@ def print_many(table: list[tuple[str, float, dict[str, Run], dict[str, Run]]], r
         print(f"\n{what}: weightship fetch beside {'snapshot_download' if what == 'Hub' else 's5cmd cp'}"
               + (f"; 'base' is weightship from {baseline}" if extra else ""))
         head = (f"{'row':<12} {'+ms':>4} {'ws s (cpu)':>12} {'peer s (cpu)':>13} {'ratio':>6} {'target':>7} "
-                f"{'req/file':>12} {'RSS MiB':>11}")
+                f"{'CPU-s/GiB':>11} {'req/file':>12} {'RSS MiB':>11}")
         print(head + (f" {'base s (cpu)':>13} {'ratio':>6} {'base RSS':>8}" if extra else ""))
         for name, ms, t, counted in table:
-            files = int(name.split("x")[0])
+            files, size = _row_of(name)
+            gib = files * size / (1 << 30)
+            req = (f"{counted[ours].requests / files:>5.2f}/{counted[peer].requests / files:<5.2f}" if not tls
+                   else f"{'-':>5}/{'-':<5}")
+            goal = _goal_19(what, files, size) or target
             line = (f"{name:<12} {ms:>4g} {_cell(t[ours]):>12} {_cell(t[peer]):>13} "
-                    f"{t[peer].seconds / t[ours].seconds:>5.2f}x {target:>7} "
-                    f"{counted[ours].requests / files:>5.2f}/{counted[peer].requests / files:<5.2f} "
+                    f"{t[peer].seconds / t[ours].seconds:>5.2f}x {goal:>7} "
+                    f"{t[ours].cpu / gib:>5.2f}/{t[peer].cpu / gib:<5.2f} "
+                    f"{req} "
                     f"{t[ours].rss >> 20:>5}/{t[peer].rss >> 20:<5}")
             if extra:
                 b = t["ws s3 base"]
                 line += f" {_cell(b):>13} {t[peer].seconds / b.seconds:>5.2f}x {b.rss >> 20:>8}"
             print(line)
+
+
+def _goal_19(what: str, files: int, size: int) -> str | None:
+    """Issue 19's goal for a one-large-file row (it replaces issue 22's there): S3 1 GiB ≥ 1.0x
+    s5cmd, S3 256 MiB ≥ 0.8x, Hub 1 GiB ≥ 1.5x snapshot_download."""
+    if files != 1:
+        return None
+    return {("S3", 1 << 30): "≥ 1.0x", ("S3", 256 << 20): "≥ 0.8x", ("Hub", 1 << 30): "≥ 1.5x"}.get((what, size))
+
+
+def _row_of(name: str) -> tuple[int, int]:
+    """(count, bytes per file) of a row's name as :func:`_size` wrote it, e.g. ``1x256MiB``."""
+    count, _, size = name.partition("x")
+    unit = {"GiB": 30, "MiB": 20, "KiB": 10}[size[-3:]]
+    return int(count), int(size[:-3]) << unit
 
 
 def _cell(r: Run) -> str:
@@ -352,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-ms", default="0,20", help="with --many: added per request, ms,... [%(default)s]")
     p.add_argument("--ws-args", default="", help="with --many: more arguments for weightship fetch, "
                    "e.g. '--requests 32'")
+    p.add_argument("--tls", action="store_true", help="with --many: serve S3 and the Hub over TLS "
+                   "(a throwaway CA, trusted by every client through the environment)")
     p.add_argument("--only", choices=["hub", "s3"], help="with --many: the Hub table or the S3 table only")
     p.add_argument("--tree", type=Path, default=Path(__file__).resolve().parent.parent,
                    help="with --many: run the weightship package under this directory [this checkout]")
@@ -362,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.many:
         return many_files([_row(r) for r in a.rows.split(",")], [float(x) for x in a.latency_ms.split(",")],
                           a.runs, a.tree.resolve(), a.baseline.resolve() if a.baseline else None, a.only,
-                          tuple(a.ws_args.split()))
+                          tuple(a.ws_args.split()), a.tls)
     size = (a.size_mib << 20) // a.files * a.files
     with tempfile.TemporaryDirectory(prefix="ws-bench-fetch-") as tmp:
         base = Path(tmp)
