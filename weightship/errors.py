@@ -190,9 +190,17 @@ class DiskFullError(FetchError):
 class RemoteNotFoundError(FetchError, LookupError):
     """A repository, revision, bucket, object or URL does not exist (or is hidden from us)."""
 
+    def __init__(self, where: str, what: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{where}: {what}", hint=hint)
+        self.where = where  # the URI (or repo@revision) that was not there
+
 
 class AccessDeniedError(FetchError, PermissionError):
     """The remote refused our credentials, or the repository is gated."""
+
+    def __init__(self, where: str, what: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{where}: {what}", hint=hint)
+        self.where = where  # the URI (or repo) that refused us
 
 
 class GatedRepoError(AccessDeniedError):
@@ -203,10 +211,10 @@ class GatedRepoError(AccessDeniedError):
     """
 
     def __init__(self, repo: str, detail: str | None = None) -> None:
-        super().__init__(f"hf://{repo} is gated" + (f" ({detail})" if detail else ""),
-                         hint="gated: accept the conditions on the model's page and use a token "
-                              "that has access")
-        self.repo = repo
+        FetchError.__init__(self, f"hf://{repo} is gated" + (f" ({detail})" if detail else ""),
+                            hint="gated: accept the conditions on the model's page and use a token "
+                                 "that has access")
+        self.where, self.repo = f"hf://{repo}", repo
 
 
 class InsecureRedirectError(FetchError):

@@ -10,8 +10,8 @@ import pytest
 
 from tests.fetch.webserver import running
 from weightship.errors import ProtocolViolationError
-from weightship.fetch.http import HttpPool, HttpRemote, get_small
 from weightship.fetch.options import TransferOptions
+from weightship.fetch.transport import HttpPool, HttpRemote, get_small
 
 HUGE = "9" * 5000  # int() of it raises ValueError (more than 4300 digits)
 OPTS = TransferOptions(retries=0, backoff=0.001, backoff_max=0.002)

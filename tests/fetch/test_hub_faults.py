@@ -14,7 +14,7 @@ from tests.conftest import assert_clean_failure, run_cli
 from tests.fetch.hubstub import HubRepo, HubStub, hub
 from weightship.errors import AccessDeniedError
 from weightship.fetch import FetchOptions, TransferOptions, build_request, fetch
-from weightship.fetch.http import HttpPool, HttpRemote
+from weightship.fetch.transport import HttpPool, HttpRemote
 
 FAST = FetchOptions(transfer=TransferOptions(retries=3, backoff=0.01, backoff_max=0.02, chunk_size=64 << 10))
 FILES = {"config.json": b'{"model_type": "mistral"}\n',

@@ -144,7 +144,7 @@ def test_an_s3_prefix_of_500_small_objects_is_one_get_each(
     """Counted in the client (rclone's server keeps no request count): every HTTP request the
     source sends, and every HeadObject through boto3."""
     from weightship.fetch import s3
-    from weightship.fetch.http import HttpPool
+    from weightship.fetch.transport import HttpPool
 
     files = _small_files(500, seed=7)
     prefix = s3_env.root / "models" / "many500"

@@ -17,8 +17,8 @@ import pytest
 from tests.conftest import Pki, assert_clean_failure, assert_same_files, rclone_s3, run_cli
 from tests.fetch.webserver import FileServer, serve
 from weightship.fetch.download import download
-from weightship.fetch.http import HttpPool, HttpRemote
 from weightship.fetch.options import TransferOptions
+from weightship.fetch.transport import HttpPool, HttpRemote
 from weightship.manifest import create_for_directory
 
 DATA = hashlib.shake_256(b"tls").digest((1 << 20) + 4321)

@@ -42,11 +42,11 @@ from weightship.errors import (
 )
 from weightship.fetch import pins
 from weightship.fetch.base import FetchPlan, PlannedFile
-from weightship.fetch.http import HttpPool, HttpRemote, raise_for_status
 from weightship.fetch.ranged import RangedSource
 from weightship.fetch.remote import RangeReader
 from weightship.fetch.retry import with_retries
 from weightship.fetch.select import DEFAULT_OPTIONAL
+from weightship.fetch.transport import HttpPool, HttpRemote, raise_for_status
 from weightship.manifest import SourceInfo
 
 log = logging.getLogger(__name__)
@@ -187,9 +187,9 @@ class HubRemote(HttpRemote):
         if code == "GatedRepo":
             raise GatedRepoError(self.repo, message)
         if code in _NOT_FOUND_CODES:
-            raise RemoteNotFoundError(f"{self.where}: {message or code}")
+            raise RemoteNotFoundError(self.where, message or code or "not found")
         if code and r.status in (401, 403):
-            raise AccessDeniedError(f"{self.where}: {code}" + (f": {message}" if message else ""),
+            raise AccessDeniedError(self.where, code + (f": {message}" if message else ""),
                                     hint="set HF_TOKEN to a token with access to this repository")
         raise_for_status(r.status, self.where)
 
@@ -209,10 +209,10 @@ def _hub_call(call: Any, repo: str, revision: str) -> Any:
     except HubGatedRepoError as e:
         raise GatedRepoError(repo, _first_line(e)) from None
     except RevisionNotFoundError:
-        raise RemoteNotFoundError(f"{where}: no such revision",
+        raise RemoteNotFoundError(where, "no such revision",
                                   hint="give a branch, tag or commit that exists") from None
     except RepositoryNotFoundError:
-        raise RemoteNotFoundError(f"{where}: no such repository (or it is private)",
+        raise RemoteNotFoundError(where, "no such repository (or it is private)",
                                   hint="check the name; for a private repository set HF_TOKEN") from None
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None

@@ -15,9 +15,9 @@ from urllib.parse import quote
 
 from weightship.errors import UsageError
 from weightship.fetch.base import FetchPlan, PlannedFile
-from weightship.fetch.http import HttpRemote, get_small
 from weightship.fetch.ranged import RangedSource, plan_from_manifest
 from weightship.fetch.remote import RangeReader
+from weightship.fetch.transport import HttpRemote, get_small
 
 
 class HttpsSource(RangedSource):

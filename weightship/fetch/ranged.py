@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 from weightship.errors import ManifestError, NoTrustAnchorError, SignatureError, UnsignedManifestError
 from weightship.fetch.base import FetchPlan, PlannedFile, Sink, Source
-from weightship.fetch.http import HttpPool
 from weightship.fetch.options import TransferOptions
 from weightship.fetch.remote import RangeReader
 from weightship.fetch.retry import with_retries
+from weightship.fetch.transport import HttpPool
 from weightship.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, SourceInfo
 from weightship.paths import STATE_DIR
 

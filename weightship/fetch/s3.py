@@ -45,11 +45,11 @@ from weightship.errors import (
     UsageError,
 )
 from weightship.fetch.base import FetchPlan, PlannedFile
-from weightship.fetch.http import SMALL_LIMIT, HttpPool, HttpRemote
 from weightship.fetch.options import TransferOptions
 from weightship.fetch.ranged import REMOTE_MANIFEST, REMOTE_SIGNATURE, RangedSource, plan_from_manifest
 from weightship.fetch.remote import RangeReader, RemoteStat
 from weightship.fetch.retry import with_retries
+from weightship.fetch.transport import SMALL_LIMIT, HttpPool, HttpRemote
 from weightship.manifest import Manifest, manifest_path
 from weightship.paths import resolve_under
 from weightship.progress import NullProgress, Progress
@@ -120,9 +120,9 @@ def s3_error(e: BaseException, where: str) -> BaseException:
         code = str(err.get("Code", ""))
         status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound"):
-            return RemoteNotFoundError(f"{where}: not found ({code})")
+            return RemoteNotFoundError(where, f"not found ({code})")
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return AccessDeniedError(f"{where}: access denied ({code})",
+            return AccessDeniedError(where, f"access denied ({code})",
                                      hint="check AWS_PROFILE / the AWS credentials for this bucket")
         if code in ("PreconditionFailed", "412"):
             return RemoteChangedError(f"{where}: the object changed while it was being read")
@@ -132,7 +132,7 @@ def s3_error(e: BaseException, where: str) -> BaseException:
             return TransientFetchError(f"{where}: {code or status}")
         return FetchError(f"{where}: {code}: {err.get('Message', '')}")
     if isinstance(e, NoCredentialsError):
-        return AccessDeniedError(f"{where}: no AWS credentials found",
+        return AccessDeniedError(where, "no AWS credentials found",
                                  hint="set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
     if isinstance(e, SSLError):  # a ConnectionError too, but no retry will fix it
         return FetchError(f"{where}: TLS failed: {e}",

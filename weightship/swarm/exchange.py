@@ -50,7 +50,7 @@ import urllib3
 
 from weightship.errors import FetchError, PeerError, TransientFetchError
 from weightship.fetch.exchange import ChunkExchange, OriginRead, Stopped
-from weightship.fetch.http import HttpRemote
+from weightship.fetch.transport import HttpRemote
 from weightship.swarm import repair
 from weightship.swarm.mesh import Peer, RemoteFile
 from weightship.swarm.protocol import BLOB_PATH, CHUNK_HEADER, NODE_ID, SHA256, chunks_of

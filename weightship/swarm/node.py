@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from weightship.fetch.base import PlannedFile
-from weightship.fetch.http import HttpPool
 from weightship.fetch.options import PeerOptions, TransferOptions
+from weightship.fetch.transport import HttpPool
 from weightship.paths import open_beneath
 from weightship.progress import Progress
 from weightship.swarm.board import Board

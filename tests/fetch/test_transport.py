@@ -15,10 +15,10 @@ import pytest
 
 from tests.conftest import Pki
 from tests.fetch.webserver import FileServer, serve
-from weightship.errors import FetchError, RemoteChangedError
+from weightship.errors import AccessDeniedError, FetchError, RemoteChangedError, RemoteNotFoundError
 from weightship.fetch.download import download
-from weightship.fetch.http import HttpPool, HttpRemote
 from weightship.fetch.options import TransferOptions
+from weightship.fetch.transport import HttpPool, HttpRemote, raise_for_status
 
 DATA = hashlib.shake_256(b"redirect").digest(3 << 20)
 OPTS = TransferOptions(connections=3, chunk_size=256 << 10, backoff=0.001, backoff_max=0.002)
@@ -182,3 +182,13 @@ def test_credentials_are_dropped_when_the_scheme_changes(dual: _DualPort, pki: P
                         headers={"Authorization": "Bearer s3cret"})
     assert remote.stat().size == 5
     assert dual.seen == [("http", "Bearer s3cret"), ("https", None)]
+
+
+@pytest.mark.parametrize(("status", "error"), [(404, RemoteNotFoundError), (410, RemoteNotFoundError),
+                                               (401, AccessDeniedError), (403, AccessDeniedError)])
+def test_a_refusal_names_the_remote_as_an_attribute(status: int, error: type[FetchError]) -> None:
+    """Callers (the failover, --json) learn which remote refused without parsing the message."""
+    with pytest.raises(error) as caught:
+        raise_for_status(status, "https://models.example/m/config.json")
+    assert caught.value.where == "https://models.example/m/config.json"  # type: ignore[attr-defined]
+    assert str(caught.value).startswith("https://models.example/m/config.json: HTTP ")

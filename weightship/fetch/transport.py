@@ -145,10 +145,10 @@ def raise_for_status(status: int, where: str) -> None:
     if status in _RETRYABLE_STATUS:
         raise TransientFetchError(f"{where}: HTTP {status}")
     if status in (401, 403):
-        raise AccessDeniedError(f"{where}: HTTP {status} (access denied)",
+        raise AccessDeniedError(where, f"HTTP {status} (access denied)",
                                 hint="check the token or credentials for this server")
     if status in (404, 410):
-        raise RemoteNotFoundError(f"{where}: HTTP {status} (not found)")
+        raise RemoteNotFoundError(where, f"HTTP {status} (not found)")
     if status == 412:
         raise RemoteChangedError(f"{where}: HTTP 412: the file changed while it was being read")
     if status == 416:
