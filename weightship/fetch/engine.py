@@ -213,14 +213,13 @@ def _open_swarm(request: FetchRequest, sources: list[Source], state: Path) -> Sw
     """The fleet swarm this fetch joins, when its options name peers or a listen address and
     its first source reads byte ranges (a torrent source is its own swarm: it takes the same
     options as BitTorrent peers and listen address)."""
-    from weightship.swarm import SwarmNode, SwarmOptions
+    from weightship.swarm import SwarmNode
 
     if not sources[0].reads_ranges:
         return None
-    opts = SwarmOptions.from_options(request.options.peers)
-    if opts is None:
+    if not request.options.peers.wanted:
         return None
-    return SwarmNode(opts, state, request.options.transfer)
+    return SwarmNode(request.options.peers, state, request.options.transfer)
 
 
 def _swarm_report(result: FetchResult, swarm: SwarmNode) -> None:

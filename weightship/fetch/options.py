@@ -67,6 +67,8 @@ class PeerOptions:
     peers_from_dns: str | None = None  # NAME[:PORT] whose A/AAAA records are peers
     seed_for: float = 0.0  # seconds to serve after the fetch; inf: until stopped
     # seconds to wait, before a file's first chunk, for the peers to answer and share the file
+    # (with --peers-from-dns, for the name to resolve to one): the chunks then fall to the
+    # members from the start, and a node that only takes (no --listen) finds the ones fetching
     wait: float = 2.0
     stall: float = 10.0  # seconds without news from a peer (or a byte of a chunk) before giving up on it
 

@@ -19,6 +19,6 @@ engine's, unchanged.
 docs/fleet.md says why this design, and what was measured.
 """
 
-from weightship.swarm.node import SwarmNode, SwarmOptions
+from weightship.swarm.node import SwarmNode
 
-__all__ = ["SwarmNode", "SwarmOptions"]
+__all__ = ["SwarmNode"]

@@ -106,7 +106,7 @@ class PeerExchange(ChunkExchange):
         self.board.share(self.sha256, self.size, chunk, self.read_fd)
         for i, rec in sorted(kept.items()):
             self.board.have(self.sha256, i, rec.provenance, rec.digest)
-        self.mesh.wait_for_contact(self.swarm.opts.first_contact, self.sha256)
+        self.mesh.wait_for_contact(self.swarm.opts.wait, self.sha256)
         if self.swarm.serving:
             self._halt = threading.Event()
             threading.Thread(target=self._run_ahead, args=(origin, self._halt, os.dup(fd)),

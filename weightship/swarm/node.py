@@ -41,32 +41,6 @@ NODE_FILE = "swarm-node"
 GIVE_UP = 60.0  # seconds: a peer that has not answered this long is not waited for (serving ends)
 
 
-@dataclass(frozen=True)
-class SwarmOptions:
-    """How a fetch joins the swarm (the CLI's ``--listen``, ``--peer``, ``--peers-from-dns``,
-    ``--seed-for``)."""
-
-    listen: tuple[str, int] | None = None
-    peers: tuple[str, ...] = ()
-    peers_from_dns: str | None = None
-    seed_for: float = 0.0  # seconds to serve after the fetch; inf: until stopped
-    stall: float = 10.0  # seconds without news from a peer (or a byte of a chunk) before giving up on it
-    # seconds to wait, before a file's first chunk, for the peers to answer and share the file
-    # (with --peers-from-dns, for the name to resolve to one): the chunks then fall to the
-    # members from the start, and a node that only takes (no --listen) finds the ones fetching
-    first_contact: float = 2.0
-
-    @classmethod
-    def from_options(cls, fleet: PeerOptions) -> SwarmOptions | None:
-        """The swarm a fetch's peer options ask for, or None when they name no peers and no
-        listen address."""
-        if not fleet.wanted:
-            return None
-        return cls(listen=listen_address(fleet.listen) if fleet.listen else None,
-                   peers=fleet.peers, peers_from_dns=fleet.peers_from_dns, seed_for=fleet.seed_for,
-                   stall=fleet.stall, first_contact=fleet.wait)
-
-
 @dataclass
 class FileTraffic:
     """Where one file's bytes came from in this run."""
@@ -79,7 +53,7 @@ class FileTraffic:
 class SwarmNode:
     """See the module docstring."""
 
-    def __init__(self, opts: SwarmOptions, state_dir: Path, transfer: TransferOptions) -> None:
+    def __init__(self, opts: PeerOptions, state_dir: Path, transfer: TransferOptions) -> None:
         self.opts = opts
         self.node = _node_id(state_dir)
         self.chunk = transfer.chunk_size
@@ -94,7 +68,7 @@ class SwarmNode:
             connections=transfer.connections, parallel_files=transfer.parallel_files,
             chunk_size=transfer.chunk_size, stall_timeout=opts.stall), proxies=False)
         if opts.listen is not None:
-            self.server = PeerServer(self.board, *opts.listen).start()
+            self.server = PeerServer(self.board, *listen_address(opts.listen)).start()
         self.mesh = Mesh(self.node, PeerSource.from_options(opts.peers, opts.peers_from_dns)).start()
         log.info("swarm node %s%s, peers %s", self.node,
                  f" serving on port {self.server.port}" if self.server else " (not serving)",

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from weightship.errors import SwarmError
 from weightship.fetch.base import PlannedFile
-from weightship.fetch.options import SWARM_CHUNK, TransferOptions
+from weightship.fetch.options import SWARM_CHUNK, PeerOptions, TransferOptions
 from weightship.manifest import Manifest
 from weightship.paths import STATE_DIR, resolve_under
-from weightship.swarm.node import SwarmNode, SwarmOptions, listen_address
+from weightship.swarm.node import SwarmNode, listen_address
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ def seed_swarm(directory: Path, *, listen: str, peers: tuple[str, ...] = (), pee
     """Serve ``directory``'s files to swarm peers for ``duration`` seconds; returns the bytes
     served."""
     manifest = Manifest.load(directory)
-    host, port = listen_address(listen)
-    opts = SwarmOptions(listen=(host, port), peers=peers, peers_from_dns=peers_from_dns, seed_for=duration)
+    host = listen_address(listen)[0]  # also refuses a malformed address before anything starts
+    opts = PeerOptions(listen=listen, peers=peers, peers_from_dns=peers_from_dns, seed_for=duration)
     node = SwarmNode(opts, directory / STATE_DIR, TransferOptions(chunk_size=chunk_size))
     try:
         for f in manifest.files:
