@@ -147,6 +147,18 @@ def open_beneath(root: Path | int, rel: str | PurePath, flags: int, mode: int = 
             raise
 
 
+def unlink_beneath(root: Path, path: Path) -> None:
+    """Remove ``path``, a file below ``root``, if it is there, reaching it without following a
+    symlink below ``root``: a directory swapped for a link meanwhile cannot make a clean-up
+    delete a file elsewhere (:class:`UnsafePathError`). A missing file or directory is fine."""
+    rel = PurePosixPath(path.relative_to(root))
+    try:
+        with dir_beneath(root, rel.parent) as parent:
+            os.unlink(rel.name, dir_fd=parent)
+    except FileNotFoundError:
+        pass
+
+
 def replace_beneath(root: Path | int, src: str | PurePath, dst: str | PurePath, *,
                     same_as: int | None = None, durable: bool = True) -> None:
     """Rename ``root/src`` to ``root/dst`` (atomic, replacing), without following a symlink below

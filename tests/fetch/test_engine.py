@@ -252,3 +252,26 @@ print(kinds, loaded)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['s3', 'torrent', 'hf', 'https', 'https', 'torrent'] []"
+
+
+def test_cleaning_up_a_bad_file_never_deletes_through_a_swapped_directory(tmp_path: Path) -> None:
+    """A wrong file's staging copy is removed; if its directory was swapped for a symlink while
+    the bytes arrived (a shared cache, another writer), nothing is removed through the link."""
+    dest, outside = tmp_path / "dest", tmp_path / "outside"
+    dest.mkdir()
+    outside.mkdir()
+    (outside / "b.json.incomplete").write_bytes(b"someone else's file")
+
+    class Swapping(FakeSource):
+        def fetch_file(self, file: PlannedFile, sink: Sink) -> None:
+            if file.path == "sub/b.json":
+                incoming = dest / ".weightship" / "incoming"
+                (incoming / "sub").rename(incoming / "moved")
+                (incoming / "sub").symlink_to(outside)
+            sink.write(b"not the planned bytes")
+
+    with pytest.raises((DigestMismatchError, UnsafePathError)):
+        engine._fetch_one(Swapping(_request()), Swapping(_request()).plan().files[1],
+                          dest / ".weightship" / "incoming" / "sub" / "b.json.incomplete",
+                          engine.NullProgress(), root=dest)
+    assert (outside / "b.json.incomplete").read_bytes() == b"someone else's file"

@@ -80,7 +80,7 @@ class ChunkedDownload:
             if old is not None:
                 log.info("%s: partial download is stale (remote or plan changed), starting over",
                          self.path)
-            discard(self.staging)
+            discard(self.staging, self.root)
             return set()
         self.chunk = self.journal.chunk_size = old.chunk_size
         self.chunks = max(1, math.ceil(self.remote.size / self.chunk))

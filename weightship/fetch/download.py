@@ -39,7 +39,7 @@ from weightship.fetch.journal import Journal, discard, journal_path
 from weightship.fetch.options import TransferOptions
 from weightship.fetch.remote import DownloadResult, RangeReader, RemoteStat
 from weightship.fetch.retry import with_retries
-from weightship.paths import open_beneath
+from weightship.paths import open_beneath, unlink_beneath
 from weightship.progress import NullProgress, Progress
 from weightship.verify.digests import git_blob_hasher
 
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 def _stream_whole(reader: RangeReader, staging: Path, remote: RemoteStat, opts: TransferOptions,
                   progress: Progress, path: str, git_sha1: bool, root: Path) -> DownloadResult:
     """Fetch a file from its first byte in one stream (a server that ignores ranges)."""
-    discard(staging)
+    discard(staging, root)
     sha = hashlib.sha256() if opts.verify else None
     git = git_blob_hasher(remote.size) if git_sha1 and opts.verify else None
     pos = 0
@@ -125,7 +125,7 @@ def download(reader: RangeReader, staging: Path, *, expected_size: int | None, s
                 if restarts > 1:
                     raise
                 log.warning("%s: the remote file changed; starting over", path)
-                discard(staging)
+                discard(staging, root)
                 remote = _stat_checked(reader, opts, path, expected_size)
                 continue
             if exchange is not None and result.sha256 != sha256 and repairs < _MAX_REPAIRS:
@@ -138,12 +138,12 @@ def download(reader: RangeReader, staging: Path, *, expected_size: int | None, s
                     continue
             break
         if opts.verify:
-            _check(result, staging, path, sha256, git_sha1)
+            _check(result, staging, root, path, sha256, git_sha1)
     except BaseException:
         if exchange is not None:
             exchange.end(False)
         raise
-    journal_path(staging).unlink(missing_ok=True)
+    unlink_beneath(root, journal_path(staging))
     if exchange is not None:
         exchange.end(True)
     return result
@@ -198,11 +198,11 @@ class _StatOnFirstRead(RangeReader):
         self.inner.close()
 
 
-def _check(result: DownloadResult, staging: Path, path: str, sha256: str | None,
+def _check(result: DownloadResult, staging: Path, root: Path, path: str, sha256: str | None,
            git_sha1: str | None) -> None:
     try:
         PlannedFile(path, size=None, sha256=sha256, git_sha1=git_sha1).check(
             result.size, result.sha256, result.git_sha1)
     except DigestMismatchError:
-        discard(staging)  # which chunk was wrong cannot be known: none of it is kept
+        discard(staging, root)  # which chunk was wrong cannot be known: none of it is kept
         raise

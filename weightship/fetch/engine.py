@@ -58,7 +58,7 @@ from weightship.fetch.request import make_sources
 from weightship.fetch.result import _COUNTERS, FetchResult
 from weightship.fetch.select import select_files, wanted_by
 from weightship.manifest import UNSIGNED_ANCHORS, FileEntry, Manifest, utcnow
-from weightship.paths import STATE_DIR, open_beneath, replace_beneath, resolve_under
+from weightship.paths import STATE_DIR, open_beneath, replace_beneath, resolve_under, unlink_beneath
 from weightship.progress import NullProgress, Progress
 from weightship.verify.digests import hash_files, sha256_and_git_blob
 
@@ -161,7 +161,7 @@ def _fetch_ranged(source: Source, f: PlannedFile, staging: Path, root: Path, pro
 def _fetch_streamed(source: Source, f: PlannedFile, staging: Path, root: Path, progress: Progress,
                     result: FetchResult | None) -> FileEntry:
     """``f`` as one stream from the source (:meth:`Source.fetch_file`), hashed as it is written."""
-    journal_path(staging).unlink(missing_ok=True)  # a partial from a ranged source is void now
+    unlink_beneath(root, journal_path(staging))  # a partial from a ranged source is void now
     try:
         fd = open_beneath(root, staging.relative_to(root), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                           create_parents=True)
@@ -178,7 +178,7 @@ def _fetch_streamed(source: Source, f: PlannedFile, staging: Path, root: Path, p
             os.fsync(out.fileno())
         f.check(sink.bytes_written, sink.sha256(), sink.git_sha1())
     except BaseException:
-        staging.unlink(missing_ok=True)  # wrong or partial bytes are never kept as-is
+        unlink_beneath(root, staging)  # wrong or partial bytes are never kept as-is
         raise
     if result is not None and source.network:  # not bytes a generator or a local store made
         result.add(f.path, sink.bytes_written)

@@ -13,6 +13,8 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from weightship.paths import unlink_beneath
+
 JOURNAL_SUFFIX = ".journal"
 PROVENANCE_SUFFIX = ".peers"  # which peer sent each chunk (a swarm fetch's; see weightship.swarm)
 _JOURNAL_VERSION = 1
@@ -67,8 +69,8 @@ def provenance_path(staging: Path) -> Path:
     return staging.with_name(staging.name + PROVENANCE_SUFFIX)
 
 
-def discard(staging: Path) -> None:
-    """Remove a partial download, its journal and its chunks' provenance."""
-    staging.unlink(missing_ok=True)
-    journal_path(staging).unlink(missing_ok=True)
-    provenance_path(staging).unlink(missing_ok=True)
+def discard(staging: Path, root: Path) -> None:
+    """Remove a partial download, its journal and its chunks' provenance, reaching them below
+    ``root`` without following a symlink."""
+    for path in (staging, journal_path(staging), provenance_path(staging)):
+        unlink_beneath(root, path)

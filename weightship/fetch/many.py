@@ -44,7 +44,7 @@ from weightship.fetch.journal import journal_path
 from weightship.fetch.options import TransferOptions
 from weightship.fetch.remote import DownloadResult, RangeReader
 from weightship.fetch.retry import with_retries
-from weightship.paths import dir_beneath, open_beneath
+from weightship.paths import dir_beneath, open_beneath, unlink_beneath
 from weightship.progress import Progress
 from weightship.verify.digests import git_blob_hasher
 
@@ -103,7 +103,7 @@ def fetch_small(reader: RangeReader, f: PlannedFile, staging: Path, root: Path,
 
 
 def _write_once(data: memoryview, staging: Path, root: Path) -> None:
-    journal_path(staging).unlink(missing_ok=True)  # a partial by ranges from an earlier run is void
+    unlink_beneath(root, journal_path(staging))  # a partial by ranges from an earlier run is void
     try:
         fd = open_beneath(root, staging.relative_to(root), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                           0o644, create_parents=True)
@@ -112,7 +112,7 @@ def _write_once(data: memoryview, staging: Path, root: Path) -> None:
         finally:
             os.close(fd)
     except OSError as e:
-        staging.unlink(missing_ok=True)
+        unlink_beneath(root, staging)
         if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise DiskFullError(staging, e.strerror or str(e)) from None
         raise
