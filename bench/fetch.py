@@ -78,7 +78,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' loopback helpers
 
-from tests.net import free_port, listening, wait_until
+from tests.net import free_port, listening, make_pki, wait_until
 from weightship.fetch import build_request, fetch
 from weightship.fetch.download import download
 from weightship.fetch.options import FetchOptions, TransferOptions
@@ -262,7 +262,8 @@ def many_files(rows: list[tuple[int, int]], latencies: list[float], runs: int, t
         s3_tls: list[str] = []
         hub_tls: list[str] = []
         if tls:
-            ca, cert, cert_key = make_pki(base / "pki")
+            pki = make_pki(base / "pki")
+            ca, cert, cert_key = pki.ca, pki.cert, pki.key
             s3_tls = ["--cert", str(cert), "--key", str(cert_key)]
             hub_tls = ["--tls-cert", str(cert), "--tls-key", str(cert_key)]
             os.environ.update(AWS_CA_BUNDLE=str(ca), SSL_CERT_FILE=str(ca), REQUESTS_CA_BUNDLE=str(ca))
@@ -320,21 +321,6 @@ def many_files(rows: list[tuple[int, int]], latencies: list[float], runs: int, t
                           file=sys.stderr, flush=True)
     print_many(table, runs, baseline, tls)
     return 0
-
-
-def make_pki(d: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA (trustme) and the certificate chain and key it issued for 127.0.0.1, as
-    tests/conftest.py's ``pki`` makes them: (ca.pem, cert.pem, key.pem) under ``d``."""
-    import trustme
-
-    d.mkdir(parents=True)
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1")
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    issued.private_key_pem.write_to_path(str(d / "key.pem"))
-    for i, blob in enumerate(issued.cert_chain_pems):
-        blob.write_to_path(str(d / "cert.pem"), append=i > 0)
-    return d / "ca.pem", d / "cert.pem", d / "key.pem"
 
 
 def _size(n: int) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.net import Pki, make_pki
 from weightship.fetch import build_request, fetch
 from weightship.settings import get_settings
 from weightship.verify.convert import convert_directory
@@ -129,28 +130,10 @@ def hub_mirror(hub_root: Path) -> Iterator[str]:
         yield server.url
 
 
-@dataclass(frozen=True)
-class Pki:
-    """PEM files: a throwaway CA, and the certificate chain and key it issued for 127.0.0.1."""
-
-    ca: Path
-    cert: Path
-    key: Path
-
-
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A CA made for this test run (trustme) and a server certificate for 127.0.0.1."""
-    import trustme
-
-    d = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1")
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    issued.private_key_pem.write_to_path(str(d / "key.pem"))
-    for i, blob in enumerate(issued.cert_chain_pems):
-        blob.write_to_path(str(d / "cert.pem"), append=i > 0)
-    return Pki(ca=d / "ca.pem", cert=d / "cert.pem", key=d / "key.pem")
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Loopback helpers shared by the tests and the benchmarks: free ports, waiting for a server,
-and a relay that counts what a server sends."""
+a relay that counts what a server sends, and a throwaway CA for TLS on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -10,7 +10,32 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Pki:
+    """PEM files: a throwaway CA, and the certificate chain and key it issued for 127.0.0.1."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_pki(d: Path) -> Pki:
+    """A CA made now (trustme) and a server certificate for 127.0.0.1, written under ``d``."""
+    import trustme
+
+    d.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    issued.private_key_pem.write_to_path(str(d / "key.pem"))
+    for i, blob in enumerate(issued.cert_chain_pems):
+        blob.write_to_path(str(d / "cert.pem"), append=i > 0)
+    return Pki(ca=d / "ca.pem", cert=d / "cert.pem", key=d / "key.pem")
 
 
 def free_port() -> int:
