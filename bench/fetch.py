@@ -236,7 +236,8 @@ def run_tool(args: list[str], env: dict[str, str], dest: Path, cwd: Path, relay:
     with tempfile.NamedTemporaryFile() as usage, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", usage.name,
-                               *(str(dest) if a == "DEST" else a for a in args)], env=env, cwd=cwd,
+                               *(a.replace("DEST", str(dest), 1) if a in ("DEST", "DEST/") else a
+                                 for a in args)], env=env, cwd=cwd,
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
         seconds = time.perf_counter() - t0
         if proc.returncode:
