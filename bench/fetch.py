@@ -42,12 +42,11 @@ huggingface_hub each read one of them); the relay passes the encrypted bytes, so
 requests ("-" in req/file). Each row also shows the CPU seconds per GiB fetched of each process.
 Issue 19's rows: ``--many --rows 1x1048576KiB,1x262144KiB --latency-ms 0 [--tls] --tree DIR``
 (DIR a ``git archive`` of the package, so that others' uncommitted edits are not measured).
-Measured at d799349 on this 2-core VM, three pairs of runs (5, 5, 7 rounds) as weightship's
-speed / the peer's, the 1-minute load average (mean during the run) beside each:
-S3 1 GiB plain 0.60x (load 6.9), 0.92x (3.4), 1.02x (2.4); over TLS 0.70x (6.2), 0.83x (3.0),
-0.80x (2.3); S3 256 MiB plain 0.52x, 0.54x, 0.52x, TLS 0.48x, 0.46x, 0.47x; Hub 1 GiB
-plain 2.08x, 2.48x, 2.72x, TLS 2.03x, 1.98x, 2.55x. CPU-s per GiB (weightship / s5cmd), 1 GiB:
-plain 1.73-1.99 / 1.27-1.31, TLS 2.25-2.44 / 1.19-1.24; Hub TLS 1.75-1.89 / 4.33-4.66.
+Measured after a4b5732 (before it, s5cmd wrote into a leftover ./DEST and its figures were
+wrong), quiet machine, median of 3, weightship's speed / s5cmd's: S3 1 GiB plain 0.60x, TLS
+0.50x; 256 MiB plain 0.31x, TLS 0.34x. Hub 1 GiB (not affected): plain 2.08-2.72x, TLS
+1.98-2.55x of snapshot_download (d799349, load 2-7). s5cmd makes no file durable (no fsync
+call under strace); weightship flushes every file before promoting any.
 
 Usage::
 
