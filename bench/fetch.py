@@ -85,7 +85,7 @@ from weightship.fetch.s3 import S3Remote, make_s3_client, make_s3_pool, push_dir
 from weightship.manifest import Manifest, create_for_directory
 from weightship.signing import generate_key
 
-S3_TOOLS = ("ws s3", "s5cmd", "ws s3 base")
+S3_TOOLS = ("ws s3", "s5cmd", "s5cmd+sync", "ws s3 base")
 MANY_ROWS = "1x1048576KiB,16x65536KiB,256x1024KiB,2000x2KiB"  # the rows of issue 22
 KEYS = {"AWS_ACCESS_KEY_ID": "benchKEY", "AWS_SECRET_ACCESS_KEY": "benchSECRET",
         "AWS_REGION": "us-east-1", "AWS_CONFIG_FILE": "/dev/null",
@@ -297,6 +297,10 @@ def many_files(rows: list[tuple[int, int]], latencies: list[float], runs: int, t
                         ("ws s3", ws_s3, env, here),
                         ("s5cmd", [s5cmd, "--endpoint-url", f"{scheme}://127.0.0.1:{s3}", "cp", f"s3://models/{n}/*",
                                    "DEST/"], env, here),
+                        # s5cmd issues no fsync: this one waits until its files are on disk too,
+                        # as weightship's are before it promotes them
+                        ("s5cmd+sync", ["sh", "-c", '"$1" --endpoint-url "$2" cp "$3" "$0/" && sync -f "$0"',
+                                        "DEST", s5cmd, f"{scheme}://127.0.0.1:{s3}", f"s3://models/{n}/*"], env, here),
                     ]
                     if baseline is not None:
                         plan.append(("ws s3 base", ws_s3, env, baseline))
@@ -343,7 +347,9 @@ def print_many(table: list[tuple[str, float, dict[str, Run], dict[str, Run]]], r
               + (f"; 'base' is weightship from {baseline}" if extra else ""))
         head = (f"{'row':<12} {'+ms':>4} {'ws s (cpu)':>12} {'peer s (cpu)':>13} {'ratio':>6} {'target':>7} "
                 f"{'CPU-s/GiB':>11} {'req/file':>12} {'RSS MiB':>11}")
-        print(head + (f" {'base s (cpu)':>13} {'ratio':>6} {'base RSS':>8}" if extra else ""))
+        durable = what == "S3" and "s5cmd+sync" in table[0][2]
+        print(head + (f" {'base s (cpu)':>13} {'ratio':>6} {'base RSS':>8}" if extra else "")
+              + (f" {'s5cmd+sync s':>13} {'ratio':>6}" if durable else ""))
         for name, ms, t, counted in table:
             files, size = _row_of(name)
             gib = files * size / (1 << 30)
@@ -358,6 +364,9 @@ def print_many(table: list[tuple[str, float, dict[str, Run], dict[str, Run]]], r
             if extra:
                 b = t["ws s3 base"]
                 line += f" {_cell(b):>13} {t[peer].seconds / b.seconds:>5.2f}x {b.rss >> 20:>8}"
+            if durable:
+                d = t["s5cmd+sync"]
+                line += f" {_cell(d):>13} {d.seconds / t[ours].seconds:>5.2f}x"
             print(line)
 
 
