@@ -81,3 +81,14 @@ def test_fetch_sources_and_a_trust_key_import_no_heavy_library(tmp_path: Path) -
     heavy = {"numpy", "model_signing", "sigstore", "sigstore_models", "rekor_types", "boto3", "botocore",
              "huggingface_hub", "torch", "safetensors"}
     assert not modules & heavy, modules & heavy
+
+
+def test_a_fetch_without_peers_does_not_load_the_swarm(tmp_path: Path) -> None:
+    """Only a fetch given peers (or a listen address) imports the fleet swarm's modules."""
+    code = ("import sys; from pathlib import Path; from weightship.fetch import build_request, fetch; "
+            "fetch(build_request('weightship-tiny'), Path(sys.argv[1])); "
+            "print(sorted(m for m in sys.modules if m.startswith('weightship.swarm')))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+    assert (tmp_path / "m" / ".weightship" / "manifest.json").is_file()

@@ -213,12 +213,10 @@ def _open_swarm(request: FetchRequest, sources: list[Source], state: Path) -> Sw
     """The fleet swarm this fetch joins, when its options name peers or a listen address and
     its first source reads byte ranges (a torrent source is its own swarm: it takes the same
     options as BitTorrent peers and listen address)."""
-    from weightship.swarm import SwarmNode
+    if not (sources[0].reads_ranges and request.options.peers.wanted):
+        return None
+    from weightship.swarm import SwarmNode  # only a fetch with peers loads the swarm
 
-    if not sources[0].reads_ranges:
-        return None
-    if not request.options.peers.wanted:
-        return None
     return SwarmNode(request.options.peers, state, request.options.transfer)
 
 
