@@ -66,11 +66,14 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str,
 
 class CountingRelay:
     """A TCP relay on loopback to ``upstream_port`` that counts the bytes the upstream sends
-    back (``received``): a byte counter for a server that keeps none, such as rclone."""
+    back (``received``) and records the request line of every request the client sends
+    (``requests``, (method, target); requests without a body, such as GETs and HEADs): a counter
+    for a server that keeps none, such as rclone."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream = ("127.0.0.1", upstream_port)
         self.received = 0
+        self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         relay = self
 
@@ -99,12 +102,20 @@ class CountingRelay:
 
     def _pipe(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
         buf = bytearray(1 << 16)
+        pending = b""  # from the client: the part of a request head not yet complete
         try:
             while n := src.recv_into(buf):
                 dst.sendall(memoryview(buf)[:n])
                 if count:
                     with self._lock:
                         self.received += n
+                    continue
+                pending += bytes(buf[:n])
+                while b"\r\n\r\n" in pending:
+                    head, _, pending = pending.partition(b"\r\n\r\n")
+                    method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+                    with self._lock:
+                        self.requests.append((method, target))
         except OSError:  # a killed client resets its connection
             pass
         finally:

@@ -5,13 +5,10 @@ engine's own pool. Counted on the wire, in front of a real S3 server that checks
 from __future__ import annotations
 
 import collections
-import contextlib
 import datetime
 import http.server
 import json
 import random
-import socket
-import socketserver
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from tests.conftest import S3Server, assert_clean_failure, run_cli
+from tests.net import CountingRelay
 from weightship.manifest import create_for_directory
 
 AWKWARD = ["a b/c+d.json", "é/ü~x=1.json", "plain/n%41me.json", "sp  two/x;y,z!.bin"]
@@ -71,63 +69,6 @@ def test_the_signed_headers_are_what_botocore_signs_for_get_object(
         assert ("x-amz-security-token" in ours) == ("AWS_SESSION_TOKEN" in env)
 
 
-class RequestCounter:
-    """A TCP relay to ``upstream_port`` that records the request line of every request the
-    client sends (GETs and HEADs carry no body, so each ends at its blank line)."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.requests: list[tuple[str, str]] = []
-        counter = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                counter._relay(self.request, upstream_port)
-
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port: int = self.server.server_address[1]
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> RequestCounter:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def _relay(self, client: socket.socket, port: int) -> None:
-        with socket.create_connection(("127.0.0.1", port)) as upstream:
-            back = threading.Thread(target=self._pipe, args=(upstream, client), daemon=True)
-            back.start()
-            pending = b""
-            try:
-                while data := client.recv(1 << 16):
-                    upstream.sendall(data)
-                    pending += data
-                    while b"\r\n\r\n" in pending:
-                        head, _, pending = pending.partition(b"\r\n\r\n")
-                        method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-                        with self._lock:
-                            self.requests.append((method, target))
-            except OSError:
-                pass
-            finally:
-                upstream.shutdown(socket.SHUT_WR)
-            back.join()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-
-
 @pytest.fixture
 def awkward_prefix(s3_server: S3Server, tmp_path: Path) -> tuple[dict[str, bytes], Path]:
     """300 small objects under models/lean (awkward names among them), and a manifest of them
@@ -148,7 +89,7 @@ def test_each_object_is_one_header_signed_get_on_the_wire(
         s3_server: S3Server, awkward_prefix: tuple[dict[str, bytes], Path], tmp_path: Path) -> None:
     files, manifest = awkward_prefix
     port = int(s3_server.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
-    with RequestCounter(port) as wire:
+    with CountingRelay(port) as wire:
         env = {**s3_server.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{wire.port}"}
         r = run_cli("fetch", "s3://models/lean", "--to", tmp_path / "m", "--manifest", manifest, "--json", env=env)
     assert r.code == 0, r.stderr
