@@ -61,6 +61,16 @@ def test_an_invalid_document_names_where(document: dict, where: str) -> None:
         Manifest.from_dict(document, origin="test")
 
 
+def test_the_schema_is_itself_valid() -> None:
+    """Reading a manifest no longer checks the schema every time (its validator is made once),
+    so the schema file is checked here against its own meta-schema."""
+    import jsonschema
+
+    from weightship.manifest import schema
+
+    jsonschema.validators.validator_for(schema()).check_schema(schema())
+
+
 @pytest.mark.parametrize("path", ["../escape", "/etc/passwd", "a/../../b", ".weightship/manifest.json"])
 def test_paths_outside_the_directory_are_refused(path: str) -> None:
     with pytest.raises(WeightshipError):

@@ -21,8 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
 from weightship import __version__
 from weightship.errors import ManifestError
 from weightship.paths import STATE_DIR, dir_beneath, safe_relpath
@@ -55,6 +53,16 @@ def schema() -> dict[str, Any]:
     text = (importlib.resources.files("weightship") / "schemas" / "manifest.schema.json").read_text()
     result: dict[str, Any] = json.loads(text)
     return result
+
+
+@functools.cache
+def _validator() -> Any:
+    """A validator for :func:`schema`, made once (``jsonschema.validate`` checks the schema itself
+    again at every call). jsonschema is imported here, when a manifest is first read: importing
+    it takes about 0.1 s, which a command that reads none does not pay."""
+    import jsonschema
+
+    return jsonschema.validators.validator_for(schema())(schema())
 
 
 @dataclass
@@ -123,9 +131,10 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Any, *, origin: str = "manifest") -> Manifest:
         """Parse and validate a manifest document; ``origin`` names it in errors."""
-        try:
-            jsonschema.validate(data, schema())
-        except jsonschema.ValidationError as e:
+        from jsonschema.exceptions import best_match
+
+        e = best_match(_validator().iter_errors(data))  # the error jsonschema.validate raises
+        if e is not None:
             where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
             raise ManifestError(f"{origin}: invalid manifest at {where}: {e.message}") from None
         src = data.get("source")

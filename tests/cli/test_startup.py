@@ -63,7 +63,8 @@ def test_fetch_sources_and_a_trust_key_import_no_heavy_library(tmp_path: Path) -
     """What every S3, HTTPS or Hub fetch imports before its first request: the source modules, the
     request, a ``--trust-key``. numpy (about 0.1 s) came in through the digests' package (its NaN
     scan, which a fetch never runs); the signature library, boto3 and huggingface_hub are imported
-    only by the step that uses them (issue 22)."""
+    only by the step that uses them (issue 22). A URI is never looked up in the catalog, so PyYAML
+    is not imported; jsonschema comes with the first manifest read, not with the modules."""
     from weightship.signing import generate_key
 
     public = generate_key(tmp_path / "key.pem")
@@ -79,7 +80,7 @@ def test_fetch_sources_and_a_trust_key_import_no_heavy_library(tmp_path: Path) -
     modules = {m.split(".")[0] for m in json.loads(out.splitlines()[-1])}
     assert "weightship" in modules and "cryptography" in modules
     heavy = {"numpy", "model_signing", "sigstore", "sigstore_models", "rekor_types", "boto3", "botocore",
-             "huggingface_hub", "torch", "safetensors"}
+             "huggingface_hub", "torch", "safetensors", "yaml", "jsonschema"}
     assert not modules & heavy, modules & heavy
 
 

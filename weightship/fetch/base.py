@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
-from weightship.catalog import Card
 from weightship.errors import DigestMismatchError
 from weightship.fetch.options import FetchOptions
 from weightship.manifest import SourceInfo
@@ -17,6 +16,7 @@ from weightship.progress import Progress
 from weightship.verify.digests import git_blob_hasher
 
 if TYPE_CHECKING:
+    from weightship.catalog import Card
     from weightship.fetch.remote import RangeReader
 
 

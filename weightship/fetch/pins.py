@@ -38,12 +38,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-from weightship.catalog import Card, CardFile, list_cards
 from weightship.errors import DigestMismatchError, FetchError, UnsignedListingError
 from weightship.fetch.base import FetchRequest, PlannedFile
 from weightship.fetch.select import wanted_by
 from weightship.manifest import UNSIGNED_LISTING, FileEntry
+
+if TYPE_CHECKING:
+    from weightship.catalog import Card, CardFile
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,8 @@ def card_for_hub(repo: str, commit: str) -> tuple[Card, str] | None:
     """The catalog card (and layout) with an hf source for ``repo`` pinned at ``commit``: the
     card that binds an explicit ``hf://`` fetch of that repository at that commit. Hub repository
     names are compared without case, as the Hub resolves them."""
+    from weightship.catalog import list_cards
+
     for card in list_cards():
         for s in card.sources:
             if s.get("kind") == "hf" and str(s.get("repo", "")).lower() == repo.lower() \

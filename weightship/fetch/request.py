@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from weightship.catalog import is_catalog_name, load_card
 from weightship.errors import UnknownSourceError, UnsafePathError
 from weightship.fetch.base import FetchRequest, Source
 from weightship.fetch.options import FetchOptions
@@ -44,8 +43,13 @@ def make_sources(request: FetchRequest, source: str = "auto") -> list[Source]:
 
 def build_request(ref: str, *, layout: str | None = None, include: Sequence[str] = (),
                   exclude: Sequence[str] = (), options: FetchOptions | None = None) -> FetchRequest:
-    """A :class:`FetchRequest` for a catalog name or a URI."""
-    card = load_card(ref) if is_catalog_name(ref) or not _looks_like_uri(ref) else None
+    """A :class:`FetchRequest` for a catalog name or a URI (what looks like a URI is one: a fetch
+    of a URI neither imports nor parses the catalog)."""
+    card = None
+    if not _looks_like_uri(ref):
+        from weightship.catalog import load_card
+
+        card = load_card(ref)
     if card is not None and layout is not None:
         card.layout(layout)  # fails early on a layout the card does not have
     return FetchRequest(ref=ref, card=card, layout=layout, include=tuple(include),

@@ -6,9 +6,8 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from weightship.catalog import Card
 from weightship.errors import (
     CatalogError,
     MalformedWeightsError,
@@ -22,6 +21,9 @@ from weightship.progress import NullProgress, Progress
 from weightship.verify import deep
 from weightship.verify.digests import hash_files
 from weightship.verify.safetensors import SafetensorsHeader, read_header
+
+if TYPE_CHECKING:
+    from weightship.catalog import Card
 
 log = logging.getLogger(__name__)
 
