@@ -1,0 +1,312 @@
+"""Transports for one large object, side by side (issue 19, item 1: measure before choosing).
+
+One object of ``--size-mib`` random bytes (default 1 GiB) is served from one directory by two
+rclone servers on loopback, plain or, with ``--tls``, over TLS (a throwaway CA from ``trustme``):
+``rclone serve s3`` for s5cmd, and ``rclone serve http`` (Go's file server) for the readers
+measured, so that none of them pays for request signing and each gets a proper ``206``: rclone's
+S3 server answers a ranged GET with ``200`` and a ``Content-Range`` (weightship's engine accepts
+that; obstore refuses it, "Received non-partial response when range requested"). Each reader
+copies it to a fresh file with ``--connections`` ranged GETs of ``--chunk-mib`` in flight
+(default 8 of 16 MiB), writes each range at its offset, takes the sha256 of every range as it
+lands (``--no-hash``: none; the same CPU as one digest of the whole file), and flushes the file
+to disk before it stops (fsync; ``--sink null``: neither, to compare the transports alone, but
+weightship's engine and s5cmd write as always):
+
+- ``weightship engine``: weightship's own downloader (:func:`weightship.fetch.download.download`,
+  its journal, stall detection, O_DIRECT writes and in-order sha256 of the whole file) over its
+  urllib3 pool: what a fetch does, minus planning;
+- ``urllib3``: the same pool library with nothing around it, ``readinto`` a buffer per range;
+- ``pycurl``: libcurl's multi interface, ``--connections`` easy handles reused range after range
+  (libcurl's transfer loop and TLS in C; Python sees each 1 MiB of body in a write callback);
+- ``obstore``: the Rust ``object_store`` crate's ``get_range`` from ``--connections`` threads
+  (the body is read into Rust-owned buffers with the GIL released);
+- ``s5cmd cp`` then ``sync -f``: the peer tool, no hash.
+
+Each reader runs as its own process (``--python``, default this interpreter), timed with its CPU
+seconds (user + system, its own, by GNU time), interleaved for ``--runs`` rounds (default 3);
+the table shows medians, CPU-seconds per GiB and each reader's speed as a ratio to s5cmd's.
+
+pycurl and obstore are no dependency of weightship: install them into a separate environment
+that also sees the project's packages, and pass its interpreter::
+
+    python3 -m venv /var/tmp/tv
+    echo "$PWD/.venv/lib/python3.11/site-packages" > /var/tmp/tv/lib/python3.11/site-packages/ws.pth
+    /var/tmp/tv/bin/pip install obstore pycurl
+    .venv/bin/python bench/transport.py --python /var/tmp/tv/bin/python [--tls] [--runs 3]
+
+A reader whose library the interpreter lacks is left out of the table (and said so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.net import free_port, listening, make_pki, wait_until
+
+BUCKET, KEY = "models", "big/model.safetensors"
+KEYS = ("benchKEY", "benchSECRET")  # s5cmd's, for rclone's S3 server
+READERS = ("weightship engine", "urllib3", "pycurl", "obstore")
+_MODULE = {"weightship engine": "urllib3", "urllib3": "urllib3", "pycurl": "pycurl", "obstore": "obstore"}
+
+
+# --- the readers (each runs in a child process: ``transport.py --reader NAME ...``) ---
+
+def _ranges(size: int, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(size, s + chunk)) for s in range(0, size, chunk)]
+
+
+def _copy(a: argparse.Namespace, read: Callable[[int, int], memoryview]) -> None:
+    """``read(start, end)`` for every range on ``a.connections`` threads, each range written at
+    its offset and hashed; the file flushed at the end."""
+    fd = os.open(a.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, a.size)
+
+        def one(r: tuple[int, int]) -> None:
+            view = read(*r)
+            assert len(view) == r[1] - r[0], (len(view), r)
+            if a.sink == "disk":
+                os.pwrite(fd, view, r[0])
+            if a.hash:
+                hashlib.sha256(view).digest()
+
+        with ThreadPoolExecutor(a.connections) as pool:
+            list(pool.map(one, _ranges(a.size, a.chunk)))
+        if a.sink == "disk":
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_urllib3(a: argparse.Namespace) -> None:
+    import urllib3
+
+    http = urllib3.PoolManager(maxsize=a.connections, ca_certs=a.ca, retries=False)
+    local = threading.local()
+
+    def read(start: int, end: int) -> memoryview:
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = memoryview(bytearray(a.chunk))
+        r = http.request("GET", a.url, headers={"Range": f"bytes={start}-{end - 1}"}, preload_content=False)
+        pos = 0
+        while pos < end - start and (n := r.readinto(buf[pos:end - start])):
+            pos += n
+        r.release_conn()
+        return buf[:pos]
+
+    _copy(a, read)
+
+
+def read_pycurl(a: argparse.Namespace) -> None:
+    import pycurl
+
+    fd = os.open(a.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.ftruncate(fd, a.size)
+    todo = _ranges(a.size, a.chunk)[::-1]
+    multi = pycurl.CurlMulti()
+    state: dict[pycurl.Curl, list] = {}
+
+    def start(c: pycurl.Curl) -> None:
+        s, e = todo.pop()
+        buf = memoryview(bytearray(e - s))
+        box = [s, buf, 0]
+        state[c] = box
+
+        def write(data: bytes, box: list = box) -> None:
+            n = len(data)
+            box[1][box[2]:box[2] + n] = data
+            box[2] += n
+
+        c.setopt(pycurl.RANGE, f"{s}-{e - 1}")
+        c.setopt(pycurl.WRITEFUNCTION, write)
+        multi.add_handle(c)
+
+    for _ in range(min(a.connections, len(todo))):
+        c = pycurl.Curl()
+        c.setopt(pycurl.URL, a.url)
+        c.setopt(pycurl.BUFFERSIZE, 1 << 20)
+        if a.ca:
+            c.setopt(pycurl.CAINFO, a.ca)
+        start(c)
+    active = len(state)
+    while active:
+        while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
+            pass
+        _, done, failed = multi.info_read()
+        if failed:
+            raise SystemExit(f"pycurl: {failed[0][2]}")
+        for c in done:
+            multi.remove_handle(c)
+            s, buf, got = state.pop(c)
+            assert got == len(buf), (got, len(buf))
+            if a.sink == "disk":
+                os.pwrite(fd, buf, s)
+            if a.hash:
+                hashlib.sha256(buf).digest()
+            if todo:
+                start(c)
+        active = len(state)
+        if active:
+            multi.select(1.0)
+    if a.sink == "disk":
+        os.fsync(fd)
+    os.close(fd)
+
+
+def read_obstore(a: argparse.Namespace) -> None:
+    import obstore
+    from obstore.store import HTTPStore
+
+    options: dict[str, object] = {"allow_http": True}
+    if a.ca:
+        options["root_certificate"] = Path(a.ca).read_text()
+    store = HTTPStore.from_url(a.endpoint, client_options=options)
+    _copy(a, lambda s, e: memoryview(obstore.get_range(store, f"{BUCKET}/{KEY}", start=s, end=e)))
+
+
+def read_engine(a: argparse.Namespace) -> None:
+    from weightship.fetch.download import download
+    from weightship.fetch.options import TransferOptions
+    from weightship.fetch.remote import RemoteStat
+    from weightship.fetch.transport import HttpPool, HttpRemote
+
+    class Known(HttpRemote):  # the size is known, as a fetch knows it from its plan: no HEAD
+        def stat(self) -> RemoteStat:
+            return RemoteStat(size=a.size, validator=None)
+
+    opts = TransferOptions(connections=a.connections, parallel_files=1, chunk_size=a.chunk, verify=a.hash)
+    pool = HttpPool(opts, ca_certs=a.ca, proxies=False)
+    out = Path(a.out)
+    download(Known(pool, a.url), out, expected_size=a.size, sha256=None, opts=opts, root=out.parent)
+
+
+# --- the bench ---
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def run(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    with tempfile.NamedTemporaryFile() as usage:
+        t0 = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%U %S", "-o", usage.name, *cmd], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        seconds = time.perf_counter() - t0
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(cmd[:6])} failed: {proc.stderr[-1500:]}")
+        user, system = Path(usage.name).read_text().split()[-2:]
+    return seconds, float(user) + float(system)
+
+
+def has(python: str, module: str) -> bool:
+    return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size-mib", type=int, default=1024)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--chunk-mib", type=int, default=16)
+    p.add_argument("--tls", action="store_true")
+    p.add_argument("--no-hash", dest="hash", action="store_false")
+    p.add_argument("--sink", choices=("disk", "null"), default="disk",
+                   help="null: the urllib3, pycurl and obstore readers write nothing (the transport alone)")
+    p.add_argument("--python", default=sys.executable, help="the interpreter the readers run in")
+    p.add_argument("--reader", choices=READERS, help=argparse.SUPPRESS)
+    for name in ("url", "endpoint", "out", "ca"):
+        p.add_argument(f"--{name}", help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    a.chunk = a.chunk_mib << 20
+    if a.reader:
+        {"weightship engine": read_engine, "urllib3": read_urllib3, "pycurl": read_pycurl,
+         "obstore": read_obstore}[a.reader](a)
+        return 0
+
+    size = a.size_mib << 20
+    readers = [r for r in READERS if has(a.python, _MODULE[r])]
+    for r in set(READERS) - set(readers):
+        print(f"{r}: not installed in {a.python}, left out", file=sys.stderr)
+    s5cmd = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
+    rclone = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
+    with tempfile.TemporaryDirectory(prefix="ws-bench-transport-", dir="/var/tmp") as tmp:
+        base = Path(tmp)
+        obj = base / "s3" / BUCKET / KEY
+        obj.parent.mkdir(parents=True)
+        digest = hashlib.sha256()
+        with open(obj, "wb") as f:
+            for _ in range(0, size, 64 << 20):
+                block = os.urandom(min(64 << 20, size - f.tell()))
+                digest.update(block)
+                f.write(block)
+        port, http_port, scheme, tls, ca = free_port(), free_port(), "http", [], None
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+               "AWS_ACCESS_KEY_ID": KEYS[0], "AWS_SECRET_ACCESS_KEY": KEYS[1], "AWS_REGION": "us-east-1"}
+        if a.tls:
+            pki = make_pki(base / "pki")
+            scheme, tls, ca = "https", ["--cert", str(pki.cert), "--key", str(pki.key)], str(pki.ca)
+            env["AWS_CA_BUNDLE"] = env["SSL_CERT_FILE"] = ca
+        endpoint, web = f"{scheme}://127.0.0.1:{port}", f"{scheme}://127.0.0.1:{http_port}"
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        servers = [subprocess.Popen([rclone, "serve", kind, "--addr", f"127.0.0.1:{p}", "--config", "/dev/null",
+                                     *extra, *tls, str(base / "s3")], **quiet)  # type: ignore[call-overload]
+                   for kind, p, extra in (("s3", port, ["--auth-key", ",".join(KEYS)]), ("http", http_port, []))]
+        try:
+            for server, p in zip(servers, (port, http_port), strict=True):
+                wait_until(lambda p=p: listening(p), 30, "rclone to listen", server)
+            common = ["--url", f"{web}/{BUCKET}/{KEY}", "--endpoint", web, "--size", str(size),
+                      "--connections", str(a.connections), "--chunk-mib", str(a.chunk_mib),
+                      "--sink", a.sink, *(["--ca", ca] if ca else []), *([] if a.hash else ["--no-hash"])]
+            out = base / "out" / "model.safetensors"
+            plans = {r: [a.python, __file__, "--reader", r, "--out", str(out), *common] for r in readers}
+            plans["s5cmd cp + sync"] = ["sh", "-c", '"$1" --endpoint-url "$2" cp "$3" "$0" '
+                                        '&& sync -f "$0"', str(out), s5cmd, endpoint, f"s3://{BUCKET}/{KEY}"]
+            times: dict[str, list[tuple[float, float]]] = {r: [] for r in plans}
+            for i in range(a.runs + 1):  # the first round warms the caches and checks the bytes, untimed
+                for name, cmd in plans.items():
+                    shutil.rmtree(out.parent, ignore_errors=True)
+                    out.parent.mkdir()
+                    got = run(cmd, env)
+                    wrote = a.sink == "disk" or name in ("weightship engine", "s5cmd cp + sync")
+                    if i == 0 and wrote and _sha256(out) != digest.hexdigest():  # each reader's bytes, once
+                        raise SystemExit(f"{name} wrote other bytes than the object's")
+                    if i:
+                        times[name].append(got)
+        finally:
+            for server in servers:
+                server.terminate()
+                server.wait(10)
+    gib = size / (1 << 30)
+    peer = statistics.median(s for s, _ in times["s5cmd cp + sync"])
+    print(f"\none {a.size_mib} MiB object from rclone serve http (s5cmd: serve s3) over loopback "
+          f"({'TLS' if a.tls else 'plain HTTP'}), "
+          f"{a.connections} x {a.chunk_mib} MiB ranges in flight, sha256 {'on' if a.hash else 'off'} "
+          f"(s5cmd: none), {'written, flushed' if a.sink == 'disk' else 'not written (but by weightship, s5cmd)'}, "
+          f"median of {a.runs}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+    print(f"{'reader':<20} {'seconds':>8} {'CPU-s/GiB':>10} {'vs s5cmd':>9}")
+    for name, runs in times.items():
+        s = statistics.median(x for x, _ in runs)
+        cpu = statistics.median(c for _, c in runs)
+        print(f"{name:<20} {s:8.2f} {cpu / gib:10.2f} {peer / s:8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
