@@ -181,3 +181,51 @@ def test_refused_direct_writes_fall_back_to_the_page_cache(tmp_path: Path, monke
     result = download(MemoryRemote(), tmp_path / "f", expected_size=len(DATA), sha256=SHA, opts=OPTS)
     assert result.sha256 == SHA and (tmp_path / "f").read_bytes() == DATA
     assert len(refused) == 1  # the first refusal turned O_DIRECT off for the rest of the file
+
+
+class RangeLog(MemoryRemote):
+    """A :class:`MemoryRemote` that records the range of every read."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.ranges: list[tuple[int, int]] = []
+
+    def read_range(self, start: int, end: int, validator: str | None, into: memoryview) -> Iterator[memoryview]:
+        with self.lock:
+            self.ranges.append((start, end))
+        yield from super().read_range(start, end, validator, into)
+
+
+def test_a_file_of_few_chunks_gives_every_connection_a_share(tmp_path: Path) -> None:
+    """A 20 MiB file read by 4 connections with 16 MiB chunks would leave two of them idle (16 + 4
+    MiB): it is cut into 4 ranges of whole MiB instead. A chunk size the user chose is kept, and so
+    is a resumed download's, whatever it was."""
+    data = hashlib.shake_256(b"twenty").digest((20 << 20) + 3)
+    sha = hashlib.sha256(data).hexdigest()
+    opts = TransferOptions(connections=4, chunk_size=16 << 20)
+    remote = RangeLog(data)
+    assert download(remote, tmp_path / "a", expected_size=len(data), sha256=sha, opts=opts).sha256 == sha
+    assert sorted(remote.ranges) == [(0, 6 << 20), (6 << 20, 12 << 20), (12 << 20, 18 << 20), (18 << 20, len(data))]
+    assert (tmp_path / "a").read_bytes() == data
+
+    kept = RangeLog(data)
+    download(kept, tmp_path / "b", expected_size=len(data), sha256=sha, opts=dataclasses.replace(opts, split=False))
+    assert sorted(kept.ranges) == [(0, 16 << 20), (16 << 20, len(data))]
+
+    # a partial cut in 16 MiB chunks, its first chunk done, is resumed in 16 MiB chunks
+    staging = tmp_path / "c"
+    staging.write_bytes(data[:16 << 20])
+    journal_path(staging).write_text(json.dumps({"version": 1, "size": len(data), "chunk_size": 16 << 20,
+                                                 "validator": '"v1"', "digest": sha, "done": [0]}))
+    resumed = RangeLog(data)
+    result = download(resumed, staging, expected_size=len(data), sha256=sha, opts=opts)
+    assert resumed.ranges == [(16 << 20, len(data))] and result.resumed_bytes == 16 << 20
+
+
+def test_the_command_lines_chunk_size_is_never_cut() -> None:
+    from weightship.fetch.options import build_options
+
+    assert build_options().transfer.chunk_for(20 << 20) == 5 << 20
+    assert build_options(chunk_size=16 << 20).transfer.chunk_for(20 << 20) == 16 << 20
+    assert build_options(peers=["127.0.0.1:1"]).transfer.chunk_for(9 << 20) == 4 << 20  # the swarm's
+    assert build_options().transfer.chunk_for(1 << 30) == 16 << 20 and build_options().transfer.chunk_for(1) == 4 << 20

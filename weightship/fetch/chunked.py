@@ -1,13 +1,15 @@
 """One pass of the parallel, resumable download of a file by byte ranges (see
 :func:`weightship.fetch.download.download`, which runs it and checks the result).
 
-The file is cut into chunks of ``chunk_size`` bytes. ``connections`` workers each fetch one chunk
-at a time with a ranged read straight into a chunk buffer, and hand the full buffer to the file's
-writer thread (so the network does not wait for the disk), which writes it at its offset in
-``PATH.incomplete`` with one ``O_DIRECT`` ``pwrite``: the disk reads it from the buffer, so there
-is no copy into the page cache and nothing left to write back when the file is fsynced before
-promotion. Where the filesystem refuses ``O_DIRECT`` (or ``direct_io`` is off) chunks are
-written through the page cache, and the kernel is asked to start writing each one back at once.
+The file is cut into chunks of ``chunk_size`` bytes (a file of fewer chunks than connections
+into one per connection: :meth:`~weightship.fetch.options.TransferOptions.chunk_for`).
+``connections`` workers each fetch one chunk at a time with a ranged read straight into a chunk
+buffer, and hand the full buffer to the file's writer thread (so the network does not wait for
+the disk), which writes it at its offset in ``PATH.incomplete`` with one ``O_DIRECT``
+``pwrite``: the disk reads it from the buffer, so there is no copy into the page cache and
+nothing left to write back when the file is fsynced before promotion. Where the filesystem
+refuses ``O_DIRECT`` (or ``direct_io`` is off) chunks are written through the page cache, and the
+kernel is asked to start writing each one back at once.
 The sha256 (and, for the Hub's small files, the git blob sha1) is computed over the *contiguous
 prefix*: a finished chunk stays in its buffer until every chunk before it is hashed, so no byte
 is read twice. There are ``connections + 2`` page-aligned buffers, reused (a slow first chunk
@@ -63,9 +65,10 @@ class ChunkedDownload:
         self.slots = slots  # the fetch's request budget: each origin read holds a slot
         self.root, self.exchange = root, exchange
         self.progress, self.path = progress, path
-        self.chunk = opts.chunk_size  # a resumed download keeps the chunk size it started with
+        # a file shared with peers is cut as they cut it; a resumed download keeps its chunk size
+        self.chunk = opts.chunk_size if exchange is not None else opts.chunk_for(remote.size)
         self.chunks = max(1, math.ceil(remote.size / self.chunk))
-        self.journal = Journal(size=remote.size, chunk_size=opts.chunk_size,
+        self.journal = Journal(size=remote.size, chunk_size=self.chunk,
                                validator=remote.validator, digest=digest)
         self.jpath = journal_path(staging)
         self.lock = threading.Lock()

@@ -17,6 +17,7 @@ from pathlib import Path
 from weightship.errors import UsageError
 
 SWARM_CHUNK = 4 << 20  # the chunk size of a fetch with peers, unless --chunk-mib says otherwise
+MIN_SPLIT = 4 << 20  # no file is cut finer than this to give each connection a share (TransferOptions.split)
 
 
 def _require(ok: bool, what: str) -> None:
@@ -46,6 +47,10 @@ class TransferOptions:
     # Requests in flight for the whole fetch, shared by its files (a small file's GET holds one,
     # a large file's ranged reads up to ``connections``); 0: connections x parallel_files.
     requests: int = 0
+    # Cut a file smaller than ``connections`` chunks into about one chunk per connection
+    # (:meth:`chunk_for`). Off where the chunk size is the user's (``--chunk-mib``) or a swarm's
+    # (every node of a fleet must cut a file alike).
+    split: bool = True
 
     def __post_init__(self) -> None:
         _require(self.connections >= 1, f"connections must be 1 or more, not {self.connections}")
@@ -55,6 +60,18 @@ class TransferOptions:
         _require(self.stall_timeout > 0, f"the stall timeout must be positive, not {self.stall_timeout}")
         _require(self.retries >= 0 and self.backoff >= 0 and self.backoff_max >= 0,
                  "retries and backoff must not be negative")
+
+    def chunk_for(self, size: int) -> int:
+        """The chunk size for a file of ``size`` bytes: ``chunk_size``, or, for a file that many
+        chunks would leave connections idle (``split``), its share of the connections, in whole
+        MiB of at least :data:`MIN_SPLIT`. Where each connection is held back by its round trips
+        (a far server, a CDN), a 20 MiB file then comes over 4 connections instead of 2 (16 + 4
+        MiB): measured through a relay that caps each connection's answers at 200 Mbit/s, see
+        bench/fetch.py's ``--flow-mbps``. A file of many chunks keeps ``chunk_size``."""
+        if not self.split or size >= self.connections * self.chunk_size or self.chunk_size <= MIN_SPLIT:
+            return self.chunk_size
+        share = -(-size // self.connections)  # ceil
+        return min(self.chunk_size, max(MIN_SPLIT, -(-share // (1 << 20)) << 20))
 
 
 @dataclass(frozen=True)
@@ -133,6 +150,7 @@ def build_options(*, revision: str | None = None, manifest: Path | None = None,
     fleet = PeerOptions(listen=listen, peers=tuple(peers), peers_from_dns=peers_from_dns,
                         seed_for=parse_duration(seed_for) if seed_for else 0.0,
                         wait=PeerOptions.wait if peer_wait is None else peer_wait)
+    split = chunk_size is None and not fleet.wanted  # the user's chunk size or a swarm's is kept
     if chunk_size is None and fleet.wanted:
         chunk_size = SWARM_CHUNK
     d = TransferOptions
@@ -142,7 +160,7 @@ def build_options(*, revision: str | None = None, manifest: Path | None = None,
         requests=d.requests if requests is None else requests,
         chunk_size=d.chunk_size if chunk_size is None else chunk_size,
         stall_timeout=d.stall_timeout if stall_timeout is None else stall_timeout,
-        direct_io=d.direct_io if direct_io is None else direct_io)
+        direct_io=d.direct_io if direct_io is None else direct_io, split=split)
     torrent = TorrentOptions(trackers=tuple(trackers), stall_timeout=TorrentOptions.stall_timeout
                              if stall_timeout is None else stall_timeout)
     return FetchOptions(revision=revision, manifest=manifest, trust_keys=tuple(trust_keys),
