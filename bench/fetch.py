@@ -153,10 +153,12 @@ _REQUEST = re.compile(rb"(GET|HEAD|POST|PUT|DELETE) /[^ \r\n]* HTTP/1\.[01]\r\n"
 class Relay:
     """A TCP relay on loopback to a server that holds each byte the client sends for
     ``delay`` seconds before passing it on (so every request waits that much longer for its
-    answer; the answers come back as they are sent), and counts the request lines it passes."""
+    answer; the answers come back as they are sent, at most ``rate`` bytes a second on each
+    connection when it is set: a flow held back by its round trips, as on a long link), and
+    counts the request lines it passes."""
 
     def __init__(self, upstream_port: int) -> None:
-        self.upstream_port, self.delay = upstream_port, 0.0
+        self.upstream_port, self.delay, self.rate = upstream_port, 0.0, 0.0
         self.requests: collections.Counter[str] = collections.Counter()
         self.loop = asyncio.new_event_loop()
         self.port = free_port()
@@ -201,8 +203,13 @@ class Relay:
                 up_writer.write(data)
                 await up_writer.drain()
 
-        async def back() -> None:  # server -> client, as it comes
-            while data := await up_reader.read(1 << 18):
+        async def back() -> None:  # server -> client, as it comes (paced to ``rate``)
+            free = self.loop.time()
+            while data := await up_reader.read(1 << 18 if not self.rate else 1 << 16):
+                if self.rate:
+                    free = max(free, self.loop.time()) + len(data) / self.rate
+                    if (wait := free - self.loop.time()) > 0:
+                        await asyncio.sleep(wait)
                 writer.write(data)
                 await writer.drain()
             writer.write_eof()
@@ -250,7 +257,7 @@ def run_tool(args: list[str], env: dict[str, str], dest: Path, cwd: Path, relay:
 
 def many_files(rows: list[tuple[int, int]], latencies: list[float], runs: int, tree: Path,
                baseline: Path | None, only: str | None = None, ws_args: tuple[str, ...] = (),
-               tls: bool = False) -> int:
+               tls: bool = False, flow_mbps: float = 0.0) -> int:
     """The many-files tables: see the module docstring."""
     with tempfile.TemporaryDirectory(prefix="ws-bench-many-", dir="/var/tmp") as tmp:
         base = Path(tmp)
@@ -311,8 +318,9 @@ def many_files(rows: list[tuple[int, int]], latencies: list[float], runs: int, t
                            for label, args, env, cwd in tools(s3_relay.port, hub_relay.port)}
                 for ms in latencies:
                     for relay in (s3_relay, hub_relay):
-                        relay.delay = ms / 1000
-                    plan = tools(s3_relay.port, hub_relay.port) if ms else tools(s3_port, hub_port)
+                        relay.delay, relay.rate = ms / 1000, flow_mbps * 1e6 / 8
+                    relayed = ms or flow_mbps
+                    plan = tools(s3_relay.port, hub_relay.port) if relayed else tools(s3_port, hub_port)
                     got: dict[str, list[Run]] = {label: [] for label, *_ in plan}
                     for i in range(runs):  # interleaved: a slow spell falls on every tool alike
                         for label, args, env, cwd in plan:
@@ -323,7 +331,7 @@ def many_files(rows: list[tuple[int, int]], latencies: list[float], runs: int, t
                     table.append((name, ms, medians, counted))
                     print(f"  {name} +{ms:g} ms: " + ", ".join(f"{k} {v.seconds:.2f} s" for k, v in medians.items()),
                           file=sys.stderr, flush=True)
-    print_many(table, runs, baseline, tls)
+    print_many(table, runs, baseline, tls, flow_mbps)
     return 0
 
 
@@ -333,8 +341,9 @@ def _size(n: int) -> str:
 
 
 def print_many(table: list[tuple[str, float, dict[str, Run], dict[str, Run]]], runs: int,
-               baseline: Path | None, tls: bool = False) -> None:
-    print(f"\nmany files over loopback{' over TLS' if tls else ' (plain HTTP)'}, median of {runs} runs "
+               baseline: Path | None, tls: bool = False, flow_mbps: float = 0.0) -> None:
+    flows = f", each connection's answers at most {flow_mbps:g} Mbit/s" if flow_mbps else ""
+    print(f"\nmany files over loopback{' over TLS' if tls else ' (plain HTTP)'}{flows}, median of {runs} runs "
           f"(interleaved), {os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
           "at the end; seconds (and CPU-s of the process), weightship's speed / the peer's (>1 = faster), "
           "CPU-s per GiB fetched (weightship/peer), requests per file (counted on the wire by the bench's "
@@ -406,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--many", action="store_true", help="the many-files table (issue 22)")
     p.add_argument("--rows", default=MANY_ROWS, help="with --many: COUNTxSIZEKiB,... [%(default)s]")
     p.add_argument("--latency-ms", default="0,20", help="with --many: added per request, ms,... [%(default)s]")
+    p.add_argument("--flow-mbps", type=float, default=0.0, help="with --many: each connection's answers "
+                   "at most this many Mbit/s (through the relay; 0: as fast as they come)")
     p.add_argument("--ws-args", default="", help="with --many: more arguments for weightship fetch, "
                    "e.g. '--requests 32'")
     p.add_argument("--tls", action="store_true", help="with --many: serve S3 and the Hub over TLS "
@@ -420,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.many:
         return many_files([_row(r) for r in a.rows.split(",")], [float(x) for x in a.latency_ms.split(",")],
                           a.runs, a.tree.resolve(), a.baseline.resolve() if a.baseline else None, a.only,
-                          tuple(a.ws_args.split()), a.tls)
+                          tuple(a.ws_args.split()), a.tls, a.flow_mbps)
     size = (a.size_mib << 20) // a.files * a.files
     with tempfile.TemporaryDirectory(prefix="ws-bench-fetch-") as tmp:
         base = Path(tmp)
