@@ -125,3 +125,27 @@ def test_replace_beneath_never_moves_a_link_planted_for_the_source(tmp_path: Pat
     with pytest.raises(UnsafePathError, match="not a regular file"):
         replace_beneath(root, "incoming/a.part", "a.bin")
     assert not (root / "a.bin").exists() and not (root / "a.bin").is_symlink()
+
+
+def test_replace_all_beneath_moves_a_batch_and_refuses_a_link_in_any_directory(tmp_path: Path) -> None:
+    """The batch rename of a fetch's small files (each directory pair reached once) keeps every
+    check of replace_beneath: files in several directories arrive, a directory swapped for a link
+    is refused, and nothing reaches the link's target."""
+    from weightship.paths import replace_all_beneath
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    outside.mkdir()
+    names = ["a/1.bin", "a/2.bin", "b/c/3.bin", "top.bin"]
+    for i, name in enumerate(names):
+        part = root / "incoming" / f"{name}.part"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        part.write_bytes(bytes([i]) * 10)
+    replace_all_beneath(root, [(f"incoming/{n}.part", n) for n in names])
+    assert [(root / n).read_bytes() for n in names] == [bytes([i]) * 10 for i in range(4)]
+    assert not any(p.is_file() for p in (root / "incoming").rglob("*"))
+
+    (root / "incoming" / "x.part").write_bytes(b"data")
+    (root / "d").symlink_to(outside)
+    with pytest.raises(UnsafePathError, match="symlink"):
+        replace_all_beneath(root, [("incoming/x.part", "d/x.bin")])
+    assert list(outside.iterdir()) == [] and (root / "incoming" / "x.part").read_bytes() == b"data"

@@ -22,7 +22,7 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePath, PurePosixPath
 
 from weightship.errors import UnsafePathError
@@ -105,11 +105,8 @@ def open_dir_beneath(root: Path | int, rel: str | PurePath, *, create: bool = Fa
         for part in rel_path.parts:
             if part in ("", ".", "..", "/"):
                 raise UnsafePathError(str(rel), f"component {part!r} is not allowed")
-            if create:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o755, dir_fd=fd)
             try:
-                nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                nxt = _open_dir_at(fd, part, create)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise _refuse(str(rel), part, e) from None
@@ -120,6 +117,19 @@ def open_dir_beneath(root: Path | int, rel: str | PurePath, *, create: bool = Fa
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_dir_at(fd: int, name: str, create: bool) -> int:
+    """The directory ``name`` in ``fd``, made first when missing and ``create`` (opened before
+    any mkdir: a directory that is there, the usual case, costs no failing mkdir)."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=fd)
+    except FileNotFoundError:
+        if not create:
+            raise
+    with contextlib.suppress(FileExistsError):  # made by another thread meanwhile
+        os.mkdir(name, 0o755, dir_fd=fd)
+    return os.open(name, _DIR_FLAGS, dir_fd=fd)
 
 
 @contextlib.contextmanager
@@ -172,17 +182,36 @@ def replace_beneath(root: Path | int, src: str | PurePath, dst: str | PurePath, 
     """
     src_path, dst_path = PurePosixPath(src), PurePosixPath(dst)
     with dir_beneath(root, src_path.parent) as sdir, dir_beneath(root, dst_path.parent, create=True) as ddir:
-        before = os.stat(src_path.name, dir_fd=sdir, follow_symlinks=False)
-        if not stat.S_ISREG(before.st_mode):
-            raise UnsafePathError(str(src), "is not a regular file")
-        if same_as is not None:
-            checked = os.fstat(same_as)
-            if (checked.st_dev, checked.st_ino) != (before.st_dev, before.st_ino):
-                raise UnsafePathError(str(src), "is not the file that was checked")
-        os.replace(src_path.name, dst_path.name, src_dir_fd=sdir, dst_dir_fd=ddir)
-        after = os.stat(dst_path.name, dir_fd=ddir, follow_symlinks=False)
-        if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino) or not stat.S_ISREG(after.st_mode):
-            os.unlink(dst_path.name, dir_fd=ddir)
-            raise UnsafePathError(str(src), "was replaced while it was being moved into place")
+        _replace_at(sdir, src_path.name, ddir, dst_path.name, str(src), same_as)
         if durable:
             os.fsync(ddir)
+
+
+def replace_all_beneath(root: Path | int, moves: Iterable[tuple[str | PurePath, str | PurePath]]) -> None:
+    """:func:`replace_beneath` of every ``(src, dst)`` of ``moves``, with ``durable=False``, each
+    pair of directories reached once (a fetch of a thousand small files in a few directories
+    walks down to them a few times, not two thousand)."""
+    by_dirs: dict[tuple[PurePosixPath, PurePosixPath], list[tuple[PurePosixPath, PurePosixPath]]] = {}
+    for src, dst in moves:
+        s, d = PurePosixPath(src), PurePosixPath(dst)
+        by_dirs.setdefault((s.parent, d.parent), []).append((s, d))
+    for (src_dir, dst_dir), files in by_dirs.items():
+        with dir_beneath(root, src_dir) as sdir, dir_beneath(root, dst_dir, create=True) as ddir:
+            for s, d in files:
+                _replace_at(sdir, s.name, ddir, d.name, str(s), None)
+
+
+def _replace_at(sdir: int, src: str, ddir: int, dst: str, where: str, same_as: int | None) -> None:
+    """The rename of :func:`replace_beneath`, with its checks, between two open directories."""
+    before = os.stat(src, dir_fd=sdir, follow_symlinks=False)
+    if not stat.S_ISREG(before.st_mode):
+        raise UnsafePathError(where, "is not a regular file")
+    if same_as is not None:
+        checked = os.fstat(same_as)
+        if (checked.st_dev, checked.st_ino) != (before.st_dev, before.st_ino):
+            raise UnsafePathError(where, "is not the file that was checked")
+    os.replace(src, dst, src_dir_fd=sdir, dst_dir_fd=ddir)
+    after = os.stat(dst, dir_fd=ddir, follow_symlinks=False)
+    if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino) or not stat.S_ISREG(after.st_mode):
+        os.unlink(dst, dir_fd=ddir)
+        raise UnsafePathError(where, "was replaced while it was being moved into place")

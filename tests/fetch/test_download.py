@@ -9,7 +9,9 @@ import hashlib
 import json
 import os
 import subprocess
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -229,3 +231,68 @@ def test_the_command_lines_chunk_size_is_never_cut() -> None:
     assert build_options(chunk_size=16 << 20).transfer.chunk_for(20 << 20) == 16 << 20
     assert build_options(peers=["127.0.0.1:1"]).transfer.chunk_for(9 << 20) == 4 << 20  # the swarm's
     assert build_options().transfer.chunk_for(1 << 30) == 16 << 20 and build_options().transfer.chunk_for(1) == 4 << 20
+    # and the connections grow only where the user did not say how many
+    assert build_options().transfer.max_connections == 16
+    assert build_options(connections=4).transfer.max_connections == 0
+    assert build_options(peers=["127.0.0.1:1"]).transfer.max_connections == 0
+
+
+class CappedRemote(MemoryRemote):
+    """Serves ``data`` at most ``flow`` bytes a second on each read (a connection held back by
+    its round trips), or ``link`` bytes a second over all reads together (a full link), and
+    records the most reads it had in flight at once."""
+
+    def __init__(self, data: bytes, *, flow: float = 0.0, link: float = 0.0) -> None:
+        super().__init__(data)
+        self.flow, self.link, self.free = flow, link, 0.0
+        self.inflight = self.most = 0
+
+    def _pace(self, n: int, started: float, sent: int) -> None:
+        now = time.monotonic()
+        if self.flow:
+            time.sleep(max(0.0, started + (sent + n) / self.flow - now))
+        if self.link:
+            with self.lock:
+                self.free = max(self.free, now) + n / self.link
+                wait = self.free - now
+            time.sleep(max(0.0, wait))
+
+    def read_range(self, start: int, end: int, validator: str | None, into: memoryview) -> Iterator[memoryview]:
+        with self.lock:
+            self.inflight += 1
+            self.most = max(self.most, self.inflight)
+        try:
+            started = time.monotonic()
+            for i in range(start, end, 64 << 10):
+                n = min(end, i + (64 << 10)) - i
+                self._pace(n, started, i - start)
+                into[i - start:i - start + n] = self.data[i:i + n]
+                yield into[i - start:i - start + n]
+        finally:
+            with self.lock:
+                self.inflight -= 1
+
+
+DATA96 = hashlib.shake_256(b"ninety-six").digest(96 << 20)
+GROWING = TransferOptions(connections=2, chunk_size=1 << 20, max_connections=8)
+
+
+def test_connections_grow_while_each_one_is_held_back() -> None:
+    """Each connection capped at 8 MB/s: 2 connections bring 16 MB/s, so doubling them pays
+    and the download grows past its 2 (96 MiB in about 3.6 s instead of 6.3 s)."""
+    remote = CappedRemote(DATA96, flow=8e6)
+    with tempfile.TemporaryDirectory() as tmp:
+        got = download(remote, Path(tmp) / "f", expected_size=len(DATA96),
+                       sha256=hashlib.sha256(DATA96).hexdigest(), opts=GROWING)
+    assert got.sha256 == hashlib.sha256(DATA96).hexdigest()
+    assert 4 <= remote.most <= 8
+
+
+def test_connections_stay_where_more_bring_nothing() -> None:
+    """The link full at 24 MB/s whatever the connection count: the first doubling brings no
+    more, so the download stops growing there (and never opens 8; 96 MiB take about 4.2 s)."""
+    remote = CappedRemote(DATA96, link=24e6)
+    with tempfile.TemporaryDirectory() as tmp:
+        download(remote, Path(tmp) / "f", expected_size=len(DATA96),
+                 sha256=hashlib.sha256(DATA96).hexdigest(), opts=GROWING)
+    assert remote.most == 4

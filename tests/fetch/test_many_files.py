@@ -180,13 +180,14 @@ def test_an_s3_prefix_of_500_small_objects_is_one_get_each(
 
 def test_many_small_files_are_flushed_once_before_any_is_promoted(
         stub: HubStub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from weightship.fetch import engine, many
+    from weightship import paths
+    from weightship.fetch import many
 
     files = _small_files(200, seed=11)
     stub.add("acme/many", HubRepo(commit=COMMIT, files=files))
     events: list[str] = []
     fsyncs = []
-    real_fsync, real_syncfs, real_replace = os.fsync, many._syncfs, engine.replace_beneath
+    real_fsync, real_syncfs, real_replace = os.fsync, many._syncfs, paths._replace_at
 
     def syncfs(fd: int) -> bool:
         events.append("syncfs")
@@ -201,7 +202,7 @@ def test_many_small_files_are_flushed_once_before_any_is_promoted(
         real_fsync(fd)
 
     monkeypatch.setattr(many, "_syncfs", syncfs)
-    monkeypatch.setattr(engine, "replace_beneath", replace)
+    monkeypatch.setattr(paths, "_replace_at", replace)
     monkeypatch.setattr(os, "fsync", fsync)
     fetch(build_request("hf://acme/many"), tmp_path / "m")
     assert events[0] == "syncfs" and events.count("syncfs") == 1 and events.count("rename") == 200

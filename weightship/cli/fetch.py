@@ -36,7 +36,8 @@ def fetch(
         "manifest an s3:// or https:// source holds; checked before any digest is used "
         "(repeatable; the variable takes paths separated by spaces).")] = None,
     connections: Annotated[int | None, typer.Option(min=1, help="Ranged reads in flight per "
-                                                    "file [default: 4].")] = None,
+                                                    "file [default: 4, doubling up to 16 while that "
+                                                    "makes a large file come faster].")] = None,
     parallel_files: Annotated[int | None, typer.Option(min=1, help="Files downloaded at once "
                                                        "[default: 2].")] = None,
     requests: Annotated[int | None, typer.Option(min=1, help="Requests in flight for the whole "

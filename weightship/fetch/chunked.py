@@ -35,8 +35,10 @@ import mmap
 import os
 import random
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from weightship.errors import (
@@ -51,6 +53,9 @@ from weightship.fetch.remote import DownloadResult, RangeReader, RemoteStat
 from weightship.progress import Progress
 
 log = logging.getLogger(__name__)
+PROBE = 0.5  # seconds over which a download's rate is taken before and after its connections double
+GROWTH = 0.25  # the rise in rate a doubling must bring for the connections to double again
+WORTH = 2.0  # seconds of the file left, at the rate so far, for more connections to be tried
 
 
 
@@ -98,7 +103,7 @@ class ChunkedDownload:
 
     def run(self) -> DownloadResult:
         done = self._resume_state()
-        self.buffers = Buffers(self.opts.connections + 2, min(self.chunk, max(1, self.remote.size)))
+        self.buffers = Buffers(min(self.opts.connections, self.chunks) + 2, min(self.chunk, max(1, self.remote.size)))
         out = ChunkFile(self.staging, self.root,
                          direct=self.opts.direct_io and self.chunk % DIRECT_ALIGN == 0)
         if self.exchange is not None:
@@ -183,15 +188,55 @@ class ChunkedDownload:
                     return
                 writer.submit(write, index, data)  # and on to the next chunk meanwhile
 
-        n = min(self.opts.connections, self.chunks)
+        n, most = min(self.opts.connections, self.chunks), self._most_workers()
         # One writer thread: chunks reach the disk in the order they arrived, while the workers
         # go on reading (leaving the block waits for every write handed to it).
         with (ThreadPoolExecutor(1, thread_name_prefix="ws-write") as writer,
-              ThreadPoolExecutor(n, thread_name_prefix="ws-chunk") as pool):
-            for f in [pool.submit(worker) for _ in range(n)]:
+              ThreadPoolExecutor(most, thread_name_prefix="ws-chunk") as pool):
+            workers = [pool.submit(worker) for _ in range(n)]
+            if most > n:
+                self._grow(workers, lambda: pool.submit(worker), most)
+            for f in workers:
                 f.result()
         if errors:
             raise _most_telling(errors)
+
+    def _most_workers(self) -> int:
+        """How many connections this download may grow to (a swarm's never grow: every node
+        fetches its share of the origin's chunks one at a time)."""
+        n = min(self.opts.connections, self.chunks)
+        return n if self.exchange is not None else max(n, min(self.opts.max_connections, self.chunks))
+
+    def _grow(self, workers: list[Future[None]], add: Callable[[], Future[None]], most: int) -> None:
+        """Double the workers, up to ``most``, while each doubling raises the rate the bytes come
+        at by :data:`GROWTH` (see ``TransferOptions.max_connections``) and enough of the file is
+        left to repay new connections (:data:`WORTH` seconds at the rate so far); returns when a
+        doubling does not pay, or when the download ends or stops."""
+
+        def pause(seconds: float) -> bool:  # True when the download ended (or stopped) meanwhile
+            return not futures.wait(workers, timeout=seconds).not_done
+
+        def rate() -> float | None:  # bytes a second over the next PROBE seconds
+            before, t0 = self.fetched, time.monotonic()
+            if pause(PROBE):
+                return None
+            return (self.fetched - before) / (time.monotonic() - t0)
+
+        if pause(PROBE):  # the first connections set up and reach full speed
+            return
+        last = rate()
+        while last and len(workers) < most and self.remote.size - self.resumed - self.fetched > last * WORTH:
+            more = min(len(workers), most - len(workers))
+            self.buffers.grow(more)  # a buffer each: the number in use stays connections + 2
+            workers += [add() for _ in range(more)]
+            if pause(PROBE):  # the new connections' first bytes
+                return
+            now = rate()
+            log.info("%s: %d connections, %.0f MB/s (was %.0f)", self.path, len(workers),
+                     (now or 0) / 1e6, last / 1e6)
+            if now is None or now < last * (1 + GROWTH):
+                return
+            last = now
 
     def _fetch_chunk(self, index: int, into: memoryview) -> memoryview:
         """Chunk ``index`` into ``into``; ``into`` when it is complete."""

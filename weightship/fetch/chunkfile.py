@@ -108,6 +108,12 @@ class Buffers:
             self._free.append(buf)
             self._cond.notify()
 
+    def grow(self, count: int) -> None:
+        """Allow ``count`` buffers more (for the connections a download added)."""
+        with self._cond:
+            self._left += count
+            self._cond.notify(count)
+
 
 def _writeback_starter() -> Callable[[int, int, int], object]:
     """Linux's ``sync_file_range(SYNC_FILE_RANGE_WRITE)``, a no-op elsewhere: starts writing a

@@ -58,7 +58,7 @@ from weightship.fetch.request import make_sources
 from weightship.fetch.result import _COUNTERS, FetchResult
 from weightship.fetch.select import select_files, wanted_by
 from weightship.manifest import UNSIGNED_ANCHORS, FileEntry, Manifest, utcnow
-from weightship.paths import STATE_DIR, open_beneath, replace_beneath, resolve_under, unlink_beneath
+from weightship.paths import STATE_DIR, open_beneath, replace_all_beneath, resolve_under, unlink_beneath
 from weightship.progress import NullProgress, Progress
 from weightship.verify.digests import hash_files, sha256_and_git_blob
 
@@ -370,11 +370,10 @@ def _keep(files: list[PlannedFile], present: dict[str, FileEntry], staged: dict[
 def _promote(dest: Path, paths: list[str], staging: dict[str, Path], result: FetchResult) -> None:
     """Move the checked staging files into place, durably, before the manifest names them."""
     many.make_durable(dest, [staging[p] for p in paths])  # one flush, not one per file
-    for path in paths:
-        # By descriptors, refusing a symlink met on the way: the names were checked at plan
-        # time, but in a shared cache another writer may have swapped a directory since.
-        replace_beneath(dest, staging[path].relative_to(dest), path, durable=False)
-        result.fetched.append(path)
+    # By descriptors, refusing a symlink met on the way: the names were checked at plan time,
+    # but in a shared cache another writer may have swapped a directory since.
+    replace_all_beneath(dest, [(staging[p].relative_to(dest), p) for p in paths])
+    result.fetched.extend(paths)
     many.sync_dirs(dest, paths)  # the renames on disk before the manifest says they are done
 
 

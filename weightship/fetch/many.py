@@ -2,10 +2,12 @@
 
 A fetch of a thousand small files is bound by requests, not bytes. So:
 
-- **One budget** of requests in flight for the whole fetch (``connections × parallel_files``
+- **One budget** of requests in flight for the whole fetch (``max_connections ×
+  parallel_files``, or ``connections × parallel_files`` where the connections do not grow,
   unless ``requests`` says otherwise), a semaphore every origin request of the fetch holds
-  while it runs: a small file's GET holds one slot, a large file's ranged reads up to
-  ``connections`` (one each). Large files start first, the largest first, so the tail is short.
+  while it runs: a small file's GET holds one slot (small files take at most ``connections ×
+  parallel_files`` of them), a large file's ranged reads up to its connections (one each).
+  Large files start first, the largest first, so the tail is short.
 - **A small file** (its size and digest known from the listing, at most one chunk) is one GET,
   no HEAD: read into memory, hashed, checked against the listing's digest before a byte is
   written, then written once. No thread pool, buffer set or resume journal per file: a small
@@ -54,7 +56,13 @@ _SYNCFS_FROM = 32  # staged files from which one syncfs beats an fsync each
 
 
 def budget(opts: TransferOptions) -> int:
-    """Requests in flight for a whole fetch."""
+    """Requests in flight for a whole fetch: room for the large files' connections to grow
+    (``max_connections``); small files take at most :func:`small_width` of it."""
+    return opts.requests or max(opts.connections, opts.max_connections) * opts.parallel_files
+
+
+def small_width(opts: TransferOptions) -> int:
+    """Small files' GETs in flight at once."""
     return opts.requests or opts.connections * opts.parallel_files
 
 
@@ -103,10 +111,11 @@ def fetch_small(reader: RangeReader, f: PlannedFile, staging: Path, root: Path,
 
 
 def _write_once(data: memoryview, staging: Path, root: Path) -> None:
-    unlink_beneath(root, journal_path(staging))  # a partial by ranges from an earlier run is void
-    try:
-        fd = open_beneath(root, staging.relative_to(root), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                          0o644, create_parents=True)
+    try:  # one walk down to the staging directory for both (a small file's cost is syscalls)
+        with dir_beneath(root, staging.parent.relative_to(root), create=True) as parent:
+            with contextlib.suppress(FileNotFoundError):  # a partial by ranges from an earlier run is void
+                os.unlink(journal_path(staging).name, dir_fd=parent)
+            fd = open_beneath(parent, staging.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             pwrite_all(fd, data, 0, staging)  # made durable with the others (make_durable)
         finally:
@@ -160,15 +169,15 @@ def sync_dirs(root: Path, paths: list[str]) -> None:
 def run_all(files: list[PlannedFile], one: Callable[[PlannedFile], T],
             opts: TransferOptions) -> tuple[list[T], list[BaseException]]:
     """``one(f)`` for every file: large files ``parallel_files`` at a time, the largest first,
-    small files beside them on as many threads as the request budget (each of their requests
-    takes a slot of it). A failed file does not stop the others: (what the files gave, the
+    small files beside them on :func:`small_width` threads (each of their requests takes a slot of
+    the budget). A failed file does not stop the others: (what the files gave, the
     failures), once all have ended."""
     order = sorted(files, key=lambda f: -(f.size or 0))
     large = [f for f in order if not is_small(f, opts)]
     small = [f for f in order if is_small(f, opts)]
     futures: list[Future[T]] = []
     with (ThreadPoolExecutor(max(1, min(opts.parallel_files, len(large))), thread_name_prefix="ws-file") as big,
-          ThreadPoolExecutor(max(1, min(budget(opts), len(small))), thread_name_prefix="ws-small") as little):
+          ThreadPoolExecutor(max(1, min(small_width(opts), len(small))), thread_name_prefix="ws-small") as little):
         futures += [big.submit(one, f) for f in large]
         futures += [little.submit(one, f) for f in small]
     results: list[T] = []

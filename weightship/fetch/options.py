@@ -18,6 +18,7 @@ from weightship.errors import UsageError
 
 SWARM_CHUNK = 4 << 20  # the chunk size of a fetch with peers, unless --chunk-mib says otherwise
 MIN_SPLIT = 4 << 20  # no file is cut finer than this to give each connection a share (TransferOptions.split)
+MAX_CONNECTIONS = 16  # how far a large file's connections may grow unless --connections is given
 
 
 def _require(ok: bool, what: str) -> None:
@@ -27,10 +28,11 @@ def _require(ok: bool, what: str) -> None:
 
 @dataclass(frozen=True)
 class TransferOptions:
-    """How hard to pull. The defaults keep 8 ranged reads in flight in 192 MiB of buffers:
+    """How hard to pull. The defaults start with 8 ranged reads in flight in 192 MiB of buffers:
     enough for a 2-core laptop and for a link a few connections fill (on loopback here, 1 GiB/s).
-    On a fast link to a far server, where each connection is held back by latency, raise
-    ``connections``: each one costs a thread and ``chunk_size`` bytes per file."""
+    On a fast link to a far server, where each connection is held back by latency, a large
+    file's connections grow by themselves up to ``max_connections`` (a fetch's default: 16, each a
+    thread and a ``chunk_size`` buffer: 288 MiB per file at most), or ``connections`` sets them."""
 
     connections: int = 4  # ranged reads in flight per file; more hides per-connection latency
     parallel_files: int = 2  # files downloaded at once; total connections = product of both
@@ -51,12 +53,18 @@ class TransferOptions:
     # (:meth:`chunk_for`). Off where the chunk size is the user's (``--chunk-mib``) or a swarm's
     # (every node of a fleet must cut a file alike).
     split: bool = True
+    # A large file's connections double from ``connections`` up to this many while each doubling
+    # raises the rate its bytes arrive at by a quarter (ChunkedDownload): a link whose flows are
+    # held back by their round trips fills, one that is not (loopback, a busy CPU) stays as it
+    # was. 0: fixed. Fixed where the user gives --connections, and in a swarm.
+    max_connections: int = 0
 
     def __post_init__(self) -> None:
         _require(self.connections >= 1, f"connections must be 1 or more, not {self.connections}")
         _require(self.parallel_files >= 1, f"parallel files must be 1 or more, not {self.parallel_files}")
         _require(self.chunk_size >= 4096, f"the chunk size must be 4096 bytes or more, not {self.chunk_size}")
         _require(self.requests >= 0, f"requests must be 0 (automatic) or more, not {self.requests}")
+        _require(self.max_connections >= 0, f"max connections must not be negative, not {self.max_connections}")
         _require(self.stall_timeout > 0, f"the stall timeout must be positive, not {self.stall_timeout}")
         _require(self.retries >= 0 and self.backoff >= 0 and self.backoff_max >= 0,
                  "retries and backoff must not be negative")
@@ -160,7 +168,8 @@ def build_options(*, revision: str | None = None, manifest: Path | None = None,
         requests=d.requests if requests is None else requests,
         chunk_size=d.chunk_size if chunk_size is None else chunk_size,
         stall_timeout=d.stall_timeout if stall_timeout is None else stall_timeout,
-        direct_io=d.direct_io if direct_io is None else direct_io, split=split)
+        direct_io=d.direct_io if direct_io is None else direct_io, split=split,
+        max_connections=MAX_CONNECTIONS if connections is None and not fleet.wanted else 0)
     torrent = TorrentOptions(trackers=tuple(trackers), stall_timeout=TorrentOptions.stall_timeout
                              if stall_timeout is None else stall_timeout)
     return FetchOptions(revision=revision, manifest=manifest, trust_keys=tuple(trust_keys),
