@@ -22,6 +22,9 @@ two), with the signing key derived once a day and the credentials taken from the
 time (refreshed as botocore refreshes them), about 6 µs a request. An S3 GET is never
 redirected to another host with those headers: a redirect is an error naming the region. Where
 botocore would sign otherwise (SigV4a, S3 Express), every request is presigned by botocore as before.
+
+(Over 400 lines: the source, its request signer and ``push`` share the client, the URI rules and
+the error table; ``push`` is the part to move to a module of its own when this one grows.)
 """
 
 from __future__ import annotations
