@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightship.errors import UnsafePathError
-from weightship.paths import resolve_under, safe_relpath
+from weightship.paths import PathsUnder, resolve_under, safe_relpath
 
 HOSTILE = [
     ("/etc/passwd", "absolute"),
@@ -98,6 +98,25 @@ def test_open_beneath_refuses_a_symlink_anywhere_below_the_root(tmp_path: Path) 
     fd = open_beneath(root, "new/dir/x.bin", os.O_WRONLY | os.O_CREAT, create_parents=True)
     os.close(fd)
     assert (root / "new" / "dir" / "x.bin").is_file()
+
+
+def test_paths_under_checks_each_directory_once_and_refuses_what_resolve_under_refuses(tmp_path: Path) -> None:
+    """Many names under one destination (a fetch's plan, a verify): the same answers as
+    resolve_under one by one, a link met under a directory refused for every name below it."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "ok" / "deep").mkdir(parents=True)
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    (root / "ok" / "file-link").symlink_to(outside / "x")
+    under = PathsUnder(root)
+    for name in ("ok/a.bin", "ok/deep/b.bin", "ok/deep/c.bin", "new/d.bin", "top.json"):
+        assert under.resolve(name) == resolve_under(root, name)
+    for name in ("link/a.bin", "link/b.bin", "ok/file-link", "link"):
+        with pytest.raises(UnsafePathError, match="symlink"):
+            under.resolve(name)
+    for name in ("../x", "ok/../../x", ".weightship/manifest.json"):
+        with pytest.raises(UnsafePathError):
+            under.resolve(name)
 
 
 def test_replace_beneath_refuses_a_directory_swapped_for_a_link(tmp_path: Path) -> None:

@@ -116,10 +116,10 @@ class Manifest:
         """The entry for ``path``, if listed."""
         return next((f for f in self.files if f.path == path), None)
 
-    def upsert(self, entry: FileEntry) -> None:
-        """Add ``entry``, replacing any entry of the same path."""
-        self.files = [f for f in self.files if f.path != entry.path] + [entry]
-        self.files.sort(key=lambda f: f.path)
+    def upsert(self, *entries: FileEntry) -> None:
+        """Add ``entries``, each replacing any entry of the same path."""
+        new = {e.path: e for e in entries}
+        self.files = sorted([f for f in self.files if f.path not in new] + list(new.values()), key=lambda f: f.path)
 
     # ---- (de)serialisation ------------------------------------------------------------------
 

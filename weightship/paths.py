@@ -75,17 +75,35 @@ def resolve_under(dest: Path, name: str) -> Path:
     or file, not a symlink (a planted link could redirect a write), and the resolved result must
     stay under the resolved ``dest``.
     """
-    rel = safe_relpath(name)
-    root = dest.resolve()
-    current = root
-    for part in rel.parts:
-        current = current / part
-        if current.is_symlink():
-            raise UnsafePathError(name, f"{current} is a symlink")
-    resolved = Path(os.path.normpath(current))
-    if resolved != root and root not in resolved.parents:
-        raise UnsafePathError(name, f"resolves outside {root}")
-    return resolved
+    return PathsUnder(dest).resolve(name)
+
+
+class PathsUnder:
+    """:func:`resolve_under` for many names under one ``dest``: ``dest`` resolved once, and each
+    directory on the way looked at once (a thousand files in a few folders cost a few thousand
+    ``lstat`` calls fewer, and as many path objects)."""
+
+    def __init__(self, dest: Path) -> None:
+        self.root = dest.resolve()
+        self._dirs: set[Path] = set()  # directories below root found not to be symlinks
+
+    def resolve(self, name: str) -> Path:
+        """:func:`resolve_under` of ``name``."""
+        rel = safe_relpath(name)
+        current = self.root
+        last = len(rel.parts) - 1
+        for i, part in enumerate(rel.parts):
+            current = current / part
+            if current in self._dirs:
+                continue
+            if current.is_symlink():
+                raise UnsafePathError(name, f"{current} is a symlink")
+            if i < last:
+                self._dirs.add(current)
+        resolved = Path(os.path.normpath(current))
+        if resolved != self.root and self.root not in resolved.parents:
+            raise UnsafePathError(name, f"resolves outside {self.root}")
+        return resolved
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

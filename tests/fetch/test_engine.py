@@ -208,15 +208,15 @@ def test_a_directory_swapped_for_a_link_after_the_check_is_refused_at_promotion(
     right after the engine checked the name: the promotion must not follow it."""
     dest, outside = tmp_path / "dest", tmp_path / "outside"
     outside.mkdir()
-    real_check = engine.resolve_under
+    real_check = engine.PathsUnder.resolve
 
-    def check_then_swap(root: Path, name: str) -> Path:
-        checked = real_check(root, name)
+    def check_then_swap(under: engine.PathsUnder, name: str) -> Path:
+        checked = real_check(under, name)
         if name == "sub/b.json":
-            (root / "sub").symlink_to(outside)  # the swap, at the worst moment
+            (under.root / "sub").symlink_to(outside)  # the swap, at the worst moment
         return checked
 
-    monkeypatch.setattr(engine, "resolve_under", check_then_swap)
+    monkeypatch.setattr(engine.PathsUnder, "resolve", check_then_swap)
     with pytest.raises(UnsafePathError, match="symlink"):
         fetch(_request(), dest)
     assert list(outside.iterdir()) == []  # nothing was written through the link

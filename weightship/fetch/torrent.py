@@ -45,7 +45,7 @@ from weightship.errors import (
 from weightship.fetch.base import FetchPlan, FetchRequest, PlannedFile, Sink, Source
 from weightship.fetch.select import wanted_by
 from weightship.manifest import Manifest, SourceInfo, atomic_write
-from weightship.paths import STATE_DIR, open_beneath, open_dir_beneath, replace_beneath, resolve_under
+from weightship.paths import STATE_DIR, PathsUnder, open_beneath, open_dir_beneath, replace_beneath
 from weightship.progress import NullProgress, Progress
 from weightship.torrent.metadata import MAX_METADATA_BYTES, TorrentMeta, check_torrent, load_torrent_bytes
 from weightship.torrent.peers import PeerSource
@@ -178,8 +178,8 @@ class TorrentSource(Source):
         atp.save_path = str(store)
         # Every file is written under a checked name: libtorrent's own (sanitised) names are
         # never used, and a name the sanitizer rejected never reached this point.
-        atp.renamed_files = {f.index: str(resolve_under(store, f.path).relative_to(store.resolve()))
-                             for f in meta.files}
+        under = PathsUnder(store)
+        atp.renamed_files = {f.index: str(under.resolve(f.path).relative_to(under.root)) for f in meta.files}
         wanted = {by_path[f.path].index for f in files}
         atp.file_priorities = [4 if i in wanted else 0 for i in range(meta.info.num_files())]
         atp.trackers = list(self._trackers)

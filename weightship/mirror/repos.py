@@ -25,7 +25,7 @@ from pathlib import Path
 
 from weightship.errors import ManifestError, UnsafePathError
 from weightship.manifest import Manifest, manifest_path
-from weightship.paths import STATE_DIR, resolve_under, safe_relpath
+from weightship.paths import STATE_DIR, PathsUnder, resolve_under, safe_relpath
 from weightship.verify.digests import git_blob_hasher, sha256_and_git_blob
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,9 @@ def describe(repo_id: str, directory: Path) -> Repo:
     """Build the Hub's view of ``directory`` from its manifest."""
     m = Manifest.load(directory)
     files: dict[str, RepoFile] = {}
+    under = PathsUnder(directory)
     for f in m.files:
-        p = resolve_under(directory, f.path)
+        p = under.resolve(f.path)
         if not p.is_file() or p.stat().st_size != f.size:
             raise ManifestError(f"{directory}: {f.path} is missing or has the wrong size; "
                                 "re-fetch or re-verify the directory")

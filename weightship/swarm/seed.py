@@ -19,7 +19,7 @@ from weightship.errors import SwarmError
 from weightship.fetch.base import PlannedFile
 from weightship.fetch.options import SWARM_CHUNK, PeerOptions, TransferOptions
 from weightship.manifest import Manifest
-from weightship.paths import STATE_DIR, resolve_under
+from weightship.paths import STATE_DIR, PathsUnder
 from weightship.swarm.node import SwarmNode, listen_address
 
 
@@ -47,9 +47,10 @@ def seed_swarm(directory: Path, *, listen: str, peers: tuple[str, ...] = (), pee
     opts = PeerOptions(listen=listen, peers=peers, peers_from_dns=peers_from_dns, seed_for=duration)
     node = SwarmNode(opts, directory / STATE_DIR, TransferOptions(chunk_size=chunk_size))
     try:
+        under = PathsUnder(directory)
         for f in manifest.files:
             node.share_verified(PlannedFile(path=f.path, size=f.size, sha256=f.sha256),
-                                resolve_under(directory, f.path), directory)
+                                under.resolve(f.path), directory)
         node.wait_shared()
         with node.board.cond:
             shared = {sha for sha, s in node.board.files.items() if s.done}

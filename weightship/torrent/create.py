@@ -20,7 +20,7 @@ import libtorrent as lt
 from weightship import __version__
 from weightship.errors import TorrentError, UsageError
 from weightship.manifest import Manifest
-from weightship.paths import resolve_under
+from weightship.paths import PathsUnder
 from weightship.torrent.metadata import SHA256_KEY, TorrentMeta, load_torrent_bytes
 
 MIN_PIECE = 256 << 10
@@ -62,8 +62,9 @@ def create_torrent(directory: Path, *, trackers: list[str] | tuple[str, ...] = (
     if not manifest.files:
         raise UsageError(f"{directory}: the manifest lists no files")
     root_name = name or manifest.name
+    under = PathsUnder(directory)
     for f in manifest.files:
-        path = resolve_under(directory, f.path)
+        path = under.resolve(f.path)
         if not path.is_file() or path.stat().st_size != f.size:
             raise UsageError(f"{directory}: {f.path} is missing or not {f.size:,} bytes",
                              hint="run `weightship verify` on the directory, or fetch it again")

@@ -29,7 +29,7 @@ import libtorrent as lt
 
 from weightship.errors import TorrentError, UnsafePathError, UsageError
 from weightship.manifest import Manifest
-from weightship.paths import STATE_DIR, open_beneath, resolve_under
+from weightship.paths import STATE_DIR, PathsUnder, open_beneath
 from weightship.progress import NullProgress, Progress
 from weightship.torrent.create import create_torrent
 from weightship.torrent.metadata import TorrentMeta, load_torrent_bytes
@@ -92,8 +92,8 @@ def seed_directory(directory: Path, *, torrent: bytes | None = None, listen: str
         atp = lt.add_torrent_params()
         atp.ti = meta.info
         atp.save_path = str(directory.resolve())
-        atp.renamed_files = {f.index: str(resolve_under(directory, f.path).relative_to(directory.resolve()))
-                             for f in meta.files}
+        under = PathsUnder(directory)
+        atp.renamed_files = {f.index: str(under.resolve(f.path).relative_to(under.root)) for f in meta.files}
         identity = _identities(directory, [f.path for f in meta.files])
         atp.trackers = list(announce or ())
         atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)

@@ -16,7 +16,7 @@ from weightship.errors import (
     VerificationFailed,
 )
 from weightship.manifest import FileEntry, Manifest, utcnow
-from weightship.paths import STATE_DIR, resolve_under
+from weightship.paths import STATE_DIR, PathsUnder
 from weightship.progress import NullProgress, Progress
 from weightship.verify import deep
 from weightship.verify.digests import hash_files
@@ -116,9 +116,10 @@ def verify_dir(directory: Path, *, manifest: Manifest | None = None, deep_check:
     report = VerifyReport(directory=directory, name=manifest.name, deep=deep_check)
 
     targets: dict[str, Path] = {}
+    under = PathsUnder(directory)
     for entry in manifest.files:
         try:
-            path = resolve_under(directory, entry.path)
+            path = under.resolve(entry.path)
         except UnsafePathError as e:
             report.files.append(FileCheck(entry.path, "unsafe", e.reason))
             continue
