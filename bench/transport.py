@@ -63,6 +63,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -154,29 +155,41 @@ def read_pycurl(a: argparse.Namespace) -> None:
         if a.ca:
             c.setopt(pycurl.CAINFO, a.ca)
         start(c)
-    active = len(state)
-    while active:
-        while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
-            pass
-        _, done, failed = multi.info_read()
-        if failed:
-            raise SystemExit(f"pycurl: {failed[0][2]}")
-        for c in done:
-            multi.remove_handle(c)
-            s, buf, got = state.pop(c)
-            assert got == len(buf), (got, len(buf))
-            if a.sink == "disk":
-                os.pwrite(fd, buf, s)
-            if a.hash:
-                hashlib.sha256(buf).digest()
-            if todo:
-                start(c)
-        active = len(state)
-        if active:
-            multi.select(1.0)
+    def finished(c: pycurl.Curl) -> None:
+        s, buf, got = state.pop(c)
+        assert got == len(buf), (got, len(buf))
+        if a.sink == "disk":
+            os.pwrite(fd, buf, s)
+        if a.hash:
+            hashlib.sha256(buf).digest()
+        if todo:
+            start(c)
+
+    _drive(multi, state, finished)
     if a.sink == "disk":
         os.fsync(fd)
     os.close(fd)
+
+
+def _drive(multi: Any, busy: dict[Any, Any], finished: Callable[[Any], None]) -> None:
+    """Run pycurl's ``multi`` until ``busy`` (its transfers in flight) is empty, handing each
+    finished transfer's handle to ``finished`` (which may start the next on it)."""
+    import pycurl
+
+    while busy:
+        while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
+            pass
+        while True:
+            queued, done, failed = multi.info_read()
+            if failed:
+                raise SystemExit(f"pycurl: {failed[0][2]}")
+            for c in done:
+                multi.remove_handle(c)
+                finished(c)
+            if not queued:
+                break
+        if busy:
+            multi.select(1.0)
 
 
 def read_obstore(a: argparse.Namespace) -> None:
@@ -288,24 +301,14 @@ def small_pycurl(a: argparse.Namespace) -> None:
         if a.ca:
             c.setopt(pycurl.CAINFO, a.ca)
         start(c)
-    while state:
-        while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
-            pass
-        while True:
-            queued, done, failed = multi.info_read()
-            if failed:
-                raise SystemExit(f"pycurl: {failed[0][2]}")
-            for c in done:
-                multi.remove_handle(c)
-                key, sha256, body = state.pop(c)
-                assert c.getinfo(pycurl.RESPONSE_CODE) == 200, key
-                _store(a, key, body.getbuffer(), sha256)
-                if todo:
-                    start(c)
-            if not queued:
-                break
-        if state:
-            multi.select(1.0)
+    def finished(c: pycurl.Curl) -> None:
+        key, sha256, body = state.pop(c)
+        assert c.getinfo(pycurl.RESPONSE_CODE) == 200, key
+        _store(a, key, body.getbuffer(), sha256)
+        if todo:
+            start(c)
+
+    _drive(multi, state, finished)
     _flush(a)
 
 
