@@ -28,9 +28,10 @@ def _read_into(path: Path, hashers: list[hashlib._Hash], label: str, progress: P
     with open(path, "rb", buffering=0) as f:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        # no larger than the file (and a byte, to see its end): a buffer of 4 MiB made for each
-        # of a thousand 2 KiB files cost more than hashing them
-        buf = bytearray(min(chunk or get_settings().read_chunk, os.fstat(f.fileno()).st_size + 1))
+        # about the file's size (a byte more sees its end; at least 64 KiB, for a file whose size
+        # says nothing): a buffer of 4 MiB made for each of a thousand 2 KiB files cost more
+        # than hashing them
+        buf = bytearray(min(chunk or get_settings().read_chunk, max(os.fstat(f.fileno()).st_size + 1, 64 << 10)))
         view = memoryview(buf)
         while n := f.readinto(buf):
             for h in hashers:
