@@ -180,12 +180,9 @@ def rclone_s3(root: Path, *, cert: Path | None = None, key: Path | None = None) 
         proc.wait(10)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A real S3 server on loopback (:func:`rclone_s3`) with one bucket, ``models``; one per
-    module, stopped after it. Kept for the whole session, rclone 1.75's S3 server was seen
-    spinning a core (a busy epoll loop) from the S3 tests on, and the runtime tests that came
-    later, whose torch threads wait for each other at every op, ran up to 25 times slower."""
+    """A real S3 server on loopback (:func:`rclone_s3`) with one bucket, ``models``."""
     root = tmp_path_factory.mktemp("s3")
     (root / "models").mkdir()
     with rclone_s3(root) as server:
