@@ -27,16 +27,20 @@ same key stays valid (a replay). Pin what must not roll back with a catalog card
 **Keys.** An elliptic-curve key pair in PEM (P-256, P-384 or P-521): :func:`generate_key`
 (``weightship manifest keygen``), or ``openssl ecparam -name prime256v1 -genkey -noout -out key.pem``
 and ``openssl ec -in key.pem -pubout -out key.pub``. model-signing is imported only here, only
-when signing or verifying (importing it takes about 0.4 s).
+when signing or verifying, and without its Sigstore and certificate back-ends, which weightship
+does not use (see :func:`_model_signing`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.machinery
 import logging
 import os
 import sys
 import tempfile
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,9 +114,9 @@ def sign_directory(directory: Path, key: Path, *, password: str | None = None) -
     The manifest is read as it is on disk (the bytes a reader will fetch) and checked against the
     schema first: a signature over a manifest nobody can use would only mislead.
     """
-    import model_signing
-
     from weightship.manifest import Manifest
+
+    model_signing = _model_signing()
 
     source = manifest_path(directory)
     Manifest.load(source)  # it parses and follows the schema
@@ -139,8 +143,7 @@ def verify_manifest(manifest: bytes, signature: bytes, keys: Sequence[TrustKey],
                     where: str) -> TrustKey:
     """The key that signed ``manifest`` (its exact bytes) in ``signature``; :class:`SignatureError`
     (exit 3) when none of ``keys`` did. ``where`` names the manifest in messages."""
-    import model_signing
-
+    model_signing = _model_signing()
     assert keys, "verify_manifest needs at least one key"
     problems = []
     with tempfile.TemporaryDirectory(prefix="weightship-verify-") as tmp:
@@ -165,6 +168,37 @@ def verify_manifest(manifest: bytes, signature: bytes, keys: Sequence[TrustKey],
                          + "; ".join(problems) + ")",
                          hint="the manifest or its signature was changed, or it was signed with "
                               "another key; ask the publisher for their public key")
+
+
+# model-signing's back-ends that a key signature never touches: its public ``signing`` and
+# ``verifying`` modules import them at load, and with them sigstore, tuf, securesystemslib and
+# boto3, about 250 ms of every signed fetch (a second of CPU on a node of a rollout).
+_UNUSED_BACKENDS = ("model_signing._signing.sign_sigstore", "model_signing._signing.sign_certificate")
+
+
+class _OnFirstUse(types.ModuleType):
+    """A module that is imported for real the first time one of its names is read."""
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("__"):  # the import system's questions (``__path__``, …): not a use
+            raise AttributeError(name)
+        sys.modules.pop(self.__name__, None)
+        real = importlib.import_module(self.__name__)
+        self.__dict__.update(real.__dict__)
+        return getattr(real, name)
+
+
+def _model_signing() -> types.ModuleType:
+    """``model_signing``, with :data:`_UNUSED_BACKENDS` imported only if something reads them
+    (their code is the same, run later; a key signature runs none of it)."""
+    if "model_signing" not in sys.modules:
+        for name in _UNUSED_BACKENDS:
+            module = _OnFirstUse(name)
+            module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            sys.modules.setdefault(name, module)
+    import model_signing
+
+    return model_signing
 
 
 def _first_line(e: BaseException) -> str:

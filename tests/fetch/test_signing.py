@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +51,32 @@ def test_sign_then_fetch_over_plain_http_with_the_public_key(tiny_copy: Path, tm
     with serve(tiny_copy) as s:
         r = run_cli("fetch", s.url, "--to", tmp_path / "e", env={"WEIGHTSHIP_TRUST_KEY": str(pub)})
     assert r.code == 0, r.stderr
+
+
+def test_a_key_signature_loads_no_sigstore_backend(signed_tiny_dir: Path, signing_key: KeyPair,
+                                                   other_key: KeyPair) -> None:
+    """Checking a key signature imports neither sigstore, tuf nor boto3 (model-signing's other
+    back-ends, about 250 ms), still tells a good signature from a wrong key, and the deferred
+    back-ends still load when something reads them."""
+    manifest = manifest_path(signed_tiny_dir)
+    script = ("import sys\n"
+              "from pathlib import Path\n"
+              "from weightship.signing import load_trust_key, verify_manifest\n"
+              "from weightship.errors import SignatureError\n"
+              "m, s = Path(sys.argv[1]).read_bytes(), Path(sys.argv[2]).read_bytes()\n"
+              "good, wrong = (load_trust_key(k, k) for k in sys.argv[3:5])\n"
+              "assert verify_manifest(m, s, [wrong, good], where='m') == good\n"
+              "try:\n"
+              "    verify_manifest(m, s, [wrong], where='m')\n"
+              "except SignatureError:\n"
+              "    print('refused')\n"
+              "print(sorted({n.split('.')[0] for n in sys.modules} & {'sigstore', 'tuf', 'boto3'}))\n"
+              "import model_signing\n"
+              "print(model_signing.verifying.sigstore.Verifier.__name__, 'sigstore' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", script, manifest, signature_path(signed_tiny_dir),
+                          signing_key.public, other_key.public],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["refused", "[]", "Verifier True"]
 
 
 def test_an_unsigned_manifest_over_plain_http_is_refused(tiny_hf_dir: Path, tmp_path: Path) -> None:
