@@ -70,10 +70,12 @@ class HubStub(ThreadingHTTPServer):
         self.head_403: set[str] = set()  # paths whose HEAD is refused
         self.revisions_asked: list[str] = []
         self.requests: list[tuple[str, str]] = []  # (method, path)
+        self.authorizations: list[str | None] = []  # each request's Authorization header
         self.corrupt: set[str] = set()  # paths served with their last byte flipped
         self.gone: set[str] = set()  # paths listed but answered 404
         self.delay = 0.0  # seconds before each resolve answer (a far Hub)
         self.say_commit: str | None = None  # X-Repo-Commit to send instead of the repo's
+        self.listing: bytes | None = None  # the body of every listing, instead of the repo's
         self.in_flight = self.most_in_flight = 0  # resolve requests being answered at once
         self.lock = threading.Lock()
 
@@ -114,6 +116,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(urlsplit(self.path).path)
         with self.server.lock:
             self.server.requests.append((self.command, path))
+            self.server.authorizations.append(self.headers.get("Authorization"))
         if m := _INFO.match(path):
             self._info(m.group("repo"), m.group("rev") or "main")
         elif m := _RESOLVE.match(path):
@@ -145,6 +148,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.revisions_asked.append(rev)
         repo = self._repo(repo_id, rev)
         if repo is None:
+            return
+        if self.server.listing is not None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(self.server.listing)))
+            self.end_headers()
+            self.wfile.write(self.server.listing)
             return
         siblings = []
         for p, data in sorted(repo.files.items()):

@@ -4,7 +4,11 @@ request, a refused HEAD, a gated repository."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,3 +74,45 @@ def test_a_gated_repository_is_said_once_with_what_to_do(stub: HubStub, tmp_path
     # no more asking: no file is asked twice
     assert len(resolves) == len(set(resolves)) <= len(FILES), resolves
     assert not (tmp_path / "m" / "config.json").exists()
+
+
+def _listing(commit: object = "a" * 40, **sibling: object) -> bytes:
+    return json.dumps({"sha": commit, "siblings": [{"rfilename": "config.json", "size": 26,
+                                                   "blobId": "0" * 40} | sibling]}).encode()
+
+
+@pytest.mark.parametrize(("listing", "said"), [
+    (b"<html>sign in</html>", "the Hub's listing is not a JSON object"),
+    (b"[1, 2]", "the Hub's listing is not a JSON object"),
+    (_listing(commit="../../api/whoami"), "the Hub returned no commit id or file list"),
+    (_listing(commit="a" * 39), "the Hub returned no commit id or file list"),
+    (json.dumps({"sha": "a" * 40, "siblings": {"x": 1}}).encode(), "no commit id or file list"),
+    (_listing(size=-1), "the Hub gave no size and digest for config.json"),
+    (_listing(size="26"), "the Hub gave no size and digest for config.json"),
+    (_listing(lfs={"size": 26}), "the Hub gave no size and digest for config.json"),
+    (_listing(rfilename=None), "the Hub's listing names a file without a path"),
+], ids=["html", "array", "path-as-commit", "short-commit", "siblings-object", "negative-size",
+        "size-as-text", "lfs-without-sha256", "no-path"])
+def test_a_hostile_listing_is_refused_before_any_file(stub: HubStub, tmp_path: Path, listing: bytes,
+                                                      said: str) -> None:
+    stub.listing = listing
+    r = run_cli("fetch", "hf://acme/tiny", "--to", tmp_path / "m", env={"HF_ENDPOINT": stub.url})
+    assert_clean_failure(r, 1)
+    assert said in r.stderr, r.stderr
+    assert [p for _, p in stub.requests if "/resolve/" in p] == []  # not one file asked for
+    assert not (tmp_path / "m" / "config.json").exists()
+
+
+def test_the_listing_loads_no_hub_api_client(stub: HubStub, tmp_path: Path) -> None:
+    """A Hub fetch reads the listing through its own pool: huggingface_hub's API client (about
+    0.2 s to import) is not loaded; the token still goes with the listing."""
+    code = ("import sys; from pathlib import Path; from weightship.fetch import build_request, fetch; "
+            "fetch(build_request('hf://acme/tiny'), Path(sys.argv[1])); "
+            "print(sorted(m for m in ('huggingface_hub.hf_api',) if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True,
+                         env={**os.environ, "HF_ENDPOINT": stub.url, "HF_TOKEN": "hf_secret"}, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
+    for path, data in FILES.items():
+        assert (tmp_path / "m" / path).read_bytes() == data
+    said = dict(zip(stub.requests, stub.authorizations, strict=True))
+    assert said[("GET", "/api/models/acme/tiny/revision/main")] == "Bearer hf_secret", said

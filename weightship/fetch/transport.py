@@ -195,16 +195,22 @@ def _finish(r: urllib3.BaseHTTPResponse) -> None:
 def get_small(pool: HttpPool, url: str, *, max_redirects: int = 5,
               where: str | None = None) -> bytes | None:
     """A small document (a manifest, a signature) at ``url``, following redirects; None when it
-    is 404. At most 64 MiB; retried like a chunk when the reply fails or breaks mid-body."""
-    return with_retries(lambda: _get_small_once(pool, url, max_redirects=max_redirects, where=where or url),
-                        pool.opts, where or url)
+    is 404."""
+    return read_small(HttpRemote(pool, url, max_redirects=max_redirects, where=where))
 
 
-def _get_small_once(pool: HttpPool, url: str, *, max_redirects: int, where: str) -> bytes | None:
-    remote = HttpRemote(pool, url, max_redirects=max_redirects, where=where)
+def read_small(remote: HttpRemote, *, missing_ok: bool = True) -> bytes | None:
+    """The whole body of ``remote``, a small document: at most 64 MiB, retried like a chunk when
+    the reply fails or breaks mid-body; None when it is 404 and ``missing_ok`` (else the remote's
+    own error for it)."""
+    return with_retries(lambda: _read_small_once(remote, missing_ok), remote.pool.opts, remote.where)
+
+
+def _read_small_once(remote: HttpRemote, missing_ok: bool) -> bytes | None:
+    where = remote.where
     r = remote._follow("GET")
     try:
-        if r.status == 404:
+        if r.status == 404 and missing_ok:
             return None
         remote.check_status(r)
         body = r.read(SMALL_LIMIT + 1)
