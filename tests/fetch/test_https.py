@@ -186,3 +186,21 @@ def test_a_manifest_whose_body_breaks_off_is_fetched_again(server: FileServer, s
     fetch(build_request(server.url, options=fast), tmp_path / "m")
     assert "short_whole" not in server.faults  # the body did break off once
     assert_same_files(small_dir, tmp_path / "m")
+
+
+def test_a_manifest_over_the_size_cap_is_refused_once_not_retried(
+        small_dir: Path, fast: FetchOptions, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A manifest larger than the cap (64 MiB; here lowered under the served one) is refused on
+    the first answer: a retry would only be sent the same again."""
+    from weightship.errors import TransientFetchError
+    from weightship.fetch import transport
+
+    size = (small_dir / ".weightship" / "manifest.json").stat().st_size
+    monkeypatch.setattr(transport, "SMALL_LIMIT", size - 1)
+    with serve(small_dir) as s:
+        with pytest.raises(FetchError, match=f"larger than {size - 1} bytes") as refused:
+            fetch(build_request(s.url, options=fast), tmp_path / "m")
+        asked = s.requests
+    assert not isinstance(refused.value, TransientFetchError)
+    assert asked == 1, asked  # the manifest, once; no file
+    assert not (tmp_path / "m" / "a.safetensors").exists()

@@ -130,15 +130,16 @@ def test_a_remote_manifest_over_the_size_cap_is_refused_unread(
         s3_env: S3Server, tiny_copy: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Issue 17, item 7: the S3 source caps a remote manifest like the HTTPS one (64 MiB; here
     the cap is lowered under the tiny model's manifest)."""
-    from weightship.errors import ProtocolViolationError
+    from weightship.errors import FetchError, TransientFetchError
     from weightship.fetch import s3
     from weightship.fetch.s3 import push_directory
 
     push_directory(tiny_copy, "s3://models/capped")
     size = (tiny_copy / ".weightship" / "manifest.json").stat().st_size
     monkeypatch.setattr(s3, "SMALL_LIMIT", size - 1)
-    with pytest.raises(ProtocolViolationError, match=f"larger than {size - 1} bytes"):
+    with pytest.raises(FetchError, match=f"larger than {size - 1} bytes") as refused:
         fetch(build_request("s3://models/capped"), tmp_path / "m")
+    assert not isinstance(refused.value, TransientFetchError)  # not asked for again and again
 
 
 def test_an_unsigned_manifest_over_plain_http_s3_is_refused(s3_server: S3Server, tiny_copy: Path,

@@ -41,7 +41,6 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 from weightship.errors import (
     AccessDeniedError,
     FetchError,
-    ProtocolViolationError,
     RemoteChangedError,
     RemoteNotFoundError,
     TransientFetchError,
@@ -299,7 +298,7 @@ class S3Source(RangedSource):
 
     def _read_small(self, rel: str) -> bytes | None:
         """A small object under the prefix (a manifest, a signature), or None when there is none;
-        retried while it fails in a way a retry may fix."""
+        retried while it fails in a way a retry may fix (not when it is over 64 MiB)."""
         bucket, _ = parse_s3_uri(self.uri)
         where = f"s3://{bucket}/{self._key(rel)}"
         return with_retries(lambda: self._read_small_once(bucket, self._key(rel), where),
@@ -312,7 +311,7 @@ class S3Source(RangedSource):
             try:
                 declared = int(reply.get("ContentLength") or 0)
                 if declared > SMALL_LIMIT:
-                    raise ProtocolViolationError(f"{where}: larger than {SMALL_LIMIT} bytes")
+                    raise FetchError(f"{where}: larger than {SMALL_LIMIT} bytes")
                 data: bytes = body.read(SMALL_LIMIT + 1)  # whatever the header said
                 if len(data) < declared:  # the connection closed early, without an error
                     raise TransientFetchError(f"{where}: body ended at byte {len(data)} of {declared}")
@@ -326,7 +325,7 @@ class S3Source(RangedSource):
                 return None
             raise err from None
         if len(data) > SMALL_LIMIT:
-            raise ProtocolViolationError(f"{where}: larger than {SMALL_LIMIT} bytes")
+            raise FetchError(f"{where}: larger than {SMALL_LIMIT} bytes")
         return data
 
     def plan(self) -> FetchPlan:

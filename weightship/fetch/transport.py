@@ -200,9 +200,9 @@ def get_small(pool: HttpPool, url: str, *, max_redirects: int = 5,
 
 
 def read_small(remote: HttpRemote, *, missing_ok: bool = True) -> bytes | None:
-    """The whole body of ``remote``, a small document: at most 64 MiB, retried like a chunk when
-    the reply fails or breaks mid-body; None when it is 404 and ``missing_ok`` (else the remote's
-    own error for it)."""
+    """The whole body of ``remote``, a small document: retried like a chunk when the reply fails
+    or breaks mid-body; refused, not retried, when it is over 64 MiB; None when it is 404 and
+    ``missing_ok`` (else the remote's own error for it)."""
     return with_retries(lambda: _read_small_once(remote, missing_ok), remote.pool.opts, remote.where)
 
 
@@ -226,7 +226,7 @@ def _read_small_once(remote: HttpRemote, missing_ok: bool) -> bytes | None:
     finally:
         _finish(r)
     if len(body) > SMALL_LIMIT:
-        raise ProtocolViolationError(f"{where}: larger than {SMALL_LIMIT} bytes")
+        raise FetchError(f"{where}: larger than {SMALL_LIMIT} bytes")
     return body
 
 
