@@ -73,7 +73,9 @@ def _range(r: HttpRemote) -> object:
 def test_a_hostile_content_length_is_a_protocol_violation(
         liar: _Liar, value: str, call: Callable[[HttpRemote], object]) -> None:
     liar.headers_to_send = {"Content-Length": value}
-    with pytest.raises(ProtocolViolationError, match=r"Content-Length .* is not a byte count") as e:
+    # libcurl (a whole GET's transport) refuses what it cannot parse in its own words
+    with pytest.raises(ProtocolViolationError,
+                       match=r"Content-Length .* is not a byte count|Invalid Content-Length") as e:
         call(HttpRemote(HttpPool(OPTS), liar.url))
     assert len(str(e.value)) < 200 and "\n" not in str(e.value)
 

@@ -155,17 +155,22 @@ def test_an_s3_prefix_of_500_small_objects_is_one_get_each(
     manifest = tmp_path / ".weightship" / "manifest.json"
     sent: list[tuple[str, str]] = []
     heads: list[str] = []
-    request = HttpPool.request
+    request, get_whole = HttpPool.request, HttpPool.get_whole
 
     def counting(self: HttpPool, method: str, url: str, headers: object = None) -> object:
         sent.append((method, url.split("?")[0]))
         return request(self, method, url, headers)  # type: ignore[arg-type]
+
+    def counting_whole(self: HttpPool, url: str, headers: dict[str, str], limit: int, where: str) -> object:
+        sent.append(("GET", url.split("?")[0]))  # a small file's GET, read whole by libcurl
+        return get_whole(self, url, headers, limit, where)
 
     def no_head(self: s3.S3Remote) -> object:
         heads.append(self.key)
         raise AssertionError("HeadObject for a file the manifest sized")
 
     monkeypatch.setattr(HttpPool, "request", counting)
+    monkeypatch.setattr(HttpPool, "get_whole", counting_whole)
     monkeypatch.setattr(s3.S3Remote, "stat", no_head)
     dest = tmp_path / "m"
     result = fetch(build_request("s3://models/many500", options=FetchOptions(manifest=manifest)), dest)

@@ -7,7 +7,7 @@ import hashlib
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -15,7 +15,13 @@ import pytest
 
 from tests.conftest import Pki
 from tests.fetch.webserver import FileServer, serve
-from weightship.errors import AccessDeniedError, FetchError, RemoteChangedError, RemoteNotFoundError
+from weightship.errors import (
+    AccessDeniedError,
+    FetchError,
+    RemoteChangedError,
+    RemoteNotFoundError,
+    TransientFetchError,
+)
 from weightship.fetch.download import download
 from weightship.fetch.options import TransferOptions
 from weightship.fetch.transport import HttpPool, HttpRemote, raise_for_status
@@ -167,21 +173,49 @@ def dual(pki: Pki) -> Iterator[_DualPort]:
     server.close()
 
 
-def test_a_redirect_from_https_to_http_is_never_followed(dual: _DualPort, pki: Pki) -> None:
+# A large file's first request (urllib3) and a small file's whole GET (libcurl) follow the same rules
+READS = [pytest.param(lambda r: r.stat().size, id="stat"), pytest.param(lambda r: len(r.read_all(5)), id="whole")]
+
+
+@pytest.mark.parametrize("read", READS)
+def test_a_redirect_from_https_to_http_is_never_followed(dual: _DualPort, pki: Pki,
+                                                         read: Callable[[HttpRemote], int]) -> None:
     pool = HttpPool(OPTS, ca_certs=str(pki.ca))
     remote = HttpRemote(pool, f"https://127.0.0.1:{dual.port}/to-http/w.bin",
                         headers={"Authorization": "Bearer s3cret"})
     with pytest.raises(FetchError, match="redirected https to http"):
-        remote.stat()
+        read(remote)
     assert dual.seen == [("https", "Bearer s3cret")]  # nothing, and no token, went out in clear
 
 
-def test_credentials_are_dropped_when_the_scheme_changes(dual: _DualPort, pki: Pki) -> None:
+@pytest.mark.parametrize("read", READS)
+def test_credentials_are_dropped_when_the_scheme_changes(dual: _DualPort, pki: Pki,
+                                                         read: Callable[[HttpRemote], int]) -> None:
     pool = HttpPool(OPTS, ca_certs=str(pki.ca))
     remote = HttpRemote(pool, f"http://127.0.0.1:{dual.port}/to-https/w.bin",
                         headers={"Authorization": "Bearer s3cret"})
-    assert remote.stat().size == 5
+    assert read(remote) == 5
     assert dual.seen == [("http", "Bearer s3cret"), ("https", None)]
+
+
+def test_a_whole_get_that_stalls_is_given_up_and_retryable() -> None:
+    """A server that sends its headers and part of a small file, then nothing: the read ends
+    after the stall time as a retryable error, not a hang."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def stall() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe")
+        held.append(conn)  # kept open, silent
+
+    threading.Thread(target=stall, daemon=True).start()
+    remote = HttpRemote(HttpPool(TransferOptions(stall_timeout=1.0)), f"http://127.0.0.1:{server.getsockname()[1]}/f")
+    with pytest.raises(TransientFetchError, match="stalled"):
+        remote.read_all(5)
+    for conn in [*held, server]:
+        conn.close()
 
 
 @pytest.mark.parametrize(("status", "error"), [(404, RemoteNotFoundError), (410, RemoteNotFoundError),

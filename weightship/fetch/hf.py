@@ -30,8 +30,6 @@ from collections.abc import Mapping
 from typing import ClassVar
 from urllib.parse import quote
 
-import urllib3
-
 from weightship.errors import (
     AccessDeniedError,
     DigestMismatchError,
@@ -45,7 +43,7 @@ from weightship.fetch.base import FetchPlan, PlannedFile
 from weightship.fetch.ranged import RangedSource
 from weightship.fetch.remote import RangeReader
 from weightship.fetch.select import DEFAULT_OPTIONAL
-from weightship.fetch.transport import HttpPool, HttpRemote, raise_for_status, read_small
+from weightship.fetch.transport import Head, HttpPool, HttpRemote, raise_for_status, read_small
 from weightship.manifest import SourceInfo
 
 log = logging.getLogger(__name__)
@@ -183,13 +181,13 @@ class HubRemote(HttpRemote):
         super().__init__(pool, url, headers=headers, where=where)
         self.repo, self.commit = repo, commit
 
-    def check_reply(self, r: urllib3.BaseHTTPResponse) -> None:
+    def check_reply(self, r: Head) -> None:
         """The Hub names the commit it answers from (``X-Repo-Commit``): it must be the pinned one."""
         said = r.headers.get("x-repo-commit")
         if self.commit is not None and said is not None and said != self.commit:
             raise DigestMismatchError(self.where, expected=self.commit, actual=said[:64], what="commit")
 
-    def check_status(self, r: urllib3.BaseHTTPResponse) -> None:
+    def check_status(self, r: Head) -> None:
         if r.status < 400:
             return
         code = r.headers.get("x-error-code")
@@ -207,7 +205,7 @@ class HubRemote(HttpRemote):
 class HubListing(HubRemote):
     """The listing request: a repository or revision that does not exist is said as such."""
 
-    def check_status(self, r: urllib3.BaseHTTPResponse) -> None:
+    def check_status(self, r: Head) -> None:
         code = r.headers.get("x-error-code")
         if code == "RevisionNotFound":
             raise RemoteNotFoundError(self.where, "no such revision",

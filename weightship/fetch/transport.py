@@ -23,9 +23,12 @@ never a redirect target or a presigned URL (their query strings are credentials)
 
 urllib3 rather than httpx: on loopback, httpx spends about twice the CPU per byte received, and
 that CPU is what a 2-core machine shares between the network, the disk and sha256. Nor pycurl or
-obstore: under one large object they were within about 10 % of urllib3 (bench/transport.py,
-bench/RESULTS.md). (Over 400 lines, on purpose: every check of a reply lives here, beside the
-one read that each check guards.)
+obstore under a large file: under one large object they were within about 10 % of urllib3
+(bench/transport.py, bench/RESULTS.md). A small file's one GET is another matter: there the cost
+is per request, and libcurl's is about half urllib3's, so :meth:`HttpRemote.read_all` sends it
+through :mod:`.curl` (:meth:`HttpPool.get_whole`) and checks the reply here as any other.
+(Over 400 lines, on purpose: every check of a reply lives here, beside the one read that each
+check guards.)
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ import logging
 import os
 import re
 import socket
+import threading
 import urllib.request
 from collections.abc import Iterator, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, overload
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
@@ -58,6 +63,9 @@ from weightship.errors import (
 from weightship.fetch.options import TransferOptions
 from weightship.fetch.remote import RangeReader, RemoteStat
 from weightship.fetch.retry import with_retries
+
+if TYPE_CHECKING:
+    from weightship.fetch.curl import CurlLane
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +99,25 @@ def _ca_certs(override: str | None) -> str | None:
     return str(certifi.where())
 
 
+@dataclass
+class Reply:
+    """A reply read whole (:meth:`HttpPool.get_whole`): what the checks of a reply read, and the body."""
+
+    status: int
+    headers: urllib3.HTTPHeaderDict
+    body: bytearray
+
+
+class Head(Protocol):
+    """What the checks of a reply read: urllib3's reply, or a whole :class:`~.curl.Reply`."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
 class HttpPool:
     """Pooled connections for one source: direct, or through the proxy the environment names
     (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``, as curl and requests read them).
@@ -111,11 +138,17 @@ class HttpPool:
         self._direct = urllib3.PoolManager(**self._kw)
         self._proxies = urllib.request.getproxies() if proxies else {}  # peers: never via a proxy
         self._via: dict[str, urllib3.ProxyManager] = {}
+        self._curl: CurlLane | None = None  # made at the first whole GET (importing libcurl: 20 ms)
+        self._curl_made = threading.Lock()
 
-    def _manager(self, url: str) -> urllib3.PoolManager:
+    def _proxy(self, url: str) -> str | None:
         parts = urlsplit(url)
         proxy = self._proxies.get(parts.scheme)
-        if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None if not proxy or urllib.request.proxy_bypass(parts.hostname or "") else proxy
+
+    def _manager(self, url: str) -> urllib3.PoolManager:
+        proxy = self._proxy(url)
+        if proxy is None:
             return self._direct
         if proxy not in self._via:
             self._via[proxy] = urllib3.ProxyManager(proxy, **self._kw)
@@ -126,6 +159,16 @@ class HttpPool:
         manager = self._manager(url)
         return manager.request(method, url, headers={**manager.headers, **(headers or {})},
                                preload_content=False, decode_content=False, redirect=False)
+
+    def get_whole(self, url: str, headers: Mapping[str, str], limit: int, where: str) -> Reply:
+        """A GET read whole (a body of at most ``limit`` bytes) by libcurl (:mod:`.curl`): for a
+        small file, about half the CPU of a request through urllib3."""
+        with self._curl_made:
+            if self._curl is None:
+                from weightship.fetch.curl import CurlLane
+
+                self._curl = CurlLane(self.opts, self._kw["headers"], self._kw["ca_certs"])
+        return self._curl.get(url, headers, limit, proxy=self._proxy(url), where=where)
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -254,11 +297,11 @@ class HttpRemote(RangeReader):
         """The URL for the next request (a subclass may sign each one)."""
         return self.url
 
-    def check_status(self, r: urllib3.BaseHTTPResponse) -> None:
+    def check_status(self, r: Head) -> None:
         """Raise the weightship error for an error reply (a subclass may read more of it)."""
         raise_for_status(r.status, self.where)
 
-    def check_reply(self, r: urllib3.BaseHTTPResponse) -> None:
+    def check_reply(self, r: Head) -> None:
         """Check the headers of each reply, a redirect's included (the Hub's commit)."""
 
     def _get(self, headers: Mapping[str, str]) -> urllib3.BaseHTTPResponse:
@@ -267,22 +310,38 @@ class HttpRemote(RangeReader):
         except HTTPError as e:
             raise transport_error(self.where, e) from None
 
-    def _follow(self, method: str) -> urllib3.BaseHTTPResponse:
+    def _send(self, method: str, url: str, headers: Mapping[str, str],
+              whole: int | None) -> urllib3.BaseHTTPResponse | Reply:
+        if whole is not None:
+            return self.pool.get_whole(url, headers, whole, self.where)
+        try:
+            return self.pool.request(method, url, headers=headers)
+        except HTTPError as e:
+            raise transport_error(self.where, e) from None
+
+    @overload
+    def _follow(self, method: str) -> urllib3.BaseHTTPResponse: ...
+
+    @overload
+    def _follow(self, method: str, whole: int) -> Reply: ...
+
+    def _follow(self, method: str, whole: int | None = None) -> urllib3.BaseHTTPResponse | Reply:
+        """The reply to ``method``, redirects followed (by this module's rules); with ``whole``, a
+        GET read whole, its body at most that many bytes (:meth:`HttpPool.get_whole`)."""
         url, headers = self.request_url(), dict(self.headers)
         for _ in range(self._max_redirects + 1):
-            try:
-                r = self.pool.request(method, url, headers=headers)
-            except HTTPError as e:
-                raise transport_error(self.where, e) from None
+            r = self._send(method, url, headers, whole)
             try:
                 self.check_reply(r)
             except BaseException:
-                r.close()
+                if not isinstance(r, Reply):
+                    r.close()
                 raise
             location = r.headers.get("location")
             if r.status in (301, 302, 303, 307, 308) and location:
-                r.drain_conn()
-                _finish(r)
+                if not isinstance(r, Reply):
+                    r.drain_conn()
+                    _finish(r)
                 nxt = urljoin(url, location)
                 if _origin(url)[0] == "https" and _origin(nxt)[0] != "https":
                     raise InsecureRedirectError(
@@ -327,30 +386,17 @@ class HttpRemote(RangeReader):
     def read_all(self, size: int) -> memoryview:
         """The whole file in one GET, no HEAD first (its size came from the listing): a 200 with
         exactly ``size`` bytes, or an error (a short body is retryable)."""
-        r = self._follow("GET")
-        try:
-            self.check_status(r)
-            if r.status != 200:
-                raise ProtocolViolationError(f"{self.where}: HTTP {r.status} to a plain GET")
-            length = r.headers.get("content-length")
-            if length is not None and parse_uint(length, "Content-Length", self.where) != size:
-                raise DigestMismatchError(self.where, expected=f"{size} bytes",
-                                          actual=f"{length} bytes (as the server reports it)", what="size")
-            into = memoryview(bytearray(size + 1))  # one byte more: a longer body shows
-            raw, pos = _raw(r), 0
-            while pos <= size and (n := raw.readinto(into[pos:])):
-                pos += n
-        except (HTTPError, OSError, http.client.HTTPException) as e:
-            if isinstance(e, FetchError):
-                raise
-            raise transport_error(self.where, e) from None
-        finally:
-            _finish(r)
-        if pos > size:
-            raise DigestMismatchError(self.where, expected=f"{size} bytes", actual="more", what="size")
-        if pos < size:
-            raise TransientFetchError(f"{self.where}: body ended at byte {pos} of {size}")
-        return into[:size]
+        r = self._follow("GET", whole=size)
+        self.check_status(r)
+        if r.status != 200:
+            raise ProtocolViolationError(f"{self.where}: HTTP {r.status} to a plain GET")
+        length = r.headers.get("content-length")
+        if length is not None and parse_uint(length, "Content-Length", self.where) != size:
+            raise DigestMismatchError(self.where, expected=f"{size} bytes",
+                                      actual=f"{length} bytes (as the server reports it)", what="size")
+        if len(r.body) < size:
+            raise TransientFetchError(f"{self.where}: body ended at byte {len(r.body)} of {size}")
+        return memoryview(r.body)
 
     def read_range(self, start: int, end: int, validator: str | None, into: memoryview) -> Iterator[memoryview]:
         assert 0 <= start < end and len(into) == end - start, (start, end, len(into))
