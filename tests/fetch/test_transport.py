@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -226,3 +228,79 @@ def test_a_refusal_names_the_remote_as_an_attribute(status: int, error: type[Fet
         raise_for_status(status, "https://models.example/m/config.json")
     assert caught.value.where == "https://models.example/m/config.json"  # type: ignore[attr-defined]
     assert str(caught.value).startswith("https://models.example/m/config.json: HTTP ")
+
+
+# ---- a proxy from the environment, for ranged reads (urllib3) and whole GETs (libcurl) alike -----
+
+
+class _Proxy(ThreadingHTTPServer):
+    """A plain-HTTP forward proxy: relays each absolute-URI request and records it."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Relay)
+        self.seen: list[tuple[str, str]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Relay(BaseHTTPRequestHandler):
+    server: _Proxy
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _relay(self) -> None:
+        self.server.seen.append((self.command, self.path))
+        parts = urlsplit(self.path)
+        upstream = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-connection", "connection")}
+        upstream.request(self.command, parts.path or "/", headers=headers)
+        reply = upstream.getresponse()
+        body = reply.read()
+        self.send_response(reply.status)
+        for k, v in reply.getheaders():
+            if k.lower() not in ("connection", "transfer-encoding", "content-length"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", reply.getheader("Content-Length") if self.command == "HEAD"
+                         else str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        upstream.close()
+
+    do_GET = do_HEAD = _relay
+
+
+@pytest.mark.parametrize("mode", ["via-proxy", "no_proxy", "a-pool-without-proxies"])
+def test_the_proxy_of_the_environment_carries_every_request(cdn: FileServer, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """The proxy the environment names (``http_proxy``, ``NO_PROXY``, as urllib reads them), for the
+    pool's ranged reads and its whole GETs alike; none for a pool made without proxies (the swarm's
+    peers). libcurl is given the pool's choice, never left to read the environment its own way."""
+    (tmp_path / "srv").mkdir()
+    small = hashlib.shake_256(b"small").digest(3000)
+    (tmp_path / "srv" / "s.bin").write_bytes(small)
+    proxy = _Proxy()
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    monkeypatch.setenv("http_proxy", proxy.url)
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, "127.0.0.1" if mode == "no_proxy" else "")
+    with serve(tmp_path / "srv") as small_server:
+        pool = HttpPool(OPTS, proxies=mode != "a-pool-without-proxies")
+        assert bytes(HttpRemote(pool, small_server.url + "s.bin").read_all(len(small))) == small
+        download(HttpRemote(pool, cdn.url + "w.bin"), tmp_path / "w", expected_size=len(DATA),
+                 sha256=hashlib.sha256(DATA).hexdigest(), opts=OPTS)
+    proxy.shutdown()
+    proxy.server_close()
+    assert (tmp_path / "w").read_bytes() == DATA
+    if mode == "via-proxy":
+        urls = {url for _, url in proxy.seen}
+        assert small_server.url + "s.bin" in urls and cdn.url + "w.bin" in urls, proxy.seen
+    else:
+        assert proxy.seen == []
