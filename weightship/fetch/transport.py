@@ -109,7 +109,7 @@ class Reply:
 
 
 class Head(Protocol):
-    """What the checks of a reply read: urllib3's reply, or a whole :class:`~.curl.Reply`."""
+    """What the checks of a reply read: urllib3's reply, or a :class:`Reply` read whole."""
 
     @property
     def status(self) -> int: ...
@@ -304,20 +304,20 @@ class HttpRemote(RangeReader):
     def check_reply(self, r: Head) -> None:
         """Check the headers of each reply, a redirect's included (the Hub's commit)."""
 
-    def _get(self, headers: Mapping[str, str]) -> urllib3.BaseHTTPResponse:
+    def _request(self, method: str, url: str, headers: Mapping[str, str]) -> urllib3.BaseHTTPResponse:
         try:
-            return self.pool.request("GET", self.request_url(), headers={**self.headers, **headers})
+            return self.pool.request(method, url, headers=headers)
         except HTTPError as e:
             raise transport_error(self.where, e) from None
+
+    def _get(self, headers: Mapping[str, str]) -> urllib3.BaseHTTPResponse:
+        return self._request("GET", self.request_url(), {**self.headers, **headers})
 
     def _send(self, method: str, url: str, headers: Mapping[str, str],
               whole: int | None) -> urllib3.BaseHTTPResponse | Reply:
         if whole is not None:
             return self.pool.get_whole(url, headers, whole, self.where)
-        try:
-            return self.pool.request(method, url, headers=headers)
-        except HTTPError as e:
-            raise transport_error(self.where, e) from None
+        return self._request(method, url, headers)
 
     @overload
     def _follow(self, method: str) -> urllib3.BaseHTTPResponse: ...
