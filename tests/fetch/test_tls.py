@@ -66,6 +66,22 @@ def test_an_untrusted_certificate_is_a_clean_error(https: FileServer, tmp_path: 
     assert not (tmp_path / "m" / "model.safetensors").exists() and https.requests == 0
 
 
+def test_a_small_files_whole_get_trusts_the_same_bundle_and_refuses_the_same(
+        https: FileServer, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small file's GET (libcurl) trusts the CA of ``SSL_CERT_FILE`` as the ranged reads do, and
+    without it refuses the certificate for good: a clean error with the hint, not a retry."""
+    from weightship.errors import FetchError, TransientFetchError
+
+    size = len('{"model_type": "mistral"}')
+    with pytest.raises(FetchError, match="TLS failed") as refused:
+        HttpRemote(HttpPool(TransferOptions()), https.url + "config.json").read_all(size)
+    assert not isinstance(refused.value, TransientFetchError)
+    assert "SSL_CERT_FILE" in (refused.value.hint or ""), refused.value.hint
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
+    assert bytes(HttpRemote(HttpPool(TransferOptions()), https.url + "config.json").read_all(size)) == (
+        b'{"model_type": "mistral"}')
+
+
 def test_s3_over_tls_trusts_AWS_CA_BUNDLE(model: Path, pki: Pki, tmp_path: Path, no_ca_env: None) -> None:
     root = tmp_path / "s3"
     shutil.copytree(model, root / "models" / "m")
