@@ -172,7 +172,7 @@ def verify_manifest(manifest: bytes, signature: bytes, keys: Sequence[TrustKey],
 
 # model-signing's back-ends that a key signature never touches: its public ``signing`` and
 # ``verifying`` modules import them at load, and with them sigstore, tuf, securesystemslib and
-# boto3, about 250 ms of every signed fetch (a second of CPU on a node of a rollout).
+# boto3: about 250 ms of every signed fetch.
 _UNUSED_BACKENDS = ("model_signing._signing.sign_sigstore", "model_signing._signing.sign_certificate")
 
 
