@@ -99,7 +99,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _json(self, status: int, body: object, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
+        self._send_json(status, json.dumps(body).encode(), headers)
+
+    def _send_json(self, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -150,11 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
         if repo is None:
             return
         if self.server.listing is not None:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(self.server.listing)))
-            self.end_headers()
-            self.wfile.write(self.server.listing)
+            self._send_json(200, self.server.listing)
             return
         siblings = []
         for p, data in sorted(repo.files.items()):

@@ -11,8 +11,8 @@ A fetch of a thousand small files is bound by requests, not bytes. So:
 - **A small file** (its size and digest known from the listing, at most one chunk) is one GET,
   no HEAD, sent by libcurl (:mod:`.curl`: half the CPU of urllib3 per request): read into
   memory, hashed, checked against the listing's digest before a byte is written, then written
-  once. No thread pool, buffer set or resume journal per file: a small
-  file is cheaper to fetch again than to resume.
+  once. No thread pool, buffer set or resume journal per file: a small file is cheaper to
+  fetch again than to resume.
 - **Durable without a barrier per file**: small files are not fsynced one by one (on this VM's
   disk, 2,000 fsyncs of 2 KiB files took 4.7 s, one ``syncfs`` after writing them 0.6 s, and a
   directory fsync per rename another 3.2 s). Before anything is promoted, :func:`make_durable`

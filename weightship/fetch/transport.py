@@ -163,12 +163,15 @@ class HttpPool:
     def get_whole(self, url: str, headers: Mapping[str, str], limit: int, where: str) -> Reply:
         """A GET read whole (a body of at most ``limit`` bytes) by libcurl (:mod:`.curl`): for a
         small file, about half the CPU of a request through urllib3."""
-        with self._curl_made:
-            if self._curl is None:
-                from weightship.fetch.curl import CurlLane
+        lane = self._curl
+        if lane is None:  # the first whole GET; the lock is not taken on every request
+            with self._curl_made:
+                if self._curl is None:
+                    from weightship.fetch.curl import CurlLane
 
-                self._curl = CurlLane(self.opts, self._kw["headers"], self._kw["ca_certs"])
-        return self._curl.get(url, headers, limit, proxy=self._proxy(url), where=where)
+                    self._curl = CurlLane(self.opts, self._kw["headers"], self._kw["ca_certs"])
+                lane = self._curl
+        return lane.get(url, headers, limit, proxy=self._proxy(url), where=where)
 
     def close(self) -> None:
         """Close every pooled connection."""
