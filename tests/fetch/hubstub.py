@@ -77,7 +77,9 @@ class HubStub(ThreadingHTTPServer):
         self.say_commit: str | None = None  # X-Repo-Commit to send instead of the repo's
         self.listing: bytes | None = None  # the body of every listing, instead of the repo's
         self.in_flight = self.most_in_flight = 0  # resolve requests being answered at once
+        self.gather = 0  # hold each resolve answer until this many are in flight (at most 5 s)
         self.lock = threading.Lock()
+        self.arrived = threading.Condition(self.lock)
 
     @property
     def url(self) -> str:
@@ -122,9 +124,12 @@ class _Handler(BaseHTTPRequestHandler):
         if m := _INFO.match(path):
             self._info(m.group("repo"), m.group("rev") or "main")
         elif m := _RESOLVE.match(path):
-            with self.server.lock:
-                self.server.in_flight += 1
-                self.server.most_in_flight = max(self.server.most_in_flight, self.server.in_flight)
+            srv = self.server
+            with srv.arrived:
+                srv.in_flight += 1
+                srv.most_in_flight = max(srv.most_in_flight, srv.in_flight)
+                srv.arrived.notify_all()
+                srv.arrived.wait_for(lambda: srv.in_flight >= srv.gather, timeout=5)
             try:
                 self._resolve(m.group("repo"), m.group("rev"), m.group("path"))
             finally:

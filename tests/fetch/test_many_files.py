@@ -70,7 +70,9 @@ def test_one_budget_of_requests_in_flight_for_the_whole_fetch(
         stub: HubStub, tmp_path: Path, args: tuple[str, ...], budget: int) -> None:
     files = _small_files(120, seed=9)
     stub.add("acme/many", HubRepo(commit=COMMIT, files=files))
-    stub.delay = 0.02  # a far Hub: requests overlap
+    # each answer waits until `budget` requests are in flight (5 s at most): a client with fewer
+    # slots never fills it, one with more shows more than `budget`, however loaded the machine is
+    stub.gather = budget
     r = run_cli("fetch", "hf://acme/many", "--to", tmp_path / "m", *args, env={"HF_ENDPOINT": stub.url})
     assert r.code == 0, r.stderr
     # the default is connections x parallel files (4 x 2): the budget is filled, never exceeded
