@@ -83,9 +83,10 @@ def test_a_lying_peer_is_banned_and_every_node_ends_correct(mode: str, make_flee
         assert isinstance(banned, dict)
         assert f"{liar.address}:{PORT}" in banned, banned  # dropped, with the reason
         assert all(not key.startswith(tuple(g.address + ":" for g in good)) for key in banned), banned
-    # What the liar claimed to have came, once it was caught, from the good peers or the origin:
-    # the origin sent about one copy of the model, not one per node.
-    assert fleet.origin.sent() - before < 1.5 * size
+    # What the liar claimed to have came, once it was caught, from the good peers or the origin,
+    # and catching it cost the origin nothing: it sent about one copy of the model (a chunk is
+    # 1/8 of it), however the three nodes' repairs overlapped.
+    assert fleet.origin.sent() - before < 1.2 * size, (fleet.origin.sent() - before, size)
 
 
 def test_a_peer_killed_mid_transfer(make_fleet: MakeFleet, small_model: Path, tmp_path: Path) -> None:

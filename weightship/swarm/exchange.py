@@ -232,7 +232,7 @@ class PeerExchange(ChunkExchange):
             advance(len(into))
             return into
 
-    def _view(self) -> tuple[list[str], dict[str, tuple[Peer, RemoteFile]]]:
+    def view(self) -> tuple[list[str], dict[str, tuple[Peer, RemoteFile]]]:
         """The members for this file, sorted, and each peer member's state (call with the
         mesh's condition held)."""
         members = {self.node} if self.swarm.serving else set()
@@ -290,7 +290,7 @@ class PeerExchange(ChunkExchange):
         will not deliver (it holds it but not for us, it is stuck, or the views of who owns it
         have differed for longer than :data:`GRACE`); else wait. Also returns since when the
         views have differed (call with the mesh's condition held)."""
-        members, peers = self._view()
+        members, peers = self.view()
         owner = members[index % len(members)] if members else None
         if owner is None or owner == self.node:
             return True, odd_since
@@ -315,7 +315,7 @@ class PeerExchange(ChunkExchange):
         if left > 0:
             self.stop.wait(left)  # what arrives meanwhile is read after: no need to wake for it
         with self.mesh.cond:
-            for node, (_, rf) in self._view()[1].items():
+            for node, (_, rf) in self.view()[1].items():
                 held = rf.have.get(index)
                 if (held is not None and held[0] not in self.mesh.banned) or (
                         held is None and rf.taken.get(index) and node < self.node):
@@ -325,7 +325,7 @@ class PeerExchange(ChunkExchange):
     def _provenance_says(self, provenance: str, index: int) -> str | None:
         """The digest the provenance node itself publishes for chunk ``index``, if we hear it."""
         with self.mesh.cond:
-            known = self._view()[1].get(provenance)
+            known = self.view()[1].get(provenance)
             got = known[1].have.get(index) if known is not None else None
         return got[1] if got is not None else None
 
@@ -403,7 +403,7 @@ class PeerExchange(ChunkExchange):
         total = chunks_of(self.size, self.chunk)
         with self.mesh.cond:
             while not halt.is_set() and not self.stop.is_set():
-                members, peers = self._view()
+                members, peers = self.view()
                 with self.lock:
                     local = self.records.keys() | self.pending.keys() | self.ahead | self.busy
                     if len(self.records) >= total:

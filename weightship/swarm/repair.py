@@ -10,7 +10,10 @@ trust anchor says. In that order:
    a node banned since, are fetched again, without asking the origin anything;
 2. else one chunk of each provenance node (the ones that vouched for most of the file first) is
    compared with the origin's; the first node found with a different chunk is banned, its other
-   chunks are fetched again, and the origin's chunk replaces the one on disk;
+   chunks are fetched again, and the origin's chunk replaces the one on disk. The chunk compared
+   is one this node would take from the origin anyway were that node banned (no other peer
+   vouches for it; one this node would own first), so that the comparison costs the origin
+   nothing when the node did lie, even with every node of the swarm repairing at once;
 3. else every peer-vouched chunk is compared the same way (a node that lied about one chunk);
 4. else no peer is to blame: the caller fails the file as it would without peers.
 """
@@ -59,7 +62,7 @@ def _compare_with_origin(ex: PeerExchange, records: dict[int, Record], origin: O
     ranked = sorted(by_node.items(), key=lambda kv: -len(kv[1]))
     for sample in (True, False):
         for node, indices in ranked:
-            for i in ([random.choice(indices)] if sample else indices):
+            for i in ([_sample(ex, node, indices)] if sample else indices):
                 if i in checked:
                     continue
                 checked.add(i)
@@ -72,6 +75,24 @@ def _compare_with_origin(ex: PeerExchange, records: dict[int, Record], origin: O
                     _replace(ex, i, theirs, digest)
                     return {j for j in indices if j != i}
     return None
+
+
+def _sample(ex: PeerExchange, node: str, indices: list[int]) -> int:
+    """The chunk of ``indices`` (vouched for by ``node``) to compare with the origin's: see step
+    2 of the module docstring; at random among equals."""
+    with ex.mesh.cond:
+        members, peers = ex.view()
+        others = [m for m in members if m != node]
+        vouched = {i for m, (_, rf) in peers.items() if m != node
+                   for i, (provenance, _) in rf.have.items() if provenance != node}
+
+    def rank(i: int) -> int:
+        if i in vouched:
+            return 2
+        return 0 if others and others[i % len(others)] == ex.node else 1
+
+    best = min(map(rank, indices))
+    return random.choice([i for i in indices if rank(i) == best])
 
 
 def _replace(ex: PeerExchange, index: int, data: memoryview, digest: str) -> None:
