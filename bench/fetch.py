@@ -81,7 +81,7 @@ from tests.net import free_port, listening, make_pki, wait_until
 from weightship.fetch import build_request, fetch
 from weightship.fetch.download import download
 from weightship.fetch.options import FetchOptions, TransferOptions
-from weightship.fetch.s3 import S3Remote, make_s3_pool, push_directory
+from weightship.fetch.s3 import ObjectSigner, S3Remote, make_s3_client, make_s3_pool, push_directory
 from weightship.manifest import Manifest, create_for_directory
 from weightship.signing import generate_key
 
@@ -486,11 +486,13 @@ def run_all(model: Path, scratch: Path, runs: int, s3_port: int, trust_key: Path
     def inline(verify: bool) -> Callable[[Path], object]:
         opts = TransferOptions(verify=verify)
         pool = make_s3_pool(opts)
+        ours = make_s3_client(opts)  # as the engine signs: in headers, SigV4
+        signer = ObjectSigner.for_bucket(ours, "models")
 
         def run(dest: Path) -> None:
             dest.mkdir(parents=True)
             with ThreadPoolExecutor(opts.parallel_files) as files:  # as the engine runs them
-                list(files.map(lambda f: download(S3Remote(client, pool, "models", f"bench/{f.path}"),
+                list(files.map(lambda f: download(S3Remote(ours, pool, "models", f"bench/{f.path}", signer),
                                                   dest / f.path, expected_size=f.size, sha256=f.sha256,
                                                   opts=opts), m.files))
         return run
@@ -519,7 +521,7 @@ def run_all(model: Path, scratch: Path, runs: int, s3_port: int, trust_key: Path
 
 
 def print_table(rows: dict[str, float], size: int, runs: int) -> None:
-    peers = {
+    peers: dict[str, list[tuple[str, float | None]]] = {
         "weightship s3 fetch + sha256": [("s5cmd cp (no hash)", 1.0), ("s5cmd cp, then fsync (no hash)", None),
                                          ("boto3 download_file (no hash)", None)],
         "weightship hf fetch + sha256": [("huggingface_hub snapshot_download (no sha256)", 1.0)],

@@ -18,7 +18,8 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from tests.conftest import S3Server, assert_clean_failure, run_cli
+from tests.conftest import S3Server, assert_clean_failure, assert_same_files, run_cli
+from tests.fetch.conftest import KeyPair
 from tests.net import CountingRelay
 from weightship.manifest import create_for_directory
 
@@ -161,3 +162,30 @@ def test_a_redirect_is_not_followed_with_the_signed_headers(
     assert_clean_failure(r)
     assert "307" in r.stderr and "AWS_REGION" in r.stderr, r.stderr
     assert reached == []
+
+
+def test_where_botocore_signs_otherwise_each_get_is_presigned_by_it(
+        s3_env: S3Server, signed_big_dir: Path, signing_key: KeyPair, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SigV4a and S3 Express give no plain SigV4 URL to sign in headers: then each GET, ranged
+    reads of a large object over several connections and whole small objects alike, carries a
+    URL botocore presigned, and rclone (which checks them) serves the model whole."""
+    from weightship.fetch import FetchOptions, TransferOptions, build_request, fetch
+    from weightship.fetch.s3 import ObjectSigner, push_directory
+    from weightship.manifest import Manifest
+
+    push_directory(signed_big_dir, "s3://models/presigned")
+    monkeypatch.setattr(ObjectSigner, "for_bucket", classmethod(lambda cls, client, bucket: None))
+    port = int(s3_env.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    with CountingRelay(port) as wire:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{wire.port}")
+        request = build_request("s3://models/presigned", options=FetchOptions(
+            transfer=TransferOptions(chunk_size=8 << 20, connections=4), trust_keys=(signing_key.public,)))
+        result = fetch(request, tmp_path / "m")
+    manifest = Manifest.load(signed_big_dir)
+    assert result.downloaded_bytes == manifest.total_bytes
+    assert_same_files(signed_big_dir, tmp_path / "m")
+    gets = [t for m, t in wire.requests if m == "GET" and "/.weightship/" not in t and "list-type" not in t]
+    assert gets and all("X-Amz-Signature=" in t for t in gets), gets[:3]
+    big = max(manifest.files, key=lambda f: f.size)
+    assert sum(big.path in unquote(t) for t in gets) >= big.size // (8 << 20), "the large object in ranges"
