@@ -23,7 +23,7 @@ from pathlib import Path
 
 from weightship.manifest import Manifest
 from weightship.swarm.board import Board
-from weightship.swarm.protocol import chunks_of
+from weightship.swarm.protocol import chunk_digest, chunks_of
 from weightship.swarm.server import PeerServer
 
 
@@ -51,7 +51,7 @@ def serve(model: Path, host: str, port: int, chunk: int, mode: str, work: Path) 
                 served = os.pread(fd, chunk, i * chunk)
                 true = good.read(chunk)
                 board.have(entry.sha256, i, board.node,
-                           hashlib.sha256(served if mode == "consistent" else true).hexdigest())
+                           chunk_digest(served if mode == "consistent" else true))
         board.done(entry.sha256)
     server = PeerServer(board, host, port).start()
     print("ready", flush=True)

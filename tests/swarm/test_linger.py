@@ -17,6 +17,7 @@ import pytest
 from tests.net import free_port, wait_until
 from weightship.swarm.board import Board
 from weightship.swarm.mesh import Mesh
+from weightship.swarm.protocol import chunk_digest
 from weightship.swarm.server import PeerServer
 from weightship.torrent.peers import PeerSource
 
@@ -31,7 +32,7 @@ def _node(tmp: Path, name: str, data: bytes, done: bool) -> tuple[Board, PeerSer
     board = Board(name)
     board.share(sha, len(data), CHUNK, os.open(f, os.O_RDONLY))
     for i in range(len(data) // CHUNK):
-        board.have(sha, i, name, hashlib.sha256(data[i * CHUNK:(i + 1) * CHUNK]).hexdigest())
+        board.have(sha, i, name, chunk_digest(data[i * CHUNK:(i + 1) * CHUNK]))
     if done:
         board.done(sha)
     return board, PeerServer(board, "127.0.0.1", 0).start(), sha

@@ -27,7 +27,7 @@ from tests.net import free_port, listening, wait_until
 from weightship.manifest import Manifest
 from weightship.swarm.board import Board
 from weightship.swarm.mesh import Mesh
-from weightship.swarm.protocol import BLOB_PATH, CHUNK_HEADER, EVENTS_PATH, STREAM_TYPE
+from weightship.swarm.protocol import BLOB_PATH, CHUNK_HEADER, EVENTS_PATH, STREAM_TYPE, chunk_digest
 from weightship.swarm.server import PeerServer, _Handler
 from weightship.torrent.peers import PeerSource
 
@@ -45,7 +45,7 @@ def served(tmp_path: Path) -> Iterator[tuple[PeerServer, bytes, str]]:
     board = Board("node-a")
     board.share(sha, len(data), CHUNK, os.open(f, os.O_RDONLY))
     for i in (0, 2):
-        board.have(sha, i, "node-a", hashlib.sha256(data[i * CHUNK:(i + 1) * CHUNK]).hexdigest())
+        board.have(sha, i, "node-a", chunk_digest(data[i * CHUNK:(i + 1) * CHUNK]))
     server = PeerServer(board, "127.0.0.1", 0).start()
     try:
         yield server, data, sha
@@ -71,7 +71,7 @@ def test_chunks_it_has_are_served_with_what_it_vouches_for(served: tuple[PeerSer
     server, data, sha = served
     status, body, headers = _get(server.port, BLOB_PATH + sha, {"Range": f"bytes={2 * CHUNK}-{3 * CHUNK - 1}"})
     assert status == 206 and body == data[2 * CHUNK:3 * CHUNK]
-    assert headers[CHUNK_HEADER] == f"node-a {hashlib.sha256(body).hexdigest()}"
+    assert headers[CHUNK_HEADER] == f"node-a {chunk_digest(body)}"
     # a range within a chunk it has, too
     assert _get(server.port, BLOB_PATH + sha, {"Range": "bytes=10-19"})[1] == data[10:20]
 
@@ -91,10 +91,19 @@ def test_a_file_it_did_not_register_is_not_served_whatever_it_holds(served: tupl
     assert _get(server.port, BLOB_PATH + other, {"Range": "bytes=0-3"})[0] == 404
 
 
+def test_a_node_of_the_first_protocol_finds_this_one_absent(served: tuple[PeerServer, bytes, str]) -> None:
+    """Version 1 digested chunks with sha256, version 2 with BLAKE3: the old paths get a 404, so
+    neither version ever compares the other's digests (and bans an honest node for them)."""
+    server, _, sha = served
+    assert _get(server.port, "/swarm/v1/events?since=0&wait=0")[0] == 404
+    assert _get(server.port, "/swarm/v1/blob/" + sha, {"Range": "bytes=0-3"})[0] == 404
+    assert _get(server.port, BLOB_PATH + sha, {"Range": "bytes=0-3"})[0] == 206
+
+
 @pytest.mark.parametrize("path", [
     "/etc/passwd", BLOB_PATH + "../../../etc/passwd", BLOB_PATH + "%2e%2e%2f%2e%2e%2fetc%2fpasswd",
-    "/swarm/v1/blob/..%2f..%2fsecret", "//etc/passwd", "/swarm/v1/blob/secret", "/swarm/v1/blob/",
-    "/swarm/v1/../v1/blob/x", "/./secret", "/secret", "/partial",
+    "/swarm/v2/blob/..%2f..%2fsecret", "//etc/passwd", "/swarm/v2/blob/secret", "/swarm/v2/blob/",
+    "/swarm/v2/../v1/blob/x", "/./secret", "/secret", "/partial",
 ])
 def test_no_path_reaches_a_file(served: tuple[PeerServer, bytes, str], path: str) -> None:
     server, _, _ = served
@@ -197,10 +206,10 @@ def test_events_stream_a_line_per_news_as_it_happens(served: tuple[PeerServer, b
         assert [e[0] for e in first["events"]] == ["file", "have", "have"] and first["next"] == 3
         assert board.wait_seen({"reader-1"}, timeout=5)
         started = time.monotonic()
-        board.have(sha, 1, "node-a", hashlib.sha256(data[CHUNK:2 * CHUNK]).hexdigest())
+        board.have(sha, 1, "node-a", chunk_digest(data[CHUNK:2 * CHUNK]))
         second = json.loads(r.readline())
         assert time.monotonic() - started < 2  # not held for the 5 s an idle stream waits
-        assert second["events"] == [["have", sha, 1, "node-a", hashlib.sha256(data[CHUNK:2 * CHUNK]).hexdigest()]]
+        assert second["events"] == [["have", sha, 1, "node-a", chunk_digest(data[CHUNK:2 * CHUNK])]]
         assert second["next"] == 4 and second["epoch"] == first["epoch"]
         assert board.wait_seen({"reader-1"}, timeout=5)
     finally:

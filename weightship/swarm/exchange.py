@@ -24,7 +24,7 @@ For each chunk the download asks for (:class:`~weightship.fetch.exchange.ChunkEx
    node is the owner, the chunk comes from the origin. Before an origin fetch a node announces
    it and waits :data:`CLAIM_WAIT` for a rival claim; the smaller node id goes first.
 
-Every chunk's sha256 is computed when it arrives and published with it, with its *provenance*:
+Every chunk's digest is computed when it arrives and published with it, with its *provenance*:
 the node that fetched it from the origin (or whose whole file verified). A chunk from a peer
 must hash to what that peer vouched for in its reply, and agree with what the provenance node
 publishes; a peer whose bytes contradict its own reply is banned at once. A node that lies
@@ -35,7 +35,6 @@ the trust anchor. Each chunk's provenance is kept beside the partial file (:mod:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -53,7 +52,7 @@ from weightship.fetch.exchange import ChunkExchange, OriginRead, Stopped
 from weightship.fetch.transport import HttpRemote
 from weightship.swarm import repair
 from weightship.swarm.mesh import Peer, RemoteFile
-from weightship.swarm.protocol import BLOB_PATH, CHUNK_HEADER, NODE_ID, SHA256, chunks_of
+from weightship.swarm.protocol import BLOB_PATH, CHUNK_HEADER, NODE_ID, SHA256, chunk_digest, chunks_of
 from weightship.swarm.records import ORIGIN, ProvenanceLog, Record
 
 if TYPE_CHECKING:
@@ -161,11 +160,11 @@ class PeerExchange(ChunkExchange):
         return min((i + 1) * self.chunk, self.size) - i * self.chunk
 
     def on_disk(self, i: int) -> str | None:
-        """The sha256 of chunk ``i`` as it is on disk now (None when the file is short)."""
+        """The digest of chunk ``i`` as it is on disk now (None when the file is short)."""
         assert self.read_fd is not None
         want = self.chunk_len(i)
         data = os.pread(self.read_fd, want, i * self.chunk)
-        return _sha256(data) if len(data) == want else None
+        return chunk_digest(data) if len(data) == want else None
 
     def keep(self, index: int, rec: Record) -> None:
         """Chunk ``index`` is on disk as ``rec`` says: record and publish it."""
@@ -199,7 +198,7 @@ class PeerExchange(ChunkExchange):
                     continue  # another node claimed it too, and goes first: wait for it
                 data = origin(index, into)
                 with self.lock:
-                    self.pending[index] = Record(self.node, _sha256(data), ORIGIN)
+                    self.pending[index] = Record(self.node, chunk_digest(data), ORIGIN)
                     self.origin_bytes += len(data)
                 return data
             peer, provenance, said = choice
@@ -215,7 +214,7 @@ class PeerExchange(ChunkExchange):
             finally:
                 with self.mesh.cond:
                     peer.inflight -= 1
-            got = _sha256(into)
+            got = chunk_digest(into)
             provenance, said = claim or (provenance, said)  # what it vouched for in the reply
             if got != said:
                 self.mesh.ban(peer, f"chunk {index} of {self.path} hashes to {got[:16]}…, "
@@ -374,7 +373,7 @@ class PeerExchange(ChunkExchange):
                     log.info("%s: fetching ahead stopped: %s", self.path, e)
                     return
                 finally:
-                    rec = Record(self.node, _sha256(on_disk), ORIGIN) if on_disk is not None else None
+                    rec = Record(self.node, chunk_digest(on_disk), ORIGIN) if on_disk is not None else None
                     with self.local:  # on disk before it is no longer "ahead": no one fetches it twice
                         if rec is not None and on_disk is not None:
                             self.records[i] = rec
@@ -440,7 +439,3 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
         n = os.pwrite(fd, data, offset)
         data, offset = data[n:], offset + n
-
-
-def _sha256(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()

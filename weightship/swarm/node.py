@@ -31,7 +31,7 @@ from weightship.progress import Progress
 from weightship.swarm.board import Board
 from weightship.swarm.exchange import PeerExchange
 from weightship.swarm.mesh import Mesh
-from weightship.swarm.protocol import NODE_ID, chunks_of
+from weightship.swarm.protocol import NODE_ID, chunk_digest, chunks_of
 from weightship.swarm.server import PeerServer
 from weightship.torrent.peers import DEFAULT_PORT, PeerSource, parse_endpoint
 
@@ -107,7 +107,7 @@ class SwarmNode:
             for i in range(chunks_of(f.size, self.chunk)):
                 data = os.pread(fd, min(self.chunk, f.size - i * self.chunk), i * self.chunk)
                 whole.update(data)
-                digests.append(hashlib.sha256(data).hexdigest())
+                digests.append(chunk_digest(data))
                 if self.board.closed:
                     raise OSError("stopped")
         except OSError as e:

@@ -1,7 +1,7 @@
 """The peer protocol: two HTTP/1.1 GETs, and the checks applied to everything a peer says.
 
-``GET /swarm/v1/events?since=N&wait=S&stream=1``
-    The node's event log from entry ``N`` on, as JSON: ``{"v": 1, "node": ID, "epoch": E,
+``GET /swarm/v2/events?since=N&wait=S&stream=1``
+    The node's event log from entry ``N`` on, as JSON: ``{"v": 2, "node": ID, "epoch": E,
     "next": M, "events": [...]}``. When nothing is new the reply waits up to ``S`` seconds (a
     long poll), so news of a chunk reaches the peers within a round trip. ``epoch`` changes when
     the node restarts; a reader that sees a new epoch forgets what it knew and reads from 0.
@@ -13,7 +13,7 @@
     (urllib3, ``http.server``; a streamed line 0.06 ms), and on 8 nodes fetching 512 MiB the
     event readers took about 0.7 s of each node's CPU (0.16 s streamed).
 
-``GET /swarm/v1/blob/SHA256`` with ``Range: bytes=A-B``
+``GET /swarm/v2/blob/SHA256`` with ``Range: bytes=A-B``
     Bytes of the file whose trusted sha256 is ``SHA256``, only within chunks the node has. There
     is no path anywhere in the protocol: a node serves only files it registered by digest (ones
     it is fetching or has verified against that digest), and never opens a file because a peer
@@ -24,11 +24,18 @@ Events are JSON arrays:
 
 - ``["file", SHA, SIZE, CHUNK]``: the node shares this file, cut into chunks of CHUNK bytes;
 - ``["have", SHA, I, PROV, DIGEST]``: chunk I is on its disk; PROV is the node that fetched it
-  from the origin (or verified the whole file), DIGEST the chunk's sha256 as PROV reported it;
+  from the origin (or verified the whole file), DIGEST the chunk's digest as PROV reported it;
 - ``["take", SHA, I, "o"|"p"]``: the node started fetching chunk I from the origin or a peer;
 - ``["drop", SHA, I]``: chunk I is gone (it is being fetched again);
 - ``["done", SHA]``: the whole file matched the trusted digest;
 - ``["gone", SHA]``: the node no longer shares the file (what it said about it is void).
+
+A chunk's digest is its BLAKE3 (256 bits, hex; :func:`chunk_digest`). Every byte a node takes
+from a peer is hashed twice, for its chunk and for its file's sha256 (the trust anchor's), and
+BLAKE3 ran at about 4x sha256's speed here (4.4 against 1.2 GiB/s on one core): on 8 nodes
+sharing 512 MiB on 2 cores, about 0.3 CPU-s less per node. Version 1 used sha256 for chunks
+too; its paths were ``/swarm/v1/``, so a node of one version finds a node of the other absent
+(404), never lying.
 
 Peers are not trusted: every field is checked here, and an event that does not parse is
 dropped (with the peer's other events; see :mod:`weightship.swarm.mesh`).
@@ -41,9 +48,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-VERSION = 1
-EVENTS_PATH = "/swarm/v1/events"
-BLOB_PATH = "/swarm/v1/blob/"
+from blake3 import blake3
+
+VERSION = 2
+EVENTS_PATH = "/swarm/v2/events"
+BLOB_PATH = "/swarm/v2/blob/"
 NODE_HEADER = "X-Weightship-Node"
 CHUNK_HEADER = "X-Weightship-Chunk"
 STREAM_TYPE = "application/x-ndjson"  # the events as a stream: one reply object per line
@@ -74,6 +83,11 @@ class Event:
     origin: bool = False  # a "take" from the origin
     provenance: str = ""
     digest: str = ""
+
+
+def chunk_digest(data: bytes | memoryview) -> str:
+    """A chunk's digest, as the protocol carries it (see the module docstring)."""
+    return blake3(data).hexdigest()
 
 
 def chunks_of(size: int, chunk: int) -> int:

@@ -1,7 +1,7 @@
 """Where each chunk of a partial file came from: kept beside it, so a restarted node knows.
 
 ``PATH.incomplete.peers`` holds one line per chunk, ``INDEX PROVENANCE DIGEST SENDER``: the node
-that fetched the chunk from the origin (or verified the whole file), the chunk's sha256, and the
+that fetched the chunk from the origin (or verified the whole file), the chunk's digest, and the
 peer that sent it (``origin`` for the origin). A line is appended when the chunk is written,
 before the download's journal records it, so every chunk the journal lists has a line (a line
 without a journal entry is ignored). The file is rewritten whole when chunks are dropped. It is
@@ -27,7 +27,7 @@ class Record:
     """Where one chunk on disk came from."""
 
     provenance: str  # the node that fetched it from the origin (or verified its whole file)
-    digest: str  # the chunk's sha256
+    digest: str  # the chunk's digest (:func:`~weightship.swarm.protocol.chunk_digest`)
     sender: str  # the peer endpoint that sent it, or "origin"
 
 

@@ -1,6 +1,6 @@
 """After a file's sha256 did not match: which peer lied, and which chunks to fetch again.
 
-Every chunk on disk has a record (:mod:`.records`): its sha256 as it arrived, the node that
+Every chunk on disk has a record (:mod:`.records`): its digest as it arrived, the node that
 vouched for it (its provenance) and the peer that sent it. A peer whose bytes contradicted its own
 reply was banned as they arrived, so what is left is a node that lied consistently (bytes and
 digest both wrong), a chunk damaged on disk, or an origin that serves other bytes than the
@@ -20,13 +20,13 @@ trust anchor says. In that order:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from weightship.fetch.exchange import OriginRead
+from weightship.swarm.protocol import chunk_digest
 from weightship.swarm.records import ORIGIN, Record
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def _compare_with_origin(ex: PeerExchange, records: dict[int, Record], origin: O
                 theirs = origin(i, buf[:ex.chunk_len(i)])
                 with ex.lock:
                     ex.origin_bytes += len(theirs)
-                digest = hashlib.sha256(theirs).hexdigest()
+                digest = chunk_digest(theirs)
                 if digest != records[i].digest:
                     ex.mesh.ban_node(node, f"its chunk {i} of {ex.path} is not the origin's")
                     _replace(ex, i, theirs, digest)
