@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -296,3 +296,53 @@ def test_connections_stay_where_more_bring_nothing() -> None:
         download(remote, Path(tmp) / "f", expected_size=len(DATA96),
                  sha256=hashlib.sha256(DATA96).hexdigest(), opts=GROWING)
     assert remote.most == 4
+
+
+def test_chunks_an_exchange_stored_itself_are_not_written_again(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A swarm node writes the chunks it fetches ahead from the origin straight to the partial
+    file; the download reads them back (to hash the file) and does not write them a second time."""
+    from weightship.fetch import chunkfile
+    from weightship.fetch.exchange import ChunkExchange, OriginRead
+
+    chunk = OPTS.chunk_size
+    ahead = {1, 5, 9}
+
+    class Ahead(ChunkExchange):
+        fd = -1
+
+        def begin(self, fd: int, size: int, chunk_: int, done: set[int], stop: threading.Event,
+                  origin: OriginRead) -> set[int]:
+            self.fd = os.dup(fd)
+            for i in ahead:
+                os.pwrite(self.fd, DATA[i * chunk:(i + 1) * chunk], i * chunk)
+            return set()
+
+        def fetch(self, index: int, into: memoryview, origin: OriginRead, advance: Callable[[int], None]) -> memoryview:
+            if index in ahead:
+                os.preadv(self.fd, [into], index * chunk)
+                return into
+            return origin(index, into)
+
+        def stored(self, index: int) -> bool:
+            return index in ahead
+
+        def written(self, index: int) -> None:
+            pass
+
+        def suspects(self, origin: OriginRead) -> set[int] | None:
+            return None
+
+        def end(self, verified: bool) -> None:
+            os.close(self.fd)
+
+    offsets: list[int] = []
+    real = chunkfile.ChunkFile.write
+    monkeypatch.setattr(chunkfile.ChunkFile, "write",
+                        lambda self, data, offset: (offsets.append(offset), real(self, data, offset))[1])
+    remote = MemoryRemote()
+    download(remote, tmp_path / "f", expected_size=len(DATA), sha256=SHA, opts=OPTS, exchange=Ahead())
+    assert (tmp_path / "f").read_bytes() == DATA
+    chunks = -(-len(DATA) // chunk)
+    assert sorted(offsets) == [i * chunk for i in range(chunks) if i not in ahead]
+    assert remote.served == len(DATA) - len(ahead) * chunk

@@ -160,9 +160,7 @@ class ChunkedDownload:
 
         def write(index: int, data: memoryview) -> None:
             try:
-                out.write(data, index * self.chunk)
-                if self.exchange is not None:
-                    self.exchange.written(index)
+                self._store(out, index, data)
             except BaseException as e:
                 self.buffers.give(data.obj)  # type: ignore[arg-type]
                 fail(e)
@@ -200,6 +198,15 @@ class ChunkedDownload:
                 f.result()
         if errors:
             raise _most_telling(errors)
+
+    def _store(self, out: ChunkFile, index: int, data: memoryview) -> None:
+        """Chunk ``index`` into the partial file, unless the exchange put it there itself."""
+        if self.exchange is None:
+            out.write(data, index * self.chunk)
+            return
+        if not self.exchange.stored(index):
+            out.write(data, index * self.chunk)
+        self.exchange.written(index)
 
     def _most_workers(self) -> int:
         """How many connections this download may grow to (a swarm's never grow: every node

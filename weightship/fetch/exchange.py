@@ -45,6 +45,11 @@ class ChunkExchange(ABC):
         """Chunk ``index`` into ``into`` (its exact length), from a peer or through ``origin``;
         ``advance(n)`` counts bytes that came from a peer."""
 
+    def stored(self, index: int) -> bool:
+        """Whether chunk ``index``, as :meth:`fetch` gave it, is in the partial file already (the
+        exchange wrote it there itself), so the download need not write it again."""
+        return False
+
     @abstractmethod
     def written(self, index: int) -> None:
         """Chunk ``index`` is in the partial file (before the journal records it)."""

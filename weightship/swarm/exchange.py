@@ -134,6 +134,10 @@ class PeerExchange(ChunkExchange):
             with self.local:
                 self.busy.discard(index)
 
+    def stored(self, index: int) -> bool:
+        with self.lock:  # fetched ahead (or kept from an earlier run): read back from the file
+            return index in self.records and self.records[index] == self.pending.get(index)
+
     def written(self, index: int) -> None:
         with self.lock:
             rec = self.pending.pop(index)
