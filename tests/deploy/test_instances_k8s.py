@@ -220,7 +220,7 @@ def test_a_failed_upgrade_rolls_back(two_pools: FakeKube, cli: Any,
 
     healer = threading.Thread(target=heal_once_it_failed)
     healer.start()
-    code, _, err = cli("instance", "upgrade", "acme", "--version", "9.9.9", "--timeout", "3",
+    code, _, err = cli("instance", "upgrade", "acme", "--version", "9.9.9", "--timeout", "8",
                          capsys=capsys)
     healer.join(60)
     assert code == 1, err

@@ -4,6 +4,8 @@ does (lies, dies, restarts) or the origin does (goes away). Needs root."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -95,10 +97,13 @@ def test_a_peer_killed_mid_transfer(make_fleet: MakeFleet, small_model: Path, tm
     origin = start_origin("hub", fleet, small_model, tmp_path / "store")
     # --seed-for: the survivors serve each other until all of them have the model, and wait for
     # the dead node (it might come back) only that long
+    # --peer-wait: the four take their chunks from each other, not from the origin, however late
+    # one of them starts on a loaded machine (all four answer at once when it is quiet)
     fetches = [start_fetch(n, origin, tmp_path / n.name, fleet.nodes, home=tmp_path / f"home-{n.name}",
-                           extra=["--seed-for", "5s"]) for n in fleet.nodes]
+                           extra=["--seed-for", "5s", "--peer-wait", "30"]) for n in fleet.nodes]
     victim = fleet.nodes[1]
-    wait_until(lambda: victim.sent() > (1 << 20), 60, "node2 to serve its peers a chunk")
+    wait_until(lambda: victim.sent() > (1 << 20), 60, "node2 to serve its peers a chunk",
+               fetches[1].proc)  # type: ignore[arg-type]
     os.kill(fetches[1].proc.pid, signal.SIGKILL)
     fetches[1].proc.wait()
     survivors = [f for i, f in enumerate(fetches) if i != 1]
@@ -142,7 +147,16 @@ def test_a_node_restarted_mid_fetch_resumes(make_fleet: MakeFleet, small_model: 
 
     fetches = [start(i) for i in range(4)]
     node = fleet.nodes[2]
-    wait_until(lambda: node.received() > (4 << 20), 60, "node3 to have half the model")
+
+    def journaled() -> int:  # chunks node3's journals list as on disk (what a restart keeps)
+        done = 0
+        for j in (tmp_path / node.name).rglob("*.journal"):
+            with contextlib.suppress(OSError, ValueError, KeyError):  # gone meanwhile (the file verified)
+                done += len(json.loads(j.read_text())["done"])
+        return done
+
+    wait_until(lambda: node.received() > (4 << 20) and journaled() >= 2, 60, "node3 to have half the model",
+               fetches[2].proc)  # type: ignore[arg-type]
     os.kill(fetches[2].proc.pid, signal.SIGKILL)
     fetches[2].proc.wait()
     fetches[2] = start(2)

@@ -5,7 +5,6 @@ each node a tenth of its CPU)."""
 from __future__ import annotations
 
 import threading
-import time
 
 from weightship.swarm.mesh import Mesh, Peer
 from weightship.torrent.peers import PeerSource
@@ -47,9 +46,8 @@ def test_a_waiting_chunk_wakes_on_its_own_news_only() -> None:
     woke = _waiter(mesh, 1)
     _say(mesh, peer, ["take", SHA, 2, "o"], ["have", SHA, 3, "them", DIGEST])
     assert not woke.wait(0.5)
-    started = time.monotonic()
     _say(mesh, peer, ["have", SHA, 1, "them", DIGEST])
-    assert woke.wait(5) and time.monotonic() - started < 1
+    assert woke.wait(5)  # its own news woke it: the wait itself lasts 10 s
 
 
 def test_a_waiting_chunk_wakes_when_a_peer_is_banned_or_drops_a_chunk() -> None:
