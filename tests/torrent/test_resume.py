@@ -7,11 +7,11 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.net import wait_until
 from tests.torrent.conftest import Seeder
 from weightship.fetch import FetchOptions, PeerOptions, build_request, fetch
 from weightship.manifest import Manifest
@@ -55,7 +55,9 @@ def test_kill_9_then_resume(tiny_hf_dir: Path, tiny_torrent: Path, seeder: Seede
         dest = tmp_path / f"run{run}"
         child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tiny_torrent), s.listen[0], str(dest),
                                   str(RESUME_EVERY)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.5, 1.5 + total / RATE))
+        # killed part-way by what it has received, not after a time that a slow start would eat
+        target = rng.uniform(0.25, 0.9) * total
+        wait_until(lambda up=s.uploaded, at=target: up() >= at, 120, "the fetch to be part-way", child)
         child.send_signal(signal.SIGKILL)
         child.wait(10)
         before = s.uploaded()
