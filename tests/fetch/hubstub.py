@@ -71,6 +71,7 @@ class HubStub(ThreadingHTTPServer):
         self.revisions_asked: list[str] = []
         self.requests: list[tuple[str, str]] = []  # (method, path)
         self.authorizations: list[str | None] = []  # each request's Authorization header
+        self.agents: list[str | None] = []  # each request's User-Agent header
         self.corrupt: set[str] = set()  # paths served with their last byte flipped
         self.gone: set[str] = set()  # paths listed but answered 404
         self.delay = 0.0  # seconds before each resolve answer (a far Hub)
@@ -121,6 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.requests.append((self.command, path))
             self.server.authorizations.append(self.headers.get("Authorization"))
+            self.server.agents.append(self.headers.get("User-Agent"))
         if m := _INFO.match(path):
             self._info(m.group("repo"), m.group("rev") or "main")
         elif m := _RESOLVE.match(path):

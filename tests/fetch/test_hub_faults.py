@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import assert_clean_failure, run_cli
 from tests.fetch.hubstub import HubRepo, HubStub, hub
+from weightship import __version__
 from weightship.errors import AccessDeniedError
 from weightship.fetch import FetchOptions, TransferOptions, build_request, fetch
 from weightship.fetch.transport import HttpPool, HttpRemote
@@ -101,6 +102,31 @@ def test_a_hostile_listing_is_refused_before_any_file(stub: HubStub, tmp_path: P
     assert said in r.stderr, r.stderr
     assert [p for _, p in stub.requests if "/resolve/" in p] == []  # not one file asked for
     assert not (tmp_path / "m" / "config.json").exists()
+
+
+@pytest.mark.parametrize("login", ["env", "stored", "stored, implicit token off"])
+def test_the_hub_hears_the_listing_and_the_files_with_the_token_and_nothing_else(
+        stub: HubStub, tmp_path: Path, login: str) -> None:
+    """With a fresh HF_HOME (an init container's): the token from HF_TOKEN or the stored login
+    goes with the listing and the files (not where HF_HUB_DISABLE_IMPLICIT_TOKEN forbids it), the
+    user agent is weightship's, and the Hub is asked nothing else (huggingface_hub 2.4's
+    build_hf_headers asked it for its agent registry, /api/agent-harnesses)."""
+    home = tmp_path / "hf-home"
+    home.mkdir()
+    env = {"HF_ENDPOINT": stub.url, "HF_HOME": str(home), "HF_TOKEN": ""}
+    if login == "env":
+        env["HF_TOKEN"] = "hf_from_env"
+    else:
+        (home / "token").write_text("hf_stored")
+    if "off" in login:
+        env["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
+    r = run_cli("fetch", "hf://acme/tiny", "--to", tmp_path / "m", env=env)
+    assert r.code == 0, r.stderr
+    assert {p.split("/")[1] for _, p in stub.requests} == {"api", "acme"}, stub.requests
+    assert [p for _, p in stub.requests if p.startswith("/api/")] == ["/api/models/acme/tiny/revision/main"]
+    want = {"env": "Bearer hf_from_env", "stored": "Bearer hf_stored"}.get(login)
+    assert set(stub.authorizations) == {want}, stub.authorizations
+    assert all(a and a.startswith(f"weightship/{__version__}; ") for a in stub.agents), stub.agents
 
 
 def test_the_listing_loads_no_hub_api_client(stub: HubStub, tmp_path: Path) -> None:
