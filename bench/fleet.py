@@ -28,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import shutil
@@ -234,6 +235,10 @@ def main() -> None:
     if a.profile is not None:
         a.profile.mkdir(parents=True, exist_ok=True)
     counts = [int(n) for n in a.nodes.split(",")]
+    # The nodes run weightship compiled, as pip installs it on a node: a source tree run with
+    # PYTHONDONTWRITEBYTECODE set (as on this machine) compiles its modules anew in every node
+    # process, about 0.14 CPU-s of each fetch's start-up (0.77 against 0.63 CPU-s, measured).
+    compileall.compile_dir(ROOT / "weightship", quiet=1)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="wsfleet-", dir=a.workdir) as tmp:
         store, work = Path(tmp) / "store", Path(tmp) / "work"
