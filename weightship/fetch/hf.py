@@ -155,7 +155,7 @@ class HfSource(RangedSource):
         ``HF_HUB_DISABLE_IMPLICIT_TOKEN`` says so. Not ``build_hf_headers``: from huggingface_hub
         2.4 on it also builds telemetry into the user agent (torch's version; an AI agent, detected
         with a registry it fetches from the endpoint once a day), which cost each fetch about
-        0.07 CPU-s and, with a fresh ``HF_HOME`` (each init container), a request of its own."""
+        0.06 CPU-s and, with a fresh ``HF_HOME`` (each init container), a request of its own."""
         import platform
 
         from huggingface_hub import __version__ as hf_version

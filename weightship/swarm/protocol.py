@@ -32,8 +32,8 @@ Events are JSON arrays:
 
 A chunk's digest is its BLAKE3 (256 bits, hex; :func:`chunk_digest`). Every byte a node takes
 from a peer is hashed twice, for its chunk and for its file's sha256 (the trust anchor's), and
-BLAKE3 ran at about 4x sha256's speed here (4.4 against 1.2 GiB/s on one core): on 8 nodes
-sharing 512 MiB on 2 cores, about 0.3 CPU-s less per node. Version 1 used sha256 for chunks
+BLAKE3 ran at 3-4x sha256's speed here (4.4 against 1.2 GiB/s on one core, 4 MiB chunks): for
+a node taking 512 MiB from its peers, about 0.3 CPU-s less hashing. Version 1 used sha256 for chunks
 too; its paths were ``/swarm/v1/``, so a node of one version finds a node of the other absent
 (404), never lying.
 
