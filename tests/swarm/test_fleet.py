@@ -4,8 +4,6 @@ does (lies, dies, restarts) or the origin does (goes away). Needs root."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -19,6 +17,7 @@ from tests.conftest import assert_same_files
 from tests.fleet import Fleet
 from tests.net import wait_until
 from tests.swarm.conftest import CHUNK_MIB, PORT, Fetch, model_bytes, start_fetch, start_origin
+from weightship.fetch.journal import JOURNAL_SUFFIX, Journal
 
 MakeFleet = Callable[..., Fleet]
 
@@ -149,11 +148,8 @@ def test_a_node_restarted_mid_fetch_resumes(make_fleet: MakeFleet, small_model: 
     node = fleet.nodes[2]
 
     def journaled() -> int:  # chunks node3's journals list as on disk (what a restart keeps)
-        done = 0
-        for j in (tmp_path / node.name).rglob("*.journal"):
-            with contextlib.suppress(OSError, ValueError, KeyError):  # gone meanwhile (the file verified)
-                done += len(json.loads(j.read_text())["done"])
-        return done
+        journals = (Journal.load(j) for j in (tmp_path / node.name).rglob("*" + JOURNAL_SUFFIX))
+        return sum(len(j.done) for j in journals if j is not None)  # None: gone meanwhile (verified)
 
     wait_until(lambda: node.received() > (4 << 20) and journaled() >= 2, 60, "node3 to have half the model",
                fetches[2].proc)  # type: ignore[arg-type]
