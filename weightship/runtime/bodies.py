@@ -26,10 +26,11 @@ end of a call. So the work is bounded before it starts:
    the stop strings (:data:`MAX_STOP`, as OpenAI) and ``logit_bias`` (:data:`MAX_LOGIT_BIAS`).
 4. Only then is it validated.
 
-A body over :data:`OFF_LOOP_BYTES` is read on a worker thread (:func:`read_request`): each of
-those calls still holds the GIL while it runs, but the loop runs between them, and the bodies
-of several requests are no longer read one after another in one turn of the loop (which
-``/health`` would wait out whole). A small body is read on the loop (microseconds, no thread hop).
+A body over :data:`OFF_LOOP_BYTES` is read on a worker thread (:func:`read_request`), one at a
+time: each of those calls still holds the GIL while it runs, but the loop runs between them,
+and the bodies of several requests are no longer read one after another in one turn of the
+loop (which ``/health`` would wait out whole). A small body is read on the loop (microseconds,
+no thread hop).
 
 Each refusal is a 400 in the OpenAI error shape that names the bound, and the field (``param``)
 where there is one.
