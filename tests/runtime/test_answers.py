@@ -9,13 +9,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from weightship.errors import EngineOverloadedError, EngineStoppedError, InvalidRequestError, ModelNotServedError
 from weightship.runtime.answers import stream
 from weightship.runtime.api_errors import error_response
 from weightship.runtime.engine import Engine
 from weightship.runtime.model import Transformer
-from weightship.runtime.protocol import CompletionRequest
+from weightship.runtime.protocol import CompletionRequest, encode_json
 from weightship.runtime.run import start
 from weightship.runtime.sampling import SamplingParams
 from weightship.runtime.state import ServerState
@@ -81,3 +83,19 @@ def test_the_error_table(error: Exception, status: int, kind: str, param: str | 
     assert (response.status_code, body["type"], body["param"], body["code"]) == (status, kind, param, code)
     assert response.headers.get("retry-after") == retry
     assert ("bug" not in body["message"]) if status == 500 else body["message"] == str(error)
+
+
+_SCALARS = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text() | \
+    st.floats(allow_nan=False, allow_infinity=False)
+_ANSWERS = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=5)
+                        | st.dictionaries(st.text() | st.integers(0, 1 << 20), inner, max_size=5), max_leaves=40)
+
+
+@given(_ANSWERS)
+def test_an_answer_is_encoded_as_the_json_module_reads_it(value: Any) -> None:
+    """encode_json (orjson, for speed) writes what the json module would: UTF-8 JSON that any
+    client parses back to the value, keys that are numbers turned into strings, on one line
+    (a server-sent event's data line ends at a newline)."""
+    encoded = encode_json(value)
+    assert json.loads(encoded) == json.loads(json.dumps(value, ensure_ascii=False))
+    assert b"\n" not in encoded
