@@ -161,10 +161,9 @@ def _under_abuse(port: int, attack: Callable[[], Answer], threads: int,
     assert the probe's p99 and return the attack's answers.
 
     With 300 probes (3 s of abuse), the p99 is the third-slowest probe. A server that is slow
-    for 1 % of the time fails; one stall of the whole machine (a 2-core CI runner's hiccup of
-    120 ms makes the probes sent during it 120, 110, 100 … ms) does not. With 100 probes, two
-    such probes failed full CI runs twice, where the tests alone on the same machine kind gave
-    p99s of 15-75 ms."""
+    for 1 % of the time fails; one stall of the whole machine (a 2-core runner's hiccup of
+    120 ms makes the probes sent during it 120, 110, 100 … ms) does not. With fewer probes,
+    such a hiccup failed a full local run (20 probes: 130 ms) and a CI run (100: 117 ms)."""
     def attacker(probe: HealthProbe) -> list[Answer]:
         answers = [attack()]
         while len(probe.latencies) < min_probes:

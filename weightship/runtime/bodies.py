@@ -136,15 +136,15 @@ def count_values(raw: bytes, limits: BodyLimits) -> None:
     lets go of the GIL, and a count: 4 MiB in 0.6 ms, where ``bytes.count`` held the GIL for 1.5 ms."""
     chars = np.frombuffer(raw, np.uint8)
 
-    def count(char: bytes) -> int:
-        return int(np.count_nonzero(chars == ord(char)))
+    def count(char: int) -> int:
+        return int(np.count_nonzero(chars == char))
 
-    keys = count(b":")
+    keys = count(ord(":"))
     if keys > MAX_KEYS:
         raise InvalidRequestError(f"the body holds more than {MAX_KEYS} object keys (counted from its "
                                   f"colons: {keys})", code="too_many_values")
     values = KEY_VALUES * keys + 1
-    for char in (b",", b"[", b"{"):
+    for char in b",[{":
         values += count(char)
         if values > limits.max_values:
             raise InvalidRequestError(
