@@ -48,6 +48,7 @@ def test_each_formulation_gives_the_default_greedy_tokens(tiny_model: Transforme
     assert _greedy(Engine(tiny_model, None, EngineConfig(prefill_chunk=64))) == want
 
 
+@pytest.mark.compiles
 @pytest.mark.usefixtures("kernel")
 def test_split_in_the_compiled_step_gives_the_default_greedy_tokens(tiny_model: Transformer) -> None:
     """As CUDA runs it: compiled, at cache lengths that are multiples of the partitions."""

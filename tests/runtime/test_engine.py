@@ -284,6 +284,7 @@ def _graphs_compiled() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+@pytest.mark.compiles
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_the_compiled_decode_step_gives_the_eager_tokens(tiny_model: Transformer, engine: Engine,
                                                          caplog: pytest.LogCaptureFixture) -> None:
@@ -303,6 +304,7 @@ def test_the_compiled_decode_step_gives_the_eager_tokens(tiny_model: Transformer
     assert _graphs_compiled() >= 2  # batch 1, and batches of 2 and more
 
 
+@pytest.mark.compiles
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_warm_up_compiles_every_decode_shape_before_the_first_request(tiny_model: Transformer,
                                                                       engine: Engine) -> None:

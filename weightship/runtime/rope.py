@@ -14,14 +14,16 @@ def rotary_table(head_dim: int, max_len: int, theta: float,
                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every position's angles: two float32 tensors of shape [max_len, head_dim/2].
 
-    The frequencies are computed as transformers does (``1 / theta**(2i/d)`` in float32), so
-    float32 logits agree with it to rounding.
+    The frequencies and angles are computed as transformers does (``1 / theta**(2i/d)`` and
+    ``position * frequency`` in float32), so float32 logits agree with it to rounding. Their
+    cosines and sines are taken in float64 and rounded once, so the table is the same on every
+    machine, whatever accuracy its float32 ``cos``/``sin`` kernels have.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device)
                                 .float() / head_dim))
     pos = torch.arange(max_len, device=device, dtype=torch.float32)
-    angles = torch.outer(pos, inv_freq)  # [max_len, head_dim/2]
-    return angles.cos(), angles.sin()
+    angles = torch.outer(pos, inv_freq).double()  # [max_len, head_dim/2], float32 values
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
