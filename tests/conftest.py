@@ -31,9 +31,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     its CPU and how far its float32 cos strays from float64's at the end of the session."""
     import platform
 
-    info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:40]
-                if ":" in line) if Path("/proc/cpuinfo").exists() else {}
-    info = {k.strip(): v.strip() for k, v in info.items()}
+    cpuinfo = Path("/proc/cpuinfo")
+    first = cpuinfo.read_text().split("\n\n", 1)[0] if cpuinfo.exists() else ""  # the first CPU's block
+    info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
     flags = info.get("flags", "").split()
     model = info.get("model name", platform.processor())
     isa = " ".join(f for f in flags if f.startswith(("amx", "avx512f", "avx512_bf16", "avx512_fp16")))
