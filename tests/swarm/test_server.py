@@ -76,6 +76,25 @@ def test_chunks_it_has_are_served_with_what_it_vouches_for(served: tuple[PeerSer
     assert _get(server.port, BLOB_PATH + sha, {"Range": "bytes=10-19"})[1] == data[10:20]
 
 
+def test_a_dropped_chunk_is_written_again_only_once_no_reply_reads_it(served: tuple[PeerServer, bytes, str]) -> None:
+    """A chunk found bad is dropped and fetched again into the same file: a reply still sending
+    it must end first, or it would send new bytes under the old digest, and the peer reading it
+    would ban this node for a lie it did not tell."""
+    server, data, sha = served
+    board = server.board
+    with board.reading(sha, 2 * CHUNK, 3 * CHUNK) as reading:  # a reply sending chunk 2
+        assert reading is not None
+        drop = threading.Thread(target=board.drop, args=(sha, {2}))
+        drop.start()
+        drop.join(0.5)
+        assert drop.is_alive()  # waits for the reply
+        # and no reply starts on it meanwhile; the other chunk is still served
+        assert _get(server.port, BLOB_PATH + sha, {"Range": f"bytes={2 * CHUNK}-{3 * CHUNK - 1}"})[0] == 416
+        assert _get(server.port, BLOB_PATH + sha, {"Range": f"bytes=0-{CHUNK - 1}"})[1] == data[:CHUNK]
+    drop.join(10)
+    assert not drop.is_alive()
+
+
 @pytest.mark.parametrize("span", [f"bytes={CHUNK}-{2 * CHUNK - 1}", f"bytes=0-{2 * CHUNK}", "bytes=0-0,8-9",
                                   f"bytes=0-{4 * CHUNK}", "bytes=-10", ""])
 def test_chunks_it_lacks_and_odd_ranges_are_refused(served: tuple[PeerServer, bytes, str], span: str) -> None:

@@ -14,7 +14,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,12 +86,18 @@ class Board:
                 self._emit("take", sha256, index, "o" if origin else "p")
 
     def drop(self, sha256: str, indices: set[int]) -> None:
-        """These chunks are no longer on disk (they are being fetched again)."""
+        """These chunks are to be written again: no reply starts on them from now on, and this
+        returns once none is still reading them (a reply sending the old bytes while new ones
+        are written over them would send bytes that match neither its claim nor the new one)."""
         with self.cond:
             f = self.files.get(sha256)
+            if f is None:
+                return
             for i in sorted(indices):
-                if f is not None and f.have.pop(i, None) is not None:
+                if f.have.pop(i, None) is not None:
                     self._emit("drop", sha256, i)
+            while any(f.busy.get(i, 0) > 0 for i in indices):
+                self.cond.wait(1.0)
 
     def done(self, sha256: str) -> None:
         """The whole file matched its trusted digest."""
@@ -145,16 +151,6 @@ class Board:
                     if f.retired and f.readers == 0:
                         os.close(f.fd)
 
-    def rewrite(self, sha256: str, index: int, write: Callable[[], None]) -> None:
-        """Run ``write`` (which changes chunk ``index`` on disk) once no reply reads the chunk
-        and none can start to: the chunk is dropped first (published again by the caller)."""
-        with self.cond:
-            f = self.files.get(sha256)
-            if f is not None and f.have.pop(index, None) is not None:
-                self._emit("drop", sha256, index)
-            while f is not None and f.busy.get(index, 0) > 0:
-                self.cond.wait(1.0)
-        write()
 
     def events(self, since: int, wait: float) -> tuple[int, list[list[Any]]]:
         """Events from ``since`` on (all of them when ``since`` is past the end: a reader of an

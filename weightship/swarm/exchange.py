@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 import urllib3
 
 from weightship.errors import FetchError, PeerError, TransientFetchError
+from weightship.fetch.chunkfile import pwrite_all
 from weightship.fetch.exchange import ChunkExchange, OriginRead, Stopped
 from weightship.fetch.transport import HttpRemote
 from weightship.swarm import repair
@@ -86,6 +87,7 @@ class PeerExchange(ChunkExchange):
         self.peer_bytes = 0
         self.from_peers: Counter[str] = Counter()
         self.read_fd: int | None = None  # the partial file (the board owns it)
+        self.staging = staging  # the partial file
         self.log = ProvenanceLog(staging, root)
         self._halt = threading.Event()  # stops the current fetching ahead
 
@@ -371,7 +373,7 @@ class PeerExchange(ChunkExchange):
                             after = self._next_owned(halt, wait=False)
                             claimed = self._claim(after) if after is not None else None
                             data = origin(i, buf[:self.chunk_len(i)])
-                        _pwrite_all(fd, data, i * self.chunk)
+                        pwrite_all(fd, data, i * self.chunk, self.staging)
                         on_disk = data
                 except (Stopped, FetchError, OSError) as e:
                     log.info("%s: fetching ahead stopped: %s", self.path, e)
@@ -437,9 +439,3 @@ class _PeerRemote(HttpRemote):
         super()._check_range_reply(r, start, end, validator)
         prov, _, digest = (r.headers.get(CHUNK_HEADER) or "").partition(" ")
         self.claim = (prov, digest) if NODE_ID.match(prov) and SHA256.match(digest) else None
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n

@@ -20,11 +20,11 @@ trust anchor says. In that order:
 
 from __future__ import annotations
 
-import os
 import random
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
+from weightship.fetch.chunkfile import pwrite_all
 from weightship.fetch.exchange import OriginRead
 from weightship.swarm.protocol import chunk_digest
 from weightship.swarm.records import ORIGIN, Record
@@ -100,12 +100,6 @@ def _replace(ex: PeerExchange, index: int, data: memoryview, digest: str) -> Non
     meanwhile), and say so."""
     fd = ex.read_fd
     assert fd is not None
-
-    def write() -> None:
-        view, offset = data, index * ex.chunk
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
-
-    ex.board.rewrite(ex.sha256, index, write)
+    ex.board.drop(ex.sha256, {index})
+    pwrite_all(fd, data, index * ex.chunk, ex.staging)
     ex.keep(index, Record(ex.node, digest, ORIGIN))
