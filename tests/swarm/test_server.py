@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,21 @@ def test_chunks_it_has_are_served_with_what_it_vouches_for(served: tuple[PeerSer
     assert _get(server.port, BLOB_PATH + sha, {"Range": "bytes=10-19"})[1] == data[10:20]
 
 
+def test_listening_asks_no_name_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """http.server looks up the listen address's host name when it binds; on a node whose name
+    server does not answer (an on-prem host with DNS cut off) that held every swarm fetch for
+    10 s before it served or fetched a byte."""
+    def lookup(*args: object) -> str:
+        raise AssertionError(f"looked up a host name: {args}")
+
+    monkeypatch.setattr(socket, "getfqdn", lookup)
+    server = PeerServer(Board("node-a"), "127.0.0.1", 0).start()
+    try:
+        assert _get(server.port, EVENTS_PATH)[0] == 200
+    finally:
+        server.stop()
+
+
 def test_a_dropped_chunk_is_written_again_only_once_no_reply_reads_it(served: tuple[PeerServer, bytes, str]) -> None:
     """A chunk found bad is dropped and fetched again into the same file: a reply still sending
     it must end first, or it would send new bytes under the old digest, and the peer reading it
@@ -140,7 +156,7 @@ def test_any_path_but_a_registered_digest_gets_no_bytes(path: str) -> None:
     if urlsplit(target).path == BLOB_PATH + sha:
         assert status == 206
     else:
-        assert status in (400, 404) or (status == 200 and path.startswith(EVENTS_PATH[1:]))
+        assert status in (400, 404) or (status == 200 and urlsplit(target).path == EVENTS_PATH)
         assert data[:16] not in body
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import socket
+import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -57,6 +58,14 @@ class PeerServer(ThreadingHTTPServer):
                              hint="choose another --listen address or port") from None
         self.port: int = self.server_address[1]
         self._thread: threading.Thread | None = None
+
+    def server_bind(self) -> None:
+        # HTTPServer's own looks up the listen address's host name (``socket.getfqdn``), which
+        # no reply uses: where no name server answers (a node with DNS cut off), that took 10 s
+        # of every swarm fetch's start.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
 
     def start(self) -> PeerServer:
         """Serve in a background thread."""
