@@ -151,7 +151,6 @@ class Board:
                     if f.retired and f.readers == 0:
                         os.close(f.fd)
 
-
     def events(self, since: int, wait: float) -> tuple[int, list[list[Any]]]:
         """Events from ``since`` on (all of them when ``since`` is past the end: a reader of an
         earlier epoch), waiting up to ``wait`` seconds for one when there are none."""
