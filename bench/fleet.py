@@ -22,7 +22,7 @@ hold N × the model's size of memory), written with ``O_DIRECT`` as a fetch does
 
 Usage::
 
-    python bench/fleet.py [--nodes 1,2,4,8] [--size-mib 512] [--rate-mbit 400] [--origin hub|s3|webseed]
+    python bench/fleet.py [--nodes 1,2,4,8] [--size-mib 512] [--rate-mbit 400] [--origin hub|s3|webseed] [--timeline]
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def wait_listening(host: Host, port: int, timeout: float = 30) -> None:
 
 def run_nodes(fleet: Fleet, work: Path, env: dict[str, str], ref: list[str], *, swarm: bool,
               chunk_mib: int | None, extra: list[str], seed_torrent: float = 60,
-              profile: Path | None = None, profiler: str = "py-spy") -> Run:
+              profile: Path | None = None, profiler: str = "py-spy", timeline: bool = False) -> Run:
     assert fleet.origin is not None
     for i in range(len(fleet.nodes)):
         shutil.rmtree(work / f"node{i}", ignore_errors=True)
@@ -169,11 +169,16 @@ def run_nodes(fleet: Fleet, work: Path, env: dict[str, str], ref: list[str], *, 
     for t in readers:
         t.start()
     verified: dict[int, float] = {}
+    rates = Rates(fleet) if timeline else None
     while len(verified) < len(procs):
         for i, p in enumerate(procs):
             if i not in verified and ((work / f"node{i}/.weightship/manifest.json").exists() or p.poll() is not None):
                 verified[i] = time.monotonic() - start
+        if rates is not None:
+            rates.sample(time.monotonic() - start, verified)
         time.sleep(0.02)
+    if rates is not None:
+        print(rates.table(), file=sys.stderr, flush=True)
     reported, failures, cpu, sys_cpu = 0, [], [], []
     for i, p in enumerate(procs):
         assert p.stdout is not None
@@ -190,6 +195,35 @@ def run_nodes(fleet: Fleet, work: Path, env: dict[str, str], ref: list[str], *, 
     last = max(verified.values())
     return Run(last, last - max(began.values(), default=0.0), fleet.origin.sent() - before, reported, failures,
                cpu, sys_cpu)
+
+
+class Rates:
+    """The links' rates second by second (``--timeline``): what the origin sent, what each node
+    received and sent, in Mbit/s, and which nodes had a verified model (V) by then."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet, self.rows = fleet, [f"{'s':>5} {'origin':>6} | each node received | each node sent | verified"]
+        self.last: tuple[float, int, list[int], list[int]] | None = None
+
+    def sample(self, at: float, verified: dict[int, float]) -> None:
+        if self.last is not None and at - self.last[0] < 1.0:
+            return
+        assert self.fleet.origin is not None
+        now = (at, self.fleet.origin.sent(), [n.received() for n in self.fleet.nodes],
+               [n.sent() for n in self.fleet.nodes])
+        if self.last is not None:
+            mbit = 8 / (at - self.last[0]) / 1e6
+
+            def row(a: list[int], b: list[int]) -> str:
+                return " ".join(f"{(x - y) * mbit:4.0f}" for x, y in zip(a, b, strict=True))
+
+            self.rows.append(f"{at:5.1f} {(now[1] - self.last[1]) * mbit:6.0f} | {row(now[2], self.last[2])} | "
+                             f"{row(now[3], self.last[3])} | "
+                             + "".join("V" if i in verified else "." for i in range(len(self.fleet.nodes))))
+        self.last = now
+
+    def table(self) -> str:
+        return "\n".join(self.rows)
 
 
 def _summary(out: str) -> dict[str, Any]:
@@ -228,6 +262,8 @@ def main() -> None:
     parser.add_argument("--profiler", choices=("py-spy", "perf", "threads"), default="threads",
                         help="py-spy: Python stacks of the thread holding the GIL (100 Hz); perf: native and kernel "
                         "stacks (499 Hz); threads: each thread's CPU, by name (bench/threadcpu.py)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="print each swarm run's link rates second by second (origin, every node)")
     a = parser.parse_args()
     why = have_fleet()
     if why:
@@ -260,7 +296,7 @@ def main() -> None:
                     for _ in range(a.runs):
                         swarm = run_nodes(fleet, work, env, ref, swarm=True, chunk_mib=a.chunk_mib, extra=extra,
                                           seed_torrent=max(30.0, 4 * limit), profile=a.profile,
-                                          profiler=a.profiler)
+                                          profiler=a.profiler, timeline=a.timeline)
                         swarms.append(swarm)
                         naive = None if a.no_naive else run_nodes(fleet, work, env, ref, swarm=False,
                                                                    chunk_mib=a.chunk_mib, extra=extra)
