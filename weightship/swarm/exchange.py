@@ -189,10 +189,20 @@ class PeerExchange(ChunkExchange):
 
     def keep(self, index: int, rec: Record) -> None:
         """Chunk ``index`` is on disk as ``rec`` says: record and publish it."""
-        with self.lock:
-            self.records[index] = rec
-        self.log.append(index, rec)
-        self.board.have(self.sha256, index, rec.provenance, rec.digest)
+        self._landed(index, rec)
+
+    def _landed(self, index: int, rec: Record | None) -> None:
+        """Chunk ``index`` is on disk as ``rec`` says (None: it did not arrive) and is no longer
+        fetched ahead: recorded before the download stops waiting for it (so no one fetches it
+        twice), then published."""
+        with self.local:
+            if rec is not None:
+                self.records[index] = rec
+            self.ahead.discard(index)
+            self.local.notify_all()
+        if rec is not None:
+            self.log.append(index, rec)
+            self.board.have(self.sha256, index, rec.provenance, rec.digest)
 
     def forget(self, chunks: set[int]) -> None:
         """These chunks are to be fetched again."""
@@ -282,8 +292,7 @@ class PeerExchange(ChunkExchange):
                 now = time.monotonic()
                 holders, fetching = self._holders(index, tried, now)
                 if holders:
-                    p, (provenance, digest) = min(holders, key=lambda h: (h[0].inflight, random.random()))
-                    p.inflight += 1
+                    p, (provenance, digest) = _least_asked(holders)
                     return p, provenance, digest
                 if not fetching:
                     origin, odd_since = self._origin_now(index, tried, now, odd_since)
@@ -388,7 +397,7 @@ class PeerExchange(ChunkExchange):
                     claimed = self._claim(first)
                 i, at = claimed
                 claimed = None
-                on_disk: memoryview | None = None
+                rec: Record | None = None
                 try:
                     if not self._yield_claim(i, at):
                         with self.swarm.ahead_slot:  # one origin stream per node, all files
@@ -396,23 +405,16 @@ class PeerExchange(ChunkExchange):
                             claimed = self._claim(after) if after is not None else None
                             data = origin(i, buf[:self.chunk_len(i)])
                         pwrite_all(fd, data, i * self.chunk, self.staging)
-                        on_disk = data
+                        rec = Record(self.node, chunk_digest(data), ORIGIN)
+                        with self.lock:
+                            self.origin_bytes += len(data)
                 except (Stopped, FetchError, OSError) as e:
                     log.info("%s: fetching ahead stopped: %s", self.path, e)
                     return
                 finally:
-                    rec = Record(self.node, chunk_digest(on_disk), ORIGIN) if on_disk is not None else None
-                    with self.local:  # on disk before it is no longer "ahead": no one fetches it twice
-                        if rec is not None and on_disk is not None:
-                            self.records[i] = rec
-                            self.origin_bytes += len(on_disk)
-                        self.ahead.discard(i)
-                        self.local.notify_all()
+                    self._landed(i, rec)
                 log.debug("%s: chunk %d %s ahead from the origin", self.path, i,
                           "fetched" if rec is not None else "left to another node")
-                if rec is not None:
-                    self.log.append(i, rec)
-                    self.board.have(self.sha256, i, rec.provenance, rec.digest)
         finally:
             os.close(fd)
             if claimed is not None:
@@ -434,24 +436,17 @@ class PeerExchange(ChunkExchange):
                 if pick is None:
                     return
                 i, peer, provenance, digest = pick
-                rec = None
+                rec: Record | None = None
                 try:
-                    rec = self._from_peer(peer, provenance, digest, i, buf[:self.chunk_len(i)])
-                    if rec is not None:
+                    got = self._from_peer(peer, provenance, digest, i, buf[:self.chunk_len(i)])
+                    if got is not None:
                         pwrite_all(fd, buf[:self.chunk_len(i)], i * self.chunk, self.staging)
+                        rec = got
                 except (Stopped, OSError) as e:
                     log.info("%s: taking rare chunks stopped: %s", self.path, e)
-                    rec = None
                     return
                 finally:
-                    with self.local:
-                        if rec is not None:
-                            self.records[i] = rec
-                        self.ahead.discard(i)
-                        self.local.notify_all()
-                    if rec is not None:
-                        self.log.append(i, rec)
-                        self.board.have(self.sha256, i, rec.provenance, rec.digest)
+                    self._landed(i, rec)
                 if rec is None:
                     halt.wait(TICK)  # that peer failed: not at once again
         finally:
@@ -467,24 +462,17 @@ class PeerExchange(ChunkExchange):
             while not halt.is_set() and not self.stop.is_set():
                 now = time.monotonic()
                 with self.lock:
-                    local = self.records.keys() | self.pending.keys() | self.ahead | self.busy
+                    local = self._in_hand()
                     if len(local) >= total:
                         return None
-                best: list[tuple[int, list[tuple[Peer, tuple[str, str]]]]] = []
-                for i in itertools.islice((i for i in range(total) if i not in local), RARE_WINDOW):
-                    holders = self._holders(i, set(), now)[0]
-                    if holders and (not best or len(holders) <= len(best[0][1])):
-                        if best and len(holders) < len(best[0][1]):
-                            best = []
-                        best.append((i, holders))
-                if best:
-                    i, holders = random.choice(best)
-                    with self.lock:
-                        if i not in self.records and i not in self.pending and i not in self.busy:
-                            self.ahead.add(i)
-                            p, (provenance, digest) = min(holders, key=lambda h: (h[0].inflight, random.random()))
-                            p.inflight += 1
-                            return i, p, provenance, digest
+                missing = itertools.islice((i for i in range(total) if i not in local), RARE_WINDOW)
+                held = [(i, holders) for i in missing if (holders := self._holders(i, set(), now)[0])]
+                if held:
+                    fewest = min(len(holders) for _, holders in held)
+                    i, holders = random.choice([(i, h) for i, h in held if len(h) == fewest])
+                    if self._reserve(i):
+                        p, (provenance, digest) = _least_asked(holders)
+                        return i, p, provenance, digest
                 self.mesh.cond.wait(TICK)
         return None
 
@@ -500,7 +488,7 @@ class PeerExchange(ChunkExchange):
             while not halt.is_set() and not self.stop.is_set():
                 members, peers = self.view()
                 with self.lock:
-                    local = self.records.keys() | self.pending.keys() | self.ahead | self.busy
+                    local = self._in_hand()
                     if len(self.records) >= total:
                         return None
                 if len(members) > 1:
@@ -508,15 +496,33 @@ class PeerExchange(ChunkExchange):
                     for i in range(me, total, n):
                         if i in local or any(i in rf.have or rf.taken.get(i) for _, rf in peers.values()):
                             continue
-                        with self.lock:
-                            if i in self.records or i in self.pending or i in self.ahead or i in self.busy:
-                                continue
-                            self.ahead.add(i)
-                        return i
+                        if self._reserve(i):
+                            return i
                 if not wait:
                     return None
                 self.mesh.cond.wait(2 * TICK)
         return None
+
+    def _in_hand(self) -> set[int]:
+        """The chunks on disk, handed to the download, or being fetched (call with the lock held)."""
+        return self.records.keys() | self.pending.keys() | self.ahead | self.busy
+
+    def _reserve(self, index: int) -> bool:
+        """Mark chunk ``index`` as fetched ahead, unless it is in hand already (since the caller
+        looked: the download takes chunks without the mesh's lock)."""
+        with self.lock:
+            if index in self._in_hand():
+                return False
+            self.ahead.add(index)
+            return True
+
+
+def _least_asked(holders: list[tuple[Peer, tuple[str, str]]]) -> tuple[Peer, tuple[str, str]]:
+    """The holder with the fewest of our requests in flight (ties at random), counted as asked
+    once more (call with the mesh's condition held)."""
+    p, claim = min(holders, key=lambda h: (h[0].inflight, random.random()))
+    p.inflight += 1
+    return p, claim
 
 
 class _PeerRemote(HttpRemote):
